@@ -1,0 +1,539 @@
+"""Meridian wire contract v1: message types, their msgpack encoding, and validation.
+
+Contract-first: every message crossing NATS is one of the dataclasses below. Their fields,
+types and limits are declared once (``_f(...)`` metadata) and drive three things: the strict
+decoder (:func:`decode`), the encoder (:func:`encode`) and the JSON Schema that bridge clients
+build against (:func:`json_schema`, written to ``docs/contract.schema.json``).
+
+Rules that hold for every message:
+
+* msgpack map with string keys; field ``v`` is the contract version (only ``1`` is accepted).
+* Prices are integer ticks (``price_ticks``; 10**price_decimals ticks per unit of the quote
+  currency), quantities integer units of the base currency, times int64 UTC nanoseconds.
+  Floats are refused everywhere, so NaN and infinities cannot enter.
+* Unknown fields are refused (a typo is an error, not a silently ignored field).
+* Payloads above :data:`MAX_PAYLOAD_BYTES` are refused before decoding.
+
+Exceptions::
+
+    ContractError (ValueError)   reason: RejectReason, field: str, rule: str
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+VERSION = 1
+MAX_PAYLOAD_BYTES = 4096
+"""Largest order-entry payload accepted (a NewOrder is ~200 bytes)."""
+MAX_INT64 = 2**63 - 1
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+=-]{0,63}$")
+_ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+_SYMBOL = re.compile(r"^[A-Z]{6}$")
+_REGION = re.compile(r"^[a-z]{3}$")
+
+
+class Side(enum.StrEnum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class OrdType(enum.StrEnum):
+    LIMIT = "LIMIT"
+    MARKET = "MARKET"
+
+
+class TimeInForce(enum.StrEnum):
+    GTC = "GTC"
+    DAY = "DAY"
+    IOC = "IOC"
+    FOK = "FOK"
+
+
+class ExecType(enum.StrEnum):
+    """FIX tag 150."""
+
+    NEW = "NEW"
+    TRADE = "TRADE"
+    CANCELED = "CANCELED"
+    REPLACED = "REPLACED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+
+
+class OrdStatus(enum.StrEnum):
+    """FIX tag 39."""
+
+    NEW = "NEW"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    FILLED = "FILLED"
+    CANCELED = "CANCELED"
+    REPLACED = "REPLACED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+
+
+TERMINAL_STATUSES = frozenset(
+    {OrdStatus.FILLED, OrdStatus.CANCELED, OrdStatus.REJECTED, OrdStatus.EXPIRED}
+)
+
+
+class RejectReason(enum.StrEnum):
+    """Why something was refused. Stable codes: bridges map them to FIX text/OrdRejReason."""
+
+    MALFORMED = "MALFORMED"  # not msgpack, not a map, wrong type of a field
+    UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+    OVERSIZED = "OVERSIZED"
+    INVALID_FIELD = "INVALID_FIELD"  # present and typed, but breaks a rule (range, pattern)
+    UNKNOWN_SYMBOL = "UNKNOWN_SYMBOL"
+    UNKNOWN_ACCOUNT = "UNKNOWN_ACCOUNT"
+    DUPLICATE_CL_ORD_ID = "DUPLICATE_CL_ORD_ID"
+    UNKNOWN_ORDER = "UNKNOWN_ORDER"
+    TOO_LATE_TO_CANCEL = "TOO_LATE_TO_CANCEL"
+    MAX_QTY = "MAX_QTY"
+    MAX_NOTIONAL = "MAX_NOTIONAL"
+    PRICE_COLLAR = "PRICE_COLLAR"
+    NO_REFERENCE_PRICE = "NO_REFERENCE_PRICE"
+    CREDIT_LIMIT = "CREDIT_LIMIT"
+    RESTRICTED_SYMBOL = "RESTRICTED_SYMBOL"
+    RATE_LIMIT = "RATE_LIMIT"
+    KILL_SWITCH = "KILL_SWITCH"
+    SELF_TRADE = "SELF_TRADE"
+    NO_LIQUIDITY = "NO_LIQUIDITY"
+    UNAVAILABLE = "UNAVAILABLE"  # the target region could not durably take the order
+
+
+class ContractError(ValueError):
+    """A message broke the contract. ``field`` names the field, ``rule`` says what it broke."""
+
+    def __init__(self, reason: RejectReason, field: str, rule: str) -> None:
+        super().__init__(f"{reason}: {field}: {rule}")
+        self.reason = reason
+        self.field = field
+        self.rule = rule
+
+
+# ---- field declarations ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Spec:
+    kind: str  # int | str | bool | enum | levels | strlist
+    doc: str
+    required: bool = True
+    lo: int | None = None
+    hi: int | None = None
+    pattern: re.Pattern[str] | None = None
+    max_len: int = 64
+    enum: type[enum.StrEnum] | None = None
+
+
+def _f(kind: str, doc: str, *, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    spec = Spec(kind=kind, doc=doc, required=default is dataclasses.MISSING, **kw)
+    if default is dataclasses.MISSING:
+        return field(metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec})
+
+
+def _qty(doc: str, **kw: Any) -> Any:
+    return _f("int", doc, lo=1, hi=10**12, **kw)
+
+
+def _px(doc: str, **kw: Any) -> Any:
+    return _f("int", doc, lo=1, hi=10**12, **kw)
+
+
+def _ns(doc: str, **kw: Any) -> Any:
+    return _f("int", doc, lo=0, hi=MAX_INT64, **kw)
+
+
+def _id(doc: str, **kw: Any) -> Any:
+    return _f("str", doc, pattern=_ID, **kw)
+
+
+class Message:
+    """Base of every contract message."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"v": VERSION}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            val = getattr(self, f.name)
+            if val is None:
+                continue
+            if isinstance(val, enum.Enum):
+                val = val.value
+            elif isinstance(val, tuple) and val and isinstance(val[0], tuple):
+                val = [list(x) for x in val]
+            elif isinstance(val, tuple):
+                val = list(val)
+            out[f.name] = val
+        return out
+
+
+# ---- order entry -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewOrder(Message):
+    """Desk/bridge -> gateway, request on ``mrd.v1.entry.<region>.<account>.new``."""
+
+    kind: ClassVar[str] = "NewOrder"
+    account: str = _f("str", "Trading account; must match the subject's account token.",
+                      pattern=_ACCOUNT, max_len=48)
+    cl_ord_id: str = _id("Client order id (FIX 11); unique per account, idempotency key.")
+    symbol: str = _f("str", "Six-letter pair, e.g. EURUSD.", pattern=_SYMBOL, max_len=6)
+    side: Side = _f("enum", "BUY or SELL.", enum=Side)
+    ord_type: OrdType = _f("enum", "LIMIT or MARKET.", enum=OrdType)
+    tif: TimeInForce = _f("enum", "GTC, DAY, IOC or FOK.", enum=TimeInForce)
+    qty: int = _qty("Quantity in base-currency units, > 0.")
+    price_ticks: int | None = _px("Limit price in ticks; required for LIMIT, absent for MARKET.",
+                                  default=None)
+    sent_ns: int = _ns("Client send time, UTC ns.", default=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelOrder(Message):
+    """Request on ``mrd.v1.entry.<region>.<account>.cancel``."""
+
+    kind: ClassVar[str] = "CancelOrder"
+    account: str = _f("str", "Trading account.", pattern=_ACCOUNT, max_len=48)
+    cl_ord_id: str = _id("Id of this cancel request (FIX 11).")
+    orig_cl_ord_id: str = _id("cl_ord_id of the order to cancel (FIX 41).")
+    symbol: str = _f("str", "Symbol of the order.", pattern=_SYMBOL, max_len=6)
+    sent_ns: int = _ns("Client send time, UTC ns.", default=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplaceOrder(Message):
+    """Request on ``mrd.v1.entry.<region>.<account>.replace`` (FIX G)."""
+
+    kind: ClassVar[str] = "ReplaceOrder"
+    account: str = _f("str", "Trading account.", pattern=_ACCOUNT, max_len=48)
+    cl_ord_id: str = _id("Id of the replacement (FIX 11); the order is known by it afterwards.")
+    orig_cl_ord_id: str = _id("cl_ord_id the order is currently known by (FIX 41).")
+    symbol: str = _f("str", "Symbol of the order.", pattern=_SYMBOL, max_len=6)
+    qty: int = _qty("New total quantity (FIX 38); must exceed what is already filled.")
+    price_ticks: int = _px("New limit price in ticks.")
+    sent_ns: int = _ns("Client send time, UTC ns.", default=0)
+
+
+EntryMessage = NewOrder | CancelOrder | ReplaceOrder
+ENTRY_OPS: dict[str, type[Message]] = {
+    "new": NewOrder,
+    "cancel": CancelOrder,
+    "replace": ReplaceOrder,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderAck(Message):
+    """Gateway -> client reply: the request is durably stored in the home region's stream."""
+
+    kind: ClassVar[str] = "OrderAck"
+    status: str = _f("str", "Always ACCEPTED.", max_len=8)
+    order_id: str = _id("Meridian order id (FIX 37), derived from (account, cl_ord_id).")
+    cl_ord_id: str = _id("Echo of the request's cl_ord_id.")
+    account: str = _f("str", "Account.", pattern=_ACCOUNT, max_len=48)
+    op: str = _f("str", "new, cancel or replace.", max_len=8)
+    entry_region: str = _f("str", "Region whose gateway took the request.", pattern=_REGION)
+    risk_region: str = _f("str", "Home region of the account (runs risk).", pattern=_REGION)
+    exec_region: str = _f("str", "Region executing the symbol.", pattern=_REGION)
+    stream_seq: int = _f("int", "Sequence in the home region's ORDERS stream.", lo=1, hi=MAX_INT64)
+    accepted_ns: int = _ns("When the gateway accepted the request, UTC ns.")
+    duplicate: bool = _f("bool", "True when this repeats the ack of an earlier identical request.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderReject(Message):
+    """Gateway -> client reply: the request was refused and nothing was stored."""
+
+    kind: ClassVar[str] = "OrderReject"
+    status: str = _f("str", "Always REJECTED.", max_len=8)
+    cl_ord_id: str = _f("str", "Echo of cl_ord_id when it could be read, else empty.",
+                        max_len=64, default="")
+    reason: RejectReason = _f("enum", "Reject code.", enum=RejectReason)
+    field: str = _f("str", "Offending field, or empty.", max_len=64, default="")
+    rule: str = _f("str", "Human-readable rule that was broken.", max_len=512, default="")
+    rejected_ns: int = _ns("UTC ns.", default=0)
+
+
+# ---- execution ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionReport(Message):
+    """Execution/risk -> desk, on ``mrd.<region>.er.<src>.<home>.<account>`` (FIX 35=8)."""
+
+    kind: ClassVar[str] = "ExecutionReport"
+    exec_id: str = _id("Unique, deterministic execution id (FIX 17).")
+    order_id: str = _id("FIX 37.")
+    cl_ord_id: str = _id("FIX 11: the id the order is now known by.")
+    orig_cl_ord_id: str = _f("str", "FIX 41 on cancel/replace reports.", max_len=64, default="")
+    account: str = _f("str", "FIX 1.", pattern=_ACCOUNT, max_len=48)
+    symbol: str = _f("str", "FIX 55.", pattern=_SYMBOL, max_len=6)
+    side: Side = _f("enum", "FIX 54.", enum=Side)
+    ord_type: OrdType = _f("enum", "FIX 40.", enum=OrdType)
+    tif: TimeInForce = _f("enum", "FIX 59.", enum=TimeInForce)
+    exec_type: ExecType = _f("enum", "FIX 150.", enum=ExecType)
+    ord_status: OrdStatus = _f("enum", "FIX 39.", enum=OrdStatus)
+    qty: int = _f("int", "FIX 38: order quantity.", lo=0, hi=10**12)
+    price_ticks: int = _f("int", "FIX 44 in ticks; 0 for MARKET.", lo=0, hi=10**12)
+    cum_qty: int = _f("int", "FIX 14.", lo=0, hi=10**12)
+    leaves_qty: int = _f("int", "FIX 151.", lo=0, hi=10**12)
+    last_qty: int = _f("int", "FIX 32; 0 unless TRADE.", lo=0, hi=10**12)
+    last_px: int = _f("int", "FIX 31 in ticks; 0 unless TRADE.", lo=0, hi=10**12)
+    cum_notional: int = _f("int", "Sum of last_qty*last_px (ticks*units): exact avg_px source.",
+                           lo=0, hi=MAX_INT64)
+    avg_px: str = _f("str", "FIX 6 as an exact decimal string (cum_notional/cum_qty).",
+                     max_len=32)
+    trade_id: str = _f("str", "Trade id on TRADE reports.", max_len=64, default="")
+    reject_reason: str = _f("str", "RejectReason on REJECTED/CANCELED-by-system.", max_len=32,
+                            default="")
+    text: str = _f("str", "FIX 58.", max_len=256, default="")
+    home_region: str = _f("str", "Account's home region.", pattern=_REGION)
+    exec_region: str = _f("str", "Region that produced the report.", pattern=_REGION)
+    transact_ns: int = _ns("FIX 60: when it happened (matching time), UTC ns.")
+    entry_ns: int = _ns("When the order entered Meridian (gateway accept), UTC ns.", default=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fill(Message):
+    """Execution -> ledger, one per trade, on ``mrd.<region>.fill.<symbol>``."""
+
+    kind: ClassVar[str] = "Fill"
+    trade_id: str = _id("Deterministic trade id: '<region>-<symbol>-<input seq>-<n>'.")
+    exec_region: str = _f("str", "Region where it executed (ledger partition).", pattern=_REGION)
+    symbol: str = _f("str", "Pair.", pattern=_SYMBOL, max_len=6)
+    base: str = _f("str", "Base currency.", max_len=3)
+    quote: str = _f("str", "Quote currency.", max_len=3)
+    price_decimals: int = _f("int", "Ticks per unit = 10**price_decimals.", lo=0, hi=8)
+    price_ticks: int = _px("Trade price in ticks.")
+    qty: int = _qty("Base-currency units traded.")
+    buy_account: str = _f("str", "Buyer.", pattern=_ACCOUNT, max_len=48)
+    sell_account: str = _f("str", "Seller.", pattern=_ACCOUNT, max_len=48)
+    buy_order_id: str = _id("Buyer's order id.")
+    sell_order_id: str = _id("Seller's order id.")
+    buy_exec_id: str = _id("Buyer's TRADE report exec_id.")
+    sell_exec_id: str = _id("Seller's TRADE report exec_id.")
+    aggressor: Side = _f("enum", "Side of the incoming order.", enum=Side)
+    transact_ns: int = _ns("Matching time, UTC ns.")
+
+
+# ---- control -----------------------------------------------------------------------------------
+
+
+class KillScope(enum.StrEnum):
+    ACCOUNT = "account"
+    DESK = "desk"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KillSwitch(Message):
+    """Value of a key in the KILL KV bucket (key '<scope>.<target>', target '*' for global)."""
+
+    kind: ClassVar[str] = "KillSwitch"
+    scope: KillScope = _f("enum", "account, desk or global.", enum=KillScope)
+    target: str = _f("str", "Account or desk id; '*' for global.", max_len=48)
+    engaged: bool = _f("bool", "True halts new orders and cancels resting ones.")
+    reason: str = _f("str", "Why.", max_len=256, default="")
+    by: str = _f("str", "Who (operator id).", max_len=64, default="")
+    at_ns: int = _ns("When, UTC ns.", default=0)
+
+
+# ---- market data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quote(Message):
+    """A liquidity provider's tiered quote, on ``mrd.<region>.md.<symbol>``."""
+
+    kind: ClassVar[str] = "Quote"
+    symbol: str = _f("str", "Pair.", pattern=_SYMBOL, max_len=6)
+    region: str = _f("str", "Publishing region.", pattern=_REGION)
+    lp: str = _f("str", "Liquidity provider id.", max_len=32)
+    seq: int = _f("int", "Per (region, symbol) sequence, from 1, no gaps.", lo=1, hi=MAX_INT64)
+    bids: tuple[tuple[int, int], ...] = _f("levels", "[[price_ticks, qty], ...] best first.")
+    asks: tuple[tuple[int, int], ...] = _f("levels", "[[price_ticks, qty], ...] best first.")
+    src_ns: int = _ns("Source timestamp, UTC ns.")
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    NewOrder, CancelOrder, ReplaceOrder, OrderAck, OrderReject, ExecutionReport, Fill,
+    KillSwitch, Quote,
+)
+
+M = TypeVar("M", bound=Message)
+
+
+# ---- codec -------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """msgpack bytes of ``msg`` (version field included)."""
+    return msgpack.packb(msg.to_dict(), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """Bytes -> map, refusing oversize, non-msgpack, trailing bytes and non-map payloads."""
+    if len(data) > max_bytes:
+        raise ContractError(RejectReason.OVERSIZED, "", f"payload {len(data)} B > {max_bytes} B")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0,
+                              max_ext_len=0)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ContractError(RejectReason.MALFORMED, "", f"not msgpack: {type(e).__name__}") from e
+    if not isinstance(raw, dict):
+        raise ContractError(RejectReason.MALFORMED, "", "payload must be a msgpack map")
+    return raw
+
+
+def decode(cls: type[M], data: bytes | dict[str, Any], *,
+           max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+    """Strictly decode ``data`` into ``cls``; raises :class:`ContractError` naming the field."""
+    raw = data if isinstance(data, dict) else unpack(data, max_bytes=max_bytes)
+    v = raw.get("v")
+    if v != VERSION or isinstance(v, bool):
+        raise ContractError(RejectReason.UNSUPPORTED_VERSION, "v",
+                            f"contract version {v!r} not supported (expected {VERSION})")
+    fields = _fields(cls)
+    for key in raw:
+        if key != "v" and key not in fields:
+            raise ContractError(RejectReason.MALFORMED, str(key)[:64], "unknown field")
+    kwargs: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if name not in raw or raw[name] is None:
+            if spec.required:
+                raise ContractError(RejectReason.MALFORMED, name, "is required")
+            continue
+        kwargs[name] = _check(name, spec, raw[name])
+    return cls(**kwargs)
+
+
+def _check(name: str, spec: Spec, val: Any) -> Any:
+    if spec.kind == "int":
+        if isinstance(val, float):
+            rule = "NaN is not a number" if math.isnan(val) else "floats are not accepted"
+            raise ContractError(RejectReason.MALFORMED, name, f"{rule}; send integer units/ticks")
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise ContractError(RejectReason.MALFORMED, name,
+                                f"must be an integer, got {type(val).__name__}")
+        if spec.lo is not None and val < spec.lo:
+            raise ContractError(RejectReason.INVALID_FIELD, name, f"must be >= {spec.lo}")
+        if spec.hi is not None and val > spec.hi:
+            raise ContractError(RejectReason.INVALID_FIELD, name, f"must be <= {spec.hi}")
+        return val
+    if spec.kind == "bool":
+        if not isinstance(val, bool):
+            raise ContractError(RejectReason.MALFORMED, name, "must be a boolean")
+        return val
+    if spec.kind in ("str", "enum"):
+        if not isinstance(val, str):
+            raise ContractError(RejectReason.MALFORMED, name,
+                                f"must be a string, got {type(val).__name__}")
+        if len(val) > spec.max_len:
+            raise ContractError(RejectReason.INVALID_FIELD, name,
+                                f"longer than {spec.max_len} characters")
+        if spec.kind == "enum":
+            assert spec.enum is not None
+            try:
+                return spec.enum(val)
+            except ValueError:
+                allowed = ", ".join(m.value for m in spec.enum)
+                raise ContractError(RejectReason.INVALID_FIELD, name,
+                                    f"must be one of {allowed}") from None
+        if spec.pattern is not None and not spec.pattern.match(val):
+            raise ContractError(RejectReason.INVALID_FIELD, name,
+                                f"must match {spec.pattern.pattern}")
+        return val
+    if spec.kind == "levels":
+        if not isinstance(val, list | tuple) or len(val) > 16:
+            raise ContractError(RejectReason.MALFORMED, name, "must be a list of <= 16 levels")
+        out = []
+        for i, lvl in enumerate(val):
+            if (not isinstance(lvl, list | tuple) or len(lvl) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lvl)):
+                raise ContractError(RejectReason.MALFORMED, f"{name}[{i}]",
+                                    "must be [price_ticks, qty] integers")
+            if lvl[0] <= 0 or lvl[1] <= 0 or lvl[0] > 10**12 or lvl[1] > 10**12:
+                raise ContractError(RejectReason.INVALID_FIELD, f"{name}[{i}]",
+                                    "price and qty must be positive")
+            out.append((lvl[0], lvl[1]))
+        return tuple(out)
+    raise AssertionError(spec.kind)
+
+
+_FIELDS_CACHE: dict[type[Message], dict[str, Spec]] = {}
+
+
+def _fields(cls: type[Message]) -> dict[str, Spec]:
+    got = _FIELDS_CACHE.get(cls)
+    if got is None:
+        got = {f.name: f.metadata["spec"] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        _FIELDS_CACHE[cls] = got
+    return got
+
+
+# ---- schema ------------------------------------------------------------------------------------
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of every message, generated from the declarations above."""
+    defs: dict[str, Any] = {}
+    for cls in MESSAGE_TYPES:
+        props: dict[str, Any] = {"v": {"const": VERSION, "description": "Contract version."}}
+        required = ["v"]
+        for name, spec in _fields(cls).items():
+            props[name] = _prop_schema(spec)
+            if spec.required:
+                required.append(name)
+        defs[cls.kind] = {
+            "type": "object",
+            "description": (cls.__doc__ or "").strip(),
+            "properties": props,
+            "required": required,
+            "additionalProperties": False,
+        }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://meridian.example/contract/v1.json",
+        "title": f"Meridian wire contract v{VERSION} (msgpack maps)",
+        "$defs": defs,
+    }
+
+
+def _prop_schema(spec: Spec) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": spec.doc}
+    if spec.kind == "int":
+        out["type"] = "integer"
+        if spec.lo is not None:
+            out["minimum"] = spec.lo
+        if spec.hi is not None:
+            out["maximum"] = spec.hi
+    elif spec.kind == "bool":
+        out["type"] = "boolean"
+    elif spec.kind == "enum":
+        assert spec.enum is not None
+        out["enum"] = [m.value for m in spec.enum]
+    elif spec.kind == "str":
+        out["type"] = "string"
+        out["maxLength"] = spec.max_len
+        if spec.pattern is not None:
+            out["pattern"] = spec.pattern.pattern
+    elif spec.kind == "levels":
+        out["type"] = "array"
+        out["maxItems"] = 16
+        out["items"] = {"type": "array", "prefixItems": [
+            {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}],
+            "minItems": 2, "maxItems": 2}
+    return out

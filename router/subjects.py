@@ -1,0 +1,134 @@
+"""Subject scheme and JetStream stream layout, v1 (docs/contract.md, decision 0002).
+
+Request subjects (core NATS request/reply, never captured by a stream):
+
+    mrd.v1.entry.<entry region>.<account>.<op>     op: new | cancel | replace
+
+Stream subjects carry the region that stores them first, so each region's streams are disjoint
+and ``js.publish`` is routed by interest to exactly one domain:
+
+    stream    region  subjects                                 writer
+    ORDERS    home    mrd.<r>.ord.<account>.<key>              gateways of every region
+    RISKLOG   home    mrd.<r>.risk.<account> , mrd.<r>.er.r.>  the home region's risk worker
+    EXEC      exec    mrd.<r>.exe.<symbol>                     risk workers of every region
+    EXECOUT   exec    mrd.<r>.er.x.<home>.<account> ,
+                      mrd.<r>.fill.<symbol>                    the exec region's execution worker
+    MD        any     mrd.<r>.md.<symbol>                      the region's market-data feed
+    MDVIEW    any     (sources the other regions' MD)          JetStream itself
+
+Execution reports reach a desk on ``mrd.*.er.*.*.<account>`` wherever it is connected (leaf
+links propagate interest), and stay replayable from RISKLOG/EXECOUT in every region.
+``<key>`` in ORDERS is a hash of the client order id: one subject per order request, so
+``Nats-Expected-Last-Subject-Sequence: 0`` makes the stream itself the idempotency record
+beyond the dedup window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+PREFIX = "mrd"
+ENTRY_OPS = ("new", "cancel", "replace")
+
+
+def entry(region: str, account: str, op: str) -> str:
+    return f"{PREFIX}.v1.entry.{region}.{account}.{op}"
+
+
+def entry_wildcard(region: str) -> str:
+    return f"{PREFIX}.v1.entry.{region}.*.*"
+
+
+def request_key(account: str, cl_ord_id: str) -> str:
+    """Subject-safe, deterministic key of one client request (any op)."""
+    h = hashlib.blake2b(f"{account}\x00{cl_ord_id}".encode(), digest_size=12)
+    return h.hexdigest()
+
+
+def orders(home: str, account: str, key: str) -> str:
+    return f"{PREFIX}.{home}.ord.{account}.{key}"
+
+
+def orders_filter(home: str) -> str:
+    return f"{PREFIX}.{home}.ord.>"
+
+
+def risklog(home: str, account: str) -> str:
+    return f"{PREFIX}.{home}.risk.{account}"
+
+
+def exec_in(exec_region: str, symbol: str) -> str:
+    return f"{PREFIX}.{exec_region}.exe.{symbol}"
+
+
+def report_exec(exec_region: str, home: str, account: str) -> str:
+    return f"{PREFIX}.{exec_region}.er.x.{home}.{account}"
+
+
+def report_risk(home: str, account: str) -> str:
+    return f"{PREFIX}.{home}.er.r.{home}.{account}"
+
+
+def reports_for_account(account: str) -> str:
+    """Every report of ``account`` from every region (risk and execution)."""
+    return f"{PREFIX}.*.er.*.*.{account}"
+
+
+def reports_for_home(exec_region: str, home: str) -> str:
+    """Execution reports produced in ``exec_region`` for accounts homed in ``home``."""
+    return f"{PREFIX}.{exec_region}.er.x.{home}.>"
+
+
+def fill(exec_region: str, symbol: str) -> str:
+    return f"{PREFIX}.{exec_region}.fill.{symbol}"
+
+
+def fills_filter(exec_region: str) -> str:
+    return f"{PREFIX}.{exec_region}.fill.>"
+
+
+def md(region: str, symbol: str) -> str:
+    return f"{PREFIX}.{region}.md.{symbol}"
+
+
+def md_filter(region: str) -> str:
+    return f"{PREFIX}.{region}.md.>"
+
+
+def js_api(domain: str) -> str:
+    return f"$JS.{domain}.API"
+
+
+KILL_BUCKET = "KILL"
+RISKCFG_BUCKET = "RISKCFG"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float
+    duplicate_window_s: float = 120.0
+    max_msgs_per_subject: int = -1
+    discard_new_per_subject: bool = False
+    max_bytes: int = -1
+
+
+def region_streams(region: str) -> tuple[StreamSpec, ...]:
+    """The JetStream streams every region's domain holds (MDVIEW is created by replication)."""
+    day = 86400.0
+    return (
+        StreamSpec(name="ORDERS", subjects=(f"{PREFIX}.{region}.ord.>",), max_age_s=7 * day,
+                   duplicate_window_s=600.0),
+        StreamSpec(name="RISKLOG",
+                   subjects=(f"{PREFIX}.{region}.risk.>", f"{PREFIX}.{region}.er.r.>"),
+                   max_age_s=7 * day, duplicate_window_s=3600.0),
+        StreamSpec(name="EXEC", subjects=(f"{PREFIX}.{region}.exe.>",), max_age_s=7 * day,
+                   duplicate_window_s=3600.0),
+        StreamSpec(name="EXECOUT",
+                   subjects=(f"{PREFIX}.{region}.er.x.>", f"{PREFIX}.{region}.fill.>"),
+                   max_age_s=7 * day, duplicate_window_s=3600.0),
+        StreamSpec(name="MD", subjects=(f"{PREFIX}.{region}.md.>",), max_age_s=3600.0,
+                   max_msgs_per_subject=100_000),
+    )
