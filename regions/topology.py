@@ -196,9 +196,7 @@ class Topology:
     # ---- derivation ----------------------------------------------------------------------
     def with_ports(self, ports: Mapping[str, Mapping[str, int]]) -> Topology:
         """Copy with per-region ports replaced, e.g. free ports for a test mesh."""
-        regions = tuple(
-            dataclasses.replace(r, **dict(ports.get(r.code, {}))) for r in self.regions
-        )
+        regions = tuple(dataclasses.replace(r, **dict(ports.get(r.code, {}))) for r in self.regions)
         return dataclasses.replace(self, regions=regions)
 
     def with_latency(self, one_way_ms: Mapping[str, float]) -> Topology:

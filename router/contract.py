@@ -188,16 +188,21 @@ class NewOrder(Message):
     """Desk/bridge -> gateway, request on ``mrd.v1.entry.<region>.<account>.new``."""
 
     kind: ClassVar[str] = "NewOrder"
-    account: str = _f("str", "Trading account; must match the subject's account token.",
-                      pattern=_ACCOUNT, max_len=48)
+    account: str = _f(
+        "str",
+        "Trading account; must match the subject's account token.",
+        pattern=_ACCOUNT,
+        max_len=48,
+    )
     cl_ord_id: str = _id("Client order id (FIX 11); unique per account, idempotency key.")
     symbol: str = _f("str", "Six-letter pair, e.g. EURUSD.", pattern=_SYMBOL, max_len=6)
     side: Side = _f("enum", "BUY or SELL.", enum=Side)
     ord_type: OrdType = _f("enum", "LIMIT or MARKET.", enum=OrdType)
     tif: TimeInForce = _f("enum", "GTC, DAY, IOC or FOK.", enum=TimeInForce)
     qty: int = _qty("Quantity in base-currency units, > 0.")
-    price_ticks: int | None = _px("Limit price in ticks; required for LIMIT, absent for MARKET.",
-                                  default=None)
+    price_ticks: int | None = _px(
+        "Limit price in ticks; required for LIMIT, absent for MARKET.", default=None
+    )
     sent_ns: int = _ns("Client send time, UTC ns.", default=0)
 
 
@@ -259,8 +264,9 @@ class OrderReject(Message):
 
     kind: ClassVar[str] = "OrderReject"
     status: str = _f("str", "Always REJECTED.", max_len=8)
-    cl_ord_id: str = _f("str", "Echo of cl_ord_id when it could be read, else empty.",
-                        max_len=64, default="")
+    cl_ord_id: str = _f(
+        "str", "Echo of cl_ord_id when it could be read, else empty.", max_len=64, default=""
+    )
     reason: RejectReason = _f("enum", "Reject code.", enum=RejectReason)
     field: str = _f("str", "Offending field, or empty.", max_len=64, default="")
     rule: str = _f("str", "Human-readable rule that was broken.", max_len=512, default="")
@@ -292,13 +298,14 @@ class ExecutionReport(Message):
     leaves_qty: int = _f("int", "FIX 151.", lo=0, hi=10**12)
     last_qty: int = _f("int", "FIX 32; 0 unless TRADE.", lo=0, hi=10**12)
     last_px: int = _f("int", "FIX 31 in ticks; 0 unless TRADE.", lo=0, hi=10**12)
-    cum_notional: int = _f("int", "Sum of last_qty*last_px (ticks*units): exact avg_px source.",
-                           lo=0, hi=MAX_INT64)
-    avg_px: str = _f("str", "FIX 6 as an exact decimal string (cum_notional/cum_qty).",
-                     max_len=32)
+    cum_notional: int = _f(
+        "int", "Sum of last_qty*last_px (ticks*units): exact avg_px source.", lo=0, hi=MAX_INT64
+    )
+    avg_px: str = _f("str", "FIX 6 as an exact decimal string (cum_notional/cum_qty).", max_len=32)
     trade_id: str = _f("str", "Trade id on TRADE reports.", max_len=64, default="")
-    reject_reason: str = _f("str", "RejectReason on REJECTED/CANCELED-by-system.", max_len=32,
-                            default="")
+    reject_reason: str = _f(
+        "str", "RejectReason on REJECTED/CANCELED-by-system.", max_len=32, default=""
+    )
     text: str = _f("str", "FIX 58.", max_len=256, default="")
     home_region: str = _f("str", "Account's home region.", pattern=_REGION)
     exec_region: str = _f("str", "Region that produced the report.", pattern=_REGION)
@@ -327,6 +334,31 @@ class Fill(Message):
     sell_exec_id: str = _id("Seller's TRADE report exec_id.")
     aggressor: Side = _f("enum", "Side of the incoming order.", enum=Side)
     transact_ns: int = _ns("Matching time, UTC ns.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelReject(Message):
+    """Execution/risk -> desk when a cancel or replace cannot be done (FIX 35=9).
+
+    Published on the same report subjects as ExecutionReport; the order itself is unchanged.
+    """
+
+    kind: ClassVar[str] = "CancelReject"
+    order_id: str = _f("str", "FIX 37, or 'NONE' when the order is unknown.", max_len=64)
+    cl_ord_id: str = _id("FIX 11 of the cancel/replace request.")
+    orig_cl_ord_id: str = _id("FIX 41.")
+    account: str = _f("str", "FIX 1.", pattern=_ACCOUNT, max_len=48)
+    symbol: str = _f("str", "FIX 55.", pattern=_SYMBOL, max_len=6)
+    ord_status: OrdStatus = _f(
+        "enum", "FIX 39: current status of the order (REJECTED if unknown).", enum=OrdStatus
+    )
+    response_to: str = _f("str", "FIX 434: 'cancel' or 'replace'.", max_len=8)
+    reason: RejectReason = _f("enum", "Why.", enum=RejectReason)
+    text: str = _f("str", "FIX 58.", max_len=256, default="")
+    reject_id: str = _id("Unique, deterministic id of this reject (dedup key).")
+    home_region: str = _f("str", "Account's home region.", pattern=_REGION)
+    exec_region: str = _f("str", "Region that produced it.", pattern=_REGION)
+    transact_ns: int = _ns("UTC ns.")
 
 
 # ---- control -----------------------------------------------------------------------------------
@@ -369,8 +401,16 @@ class Quote(Message):
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    NewOrder, CancelOrder, ReplaceOrder, OrderAck, OrderReject, ExecutionReport, Fill,
-    KillSwitch, Quote,
+    NewOrder,
+    CancelOrder,
+    ReplaceOrder,
+    OrderAck,
+    OrderReject,
+    ExecutionReport,
+    CancelReject,
+    Fill,
+    KillSwitch,
+    Quote,
 )
 
 M = TypeVar("M", bound=Message)
@@ -389,8 +429,7 @@ def unpack(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]
     if len(data) > max_bytes:
         raise ContractError(RejectReason.OVERSIZED, "", f"payload {len(data)} B > {max_bytes} B")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0,
-                              max_ext_len=0)
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ContractError(RejectReason.MALFORMED, "", f"not msgpack: {type(e).__name__}") from e
     if not isinstance(raw, dict):
@@ -398,14 +437,16 @@ def unpack(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]
     return raw
 
 
-def decode(cls: type[M], data: bytes | dict[str, Any], *,
-           max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+def decode(cls: type[M], data: bytes | dict[str, Any], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
     """Strictly decode ``data`` into ``cls``; raises :class:`ContractError` naming the field."""
     raw = data if isinstance(data, dict) else unpack(data, max_bytes=max_bytes)
     v = raw.get("v")
     if v != VERSION or isinstance(v, bool):
-        raise ContractError(RejectReason.UNSUPPORTED_VERSION, "v",
-                            f"contract version {v!r} not supported (expected {VERSION})")
+        raise ContractError(
+            RejectReason.UNSUPPORTED_VERSION,
+            "v",
+            f"contract version {v!r} not supported (expected {VERSION})",
+        )
     fields = _fields(cls)
     for key in raw:
         if key != "v" and key not in fields:
@@ -426,8 +467,9 @@ def _check(name: str, spec: Spec, val: Any) -> Any:
             rule = "NaN is not a number" if math.isnan(val) else "floats are not accepted"
             raise ContractError(RejectReason.MALFORMED, name, f"{rule}; send integer units/ticks")
         if isinstance(val, bool) or not isinstance(val, int):
-            raise ContractError(RejectReason.MALFORMED, name,
-                                f"must be an integer, got {type(val).__name__}")
+            raise ContractError(
+                RejectReason.MALFORMED, name, f"must be an integer, got {type(val).__name__}"
+            )
         if spec.lo is not None and val < spec.lo:
             raise ContractError(RejectReason.INVALID_FIELD, name, f"must be >= {spec.lo}")
         if spec.hi is not None and val > spec.hi:
@@ -439,35 +481,44 @@ def _check(name: str, spec: Spec, val: Any) -> Any:
         return val
     if spec.kind in ("str", "enum"):
         if not isinstance(val, str):
-            raise ContractError(RejectReason.MALFORMED, name,
-                                f"must be a string, got {type(val).__name__}")
+            raise ContractError(
+                RejectReason.MALFORMED, name, f"must be a string, got {type(val).__name__}"
+            )
         if len(val) > spec.max_len:
-            raise ContractError(RejectReason.INVALID_FIELD, name,
-                                f"longer than {spec.max_len} characters")
+            raise ContractError(
+                RejectReason.INVALID_FIELD, name, f"longer than {spec.max_len} characters"
+            )
         if spec.kind == "enum":
             assert spec.enum is not None
             try:
                 return spec.enum(val)
             except ValueError:
                 allowed = ", ".join(m.value for m in spec.enum)
-                raise ContractError(RejectReason.INVALID_FIELD, name,
-                                    f"must be one of {allowed}") from None
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, name, f"must be one of {allowed}"
+                ) from None
         if spec.pattern is not None and not spec.pattern.match(val):
-            raise ContractError(RejectReason.INVALID_FIELD, name,
-                                f"must match {spec.pattern.pattern}")
+            raise ContractError(
+                RejectReason.INVALID_FIELD, name, f"must match {spec.pattern.pattern}"
+            )
         return val
     if spec.kind == "levels":
         if not isinstance(val, list | tuple) or len(val) > 16:
             raise ContractError(RejectReason.MALFORMED, name, "must be a list of <= 16 levels")
         out = []
         for i, lvl in enumerate(val):
-            if (not isinstance(lvl, list | tuple) or len(lvl) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lvl)):
-                raise ContractError(RejectReason.MALFORMED, f"{name}[{i}]",
-                                    "must be [price_ticks, qty] integers")
+            if (
+                not isinstance(lvl, list | tuple)
+                or len(lvl) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lvl)
+            ):
+                raise ContractError(
+                    RejectReason.MALFORMED, f"{name}[{i}]", "must be [price_ticks, qty] integers"
+                )
             if lvl[0] <= 0 or lvl[1] <= 0 or lvl[0] > 10**12 or lvl[1] > 10**12:
-                raise ContractError(RejectReason.INVALID_FIELD, f"{name}[{i}]",
-                                    "price and qty must be positive")
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, f"{name}[{i}]", "price and qty must be positive"
+                )
             out.append((lvl[0], lvl[1]))
         return tuple(out)
     raise AssertionError(spec.kind)
@@ -533,7 +584,10 @@ def _prop_schema(spec: Spec) -> dict[str, Any]:
     elif spec.kind == "levels":
         out["type"] = "array"
         out["maxItems"] = 16
-        out["items"] = {"type": "array", "prefixItems": [
-            {"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}],
-            "minItems": 2, "maxItems": 2}
+        out["items"] = {
+            "type": "array",
+            "prefixItems": [{"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}],
+            "minItems": 2,
+            "maxItems": 2,
+        }
     return out

@@ -119,16 +119,34 @@ def region_streams(region: str) -> tuple[StreamSpec, ...]:
     """The JetStream streams every region's domain holds (MDVIEW is created by replication)."""
     day = 86400.0
     return (
-        StreamSpec(name="ORDERS", subjects=(f"{PREFIX}.{region}.ord.>",), max_age_s=7 * day,
-                   duplicate_window_s=600.0),
-        StreamSpec(name="RISKLOG",
-                   subjects=(f"{PREFIX}.{region}.risk.>", f"{PREFIX}.{region}.er.r.>"),
-                   max_age_s=7 * day, duplicate_window_s=3600.0),
-        StreamSpec(name="EXEC", subjects=(f"{PREFIX}.{region}.exe.>",), max_age_s=7 * day,
-                   duplicate_window_s=3600.0),
-        StreamSpec(name="EXECOUT",
-                   subjects=(f"{PREFIX}.{region}.er.x.>", f"{PREFIX}.{region}.fill.>"),
-                   max_age_s=7 * day, duplicate_window_s=3600.0),
-        StreamSpec(name="MD", subjects=(f"{PREFIX}.{region}.md.>",), max_age_s=3600.0,
-                   max_msgs_per_subject=100_000),
+        StreamSpec(
+            name="ORDERS",
+            subjects=(f"{PREFIX}.{region}.ord.>",),
+            max_age_s=7 * day,
+            duplicate_window_s=600.0,
+        ),
+        StreamSpec(
+            name="RISKLOG",
+            subjects=(f"{PREFIX}.{region}.risk.>", f"{PREFIX}.{region}.er.r.>"),
+            max_age_s=7 * day,
+            duplicate_window_s=3600.0,
+        ),
+        StreamSpec(
+            name="EXEC",
+            subjects=(f"{PREFIX}.{region}.exe.>",),
+            max_age_s=7 * day,
+            duplicate_window_s=3600.0,
+        ),
+        StreamSpec(
+            name="EXECOUT",
+            subjects=(f"{PREFIX}.{region}.er.x.>", f"{PREFIX}.{region}.fill.>"),
+            max_age_s=7 * day,
+            duplicate_window_s=3600.0,
+        ),
+        StreamSpec(
+            name="MD",
+            subjects=(f"{PREFIX}.{region}.md.>",),
+            max_age_s=3600.0,
+            max_msgs_per_subject=100_000,
+        ),
     )

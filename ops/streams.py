@@ -1,0 +1,61 @@
+"""Create (or update) every region's JetStream streams and KV buckets, idempotently."""
+
+from __future__ import annotations
+
+import nats
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from regions.topology import Topology
+from router import subjects
+from router.subjects import StreamSpec
+
+
+def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s,
+        max_bytes=spec.max_bytes,
+        max_msgs_per_subject=spec.max_msgs_per_subject,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=spec.duplicate_window_s,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+async def ensure_region_streams(nc: nats.NATS, region: str, *, replicas: int = 1) -> list[str]:
+    """Create or update the streams and KV buckets of one region's domain."""
+    js = nc.jetstream(domain=region)
+    made = []
+    for spec in subjects.region_streams(region):
+        cfg = stream_config(spec, replicas=replicas)
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as e:
+            if e.err_code != 10058:  # stream name already in use with a different config
+                raise
+            await js.update_stream(cfg)
+        made.append(spec.name)
+    for bucket, history in ((subjects.KILL_BUCKET, 16), (subjects.RISKCFG_BUCKET, 16)):
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
+            )
+        )
+        made.append(f"KV_{bucket}")
+    return made
+
+
+async def ensure_streams(nc: nats.NATS, topology: Topology) -> dict[str, list[str]]:
+    """Every region's streams, created through one client (leaf links carry the API calls)."""
+    return {code: await ensure_region_streams(nc, code) for code in topology.codes}

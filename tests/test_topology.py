@@ -1,0 +1,128 @@
+"""Topology files: the shipped default loads; malformed ones name the field and the rule."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ops.procs import nats_server_binary
+from regions.natsconf import Credentials, ServerLayout, render_server_config
+from regions.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology, parse_topology
+
+
+def raw() -> dict[str, Any]:
+    return tomllib.loads(DEFAULT_TOPOLOGY.read_text())
+
+
+def test_default_topology_is_three_regions_with_disjoint_symbols() -> None:
+    t = load_topology()
+    assert t.codes == ("lon", "nyc", "sgp")
+    assert t.hub == "lon"
+    assert t.exec_region("EURUSD") == "lon"
+    assert t.exec_region("USDCAD") == "nyc"
+    assert t.exec_region("USDJPY") == "sgp"
+    assert t.link("sgp", "lon").one_way_ms == 85
+    assert t.link("lon", "nyc").one_way_ms == 35
+    assert t.link("nyc", "sgp").one_way_ms == 115
+    assert t.instrument("USDJPY").price_decimals == 3
+    assert t.instrument("EURUSD").price_decimals == 5
+    assert t.account_home("SGP-HF-01") == "sgp"
+    assert all(r.domain == r.code for r in t.regions)
+
+
+def test_price_formatting_is_exact() -> None:
+    t = load_topology()
+    eur, jpy = t.instrument("EURUSD"), t.instrument("USDJPY")
+    assert eur.format_price(108453) == "1.08453"
+    assert eur.parse_price("1.08453") == 108453
+    assert jpy.parse_price("151.2") == 151200
+    assert jpy.format_price(151200) == "151.200"
+    with pytest.raises(ValueError):
+        eur.parse_price("1.084531")
+
+
+def _mutate(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(raw())
+    node: Any = doc
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else node[p]
+    last = parts[-1]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "rule"),
+    [
+        ("regions.1.leaf_port", "7420", "regions[1].leaf_port", "integer in 1..65535"),
+        ("regions.1.leaf_port", 70000, "regions[1].leaf_port", "integer in 1..65535"),
+        ("regions.0.code", "LONDON", "regions[0].code", "three-letter"),
+        ("regions.2.executes", ["EURUSD"], "regions[2].executes[0]", "already executed"),
+        ("regions.2.executes", ["XXXYYY"], "regions[2].executes[0]", "not a known instrument"),
+        ("regions.1.failover", ["nyc", "lon"], "regions[1].failover", "every region"),
+        ("regions.2.leaf_dial", ["nyc", "lon"], "regions[2].leaf_dial[0]", "must be the hub"),
+        ("regions.0.name", _DELETE, "regions[0].name", "is required"),
+        ("hub", "par", "hub", "not one of the regions"),
+        ("links.0.one_way_ms", -5, "links[0].one_way_ms", "0..2000"),
+        ("links.1.b", "par", "links[1].b", "not one of the regions"),
+        ("instruments.0.price_decimals", 2.5, "instruments[0].price_decimals", "integer"),
+        ("instruments.0.base", "XXX", "instruments[0].base", "not a listed currency"),
+        ("desks.1.region", "par", "desks[1].region", "not one of the regions"),
+        ("regions.1.client_port", 4310, "regions[1].client_port", "already used"),
+    ],
+)
+def test_malformed_topology_names_the_field(path: str, value: Any, field: str, rule: str) -> None:
+    with pytest.raises(TopologyError) as ei:
+        parse_topology(_mutate(path, value))
+    assert ei.value.field == field
+    assert rule in ei.value.rule
+
+
+def test_spokes_dialling_each_other_is_refused() -> None:
+    doc = _mutate("regions.1.leaf_dial", ["lon", "sgp"])
+    doc["regions"][2]["accepts_leaf"] = True
+    with pytest.raises(TopologyError, match="dial each other"):
+        parse_topology(doc)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "t.toml"
+    bad.write_text("regions = [[[")
+    with pytest.raises(TopologyError, match="not valid TOML"):
+        load_topology(bad)
+    with pytest.raises(TopologyError, match="cannot read"):
+        load_topology(tmp_path / "missing.toml")
+
+
+def test_rendered_configs_pass_nats_server_check(tmp_path: Path) -> None:
+    t = load_topology()
+    creds = Credentials.generate()
+    assert "redacted" in repr(creds) and creds.passwords["sre"] not in repr(creds)
+    for code in t.codes:
+        layout = ServerLayout(
+            store_dir=tmp_path / code, leaf_urls={"lon": "127.0.0.1:7510", "nyc": "127.0.0.1:7512"}
+        )
+        conf = tmp_path / f"{code}.conf"
+        conf.write_text(render_server_config(t, code, layout, creds))
+        text = conf.read_text()
+        assert f'domain: "{code}"' in text
+        r = subprocess.run(
+            [str(nats_server_binary()), "-t", "-c", str(conf)], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr + r.stdout
+    sgp = (tmp_path / "sgp.conf").read_text()
+    assert "no_randomize: true" in sgp and "7510" in sgp and "7512" in sgp
+    lon = (tmp_path / "lon.conf").read_text()
+    assert "no_advertise: true" in lon and "remotes" not in lon
