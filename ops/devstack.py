@@ -372,18 +372,36 @@ class Devstack:
     def start_worker(
         self, name: str, region: str, argv: list[str], ready: Callable[[], bool] | None = None
     ) -> ManagedProcess:
+        """Start one worker; ready when it prints READY (after its consumers exist)."""
         full = f"{name}-{region}"
         self.progress(f"starting {full}")
+        log = self.log_path(full)
+        offset = log.stat().st_size if log.exists() else 0
+
+        def printed_ready() -> bool:
+            with log.open("rb") as f:
+                f.seek(offset)
+                return b"READY" in f.read()
+
         p = ManagedProcess(
             full,
             argv,
-            self.log_path(full),
-            ready=ready,
+            log,
+            ready=ready or printed_ready,
             env=self.worker_env(),
             die_with_parent=not self.detach,
         )
-        self._start(p, kind="worker", region=region)
+        self._start(p, kind="worker", region=region, timeout_s=60)
         return p
+
+    def restart_worker(self, name: str) -> ManagedProcess:
+        """Start a stopped or killed worker again with the same command line."""
+        rec = self.records[name]
+        old = self.procs.pop(name, None)
+        if old is not None:
+            old.kill()
+        service = name[: -len(rec.region) - 1]
+        return self.start_worker(service, rec.region, rec.argv)
 
     def _start(
         self,

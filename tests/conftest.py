@@ -59,7 +59,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, base_topology: Topology) -> I
     plan = MeshPlan.free(base_topology, run_dir, latency_scale=LATENCY_SCALE)
     m = Mesh(plan)
     try:
-        m.up(with_pg=False, with_redis=False)
+        m.up(with_pg=False, with_redis=True)
         yield m
     finally:
         m.down()
@@ -91,20 +91,64 @@ def pg_dsn(pg: PostgresServer, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    d = tmp_path_factory.mktemp("redis")
-    (port,) = free_ports(1)
-    server = RedisServer(port, d, d / "redis.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+def redis_server(mesh: Mesh) -> RedisServer:
+    """The mesh's own Redis (started with it, on a free port)."""
+    assert mesh.redis is not None
+    return mesh.redis
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+def redis_url(mesh: Mesh) -> str:
+    return mesh.redis_url
+
+
+REFERENCE_MIDS = {
+    "EURUSD": 108450,
+    "GBPUSD": 126800,
+    "EURGBP": 85530,
+    "EURCHF": 95910,
+    "USDCAD": 136620,
+    "USDMXN": 1724500,
+    "USDJPY": 151200,
+    "USDSGD": 134210,
+    "AUDUSD": 65510,
+}
+"""Reference mids in ticks (what the market-data service would have put in Redis)."""
+
+
+def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) -> None:
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for view in topology.codes:
+            for sym, mid in REFERENCE_MIDS.items():
+                r.hset(
+                    f"tob:{view}:{sym}",
+                    mapping={
+                        "bid_px": mid - spread_ticks // 2,
+                        "ask_px": mid + spread_ticks // 2,
+                        "bid_qty": 5_000_000,
+                        "ask_qty": 5_000_000,
+                        "src": topology.exec_region(sym),
+                        "seq": 1,
+                        "src_ns": 0,
+                    },
+                )
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="session")
+def order_path(mesh: Mesh) -> Mesh:
+    """Gateway, risk and execution workers of every region, as real processes."""
+    from ops.services import order_path_workers
+
+    seed_top_of_book(mesh.redis_url, mesh.topology)
+    for region in mesh.topology.codes:
+        for name, argv in order_path_workers(mesh, region):
+            mesh.start_worker(name, region, argv)
+    return mesh
 
 
 @pytest.fixture
@@ -126,7 +170,7 @@ def unique() -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Anything touching the shared servers is an integration test, marked or not.
-    server_fixtures = {"mesh", "pg", "pg_dsn", "redis_server", "redis_url", "clients"}
+    server_fixtures = {"mesh", "pg", "pg_dsn", "redis_server", "redis_url", "clients", "order_path"}
     for item in items:
         if server_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)

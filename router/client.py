@@ -1,0 +1,266 @@
+"""A small Python client for desks (used by the CLI, the demo, the benchmark and the tests).
+
+    client = DeskClient(nc, topology, region="lon", account="LON-HF-01")
+    await client.start()                      # subscribes to the account's reports
+    ack = await client.new_order("EURUSD", Side.BUY, 1_000_000, price_ticks=108450)
+    er = await client.wait_report(ack.order_id, lambda r: r.exec_type is ExecType.NEW)
+
+Reports arrive live on ``mrd.*.er.*.*.<account>`` from every region; :meth:`replay` reads
+them back from the streams (RISKLOG/EXECOUT of every domain) after a reconnect, from a
+sequence per region. Duplicates (same exec_id) are dropped here, so a desk never sees one twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from regions.topology import Topology
+from router import contract, subjects
+from router.contract import (
+    CancelOrder,
+    CancelReject,
+    ExecutionReport,
+    Message,
+    NewOrder,
+    OrderAck,
+    OrderReject,
+    OrdType,
+    ReplaceOrder,
+    Side,
+    TimeInForce,
+)
+from router.natsutil import H_KIND
+
+Report = ExecutionReport | CancelReject
+
+_counter = itertools.count(1)
+
+
+def new_cl_ord_id(prefix: str = "C") -> str:
+    return f"{prefix}{os.getpid():x}-{time.time_ns():x}-{next(_counter)}"
+
+
+@dataclass
+class OrderState:
+    """What the desk knows about one of its orders."""
+
+    order_id: str
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def last(self) -> Report | None:
+        return self.reports[-1] if self.reports else None
+
+
+class DeskClient:
+    def __init__(
+        self,
+        nc: nats.NATS,
+        topology: Topology,
+        *,
+        region: str,
+        account: str,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.region = region
+        self.account = account
+        self.timeout_s = timeout_s
+        self.orders: dict[str, OrderState] = {}
+        self.seen: set[str] = set()
+        self.reports: list[Report] = []
+        self.on_report: Callable[[Report, Msg], None] | None = None
+        self._cond = asyncio.Condition()
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            subjects.reports_for_account(self.account),
+            cb=self._on_msg,
+            pending_msgs_limit=1_000_000,
+        )
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def request(
+        self, op: str, msg: Message, *, headers: dict[str, str] | None = None
+    ) -> OrderAck | OrderReject:
+        subject = subjects.entry(self.region, self.account, op)
+        reply = await self.nc.request(
+            subject, contract.encode(msg), timeout=self.timeout_s, headers=headers
+        )
+        raw = contract.unpack(reply.data)
+        if raw.get("status") == "ACCEPTED":
+            return contract.decode(OrderAck, raw)
+        return contract.decode(OrderReject, raw)
+
+    async def new_order(
+        self,
+        symbol: str,
+        side: Side,
+        qty: int,
+        price_ticks: int | None = None,
+        *,
+        ord_type: OrdType = OrdType.LIMIT,
+        tif: TimeInForce = TimeInForce.GTC,
+        cl_ord_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> OrderAck | OrderReject:
+        msg = NewOrder(
+            account=self.account,
+            cl_ord_id=cl_ord_id or new_cl_ord_id(),
+            symbol=symbol,
+            side=side,
+            ord_type=ord_type,
+            tif=tif,
+            qty=qty,
+            price_ticks=price_ticks,
+            sent_ns=time.time_ns(),
+        )
+        return await self.request("new", msg, headers=headers)
+
+    async def cancel(
+        self, orig_cl_ord_id: str, symbol: str, *, cl_ord_id: str | None = None
+    ) -> OrderAck | OrderReject:
+        msg = CancelOrder(
+            account=self.account,
+            cl_ord_id=cl_ord_id or new_cl_ord_id("X"),
+            orig_cl_ord_id=orig_cl_ord_id,
+            symbol=symbol,
+            sent_ns=time.time_ns(),
+        )
+        return await self.request("cancel", msg)
+
+    async def replace(
+        self,
+        orig_cl_ord_id: str,
+        symbol: str,
+        qty: int,
+        price_ticks: int,
+        *,
+        cl_ord_id: str | None = None,
+    ) -> OrderAck | OrderReject:
+        msg = ReplaceOrder(
+            account=self.account,
+            cl_ord_id=cl_ord_id or new_cl_ord_id("R"),
+            orig_cl_ord_id=orig_cl_ord_id,
+            symbol=symbol,
+            qty=qty,
+            price_ticks=price_ticks,
+            sent_ns=time.time_ns(),
+        )
+        return await self.request("replace", msg)
+
+    # ---- reports ----------------------------------------------------------------------------
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            rep = decode_report(msg)
+        except Exception:
+            return
+        self._add(rep, msg)
+
+    def _add(self, rep: Report, msg: Msg | None = None) -> bool:
+        rid = rep.exec_id if isinstance(rep, ExecutionReport) else rep.reject_id
+        if rid in self.seen:
+            return False
+        self.seen.add(rid)
+        self.reports.append(rep)
+        st = self.orders.get(rep.order_id)
+        if st is None:
+            st = self.orders[rep.order_id] = OrderState(order_id=rep.order_id)
+        st.reports.append(rep)
+        if self.on_report is not None and msg is not None:
+            self.on_report(rep, msg)
+        asyncio.get_running_loop().create_task(self._notify())
+        return True
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def wait_report(
+        self, order_id: str, pred: Callable[[Report], bool], timeout_s: float | None = None
+    ) -> Report:
+        """The first report of ``order_id`` matching ``pred`` (already seen or future)."""
+
+        def find() -> Report | None:
+            st = self.orders.get(order_id)
+            if st is None:
+                return None
+            return next((r for r in st.reports if pred(r)), None)
+
+        async with self._cond:
+            await asyncio.wait_for(
+                self._cond.wait_for(lambda: find() is not None), timeout_s or self.timeout_s
+            )
+        found = find()
+        assert found is not None
+        return found
+
+    async def replay(self, *, since: dict[str, int] | None = None, timeout_s: float = 5.0) -> int:
+        """Catch up from the report streams of every region (after a reconnect).
+
+        ``since``: region -> last stream sequence seen there (default: from the start).
+        Returns the number of reports that were new to this client.
+        """
+        added = 0
+        for region in self.topology.codes:
+            js = self.nc.jetstream(domain=region)
+            home = self.topology.account_home(self.account)
+            wanted = [("EXECOUT", subjects.report_exec(region, home, self.account))]
+            if region == home:
+                wanted.append(("RISKLOG", subjects.report_risk(home, self.account)))
+            for stream, subject in wanted:
+                start = (since or {}).get(region, 0) + 1
+                try:
+                    info = await js.stream_info(stream, subjects_filter=subject)
+                except Exception:
+                    continue
+                if not info.state.subjects or subject not in (info.state.subjects or {}):
+                    continue
+                cfg = ConsumerConfig(
+                    filter_subject=subject,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start,
+                )
+                sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
+                try:
+                    while True:
+                        try:
+                            msgs = await sub.fetch(256, timeout=min(timeout_s, 1.0))
+                        except nats.errors.TimeoutError:
+                            break
+                        for m in msgs:
+                            with contextlib.suppress(Exception):
+                                if self._add(decode_report(m), None):
+                                    added += 1
+                        if len(msgs) < 256:
+                            break
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+        return added
+
+
+def decode_report(msg: Msg) -> Report:
+    kind = (msg.headers or {}).get(H_KIND, "ExecutionReport")
+    if kind == "CancelReject":
+        return contract.decode(CancelReject, msg.data)
+    return contract.decode(ExecutionReport, msg.data)

@@ -1,0 +1,278 @@
+"""The execution worker of one region: single writer of every book the region executes.
+
+Consumes the region's ``EXEC`` stream (durable ``exec``) in stream order and applies each
+command to the symbol's :class:`~router.book.OrderBook` with the command's stream sequence and
+stored timestamp, so matching is a pure function of the stream. Outputs go to ``EXECOUT``:
+execution reports and cancel rejects on ``mrd.<region>.er.x.<home>.<account>``, fills on
+``mrd.<region>.fill.<symbol>``, each with ``Nats-Msg-Id`` = its deterministic id. Inputs are
+acked only after every output of the batch has its PubAck.
+
+Restart (including SIGKILL mid-batch): the books are rebuilt by replaying ``EXEC`` up to the
+consumer's ack floor without publishing; unacked commands are redelivered and re-applied,
+and their outputs, identical to the first time, are dropped by the stream's dedup window
+(1 h). So there is no missing and no duplicate report or fill.
+
+Also answers ``mrd.v1.book.<region>.<symbol>`` requests with the book's depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgpack
+import nats
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from regions.topology import Topology, load_topology
+from router import contract, subjects
+from router.book import OrderBook
+from router.commands import decode_command
+from router.contract import CancelReject, ExecutionReport, Fill
+from router.natsutil import (
+    H_KIND,
+    H_MSG_ID,
+    TRACEPARENT,
+    AsyncPublisher,
+    PullLoop,
+    stream_position,
+)
+
+log = logging.getLogger("meridian.execution")
+
+PUB_TIMEOUT_S = 10.0
+
+
+def book_subject(region: str, symbol: str) -> str:
+    return f"mrd.v1.book.{region}.{symbol}"
+
+
+class ExecutionWorker:
+    def __init__(
+        self, nc: nats.NATS, topology: Topology, region: str, *, metrics: Any = None
+    ) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.region = region
+        self.metrics = metrics
+        self.js = nc.jetstream(domain=region)
+        self.pub = AsyncPublisher(nc, max_pending=20000)
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.books: dict[str, OrderBook] = {}
+        self.loop: PullLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._book_sub: Any = None
+        self.stats = {"commands": 0, "reports": 0, "fills": 0, "bad": 0, "replayed": 0}
+
+    def _fresh_books(self) -> None:
+        self.books = {
+            s: OrderBook(self.topology.instrument(s), self.region)
+            for s in self.topology.region(self.region).executes
+        }
+
+    async def start(self) -> None:
+        await self.pub.start()
+        self.loop = PullLoop(
+            self.nc,
+            domain=self.region,
+            stream="EXEC",
+            durable="exec",
+            filter_subject=f"mrd.{self.region}.exe.>",
+            queue=self.queue,
+            batch=512,
+            tag="exec",
+        )
+        await self.loop.ensure_consumer()
+        await self.rebuild()
+        await self.loop.start()
+        self._book_sub = await self.nc.subscribe(
+            f"mrd.v1.book.{self.region}.*", cb=self._on_book_request
+        )
+        self._tasks.append(asyncio.create_task(self._run()))
+
+    async def stop(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop()
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def rebuild(self) -> None:
+        """Books = EXEC replayed up to the consumer's ack floor (outputs already published)."""
+        self._fresh_books()
+        assert self.loop is not None
+        info = await self.loop.consumer_info()
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        if not floor:
+            return
+        sub = await self.js.subscribe(
+            f"mrd.{self.region}.exe.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        n = 0
+        try:
+            while True:
+                m = await sub.next_msg(timeout=5)
+                seq = stream_position(m).seq
+                if seq > floor:
+                    break
+                self._apply(m, publish=False)
+                n += 1
+                if seq == floor:
+                    break
+        except nats.errors.TimeoutError:
+            log.warning(
+                "exec %s: replay stopped early at %d commands (floor %d)", self.region, n, floor
+            )
+        finally:
+            await sub.unsubscribe()
+        self.stats["replayed"] = n
+        log.info(
+            "exec %s rebuilt %d books from %d commands (ack floor %d)",
+            self.region,
+            len(self.books),
+            n,
+            floor,
+        )
+
+    def _apply(self, msg: Msg, *, publish: bool) -> list[tuple[str, str, str, bytes]]:
+        symbol = msg.subject.rsplit(".", 1)[1]
+        book = self.books.get(symbol)
+        pos = stream_position(msg)  # sequence and stored time: identical on every replay
+        seq, ts = pos.seq, pos.ts_ns
+        if book is None:
+            raise ValueError(f"symbol {symbol!r} is not executed in {self.region}")
+        cmd = decode_command(msg.data)
+        outs = book.apply(cmd, seq=seq, ts_ns=ts)
+        if not publish:
+            return []
+        res = []
+        for o in outs:
+            if isinstance(o, ExecutionReport):
+                res.append(
+                    (
+                        subjects.report_exec(self.region, o.home_region, o.account),
+                        o.exec_id,
+                        "ExecutionReport",
+                        contract.encode(o),
+                    )
+                )
+            elif isinstance(o, CancelReject):
+                res.append(
+                    (
+                        subjects.report_exec(self.region, o.home_region, o.account),
+                        o.reject_id,
+                        "CancelReject",
+                        contract.encode(o),
+                    )
+                )
+            elif isinstance(o, Fill):
+                res.append(
+                    (subjects.fill(self.region, o.symbol), o.trade_id, "Fill", contract.encode(o))
+                )
+        return res
+
+    async def _run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            while len(batch) < 1024 and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._process(batch)
+            except Exception:
+                log.exception("exec %s: batch failed; rebuilding books", self.region)
+                for m in batch:
+                    with contextlib.suppress(Exception):
+                        await m.nak(delay=0.5)
+                await asyncio.sleep(0.5)
+                await self.rebuild()
+
+    async def _process(self, batch: list[Msg]) -> None:
+        futs = []
+        good: list[Msg] = []
+        for m in batch:
+            try:
+                outs = self._apply(m, publish=True)
+            except Exception as e:  # a bad command must never block the stream
+                self.stats["bad"] += 1
+                log.error("exec %s: bad command on %s: %s; terminated", self.region, m.subject, e)
+                await m.term()
+                continue
+            good.append(m)
+            self.stats["commands"] += 1
+            tp = (m.headers or {}).get(TRACEPARENT)
+            for subject, msg_id, kind, payload in outs:
+                headers = {H_MSG_ID: msg_id, H_KIND: kind}
+                if tp:
+                    headers[TRACEPARENT] = tp
+                if kind == "Fill":
+                    self.stats["fills"] += 1
+                else:
+                    self.stats["reports"] += 1
+                futs.append(await self.pub.publish(subject, payload, headers=headers))
+        if futs:
+            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+        for m in good:
+            await m.ack()
+
+    async def _on_book_request(self, msg: Msg) -> None:
+        symbol = msg.subject.rsplit(".", 1)[1]
+        book = self.books.get(symbol)
+        if book is None:
+            body: dict[str, Any] = {"error": f"{symbol} is not executed in {self.region}"}
+        else:
+            bids, asks = book.depth(10)
+            body = {
+                "symbol": symbol,
+                "region": self.region,
+                "seq": book.last_seq,
+                "bids": bids,
+                "asks": asks,
+                "orders": len(book),
+            }
+        with contextlib.suppress(Exception):
+            await msg.respond(msgpack.packb(body))
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from ops.runtime import connect_worker, install_stop_signals, service_context
+
+    topology = load_topology(args.topology)
+    async with service_context("execution", args.region, args.metrics_port):
+        nc = await connect_worker(args.nats_url, name=f"execution-{args.region}")
+        w = ExecutionWorker(nc, topology, args.region)
+        t0 = time.monotonic()
+        await w.start()
+        log.info(
+            "execution %s ready (replayed %d in %.2f s)",
+            args.region,
+            w.stats["replayed"],
+            time.monotonic() - t0,
+        )
+        print("READY", flush=True)
+        stop = install_stop_signals()
+        await stop.wait()
+        await w.stop()
+        await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Meridian execution worker")
+    ap.add_argument("--region", required=True)
+    ap.add_argument("--nats-url", action="append", required=True)
+    ap.add_argument("--topology", default=None)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    args = ap.parse_args(argv)
+    from ops.runtime import run
+
+    run(_main(args))
+
+
+if __name__ == "__main__":
+    main()

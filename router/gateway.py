@@ -1,0 +1,416 @@
+"""Edge gateway: order entry for desks and FIX bridges, one (or more) per region.
+
+Request/reply on ``mrd.v1.entry.<region>.<account>.<op>``. For every request the gateway
+
+1. validates it against the contract (typed :class:`~router.contract.OrderReject` naming the
+   field and rule; nothing is stored);
+2. routes it: the account's home region runs risk, the symbol's region executes it;
+3. stores it durably in the home region's ``ORDERS`` stream, on a subject unique to
+   (account, cl_ord_id), with ``Nats-Msg-Id`` (dedup window) and
+   ``Nats-Expected-Last-Subject-Sequence: 0`` (beyond the window: the stream refuses a second
+   message on that subject);
+4. replies :class:`~router.contract.OrderAck` only after the PubAck - *an ack means the request
+   is in the home region's stream* (decision 0002 says what survives what).
+
+A re-sent request (same account and cl_ord_id, same content) gets the original ack back with
+``duplicate=True``; the same cl_ord_id with different content is ``DUPLICATE_CL_ORD_ID``.
+If the home region cannot be reached the reply is ``UNAVAILABLE``: with no PubAck the outcome
+may be unknown, and re-sending the same request is always safe.
+
+Throughput: nats-py runs one subscription's callbacks one at a time, so the callback only
+validates and starts a pipelined publish (:class:`~router.natsutil.AsyncPublisher`);
+one replier task per home region awaits
+the PubAcks in order and answers (no head-of-line blocking of local orders behind WAN ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+
+from regions.topology import Topology, load_topology
+from router import contract, ids, subjects
+from router.contract import (
+    CancelOrder,
+    ContractError,
+    Message,
+    NewOrder,
+    OrderAck,
+    OrderReject,
+    OrdType,
+    RejectReason,
+    ReplaceOrder,
+    TimeInForce,
+)
+from router.natsutil import (
+    H_ACCEPTED_NS,
+    H_ENTRY_REGION,
+    H_EXPECTED_LAST_SUBJECT_SEQ,
+    H_MSG_ID,
+    H_OP,
+    H_ORDER_ID,
+    AsyncPublisher,
+    NoResponders,
+    PublishError,
+    now_ns,
+)
+
+log = logging.getLogger("meridian.gateway")
+
+PUBACK_TIMEOUT_S = 5.0
+ERR_WRONG_LAST_SEQUENCE = 10071
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routed:
+    """A validated request and where it goes."""
+
+    msg: NewOrder | CancelOrder | ReplaceOrder
+    op: str
+    account: str
+    home: str
+    exec_region: str
+    key: str
+    order_id: str
+    subject: str
+    payload: bytes
+
+
+def reject(reason: RejectReason, field: str, rule: str, cl_ord_id: str = "") -> OrderReject:
+    return OrderReject(
+        status="REJECTED",
+        cl_ord_id=cl_ord_id[:64],
+        reason=reason,
+        field=field,
+        rule=rule[:512],
+        rejected_ns=now_ns(),
+    )
+
+
+def validate(topology: Topology, region: str, subject: str, data: bytes) -> Routed:
+    """Everything the gateway checks before storing a request. Raises ContractError."""
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[3] != region:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "subject", f"expected mrd.v1.entry.{region}.<account>.<op>"
+        )
+    account, op = parts[4], parts[5]
+    cls = contract.ENTRY_OPS.get(op)
+    if cls is None:
+        raise ContractError(
+            RejectReason.INVALID_FIELD,
+            "subject",
+            f"unknown op {op!r}; one of {', '.join(contract.ENTRY_OPS)}",
+        )
+    msg = contract.decode(cls, data)
+    assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+    if msg.account != account:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "account", "must equal the account token of the subject"
+        )
+    try:
+        home = topology.account_home(account)
+    except KeyError:
+        raise ContractError(
+            RejectReason.UNKNOWN_ACCOUNT, "account", f"{account!r} is not a known account"
+        ) from None
+    try:
+        instrument = topology.instrument(msg.symbol)
+        exec_region = topology.exec_region(msg.symbol)
+    except KeyError:
+        raise ContractError(
+            RejectReason.UNKNOWN_SYMBOL, "symbol", f"{msg.symbol!r} is not a traded instrument"
+        ) from None
+    if isinstance(msg, NewOrder):
+        if msg.ord_type is OrdType.LIMIT and msg.price_ticks is None:
+            raise ContractError(
+                RejectReason.INVALID_FIELD, "price_ticks", "is required for LIMIT orders"
+            )
+        if msg.ord_type is OrdType.MARKET:
+            if msg.price_ticks is not None:
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, "price_ticks", "must be absent for MARKET orders"
+                )
+            if msg.tif not in (TimeInForce.IOC, TimeInForce.FOK):
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, "tif", "MARKET orders must be IOC or FOK"
+                )
+    if isinstance(msg, NewOrder | ReplaceOrder) and msg.qty < instrument.min_qty:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "qty", f"below the minimum lot of {instrument.min_qty}"
+        )
+    if isinstance(msg, CancelOrder | ReplaceOrder) and msg.orig_cl_ord_id == msg.cl_ord_id:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "cl_ord_id", "must differ from orig_cl_ord_id"
+        )
+    key = subjects.request_key(account, msg.cl_ord_id)
+    oid = ids.order_id(account, msg.cl_ord_id)
+    return Routed(
+        msg=msg,
+        op=op,
+        account=account,
+        home=home,
+        exec_region=exec_region,
+        key=key,
+        order_id=oid,
+        subject=subjects.orders(home, account, key),
+        payload=contract.encode(msg),
+    )
+
+
+def _same_request(a: Message, b: Message) -> bool:
+    """Equal apart from the client's send time (a resend after reconnect restamps it)."""
+    if type(a) is not type(b):
+        return False
+    return dataclasses.replace(a, sent_ns=0) == dataclasses.replace(b, sent_ns=0)  # type: ignore[type-var]
+
+
+class Gateway:
+    """One gateway instance of ``region`` (run several: they share a queue group)."""
+
+    def __init__(
+        self,
+        nc: nats.NATS,
+        topology: Topology,
+        region: str,
+        *,
+        max_inflight: int = 4096,
+        on_result: Callable[[str, Message, int], None] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.region = region
+        self.max_inflight = max_inflight
+        self.on_result = on_result
+        self._js = {code: nc.jetstream(domain=code) for code in topology.codes}
+        self._pub = AsyncPublisher(nc, max_pending=max_inflight)
+        self._queues: dict[str, asyncio.Queue[tuple[Msg, Routed, asyncio.Future[Any], int]]] = {
+            code: asyncio.Queue() for code in topology.codes
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self.stats = {"requests": 0, "acks": 0, "rejects": 0, "duplicates": 0}
+
+    async def start(self) -> None:
+        await self._pub.start()
+        for code, q in self._queues.items():
+            self._tasks.append(asyncio.create_task(self._replier(code, q), name=f"reply-{code}"))
+        self._sub = await self.nc.subscribe(
+            subjects.entry_wildcard(self.region),
+            queue=f"gateway-{self.region}",
+            cb=self._on_request,
+            pending_msgs_limit=200_000,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.drain()
+        for q in self._queues.values():
+            while not q.empty():
+                await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+
+    async def _on_request(self, msg: Msg) -> None:
+        t0 = now_ns()
+        self.stats["requests"] += 1
+        try:
+            routed = validate(self.topology, self.region, msg.subject, msg.data)
+        except ContractError as e:
+            cl = _peek_cl_ord_id(msg.data)
+            await self._reply(msg, reject(e.reason, e.field, e.rule, cl), t0)
+            return
+        headers = {
+            H_MSG_ID: routed.key,
+            H_EXPECTED_LAST_SUBJECT_SEQ: "0",
+            H_OP: routed.op,
+            H_ENTRY_REGION: self.region,
+            H_ACCEPTED_NS: str(t0),
+            H_ORDER_ID: routed.order_id,
+        }
+        if msg.headers and "traceparent" in msg.headers:
+            headers["traceparent"] = msg.headers["traceparent"]
+        try:
+            fut = await self._pub.publish(routed.subject, routed.payload, headers=headers)
+        except Exception as e:
+            await self._reply(
+                msg,
+                reject(
+                    RejectReason.UNAVAILABLE,
+                    "",
+                    f"home region {routed.home} busy: {e!r}",
+                    routed.msg.cl_ord_id,
+                ),
+                t0,
+            )
+            return
+        self._queues[routed.home].put_nowait((msg, routed, fut, t0))
+
+    async def _replier(self, home: str, q: asyncio.Queue[tuple[Msg, Routed, Any, int]]) -> None:
+        while True:
+            msg, routed, fut, t0 = await q.get()
+            try:
+                ack = await asyncio.wait_for(fut, PUBACK_TIMEOUT_S)
+            except PublishError as e:
+                if e.err_code == ERR_WRONG_LAST_SEQUENCE:
+                    # beyond the dedup window: the subject already holds this request
+                    self._spawn(self._resend(msg, routed, t0))
+                    continue
+                await self._reply(
+                    msg,
+                    reject(
+                        RejectReason.UNAVAILABLE,
+                        "",
+                        f"home region {home} refused: {e.description}",
+                        routed.msg.cl_ord_id,
+                    ),
+                    t0,
+                )
+                continue
+            except (TimeoutError, NoResponders, asyncio.CancelledError) as e:
+                what = "no responders" if isinstance(e, NoResponders) else "timeout"
+                await self._reply(
+                    msg,
+                    reject(
+                        RejectReason.UNAVAILABLE,
+                        "",
+                        f"home region {home} did not confirm ({what}); outcome unknown: re-send "
+                        "the same request (same cl_ord_id) to learn it",
+                        routed.msg.cl_ord_id,
+                    ),
+                    t0,
+                )
+                continue
+            if ack.duplicate:
+                self._spawn(self._resend(msg, routed, t0, seq=ack.seq))
+                continue
+            await self._reply(msg, self._ack(routed, ack.seq, t0, duplicate=False), t0)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self._side_tasks.add(t)
+        t.add_done_callback(self._side_tasks.discard)
+
+    async def _resend(self, msg: Msg, routed: Routed, t0: int, seq: int | None = None) -> None:
+        """A request we have seen: answer with the original ack, or refuse a conflicting one."""
+        js = self._js[routed.home]
+        try:
+            if seq is not None:
+                stored = await js.get_msg("ORDERS", seq, direct=True)
+            else:
+                stored = await js.get_last_msg("ORDERS", routed.subject, direct=True)
+            assert stored.data is not None
+            original = contract.decode(type(routed.msg), stored.data)
+        except Exception as e:
+            await self._reply(
+                msg,
+                reject(
+                    RejectReason.UNAVAILABLE,
+                    "",
+                    f"could not read the original request: {e!r}",
+                    routed.msg.cl_ord_id,
+                ),
+                t0,
+            )
+            return
+        self.stats["duplicates"] += 1
+        if not _same_request(original, routed.msg):
+            await self._reply(
+                msg,
+                reject(
+                    RejectReason.DUPLICATE_CL_ORD_ID,
+                    "cl_ord_id",
+                    "already used by a different request of this account",
+                    routed.msg.cl_ord_id,
+                ),
+                t0,
+            )
+            return
+        hdrs = stored.headers or {}
+        accepted = int(hdrs.get(H_ACCEPTED_NS, "0") or 0)
+        assert stored.seq is not None
+        await self._reply(msg, self._ack(routed, stored.seq, accepted or t0, duplicate=True), t0)
+
+    def _ack(self, routed: Routed, seq: int, accepted_ns: int, *, duplicate: bool) -> OrderAck:
+        return OrderAck(
+            status="ACCEPTED",
+            order_id=routed.order_id,
+            cl_ord_id=routed.msg.cl_ord_id,
+            account=routed.account,
+            op=routed.op,
+            entry_region=self.region,
+            risk_region=routed.home,
+            exec_region=routed.exec_region,
+            stream_seq=seq,
+            accepted_ns=accepted_ns,
+            duplicate=duplicate,
+        )
+
+    async def _reply(self, msg: Msg, out: Message, t0: int) -> None:
+        if isinstance(out, OrderAck):
+            self.stats["acks"] += 1
+        else:
+            self.stats["rejects"] += 1
+        if self.on_result is not None:
+            self.on_result(self.region, out, now_ns() - t0)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(contract.encode(out))
+
+
+def _peek_cl_ord_id(data: bytes) -> str:
+    """Best effort: echo the client's cl_ord_id in a reject when it is readable."""
+    try:
+        raw = contract.unpack(data)
+        v = raw.get("cl_ord_id")
+        return v if isinstance(v, str) else ""
+    except ContractError:
+        return ""
+
+
+# ---- process entry point ---------------------------------------------------------------------
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from ops.runtime import connect_worker, install_stop_signals, service_context
+
+    topology = load_topology(args.topology)
+    async with service_context("gateway", args.region, args.metrics_port) as ctx:
+        nc = await connect_worker(args.nats_url, name=f"gateway-{args.region}")
+        gw = Gateway(nc, topology, args.region, on_result=ctx.record_entry_result)
+        await gw.start()
+        log.info("gateway %s ready", args.region)
+        print("READY", flush=True)
+        stop = install_stop_signals()
+        await stop.wait()
+        await gw.stop()
+        await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Meridian edge gateway")
+    ap.add_argument("--region", required=True)
+    ap.add_argument("--nats-url", action="append", required=True)
+    ap.add_argument("--topology", default=None)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    args = ap.parse_args(argv)
+    from ops.runtime import run
+
+    run(_main(args))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main()

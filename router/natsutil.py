@@ -1,0 +1,308 @@
+"""JetStream plumbing shared by the order-path workers.
+
+* :class:`PullLoop` - a continuous pull consumer: keeps one pull request of ``batch`` messages
+  outstanding and re-issues it as it drains or expires, handing each message to a queue. nats-py
+  2.16's ``fetch()`` waits for a full batch or its timeout, which adds latency at low rates.
+* :func:`stream_position` - stream sequence and stored timestamp (int ns) of a delivered message,
+  parsed from its ``$JS.ACK`` reply subject (nats-py's metadata gives float seconds).
+* Header names of the Meridian envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Envelope headers (values are strings).
+H_MSG_ID = "Nats-Msg-Id"
+H_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_KIND = "Mrd-Kind"
+"""Contract message class name of the payload (ExecutionReport, CancelReject, ...)."""
+H_OP = "Mrd-Op"
+H_ENTRY_REGION = "Mrd-Entry-Region"
+H_ACCEPTED_NS = "Mrd-Accepted-Ns"
+H_ORDER_ID = "Mrd-Order-Id"
+H_IN_SEQ = "Mrd-In-Seq"
+TRACEPARENT = "traceparent"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPos:
+    stream: str
+    seq: int
+    ts_ns: int
+    delivered: int
+    pending: int
+
+
+def stream_position(msg: Msg) -> StreamPos:
+    """Parse a delivery's reply subject.
+
+    ``$JS.ACK.[<domain>.<acchash>.]<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream delivery: reply={msg.reply!r}")
+    # v2 (12+ tokens) carries domain and account hash
+    tokens = tokens[4:] if len(tokens) >= 12 else tokens[2:]
+    stream, _consumer, delivered, sseq, _cseq, ts, pending = tokens[:7]
+    return StreamPos(
+        stream=stream, seq=int(sseq), ts_ns=int(ts), delivered=int(delivered), pending=int(pending)
+    )
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class PullLoop:
+    """A durable pull consumer that streams messages into ``queue``.
+
+    The consumer is created (or updated) with explicit acks and ``max_ack_pending`` large enough
+    for pipelining. ``api_prefix`` selects the domain (``$JS.<domain>.API``), so a worker can
+    consume another region's stream over the leaf links.
+    """
+
+    def __init__(
+        self,
+        nc: nats.NATS,
+        *,
+        domain: str,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        queue: asyncio.Queue[Msg],
+        batch: int = 256,
+        expires_s: float = 2.0,
+        max_ack_pending: int = 20000,
+        ack_wait_s: float = 30.0,
+        tag: str = "",
+    ) -> None:
+        self.nc = nc
+        self.domain = domain
+        self.api = f"$JS.{domain}.API"
+        self.stream = stream
+        self.durable = durable
+        self.filter_subject = filter_subject
+        self.queue = queue
+        self.batch = batch
+        self.expires_s = expires_s
+        self.max_ack_pending = max_ack_pending
+        self.ack_wait_s = ack_wait_s
+        self.tag = tag
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._remaining = 0
+        self._last_pull = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    async def ensure_consumer(self) -> None:
+        js = self.nc.jetstream(domain=self.domain)
+        cfg = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=self.filter_subject,
+            max_ack_pending=self.max_ack_pending,
+            ack_wait=self.ack_wait_s,
+            max_waiting=64,
+            inactive_threshold=None,
+        )
+        await js.add_consumer(self.stream, cfg)
+
+    async def consumer_info(self) -> Any:
+        js = self.nc.jetstream(domain=self.domain)
+        return await js.consumer_info(self.stream, self.durable)
+
+    async def start(self) -> None:
+        await self.ensure_consumer()
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.create_task(self._pump(), name=f"pull-{self.stream}-{self.tag}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _pull(self) -> None:
+        req = {"batch": self.batch, "expires": int(self.expires_s * 1e9)}
+        self._remaining = self.batch
+        self._last_pull = time.monotonic()
+        await self.nc.publish(
+            f"{self.api}.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+            json.dumps(req).encode(),
+            reply=self._inbox,
+        )
+
+    async def _pump(self) -> None:
+        """Keeps a pull outstanding; re-issues after drain/expiry/reconnect or a lost request."""
+        backoff = 0.05
+        while True:
+            try:
+                due = (
+                    self._remaining <= 0
+                    or time.monotonic() - self._last_pull > self.expires_s + 1.0
+                )
+                if due and self.nc.is_connected:
+                    await self._pull()
+                self._kick.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), timeout=0.5)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # connection trouble: keep trying
+                log.warning("pull loop %s/%s: %s", self.stream, self.durable, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                with contextlib.suppress(Exception):
+                    await self.ensure_consumer()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data:
+            # 404 no messages / 408 request expired / 409 limits: the pull is over
+            if status in ("404", "408", "409"):
+                self._remaining = 0
+                self._kick.set()
+            return  # 100 = heartbeat
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._kick.set()
+        self.queue.put_nowait(msg)
+
+
+async def ensure_gone(nc: nats.NATS, domain: str, stream: str, durable: str) -> None:
+    js = nc.jetstream(domain=domain)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(stream, durable)
+
+
+class PublishError(Exception):
+    """JetStream refused a publish (``err_code`` is the JetStream API error code)."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{code}/{err_code}: {description}")
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+class NoResponders(Exception):
+    """No stream (or no route to its domain) took the message: it was not stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    stream: str
+    seq: int
+    domain: str
+    duplicate: bool
+
+
+class AsyncPublisher:
+    """Pipelined JetStream publishes over core NATS with our own reply inbox.
+
+    nats-py's ``publish_async`` raises API errors inside its reply handler (the future then
+    never resolves); here every reply resolves its future: an :class:`Ack`, a
+    :class:`PublishError` or :class:`NoResponders`. Callers bound waits with their own timeout.
+    """
+
+    def __init__(self, nc: nats.NATS, *, max_pending: int = 8192) -> None:
+        self.nc = nc
+        self._sem = asyncio.Semaphore(max_pending)
+        self._pending: dict[str, asyncio.Future[Ack]] = {}
+        self._prefix = ""
+        self._n = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> AsyncPublisher:
+        if self._sub is None:
+            self._prefix = self.nc.new_inbox()
+            self._sub = await self.nc.subscribe(
+                f"{self._prefix}.*", cb=self._on_reply, pending_msgs_limit=1_000_000
+            )
+        return self
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Ack]:
+        if self._sub is None:
+            await self.start()
+        await self._sem.acquire()
+        self._n += 1
+        token = str(self._n)
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._pending[token] = fut
+        fut.add_done_callback(lambda _f: self._done(token))
+        try:
+            await self.nc.publish(
+                subject, payload, reply=f"{self._prefix}.{token}", headers=headers
+            )
+        except Exception as e:
+            if not fut.done():
+                fut.set_exception(e)
+        return fut
+
+    def _done(self, token: str) -> None:
+        if self._pending.pop(token, None) is not None:
+            self._sem.release()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[1]
+        fut = self._pending.get(token)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(NoResponders())
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(PublishError(0, 0, f"bad PubAck {msg.data[:80]!r}"))
+            return
+        err = resp.get("error")
+        if err:
+            fut.set_exception(
+                PublishError(
+                    int(err.get("code", 0)),
+                    int(err.get("err_code", 0)),
+                    str(err.get("description", "")),
+                )
+            )
+            return
+        fut.set_result(
+            Ack(
+                stream=resp.get("stream", ""),
+                seq=int(resp.get("seq", 0)),
+                domain=resp.get("domain", ""),
+                duplicate=bool(resp.get("duplicate", False)),
+            )
+        )
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for fut in list(self._pending.values()):
+            if not fut.done():
+                fut.cancel()

@@ -1,0 +1,508 @@
+"""Pre-trade risk: limits and the pure, deterministic risk engine of one home region.
+
+The engine is single-writer per account: every order request of an account, from any entry
+region, lands in the account's home ORDERS stream and is checked here in stream order, so the
+credit limit holds however many regions send at once. It has no I/O: the worker
+(:mod:`router.risk_worker`) fetches the two non-deterministic inputs (the Redis rate-limit
+verdict and the reference price) and records them in RISKLOG beside each decision, so a restart
+rebuilds exactly the same state by re-running the engine over RISKLOG.
+
+Checks on a new order, in order, each with its reject reason::
+
+    kill switch (account, desk or global)   KILL_SWITCH
+    restricted symbol (global or account)   RESTRICTED_SYMBOL
+    message rate (token bucket in Redis)    RATE_LIMIT
+    max order quantity per instrument       MAX_QTY
+    max order notional (USD) per instrument MAX_NOTIONAL
+    reference price present                 NO_REFERENCE_PRICE
+    price collar around the reference mid   PRICE_COLLAR   (LIMIT only)
+    credit limit on net open exposure       CREDIT_LIMIT   (risk-reducing orders pass)
+
+Net open exposure of an account, in USD: for every symbol, the worst case of its position
+if every open buy or every open sell fills, in base-currency units, valued at the base
+currency's reference USD rate: ``sum(max(|pos + open_buy|, |pos - open_sell|) * usd_rate)``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from regions.topology import Topology
+from router.book import Cancel, Replace, Submit
+from router.contract import (
+    CancelOrder,
+    CancelReject,
+    ExecType,
+    ExecutionReport,
+    NewOrder,
+    OrdStatus,
+    OrdType,
+    RejectReason,
+    ReplaceOrder,
+    Side,
+)
+
+DEFAULT_LIMITS = Path(__file__).with_name("limits.toml")
+
+
+# ---- limits ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountLimits:
+    credit_limit_usd: int
+    restricted_symbols: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstrumentLimits:
+    max_qty: int
+    max_notional_usd: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RiskLimits:
+    collar_bps: int
+    restricted_symbols: frozenset[str]
+    rate_per_s: int
+    burst: int
+    default_account: AccountLimits
+    default_instrument: InstrumentLimits
+    accounts: Mapping[str, AccountLimits] = field(default_factory=dict)
+    instruments: Mapping[str, InstrumentLimits] = field(default_factory=dict)
+
+    def account(self, account: str) -> AccountLimits:
+        return self.accounts.get(account, self.default_account)
+
+    def instrument(self, symbol: str) -> InstrumentLimits:
+        return self.instruments.get(symbol, self.default_instrument)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> RiskLimits:
+        return cls.from_mapping(tomllib.loads((path or DEFAULT_LIMITS).read_text()))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RiskLimits:
+        """Validate a limits document (TOML or the JSON in the RISKCFG bucket)."""
+
+        def pos_int(v: Any, where: str) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{where}: must be a positive integer")
+            return v
+
+        def syms(v: Any, where: str) -> frozenset[str]:
+            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+                raise ValueError(f"{where}: must be a list of symbols")
+            return frozenset(v)
+
+        def acct(v: Mapping[str, Any], where: str, base: AccountLimits | None) -> AccountLimits:
+            return AccountLimits(
+                credit_limit_usd=pos_int(v["credit_limit_usd"], f"{where}.credit_limit_usd")
+                if "credit_limit_usd" in v or base is None
+                else base.credit_limit_usd,
+                restricted_symbols=syms(
+                    v.get("restricted_symbols", []), f"{where}.restricted_symbols"
+                ),
+            )
+
+        def inst(
+            v: Mapping[str, Any], where: str, base: InstrumentLimits | None
+        ) -> InstrumentLimits:
+            return InstrumentLimits(
+                max_qty=pos_int(v["max_qty"], f"{where}.max_qty")
+                if "max_qty" in v or base is None
+                else base.max_qty,
+                max_notional_usd=pos_int(v["max_notional_usd"], f"{where}.max_notional_usd")
+                if "max_notional_usd" in v or base is None
+                else base.max_notional_usd,
+            )
+
+        try:
+            d_acct = acct(raw["default_account"], "default_account", None)
+            d_inst = inst(raw["default_instrument"], "default_instrument", None)
+            rate = raw["rate"]
+            return cls(
+                collar_bps=pos_int(raw["collar_bps"], "collar_bps"),
+                restricted_symbols=syms(raw.get("restricted_symbols", []), "restricted_symbols"),
+                rate_per_s=pos_int(rate["orders_per_s"], "rate.orders_per_s"),
+                burst=pos_int(rate["burst"], "rate.burst"),
+                default_account=d_acct,
+                default_instrument=d_inst,
+                accounts={
+                    k: acct(v, f"accounts.{k}", d_acct) for k, v in raw.get("accounts", {}).items()
+                },
+                instruments={
+                    k: inst(v, f"instruments.{k}", d_inst)
+                    for k, v in raw.get("instruments", {}).items()
+                },
+            )
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]}: is required") from None
+
+
+# ---- engine state ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OpenOrder:
+    order_id: str
+    cl_ord_id: str
+    symbol: str
+    side: Side
+    price_ticks: int
+    leaves: int
+    pending_qty: int = 0
+    """While a replace is in flight: the larger of old and new leaves is reserved."""
+
+
+@dataclass(slots=True)
+class AccountState:
+    orders: dict[str, OpenOrder] = field(default_factory=dict)
+    cl_ids: dict[str, str] = field(default_factory=dict)
+    """Every cl_ord_id the account's orders have been known by -> order_id."""
+    positions: dict[str, int] = field(default_factory=dict)
+    """Net filled base-currency units per symbol."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefPrice:
+    bid_ticks: int
+    ask_ticks: int
+
+    @property
+    def mid2(self) -> int:
+        """Twice the mid (keeps it an integer)."""
+        return self.bid_ticks + self.ask_ticks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Externals:
+    """Non-deterministic inputs of one decision, recorded in RISKLOG with it."""
+
+    rate_ok: bool = True
+    ref: RefPrice | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What one order request leads to: a command for execution, or a report back."""
+
+    command: Submit | Cancel | Replace | None = None
+    exec_region: str = ""
+    symbol: str = ""
+    report: ExecutionReport | CancelReject | None = None
+
+
+class RiskEngine:
+    """Pure pre-trade risk of the accounts homed in ``region``."""
+
+    def __init__(self, topology: Topology, region: str, limits: RiskLimits) -> None:
+        self.topology = topology
+        self.region = region
+        self.limits = limits
+        self.accounts: dict[str, AccountState] = {}
+        self.kills: set[str] = set()
+        """Engaged kill keys: 'global', 'account.<id>', 'desk.<id>'."""
+        self._usd_rate = {c.code: c.usd_rate_micros for c in topology.currencies}
+
+    # ---- queries -----------------------------------------------------------------------------
+    def state(self, account: str) -> AccountState:
+        st = self.accounts.get(account)
+        if st is None:
+            st = self.accounts[account] = AccountState()
+        return st
+
+    def killed(self, account: str) -> bool:
+        return (
+            "global" in self.kills
+            or f"account.{account}" in self.kills
+            or f"desk.{self.topology.account_desk(account)}" in self.kills
+        )
+
+    def base_usd(self, symbol: str, qty: int) -> int:
+        """USD value of ``qty`` base units of ``symbol`` at the reference rate."""
+        return qty * self._usd_rate[self.topology.instrument(symbol).base] // 1_000_000
+
+    def exposure_usd(self, account: str, *, extra: tuple[str, Side, int] | None = None) -> int:
+        st = self.state(account)
+        per: dict[str, list[int]] = {}
+        for o in st.orders.values():
+            b = per.setdefault(o.symbol, [0, 0])
+            q = max(o.leaves, o.pending_qty)
+            b[0 if o.side is Side.BUY else 1] += q
+        if extra is not None:
+            sym, side, q = extra
+            b = per.setdefault(sym, [0, 0])
+            b[0 if side is Side.BUY else 1] += q
+        total = 0
+        for sym in set(per) | set(st.positions):
+            buy, sell = per.get(sym, [0, 0])
+            pos = st.positions.get(sym, 0)
+            total += self.base_usd(sym, max(abs(pos + buy), abs(pos - sell)))
+        return total
+
+    # ---- decisions ---------------------------------------------------------------------------
+    def on_new(
+        self, msg: NewOrder, *, order_id: str, accepted_ns: int, ext: Externals, seq: int
+    ) -> Decision:
+        acct, sym = msg.account, msg.symbol
+        st = self.state(acct)
+        inst_limits = self.limits.instrument(sym)
+
+        def rej(reason: RejectReason, text: str) -> Decision:
+            return Decision(
+                report=self._reject_report(msg, order_id, reason, text, accepted_ns, seq)
+            )
+
+        if msg.cl_ord_id in st.cl_ids:
+            return rej(RejectReason.DUPLICATE_CL_ORD_ID, "cl_ord_id already used")
+        st.cl_ids[msg.cl_ord_id] = order_id
+        if self.killed(acct):
+            return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
+        if (
+            sym in self.limits.restricted_symbols
+            or sym in self.limits.account(acct).restricted_symbols
+        ):
+            return rej(RejectReason.RESTRICTED_SYMBOL, f"{sym} is restricted")
+        if not ext.rate_ok:
+            return rej(
+                RejectReason.RATE_LIMIT,
+                f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
+            )
+        if msg.qty > inst_limits.max_qty:
+            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {inst_limits.max_qty}")
+        notional = self.base_usd(sym, msg.qty)
+        if notional > inst_limits.max_notional_usd:
+            return rej(
+                RejectReason.MAX_NOTIONAL,
+                f"notional {notional} USD > max {inst_limits.max_notional_usd} USD",
+            )
+        if ext.ref is None:
+            return rej(RejectReason.NO_REFERENCE_PRICE, f"no top of book for {sym}")
+        price = msg.price_ticks
+        if msg.ord_type is OrdType.LIMIT:
+            assert price is not None
+            # |price - mid| / mid > collar_bps / 10^4, with mid2 = 2*mid, all in integers
+            if abs(2 * price - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
+                return rej(
+                    RejectReason.PRICE_COLLAR,
+                    f"price {price} outside +-{self.limits.collar_bps} bps of mid "
+                    f"{ext.ref.mid2 / 2:g}",
+                )
+        else:
+            price = ext.ref.ask_ticks if msg.side is Side.BUY else ext.ref.bid_ticks
+        before = self.exposure_usd(acct)
+        after = self.exposure_usd(acct, extra=(sym, msg.side, msg.qty))
+        limit = self.limits.account(acct).credit_limit_usd
+        if after > limit and after > before:
+            return rej(
+                RejectReason.CREDIT_LIMIT,
+                f"net open exposure would be {after} USD > limit {limit} USD",
+            )
+        st.orders[order_id] = OpenOrder(
+            order_id=order_id,
+            cl_ord_id=msg.cl_ord_id,
+            symbol=sym,
+            side=msg.side,
+            price_ticks=price,
+            leaves=msg.qty,
+        )
+        cmd = Submit(
+            order_id=order_id,
+            cl_ord_id=msg.cl_ord_id,
+            account=acct,
+            home_region=self.region,
+            side=msg.side,
+            ord_type=msg.ord_type,
+            tif=msg.tif,
+            qty=msg.qty,
+            price_ticks=msg.price_ticks,
+            entry_ns=accepted_ns,
+        )
+        return Decision(command=cmd, exec_region=self.topology.exec_region(sym), symbol=sym)
+
+    def on_cancel(self, msg: CancelOrder, *, seq: int, reason: str = "") -> Decision:
+        st = self.state(msg.account)
+        oid = st.cl_ids.get(msg.orig_cl_ord_id)
+        if oid is None:
+            return Decision(
+                report=self._cancel_reject(msg, "NONE", RejectReason.UNKNOWN_ORDER, "cancel", seq)
+            )
+        o = st.orders.get(oid)
+        cur_cl = o.cl_ord_id if o is not None else msg.orig_cl_ord_id
+        cmd = Cancel(
+            order_id=oid,
+            cl_ord_id=msg.cl_ord_id,
+            orig_cl_ord_id=cur_cl,
+            account=msg.account,
+            home_region=self.region,
+            reason=reason,
+        )
+        st.cl_ids.setdefault(msg.cl_ord_id, oid)
+        return Decision(
+            command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
+        )
+
+    def on_replace(self, msg: ReplaceOrder, *, ext: Externals, seq: int) -> Decision:
+        acct = msg.account
+        st = self.state(acct)
+        oid = st.cl_ids.get(msg.orig_cl_ord_id)
+        o = st.orders.get(oid) if oid is not None else None
+        if oid is None or o is None:
+            reason = RejectReason.UNKNOWN_ORDER if oid is None else RejectReason.TOO_LATE_TO_CANCEL
+            return Decision(report=self._cancel_reject(msg, oid or "NONE", reason, "replace", seq))
+
+        def rej(reason: RejectReason, text: str) -> Decision:
+            return Decision(report=self._cancel_reject(msg, oid, reason, "replace", seq, text))
+
+        inst_limits = self.limits.instrument(msg.symbol)
+        grows = msg.qty > o.leaves
+        if self.killed(acct) and grows:
+            return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
+        if msg.qty > inst_limits.max_qty:
+            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {inst_limits.max_qty}")
+        if self.base_usd(msg.symbol, msg.qty) > inst_limits.max_notional_usd:
+            return rej(RejectReason.MAX_NOTIONAL, "notional over the instrument maximum")
+        if ext.ref is None:
+            return rej(RejectReason.NO_REFERENCE_PRICE, f"no top of book for {msg.symbol}")
+        if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
+            return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
+        if grows:
+            before = self.exposure_usd(acct)
+            after = self.exposure_usd(acct, extra=(msg.symbol, o.side, msg.qty - o.leaves))
+            limit = self.limits.account(acct).credit_limit_usd
+            if after > limit and after > before:
+                return rej(
+                    RejectReason.CREDIT_LIMIT,
+                    f"net open exposure would be {after} USD > limit {limit} USD",
+                )
+        # leaves after the replace is at most qty - cum; reserve the larger until confirmed
+        o.pending_qty = max(o.pending_qty, msg.qty)
+        st.cl_ids[msg.cl_ord_id] = oid
+        cmd = Replace(
+            order_id=oid,
+            cl_ord_id=msg.cl_ord_id,
+            orig_cl_ord_id=o.cl_ord_id,
+            account=acct,
+            home_region=self.region,
+            qty=msg.qty,
+            price_ticks=msg.price_ticks,
+        )
+        return Decision(
+            command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
+        )
+
+    # ---- feedback from execution -----------------------------------------------------------------
+    def on_report(self, er: ExecutionReport) -> None:
+        st = self.state(er.account)
+        o = st.orders.get(er.order_id)
+        if er.exec_type is ExecType.TRADE:
+            sign = 1 if er.side is Side.BUY else -1
+            st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * er.last_qty
+        if o is None:
+            return
+        if er.ord_status in (
+            OrdStatus.FILLED,
+            OrdStatus.CANCELED,
+            OrdStatus.EXPIRED,
+            OrdStatus.REJECTED,
+        ):
+            del st.orders[er.order_id]
+            return
+        o.leaves = er.leaves_qty
+        if er.exec_type is ExecType.REPLACED:
+            o.cl_ord_id = er.cl_ord_id
+            o.price_ticks = er.price_ticks
+            o.pending_qty = 0
+            st.cl_ids[er.cl_ord_id] = er.order_id
+
+    def on_cancel_reject(self, cr: CancelReject) -> None:
+        o = self.state(cr.account).orders.get(cr.order_id)
+        if o is not None and cr.response_to == "replace":
+            o.pending_qty = 0
+
+    def set_kill(self, key: str, engaged: bool) -> list[tuple[str, OpenOrder]]:
+        """Engage/release a kill key; returns (account, order) to cancel when engaging."""
+        if not engaged:
+            self.kills.discard(key)
+            return []
+        self.kills.add(key)
+        return [
+            (acct, o)
+            for acct, st in sorted(self.accounts.items())
+            if self.killed(acct)
+            for o in list(st.orders.values())
+        ]
+
+    def set_limits(self, limits: RiskLimits) -> None:
+        self.limits = limits
+
+    # ---- reports -------------------------------------------------------------------------------
+    def _reject_report(
+        self,
+        msg: NewOrder,
+        order_id: str,
+        reason: RejectReason,
+        text: str,
+        accepted_ns: int,
+        seq: int,
+    ) -> ExecutionReport:
+        return ExecutionReport(
+            exec_id=f"{self.region}-risk-{seq}",
+            order_id=order_id,
+            cl_ord_id=msg.cl_ord_id,
+            account=msg.account,
+            symbol=msg.symbol,
+            side=msg.side,
+            ord_type=msg.ord_type,
+            tif=msg.tif,
+            exec_type=ExecType.REJECTED,
+            ord_status=OrdStatus.REJECTED,
+            qty=msg.qty,
+            price_ticks=msg.price_ticks or 0,
+            cum_qty=0,
+            leaves_qty=0,
+            last_qty=0,
+            last_px=0,
+            cum_notional=0,
+            avg_px="0",
+            reject_reason=reason.value,
+            text=text[:256],
+            home_region=self.region,
+            exec_region=self.region,
+            transact_ns=accepted_ns,
+            entry_ns=accepted_ns,
+        )
+
+    def _cancel_reject(
+        self,
+        msg: CancelOrder | ReplaceOrder,
+        order_id: str,
+        reason: RejectReason,
+        response_to: str,
+        seq: int,
+        text: str = "",
+    ) -> CancelReject:
+        return CancelReject(
+            order_id=order_id,
+            cl_ord_id=msg.cl_ord_id,
+            orig_cl_ord_id=msg.orig_cl_ord_id,
+            account=msg.account,
+            symbol=msg.symbol,
+            ord_status=OrdStatus.REJECTED if order_id == "NONE" else OrdStatus.NEW,
+            response_to=response_to,
+            reason=reason,
+            text=(text or reason.value)[:256],
+            reject_id=f"{self.region}-risk-{seq}",
+            home_region=self.region,
+            exec_region=self.region,
+            transact_ns=msg.sent_ns,
+        )
+
+
+def limits_with(limits: RiskLimits, **changes: Any) -> RiskLimits:
+    return replace(limits, **changes)

@@ -1,0 +1,532 @@
+"""The pre-trade risk worker of one home region: the I/O around :class:`RiskEngine`.
+
+Inputs, merged into one queue and handled by one task (single writer per account):
+
+* the home ``ORDERS`` stream (durable ``risk``): new/cancel/replace requests;
+* execution reports for the home region's accounts from every region's ``EXECOUT``
+  (durable ``risk-<home>`` in each domain, over the leaf links): fills release exposure;
+* the ``KILL`` and ``RISKCFG`` KV buckets of the home domain (watched).
+
+For each batch it fetches the non-deterministic inputs in one Redis pipeline (token-bucket
+rate limit per account, top of book per symbol), runs the engine, then writes, in this order:
+one RISKLOG record per input (the input, its recorded externals and its outputs), the outputs
+(commands to the executing region's ``EXEC`` stream, risk rejects to the account's report
+subject), and only then acks the inputs. A restart replays RISKLOG through the engine, so the
+state is rebuilt exactly; an input redelivered after a crash finds its record and has its
+recorded outputs re-published (Nats-Msg-Id dedup drops what was already stored).
+
+Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import nats
+import redis.asyncio as aioredis
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from regions.topology import Topology, load_topology
+from router import contract, subjects
+from router.book import Cancel
+from router.commands import encode_command
+from router.contract import (
+    CancelOrder,
+    CancelReject,
+    ContractError,
+    ExecutionReport,
+    KillSwitch,
+    NewOrder,
+    ReplaceOrder,
+)
+from router.natsutil import (
+    H_ACCEPTED_NS,
+    H_KIND,
+    H_MSG_ID,
+    H_OP,
+    H_ORDER_ID,
+    TRACEPARENT,
+    AsyncPublisher,
+    PullLoop,
+    stream_position,
+)
+from router.refprice import read_ref_prices
+from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
+
+log = logging.getLogger("meridian.risk")
+
+RATE_LUA = """
+local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2])
+local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(v[1]) or burst; local ts = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 60000)
+return ok
+"""
+PUB_TIMEOUT_S = 10.0
+DONE_MEMORY = 1_000_000
+
+
+@dataclass(slots=True)
+class Item:
+    """One input of the single-writer loop."""
+
+    input_id: str
+    kind: str  # order | report | cancel_reject | kill | cfg
+    msg: Msg | None = None
+    payload: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    decoded: Any = None
+
+
+@dataclass(slots=True)
+class Out:
+    subject: str
+    msg_id: str
+    kind: str
+    payload: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class RiskWorker:
+    def __init__(
+        self,
+        nc: nats.NATS,
+        topology: Topology,
+        region: str,
+        redis_client: aioredis.Redis,
+        limits: RiskLimits | None = None,
+        *,
+        metrics: Any = None,
+    ) -> None:
+        self.nc = nc
+        self.topology = topology
+        self.region = region
+        self.redis = redis_client
+        self.engine = RiskEngine(topology, region, limits or RiskLimits.load())
+        self.metrics = metrics
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.js = nc.jetstream(domain=region)
+        self.pub = AsyncPublisher(nc, max_pending=20000)
+        self.done: OrderedDict[str, list[Out]] = OrderedDict()
+        self.loops: list[PullLoop] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rate_sha: str | None = None
+        self._terms: set[asyncio.Task[None]] = set()
+        self.stats = {"orders": 0, "approved": 0, "rejected": 0, "reports": 0, "rebuilt": 0}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.pub.start()
+        await self.rebuild()
+        self.loops = [
+            PullLoop(
+                self.nc,
+                domain=self.region,
+                stream="ORDERS",
+                durable="risk",
+                filter_subject=subjects.orders_filter(self.region),
+                queue=self.queue,
+                batch=512,
+                tag="orders",
+            )
+        ]
+        for x in self.topology.codes:
+            self.loops.append(
+                PullLoop(
+                    self.nc,
+                    domain=x,
+                    stream="EXECOUT",
+                    durable=f"risk-{self.region}",
+                    filter_subject=subjects.reports_for_home(x, self.region),
+                    queue=self.queue,
+                    batch=512,
+                    tag=f"fb-{x}",
+                )
+            )
+        for lp in self.loops:
+            await lp.start()
+        self._tasks.append(asyncio.create_task(self._watch_kv(subjects.KILL_BUCKET, "kill")))
+        self._tasks.append(asyncio.create_task(self._watch_kv(subjects.RISKCFG_BUCKET, "cfg")))
+        self._tasks.append(asyncio.create_task(self._run()))
+
+    async def stop(self) -> None:
+        for lp in self.loops:
+            await lp.stop()
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def rebuild(self) -> None:
+        """Replay RISKLOG records through the engine (exact state after a restart)."""
+        js = self.js
+        try:
+            info = await js.stream_info("RISKLOG")
+        except Exception:
+            return
+        last = info.state.last_seq
+        if info.state.messages == 0:
+            return
+        sub = await js.subscribe(
+            f"mrd.{self.region}.risk.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        n = 0
+        try:
+            while True:
+                m = await sub.next_msg(timeout=5)
+                rec = msgpack.unpackb(m.data, raw=False)
+                self._replay(rec)
+                n += 1
+                if m.metadata.sequence.stream >= last:
+                    break
+        except nats.errors.TimeoutError:
+            pass
+        finally:
+            await sub.unsubscribe()
+        self.stats["rebuilt"] = n
+        log.info("risk %s rebuilt from %d RISKLOG records", self.region, n)
+
+    def _replay(self, rec: dict[str, Any]) -> None:
+        item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
+        item.decoded = self._decode(item)
+        ext = _ext_from(rec.get("x"))
+        self._decide(item, ext)  # outputs recomputed; the recorded ones are authoritative
+        self._remember(item.input_id, [Out(*o) for o in rec["o"]])
+
+    # ---- the loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            while len(batch) < 1024 and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._process(batch)
+            except Exception:
+                log.exception("risk %s: batch failed; rebuilding from RISKLOG", self.region)
+                for it in batch:
+                    if isinstance(it, Msg):
+                        with contextlib.suppress(Exception):
+                            await it.nak(delay=0.5)
+                self.engine = RiskEngine(self.topology, self.region, self.engine.limits)
+                self.done.clear()
+                await asyncio.sleep(0.5)
+                await self.rebuild()
+
+    async def _process(self, raw_batch: list[Any]) -> None:
+        items: list[Item] = []
+        for raw in raw_batch:
+            it = self._classify(raw)
+            if it is not None:
+                items.append(it)
+        fresh = [it for it in items if it.input_id not in self.done]
+        exts = await self._externals(fresh)
+        records: list[tuple[str, bytes]] = []
+        outs: list[Out] = []
+        for it in items:
+            if it.input_id in self.done:
+                outs.extend(self.done[it.input_id])  # redelivery: republish recorded outputs
+                continue
+            ext = exts.get(it.input_id, Externals())
+            produced = self._decide(it, ext)
+            self._remember(it.input_id, produced)
+            rec = {
+                "in": it.input_id,
+                "k": it.kind,
+                "p": it.payload,
+                "h": it.headers,
+                "x": _ext_to(ext),
+                "o": [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in produced],
+            }
+            records.append((it.input_id, msgpack.packb(rec, use_bin_type=True)))
+            outs.extend(produced)
+        futs = []
+        for input_id, body in records:
+            futs.append(
+                await self.pub.publish(
+                    subjects.risklog(self.region, "rec"),
+                    body,
+                    headers={H_MSG_ID: f"rec:{input_id}"},
+                )
+            )
+        if futs:
+            # the decisions are durable before anything acts on them
+            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+            futs = []
+        for o in outs:
+            futs.append(
+                await self.pub.publish(
+                    o.subject, o.payload, headers={H_MSG_ID: o.msg_id, H_KIND: o.kind, **o.headers}
+                )
+            )
+        if futs:
+            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+        for it in items:
+            if it.msg is not None:
+                await it.msg.ack()
+
+    def _classify(self, raw: Any) -> Item | None:
+        if isinstance(raw, Item):  # KV updates arrive pre-classified
+            return raw
+        msg: Msg = raw
+        hdrs = dict(msg.headers or {})
+        if msg.subject.startswith(f"mrd.{self.region}.ord."):
+            key = msg.subject.rsplit(".", 1)[1]
+            keep = {k: hdrs[k] for k in (H_OP, H_ACCEPTED_NS, H_ORDER_ID, TRACEPARENT) if k in hdrs}
+            keep["seq"] = str(stream_position(msg).seq)
+            it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
+        else:
+            kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"
+            msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{stream_position(msg).seq}"
+            it = Item(input_id=f"f:{msg_id}", kind=kind, msg=msg, payload=msg.data, headers={})
+        try:
+            it.decoded = self._decode(it)
+        except (ContractError, ValueError) as e:
+            log.error(
+                "risk %s: undecodable input %s (%s); terminating it", self.region, it.input_id, e
+            )
+            self._terms.add(asyncio.create_task(msg.term()))
+            return None
+        return it
+
+    def _decode(self, it: Item) -> Any:
+        if it.kind == "order":
+            cls = contract.ENTRY_OPS[it.headers.get(H_OP, "new")]
+            return contract.decode(cls, it.payload)
+        if it.kind == "report":
+            return contract.decode(ExecutionReport, it.payload)
+        if it.kind == "cancel_reject":
+            return contract.decode(CancelReject, it.payload)
+        if it.kind == "kill":
+            key = it.headers["key"]
+            if not it.payload:
+                return (key, False)
+            ks = contract.decode(KillSwitch, it.payload)
+            return (key, ks.engaged)
+        if it.kind == "cfg":
+            return RiskLimits.from_mapping(json.loads(it.payload))
+        raise ValueError(f"unknown input kind {it.kind}")
+
+    async def _externals(self, items: list[Item]) -> dict[str, Externals]:
+        """Rate-limit verdicts and reference prices for this batch: one Redis round trip."""
+        wants = [
+            it
+            for it in items
+            if it.kind == "order" and isinstance(it.decoded, NewOrder | ReplaceOrder)
+        ]
+        if not wants:
+            return {}
+        lim = self.engine.limits
+        symbols = sorted({it.decoded.symbol for it in wants})
+        try:
+            if self._rate_sha is None:
+                self._rate_sha = await self.redis.script_load(RATE_LUA)
+            pipe = self.redis.pipeline(transaction=False)
+            for it in wants:
+                if isinstance(it.decoded, NewOrder):
+                    pipe.evalsha(
+                        self._rate_sha, 1, f"rl:{it.decoded.account}", lim.rate_per_s, lim.burst
+                    )
+            refs_fut = read_ref_prices(pipe, self.region, symbols)
+            res = await pipe.execute()
+        except Exception as e:
+            log.warning("risk %s: Redis unavailable (%s): failing closed", self.region, e)
+            self._rate_sha = None
+            return {it.input_id: Externals(rate_ok=False, ref=None) for it in wants}
+        n_rate = sum(1 for it in wants if isinstance(it.decoded, NewOrder))
+        refs = refs_fut(res[n_rate:])
+        out: dict[str, Externals] = {}
+        i = 0
+        for it in wants:
+            ok = True
+            if isinstance(it.decoded, NewOrder):
+                ok = bool(res[i])
+                i += 1
+            out[it.input_id] = Externals(rate_ok=ok, ref=refs.get(it.decoded.symbol))
+        return out
+
+    def _decide(self, it: Item, ext: Externals) -> list[Out]:
+        d = it.decoded
+        eng = self.engine
+        seq = int(it.headers.get("seq", "0"))
+        if it.kind == "order":
+            self.stats["orders"] += 1
+            if isinstance(d, NewOrder):
+                dec = eng.on_new(
+                    d,
+                    order_id=it.headers.get(H_ORDER_ID, ""),
+                    accepted_ns=int(it.headers.get(H_ACCEPTED_NS, "0")),
+                    ext=ext,
+                    seq=seq,
+                )
+            elif isinstance(d, CancelOrder):
+                dec = eng.on_cancel(d, seq=seq)
+            else:
+                dec = eng.on_replace(d, ext=ext, seq=seq)
+            return self._outputs(dec, it)
+        if it.kind == "report":
+            self.stats["reports"] += 1
+            eng.on_report(d)
+            return []
+        if it.kind == "cancel_reject":
+            eng.on_cancel_reject(d)
+            return []
+        if it.kind == "kill":
+            key, engaged = d
+            outs = []
+            for account, o in eng.set_kill(key, engaged):
+                cmd = Cancel(
+                    order_id=o.order_id,
+                    cl_ord_id=f"KILL-{o.order_id}",
+                    orig_cl_ord_id=o.cl_ord_id,
+                    account=account,
+                    home_region=self.region,
+                    reason="KILL_SWITCH",
+                )
+                x = self.topology.exec_region(o.symbol)
+                outs.append(
+                    Out(
+                        subjects.exec_in(x, o.symbol),
+                        f"{it.input_id}:{o.order_id}",
+                        "Cancel",
+                        encode_command(cmd),
+                    )
+                )
+            return outs
+        if it.kind == "cfg":
+            eng.set_limits(d)
+            return []
+        return []
+
+    def _outputs(self, dec: Decision, it: Item) -> list[Out]:
+        tp = {TRACEPARENT: it.headers[TRACEPARENT]} if TRACEPARENT in it.headers else {}
+        if dec.command is not None:
+            self.stats["approved"] += 1
+            return [
+                Out(
+                    subjects.exec_in(dec.exec_region, dec.symbol),
+                    f"cmd:{it.input_id}",
+                    type(dec.command).__name__,
+                    encode_command(dec.command),
+                    tp,
+                )
+            ]
+        assert dec.report is not None
+        self.stats["rejected"] += 1
+        r = dec.report
+        return [
+            Out(
+                subjects.report_risk(self.region, r.account),
+                r.exec_id if isinstance(r, ExecutionReport) else r.reject_id,
+                type(r).__name__,
+                contract.encode(r),
+                tp,
+            )
+        ]
+
+    def _remember(self, input_id: str, outs: list[Out]) -> None:
+        self.done[input_id] = outs
+        if len(self.done) > DONE_MEMORY:
+            self.done.popitem(last=False)
+
+    async def _watch_kv(self, bucket: str, kind: str) -> None:
+        while True:
+            try:
+                kv = await self.js.key_value(bucket)
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    payload = entry.value or b""
+                    if kind == "cfg" and entry.key != "limits":
+                        continue
+                    it = Item(
+                        input_id=f"{kind}:{entry.revision}",
+                        kind=kind,
+                        payload=payload,
+                        headers={"key": entry.key},
+                    )
+                    try:
+                        it.decoded = self._decode(it)
+                    except Exception as e:
+                        log.error("risk %s: bad %s entry %s: %s", self.region, bucket, entry.key, e)
+                        continue
+                    self.queue.put_nowait(it)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("risk %s: KV watch %s failed (%s); retrying", self.region, bucket, e)
+                await asyncio.sleep(1)
+
+
+def _ext_to(ext: Externals) -> list[Any]:
+    ref = [ext.ref.bid_ticks, ext.ref.ask_ticks] if ext.ref is not None else None
+    return [ext.rate_ok, ref]
+
+
+def _ext_from(raw: Any) -> Externals:
+    if not raw:
+        return Externals()
+    ok, ref = raw
+    return Externals(
+        rate_ok=bool(ok), ref=RefPrice(bid_ticks=ref[0], ask_ticks=ref[1]) if ref else None
+    )
+
+
+# ---- process entry point ---------------------------------------------------------------------
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from ops.runtime import connect_worker, install_stop_signals, service_context
+
+    topology = load_topology(args.topology)
+    async with service_context("risk", args.region, args.metrics_port):
+        nc = await connect_worker(args.nats_url, name=f"risk-{args.region}")
+        r = aioredis.from_url(args.redis_url)
+        w = RiskWorker(nc, topology, args.region, r)
+        t0 = time.monotonic()
+        await w.start()
+        log.info(
+            "risk %s ready (rebuilt %d records in %.2f s)",
+            args.region,
+            w.stats["rebuilt"],
+            time.monotonic() - t0,
+        )
+        print("READY", flush=True)
+        stop = install_stop_signals()
+        await stop.wait()
+        await w.stop()
+        await nc.drain()
+        await r.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Meridian pre-trade risk worker")
+    ap.add_argument("--region", required=True)
+    ap.add_argument("--nats-url", action="append", required=True)
+    ap.add_argument("--redis-url", required=True)
+    ap.add_argument("--topology", default=None)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    args = ap.parse_args(argv)
+    from ops.runtime import run
+
+    run(_main(args))
+
+
+if __name__ == "__main__":
+    main()
