@@ -1,0 +1,298 @@
+"""Prometheus series of every Meridian process, with bounded label sets.
+
+One :class:`MeridianMetrics` per process, built on a ``CollectorRegistry`` the caller passes in
+(never the global one). Every series carries the constant labels ``region`` and ``service``;
+the other labels take values only from closed sets (topology symbols and links, contract
+enums), checked on first use, so a bug cannot explode the number of series::
+
+    reg = CollectorRegistry()
+    m = MeridianMetrics(reg, region="lon", service="gateway", topology=topo)
+    m.orders_received.inc()
+    m.submit_to_ack.observe(elapsed_s)
+    m.order_rejects(RejectReason.MAX_QTY).inc()
+    server = serve(reg, port)      # GET http://127.0.0.1:<port>/metrics
+
+Latency histograms use :data:`LATENCY_BUCKETS_S` (50 us .. 5 s): the client library's default
+buckets start at 5 ms, too coarse for a sub-millisecond hop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ops.telemetry.errors import LabelError
+from router.contract import KillScope, RejectReason, Side
+from router.subjects import region_streams
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from regions.topology import Topology
+
+LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (
+    50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6,
+    1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3,
+    10e-3, 15e-3, 20e-3, 30e-3, 50e-3, 75e-3,
+    0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.0, 5.0,
+)  # fmt: skip
+"""Histogram bounds in seconds: fine below 1 ms, and dense around the WAN round trips
+(lon-nyc 70 ms, lon-sgp 170 ms, nyc-sgp 230 ms) that cross-region orders pay."""
+
+BATCH_SIZE_BUCKETS: Final[tuple[float, ...]] = (
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
+)  # fmt: skip
+"""Histogram bounds for ledger batch sizes (rows per commit)."""
+
+RISK_DECISIONS: Final[tuple[str, ...]] = ("accept", "reject")
+"""Values of the ``decision`` label of ``meridian_risk_decisions_total``."""
+
+SIDES: Final[tuple[str, ...]] = tuple(s.value.lower() for s in Side)
+KILL_SCOPES: Final[tuple[str, ...]] = tuple(s.value for s in KillScope)
+REJECT_REASONS: Final[tuple[str, ...]] = tuple(r.value for r in RejectReason)
+
+_BASE = ("region", "service")
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
+class MeridianMetrics:
+    """All application series of one process, bound to its ``region`` and ``service``.
+
+    Series without extra labels are attributes (already bound children: call ``inc``,
+    ``set``, ``observe``). Series with an extra label are methods that take the label value,
+    check it against its bounded set and return the bound child (cached: the check runs once
+    per value).
+
+    Args:
+        registry: Where the series are registered; one registry per process (or per test).
+        region: Region code of this process.
+        service: Service name (``gateway``, ``risk``, ``execution``, ``ledger``, ...).
+        topology: Supplies the allowed ``symbol`` and ``link`` values and checks ``region``.
+            Without it, any symbol/link is accepted (unit tests only).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        region: str,
+        service: str,
+        topology: Topology | None = None,
+    ) -> None:
+        if topology is not None and region not in topology.codes:
+            raise LabelError("region", region, topology.codes)
+        if not service or not service.replace("-", "_").isidentifier():
+            raise LabelError("service", service, ("a short identifier",))
+        self.region = region
+        self.service = service
+        self._symbols: tuple[str, ...] | None = None
+        self._links: tuple[str, ...] | None = None
+        if topology is not None:
+            self._symbols = tuple(i.symbol for i in topology.instruments)
+            self._links = tuple(
+                n for ln in topology.links for n in (f"{ln.a}-{ln.b}", f"{ln.b}-{ln.a}")
+            )
+        self._streams = (*(s.name for s in region_streams(region)), "MDVIEW")
+        self._children: dict[tuple[int, str, str], object] = {}
+        self._lock = threading.Lock()
+
+        def counter(name: str, doc: str, *extra: str) -> Counter:
+            return Counter(name, doc, (*_BASE, *extra), registry=registry)
+
+        def gauge(name: str, doc: str, *extra: str) -> Gauge:
+            return Gauge(name, doc, (*_BASE, *extra), registry=registry)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], *extra: str) -> Histogram:
+            return Histogram(name, doc, (*_BASE, *extra), buckets=buckets, registry=registry)
+
+        lat = LATENCY_BUCKETS_S
+        self._orders_received = counter(
+            "meridian_orders_received", "Order requests (new, cancel, replace) taken in."
+        )
+        self._orders_acked = counter(
+            "meridian_orders_acked", "Order requests acknowledged to the client (durably stored)."
+        )
+        self._order_rejects = counter(
+            "meridian_order_rejects", "Order requests rejected, by contract reason.", "reason"
+        )
+        self._fills = counter("meridian_fills", "Fills produced by the book.", "symbol")
+        self._submit_to_ack = histogram(
+            "meridian_submit_to_ack_seconds", "Client submit to ack, seen by the gateway.", lat
+        )
+        self._order_to_execution = histogram(
+            "meridian_order_to_execution_seconds",
+            "Order accepted at entry to its first execution report in the book's region.",
+            lat,
+            "symbol",
+        )
+        self._risk_decisions = counter(
+            "meridian_risk_decisions", "Pre-trade risk decisions.", "decision"
+        )
+        self._book_depth = gauge(
+            "meridian_book_depth", "Resting orders in the book.", "symbol", "side"
+        )
+        self._consumer_pending = gauge(
+            "meridian_consumer_pending",
+            "Messages not yet processed by this worker's JetStream consumer.",
+            "stream",
+            "consumer",
+        )
+        self._ledger_batch_size = histogram(
+            "meridian_ledger_batch_size", "Postings per ledger commit.", BATCH_SIZE_BUCKETS
+        )
+        self._ledger_commit = histogram(
+            "meridian_ledger_commit_seconds", "Ledger batch commit latency.", lat
+        )
+        self._ledger_backlog = gauge(
+            "meridian_ledger_backlog", "Fills received but not yet committed to the ledger."
+        )
+        self._replication_lag = gauge(
+            "meridian_replication_lag_seconds",
+            "Age of the newest replicated event not yet applied, per directed link.",
+            "link",
+        )
+        self._md_gaps = counter("meridian_md_gaps", "Market-data sequence gaps detected.", "symbol")
+        self._reconnects = counter("meridian_reconnects", "Reconnections to NATS.")
+        self._kill_switch = gauge(
+            "meridian_kill_switch_engaged", "Kill switches currently engaged, by scope.", "scope"
+        )
+
+        base = (region, service)
+        self.orders_received = self._orders_received.labels(*base)
+        """Counter: order requests taken in."""
+        self.orders_acked = self._orders_acked.labels(*base)
+        """Counter: order requests acknowledged."""
+        self.submit_to_ack = self._submit_to_ack.labels(*base)
+        """Histogram (seconds): submit to ack."""
+        self.ledger_batch_size = self._ledger_batch_size.labels(*base)
+        """Histogram (postings): size of each ledger commit."""
+        self.ledger_commit_seconds = self._ledger_commit.labels(*base)
+        """Histogram (seconds): ledger commit latency."""
+        self.ledger_backlog = self._ledger_backlog.labels(*base)
+        """Gauge: fills not yet in the ledger."""
+        self.reconnects = self._reconnects.labels(*base)
+        """Counter: NATS reconnections."""
+        # Closed sets are initialised at 0 so rate() and absent() work from the first scrape.
+        for d in RISK_DECISIONS:
+            self.risk_decisions(d)
+        for s in KILL_SCOPES:
+            self.kill_switch_engaged(s)
+
+    # ---- labelled series -------------------------------------------------------------------
+
+    def order_rejects(self, reason: str | RejectReason) -> Counter:
+        """Counter of rejects for ``reason`` (a :class:`RejectReason`)."""
+        return self._child(self._order_rejects, "reason", str(reason), REJECT_REASONS)
+
+    def fills(self, symbol: str) -> Counter:
+        """Counter of fills in ``symbol``."""
+        return self._child(self._fills, "symbol", symbol, self._symbols)
+
+    def order_to_execution(self, symbol: str) -> Histogram:
+        """Histogram (seconds) from entry to execution for ``symbol``."""
+        return self._child(self._order_to_execution, "symbol", symbol, self._symbols)
+
+    def risk_decisions(self, decision: str) -> Counter:
+        """Counter of risk decisions; ``decision`` is ``accept`` or ``reject``."""
+        return self._child(self._risk_decisions, "decision", decision, RISK_DECISIONS)
+
+    def book_depth(self, symbol: str, side: str | Side) -> Gauge:
+        """Gauge of resting orders on one side (``buy``/``sell``) of ``symbol``'s book."""
+        sym = self._check("symbol", symbol, self._symbols)
+        return self._child(self._book_depth, "side", str(side).lower(), SIDES, sym)
+
+    def consumer_pending(self, stream: str, consumer: str) -> Gauge:
+        """Gauge of messages pending for this worker's durable ``consumer`` on ``stream``."""
+        st = self._check("stream", stream, self._streams)
+        if not consumer.replace("-", "_").isidentifier():
+            raise LabelError("consumer", consumer, ("a durable consumer name",))
+        return self._child(self._consumer_pending, "consumer", consumer, None, st)
+
+    def replication_lag(self, link: str) -> Gauge:
+        """Gauge (seconds) of replication lag on directed ``link`` (``"<from>-<to>"``)."""
+        return self._child(self._replication_lag, "link", link, self._links)
+
+    def md_gaps(self, symbol: str) -> Counter:
+        """Counter of market-data gaps in ``symbol``."""
+        return self._child(self._md_gaps, "symbol", symbol, self._symbols)
+
+    def kill_switch_engaged(self, scope: str | KillScope) -> Gauge:
+        """Gauge: number of kill switches engaged at ``scope`` (account, desk, global)."""
+        return self._child(self._kill_switch, "scope", str(scope), KILL_SCOPES)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check(label: str, value: str, allowed: tuple[str, ...] | None) -> str:
+        if allowed is not None and value not in allowed:
+            raise LabelError(label, value, allowed)
+        return value
+
+    def _child(
+        self,
+        metric: _M,
+        label: str,
+        value: str,
+        allowed: tuple[str, ...] | None,
+        *before: str,
+    ) -> _M:
+        key = (id(metric), "\x00".join(before), value)
+        child = self._children.get(key)
+        if child is None:
+            self._check(label, value, allowed)
+            with self._lock:
+                child = metric.labels(self.region, self.service, *before, value)
+                self._children[key] = child
+        return child  # type: ignore[return-value]
+
+
+def metric_names(registry: CollectorRegistry | None = None) -> frozenset[str]:
+    """Names of every family a :class:`MeridianMetrics` registers (without sample suffixes).
+
+    Counters are returned with their ``_total`` suffix, as PromQL sees them.
+    """
+    reg = registry or CollectorRegistry()
+    if registry is None:
+        MeridianMetrics(reg, region="lon", service="probe")
+    names: set[str] = set()
+    for fam in reg.collect():
+        names.add(f"{fam.name}_total" if fam.type == "counter" else fam.name)
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsServer:
+    """A running ``/metrics`` HTTP endpoint (a daemon thread); :meth:`close` stops it."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    host: str
+    port: int
+    """The bound port (the real one when 0 was asked for)."""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, port: int, *, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread.
+
+    Args:
+        registry: The process's registry.
+        port: TCP port; 0 picks a free one (read it back from ``.port``).
+        host: Bind address; loopback by default.
+    """
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server=server, thread=thread, host=host, port=server.server_port)
