@@ -29,15 +29,15 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
 from regions.topology import Topology, load_topology
 from router import contract, subjects
 from router.book import OrderBook
 from router.commands import decode_command
-from router.contract import CancelReject, ExecutionReport, Fill
+from router.contract import CancelReject, ExecType, ExecutionReport, Fill
 from router.natsutil import (
     H_KIND,
     H_MSG_ID,
-    TRACEPARENT,
     AsyncPublisher,
     PullLoop,
     stream_position,
@@ -48,18 +48,33 @@ log = logging.getLogger("meridian.execution")
 PUB_TIMEOUT_S = 10.0
 
 
+def _peek_order_id(data: bytes) -> str | None:
+    try:
+        v = msgpack.unpackb(data, raw=False).get("order_id")
+        return v if isinstance(v, str) else None
+    except Exception:
+        return None
+
+
 def book_subject(region: str, symbol: str) -> str:
     return f"mrd.v1.book.{region}.{symbol}"
 
 
 class ExecutionWorker:
     def __init__(
-        self, nc: nats.NATS, topology: Topology, region: str, *, metrics: Any = None
+        self,
+        nc: nats.NATS,
+        topology: Topology,
+        region: str,
+        *,
+        metrics: Any = None,
+        tracer: Any = None,
     ) -> None:
         self.nc = nc
         self.topology = topology
         self.region = region
         self.metrics = metrics
+        self.tracer = tracer if tracer is not None else NOOP_TRACER
         self.js = nc.jetstream(domain=region)
         self.pub = AsyncPublisher(nc, max_pending=20000)
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -140,7 +155,7 @@ class ExecutionWorker:
             floor,
         )
 
-    def _apply(self, msg: Msg, *, publish: bool) -> list[tuple[str, str, str, bytes]]:
+    def _apply(self, msg: Msg, *, publish: bool) -> list[tuple[str, str, str, bytes, Any]]:
         symbol = msg.subject.rsplit(".", 1)[1]
         book = self.books.get(symbol)
         pos = stream_position(msg)  # sequence and stored time: identical on every replay
@@ -160,6 +175,7 @@ class ExecutionWorker:
                         o.exec_id,
                         "ExecutionReport",
                         contract.encode(o),
+                        o,
                     )
                 )
             elif isinstance(o, CancelReject):
@@ -169,11 +185,18 @@ class ExecutionWorker:
                         o.reject_id,
                         "CancelReject",
                         contract.encode(o),
+                        o,
                     )
                 )
             elif isinstance(o, Fill):
                 res.append(
-                    (subjects.fill(self.region, o.symbol), o.trade_id, "Fill", contract.encode(o))
+                    (
+                        subjects.fill(self.region, o.symbol),
+                        o.trade_id,
+                        "Fill",
+                        contract.encode(o),
+                        o,
+                    )
                 )
         return res
 
@@ -196,30 +219,54 @@ class ExecutionWorker:
     async def _process(self, batch: list[Msg]) -> None:
         futs = []
         good: list[Msg] = []
+        tracer = self.tracer
         for m in batch:
-            try:
-                outs = self._apply(m, publish=True)
-            except Exception as e:  # a bad command must never block the stream
-                self.stats["bad"] += 1
-                log.error("exec %s: bad command on %s: %s; terminated", self.region, m.subject, e)
-                await m.term()
-                continue
-            good.append(m)
-            self.stats["commands"] += 1
-            tp = (m.headers or {}).get(TRACEPARENT)
-            for subject, msg_id, kind, payload in outs:
-                headers = {H_MSG_ID: msg_id, H_KIND: kind}
-                if tp:
-                    headers[TRACEPARENT] = tp
-                if kind == "Fill":
-                    self.stats["fills"] += 1
-                else:
-                    self.stats["reports"] += 1
-                futs.append(await self.pub.publish(subject, payload, headers=headers))
+            order_id = _peek_order_id(m.data)
+            with process_span(
+                tracer, "EXEC", m.headers, subject=m.subject, order_id=order_id, consumer="exec"
+            ):
+                try:
+                    outs = self._apply(m, publish=True)
+                except Exception as e:  # a bad command must never block the stream
+                    self.stats["bad"] += 1
+                    log.error(
+                        "exec %s: bad command on %s: %s; terminated", self.region, m.subject, e
+                    )
+                    await m.term()
+                    continue
+                good.append(m)
+                self.stats["commands"] += 1
+                for subject, msg_id, kind, payload, out in outs:
+                    headers = {H_MSG_ID: msg_id, H_KIND: kind}
+                    with send_span(tracer, subject, headers, order_id=order_id):
+                        futs.append(await self.pub.publish(subject, payload, headers=headers))
+                    self._observe(out)
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
         for m in good:
             await m.ack()
+        if self.metrics is not None:
+            for sym, book in self.books.items():
+                bids, asks = book.depth(1000)
+                self.metrics.book_depth(sym, "bid").set(len(bids))
+                self.metrics.book_depth(sym, "ask").set(len(asks))
+
+    def _observe(self, out: Any) -> None:
+        if isinstance(out, Fill):
+            self.stats["fills"] += 1
+            if self.metrics is not None:
+                self.metrics.fills(out.symbol).inc()
+            return
+        self.stats["reports"] += 1
+        if (
+            self.metrics is not None
+            and isinstance(out, ExecutionReport)
+            and out.exec_type is ExecType.NEW
+            and out.entry_ns
+        ):
+            self.metrics.order_to_execution(out.symbol).observe(
+                max(0, out.transact_ns - out.entry_ns) / 1e9
+            )
 
     async def _on_book_request(self, msg: Msg) -> None:
         symbol = msg.subject.rsplit(".", 1)[1]
@@ -244,9 +291,15 @@ async def _main(args: argparse.Namespace) -> None:
     from ops.runtime import connect_worker, install_stop_signals, service_context
 
     topology = load_topology(args.topology)
-    async with service_context("execution", args.region, args.metrics_port):
+    async with service_context("execution", args.region, args.metrics_port) as ctx:
         nc = await connect_worker(args.nats_url, name=f"execution-{args.region}")
-        w = ExecutionWorker(nc, topology, args.region)
+        w = ExecutionWorker(
+            nc,
+            topology,
+            args.region,
+            metrics=ctx.metrics,
+            tracer=ctx.tracing.tracer if ctx.tracing else None,
+        )
         t0 = time.monotonic()
         await w.start()
         log.info(

@@ -91,6 +91,8 @@ _BODY_SIZE = "messaging.message.body.size"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NOOP_TRACER = NoOpTracer()
+NOOP_TRACER = _NOOP_TRACER
+"""A tracer that records nothing (tracing off, or a worker built without telemetry)."""
 
 
 # ---- propagation -------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""``meridian order ...`` for desks and ``meridian risk ...`` for risk officers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from router import contract
+from router.contract import (
+    CancelReject,
+    ExecutionReport,
+    KillScope,
+    KillSwitch,
+    OrderAck,
+    OrdType,
+    Side,
+    TimeInForce,
+)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("order", help="enter, cancel, replace and watch orders (desk)")
+    osub = p.add_subparsers(dest="order_cmd", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--region", default="lon", help="entry region (nearest hub)")
+        q.add_argument("--account", required=True)
+
+    q = osub.add_parser("new", help="submit a new order and wait for its first report")
+    common(q)
+    q.add_argument("side", choices=["buy", "sell"])
+    q.add_argument("qty", type=int, help="base-currency units")
+    q.add_argument("symbol")
+    q.add_argument("price", nargs="?", default=None, help="limit price, e.g. 1.08453")
+    q.add_argument("--tif", default="GTC", choices=[t.value for t in TimeInForce])
+    q.add_argument("--cl-ord-id", default=None)
+    q.set_defaults(func=_run(_new))
+
+    q = osub.add_parser("cancel", help="cancel an order by its cl_ord_id")
+    common(q)
+    q.add_argument("orig_cl_ord_id")
+    q.add_argument("symbol")
+    q.set_defaults(func=_run(_cancel))
+
+    q = osub.add_parser("replace", help="replace quantity and price of an order")
+    common(q)
+    q.add_argument("orig_cl_ord_id")
+    q.add_argument("symbol")
+    q.add_argument("qty", type=int)
+    q.add_argument("price")
+    q.set_defaults(func=_run(_replace))
+
+    q = osub.add_parser("watch", help="stream the account's execution reports")
+    common(q)
+    q.add_argument("--replay", action="store_true", help="first replay stored reports")
+    q.add_argument("--seconds", type=float, default=0, help="stop after N s (0: never)")
+    q.set_defaults(func=_run(_watch))
+
+    q = osub.add_parser("book", help="depth of a symbol's book in its executing region")
+    q.add_argument("symbol")
+    q.add_argument("--region", default="lon", help="region to connect to")
+    q.set_defaults(func=_run(_book))
+
+    p = sub.add_parser("risk", help="kill switches and runtime limits (risk officer)")
+    rsub = p.add_subparsers(dest="risk_cmd", required=True)
+    for name, engaged in (("kill", True), ("release", False)):
+        q = rsub.add_parser(
+            name, help=f"{'engage' if engaged else 'release'} a kill switch in every region"
+        )
+        g = q.add_mutually_exclusive_group(required=True)
+        g.add_argument("--account")
+        g.add_argument("--desk")
+        g.add_argument("--all", action="store_true", help="global")
+        q.add_argument("--reason", default="")
+        q.add_argument("--by", default="cli")
+        q.set_defaults(func=_run(_kill), engaged=engaged)
+    q = rsub.add_parser("set-limits", help="apply a limits TOML in every region at run time")
+    q.add_argument("file", type=Path)
+    q.set_defaults(func=_run(_set_limits))
+
+
+def _run(fn: Any) -> Any:
+    def call(args: argparse.Namespace) -> int:
+        rc: int = asyncio.run(fn(args))
+        return rc
+
+    return call
+
+
+async def _connect(args: argparse.Namespace, role: str = "desk") -> Any:
+    from ops.devstack import Devstack
+
+    ds = Devstack.attach(args.run_dir)
+    return ds, await ds.connect(args.region, role=role)
+
+
+async def _client(args: argparse.Namespace) -> Any:
+    from router.client import DeskClient
+
+    ds, nc = await _connect(args)
+    c = DeskClient(nc, ds.topology, region=args.region, account=args.account)
+    await c.start()
+    return ds, nc, c
+
+
+def fmt_report(r: ExecutionReport | CancelReject, topology: Any) -> str:
+    if isinstance(r, CancelReject):
+        return (
+            f"CANCEL-REJECT {r.response_to} {r.orig_cl_ord_id} -> {r.reason} "
+            f"({r.text}) order={r.order_id}"
+        )
+    inst = topology.instrument(r.symbol)
+    px = inst.format_price(r.last_px) if r.last_px else "-"
+    lim = inst.format_price(r.price_ticks) if r.price_ticks else "MKT"
+    extra = f" reason={r.reject_reason}" if r.reject_reason else ""
+    return (
+        f"{r.exec_type:<9} {r.ord_status:<16} {r.side} {r.qty} {r.symbol} @ {lim} "
+        f"last {r.last_qty}@{px} cum {r.cum_qty} leaves {r.leaves_qty} avg {r.avg_px} "
+        f"[{r.exec_region}] order={r.order_id} cl={r.cl_ord_id}{extra}"
+    )
+
+
+async def _wait_first(c: Any, ack: Any, topology: Any) -> int:
+    if not isinstance(ack, OrderAck):
+        print(f"REJECTED {ack.reason} field={ack.field!r}: {ack.rule}")
+        return 1
+    print(
+        f"ACK order={ack.order_id} cl={ack.cl_ord_id} entry={ack.entry_region} "
+        f"risk={ack.risk_region} exec={ack.exec_region} seq={ack.stream_seq}"
+        f"{' (duplicate)' if ack.duplicate else ''}"
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            st = c.orders.get(ack.order_id)
+            if st is not None and st.reports:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # let immediate trades arrive too
+        for r in c.orders.get(ack.order_id, type("S", (), {"reports": []})).reports:
+            print(fmt_report(r, topology))
+    except TimeoutError:
+        print("no execution report within 5 s")
+    return 0
+
+
+async def _new(args: argparse.Namespace) -> int:
+    ds, nc, c = await _client(args)
+    try:
+        inst = ds.topology.instrument(args.symbol)
+        px = inst.parse_price(args.price) if args.price is not None else None
+        ack = await c.new_order(
+            args.symbol,
+            Side(args.side.upper()),
+            args.qty,
+            px,
+            ord_type=OrdType.LIMIT if px is not None else OrdType.MARKET,
+            tif=TimeInForce(args.tif if px is not None else "IOC"),
+            cl_ord_id=args.cl_ord_id,
+        )
+        return await _wait_first(c, ack, ds.topology)
+    finally:
+        await nc.close()
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    ds, nc, c = await _client(args)
+    try:
+        ack = await c.cancel(args.orig_cl_ord_id, args.symbol)
+        return await _wait_first(c, ack, ds.topology)
+    finally:
+        await nc.close()
+
+
+async def _replace(args: argparse.Namespace) -> int:
+    ds, nc, c = await _client(args)
+    try:
+        px = ds.topology.instrument(args.symbol).parse_price(args.price)
+        ack = await c.replace(args.orig_cl_ord_id, args.symbol, args.qty, px)
+        return await _wait_first(c, ack, ds.topology)
+    finally:
+        await nc.close()
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    ds, nc, c = await _client(args)
+    c.on_report = lambda r, _m: print(fmt_report(r, ds.topology), flush=True)
+    try:
+        if args.replay:
+            for r in list(c.reports):
+                print(fmt_report(r, ds.topology))
+            await c.replay()
+            for r in c.reports:
+                print(fmt_report(r, ds.topology))
+        if args.seconds:
+            await asyncio.sleep(args.seconds)
+        else:
+            await asyncio.Event().wait()
+    finally:
+        await nc.close()
+    return 0
+
+
+async def _book(args: argparse.Namespace) -> int:
+    from router.execution import book_subject
+
+    ds, nc = await _connect(args, role="sre")
+    try:
+        x = ds.topology.exec_region(args.symbol)
+        reply = await nc.request(book_subject(x, args.symbol), b"", timeout=5)
+        body = msgpack.unpackb(reply.data)
+        if "error" in body:
+            print(body["error"], file=sys.stderr)
+            return 1
+        inst = ds.topology.instrument(args.symbol)
+        print(f"{args.symbol} book in {x}: {body['orders']} resting orders")
+        asks = list(reversed(body["asks"]))
+        for px, q in asks:
+            print(f"            {inst.format_price(px):>12}  {q:>12}")
+        print("  ------------------------------------")
+        for px, q in body["bids"]:
+            print(f"{q:>12}  {inst.format_price(px):>12}")
+        return 0
+    finally:
+        await nc.close()
+
+
+async def _kill(args: argparse.Namespace) -> int:
+    if args.account:
+        scope, target, key = KillScope.ACCOUNT, args.account, f"account.{args.account}"
+    elif args.desk:
+        scope, target, key = KillScope.DESK, args.desk, f"desk.{args.desk}"
+    else:
+        scope, target, key = KillScope.GLOBAL, "*", "global"
+    ks = KillSwitch(
+        scope=scope,
+        target=target,
+        engaged=args.engaged,
+        reason=args.reason,
+        by=args.by,
+        at_ns=time.time_ns(),
+    )
+    args.region = "lon"
+    ds, nc = await _connect(args, role="sre")
+    ok = 0
+    try:
+        for region in ds.topology.codes:
+            try:
+                kv = await nc.jetstream(domain=region).key_value("KILL")
+                rev = await kv.put(key, contract.encode(ks))
+                print(f"{region}: {key} {'ENGAGED' if args.engaged else 'released'} (rev {rev})")
+                ok += 1
+            except Exception as e:
+                print(f"{region}: FAILED ({e!r}) - retry when the region is reachable")
+    finally:
+        await nc.close()
+    return 0 if ok == len(ds.topology.codes) else 1
+
+
+async def _set_limits(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from router.risk import RiskLimits
+
+    raw = tomllib.loads(args.file.read_text())
+    RiskLimits.from_mapping(raw)  # validate before anything is written
+    args.region = "lon"
+    ds, nc = await _connect(args, role="sre")
+    ok = 0
+    try:
+        for region in ds.topology.codes:
+            try:
+                kv = await nc.jetstream(domain=region).key_value("RISKCFG")
+                await kv.put("limits", json.dumps(raw).encode())
+                print(f"{region}: limits applied")
+                ok += 1
+            except Exception as e:
+                print(f"{region}: FAILED ({e!r})")
+    finally:
+        await nc.close()
+    return 0 if ok == len(ds.topology.codes) else 1
