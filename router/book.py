@@ -513,7 +513,7 @@ class OrderBook:
             )
             return
         side = self._side(o)
-        keep = c.price_ticks == o.price_ticks
+        keep = c.price_ticks == o.price_ticks and c.qty <= o.qty
         if keep:  # smaller (or equal) size, same price: time priority kept
             side.levels[o.price_ticks].total -= o.qty - c.qty
             o.qty = c.qty
@@ -688,7 +688,7 @@ class OrderBook:
             cum_notional=o.cum_notional,
             avg_px=avg_px(o.cum_notional, o.cum_qty, self.instrument.price_decimals),
             trade_id=trade_id,
-            reject_reason=reason,
+            reject_reason=str(reason),
             text=text,
             home_region=o.home_region,
             exec_region=self.exec_region,

@@ -1,0 +1,922 @@
+"""The matching core (router.book): examples per rule, then property tests over histories."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from regions.topology import load_topology
+from router.book import (
+    Cancel,
+    Command,
+    ExpireDay,
+    OrderBook,
+    Output,
+    Replace,
+    Submit,
+    avg_px,
+)
+from router.contract import (
+    TERMINAL_STATUSES,
+    CancelReject,
+    ExecType,
+    ExecutionReport,
+    Fill,
+    OrdStatus,
+    OrdType,
+    RejectReason,
+    Side,
+    TimeInForce,
+    decode,
+    encode,
+)
+from router.errors import IllegalTransition, SnapshotError
+from router.lifecycle import transition
+
+INST = load_topology().instrument("EURUSD")
+REGION = "lon"
+BUY, SELL = Side.BUY, Side.SELL
+GTC, DAY, IOC, FOK = TimeInForce.GTC, TimeInForce.DAY, TimeInForce.IOC, TimeInForce.FOK
+LIMIT, MARKET = OrdType.LIMIT, OrdType.MARKET
+
+
+def sub(
+    oid: str,
+    side: Side,
+    qty: int,
+    px: int | None = None,
+    *,
+    acct: str = "A",
+    tif: TimeInForce = GTC,
+    typ: OrdType = LIMIT,
+) -> Submit:
+    return Submit(
+        order_id=oid,
+        cl_ord_id=f"c-{oid}",
+        account=acct,
+        home_region="nyc",
+        side=side,
+        ord_type=typ,
+        tif=tif,
+        qty=qty,
+        price_ticks=px,
+        entry_ns=7,
+    )
+
+
+def cxl(oid: str, *, acct: str = "A", orig: str | None = None, reason: str = "") -> Cancel:
+    return Cancel(
+        order_id=oid,
+        cl_ord_id=f"x-{oid}",
+        orig_cl_ord_id=orig or f"c-{oid}",
+        account=acct,
+        home_region="nyc",
+        reason=reason,
+    )
+
+
+def rpl(
+    oid: str, qty: int, px: int, *, new: str, orig: str | None = None, acct: str = "A"
+) -> Replace:
+    return Replace(
+        order_id=oid,
+        cl_ord_id=new,
+        orig_cl_ord_id=orig or f"c-{oid}",
+        account=acct,
+        home_region="nyc",
+        qty=qty,
+        price_ticks=px,
+    )
+
+
+class Driver:
+    """A book plus an auto-incrementing input sequence (ts_ns = seq * 1000)."""
+
+    def __init__(self) -> None:
+        self.book = OrderBook(INST, REGION)
+        self.seq = 0
+
+    def __call__(self, cmd: Command) -> list[Output]:
+        self.seq += 1
+        return self.book.apply(cmd, seq=self.seq, ts_ns=self.seq * 1000)
+
+
+def ers(out: Sequence[Output]) -> list[ExecutionReport]:
+    return [x for x in out if isinstance(x, ExecutionReport)]
+
+
+def kinds(out: Sequence[Output]) -> list[tuple[str, str, str]]:
+    """(order_id, exec_type, ord_status) per report, 'FILL' rows for fills."""
+    rows: list[tuple[str, str, str]] = []
+    for x in out:
+        if isinstance(x, ExecutionReport):
+            rows.append((x.order_id, x.exec_type.value, x.ord_status.value))
+        elif isinstance(x, Fill):
+            rows.append(("FILL", x.buy_order_id, x.sell_order_id))
+        else:
+            rows.append(("REJECT", x.response_to, x.reason.value))
+    return rows
+
+
+# ---- examples -----------------------------------------------------------------------------------
+
+
+def test_limit_rests_and_reports_new() -> None:
+    d = Driver()
+    out = d(sub("b1", BUY, 100, 108_000))
+    assert kinds(out) == [("b1", "NEW", "NEW")]
+    er = ers(out)[0]
+    assert er.exec_id == "lon-EURUSD-1-0"
+    assert (er.qty, er.cum_qty, er.leaves_qty, er.avg_px, er.price_ticks) == (
+        100,
+        0,
+        100,
+        "0",
+        108_000,
+    )
+    assert (er.home_region, er.exec_region, er.transact_ns, er.entry_ns) == ("nyc", "lon", 1000, 7)
+    assert d.book.best_bid() == (108_000, 100)
+    assert d.book.best_ask() is None
+    assert d.book.last_seq == 1
+    view = d.book.order("b1")
+    assert view is not None and view.leaves_qty == 100 and view.status is OrdStatus.NEW
+
+
+def test_cross_trades_at_resting_price_with_deterministic_ids() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 100, 108_000, acct="S"))
+    out = d(sub("b1", BUY, 60, 108_010, acct="B"))
+    assert kinds(out) == [
+        ("b1", "NEW", "NEW"),
+        ("b1", "TRADE", "FILLED"),
+        ("s1", "TRADE", "PARTIALLY_FILLED"),
+        ("FILL", "b1", "s1"),
+    ]
+    _new, mine, theirs, fill = out
+    assert isinstance(mine, ExecutionReport) and isinstance(theirs, ExecutionReport)
+    assert isinstance(fill, Fill)
+    assert [mine.exec_id, theirs.exec_id] == ["lon-EURUSD-2-1", "lon-EURUSD-2-2"]
+    assert mine.trade_id == theirs.trade_id == fill.trade_id == "T-lon-EURUSD-2-0"
+    assert (mine.last_qty, mine.last_px, mine.cum_qty, mine.leaves_qty) == (60, 108_000, 60, 0)
+    assert (theirs.cum_qty, theirs.leaves_qty) == (60, 40)
+    assert mine.cum_notional == 60 * 108_000 and mine.avg_px == "1.0800000"
+    assert (fill.buy_exec_id, fill.sell_exec_id) == (mine.exec_id, theirs.exec_id)
+    assert (fill.buy_account, fill.sell_account, fill.aggressor) == ("B", "S", BUY)
+    assert (fill.qty, fill.price_ticks, fill.base, fill.quote, fill.price_decimals) == (
+        60,
+        108_000,
+        "EUR",
+        "USD",
+        5,
+    )
+    assert d.book.best_ask() == (108_000, 40)
+    assert d.book.best_bid() is None
+
+
+def test_outputs_satisfy_the_wire_contract() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 100, 108_000, acct="S"))
+    out = d(sub("b1", BUY, 150, 108_000, acct="B", tif=IOC))
+    out += d(cxl("zz"))
+    assert {type(x) for x in out} == {ExecutionReport, Fill, CancelReject}
+    for x in out:
+        assert decode(type(x), encode(x)) == x
+
+
+def test_price_priority_then_time_priority() -> None:
+    d = Driver()
+    d(sub("a1", SELL, 10, 101, acct="S1"))
+    d(sub("a2", SELL, 10, 100, acct="S2"))
+    d(sub("a3", SELL, 10, 100, acct="S3"))
+    d(sub("a4", SELL, 10, 102, acct="S4"))
+    out = d(sub("b", BUY, 25, 101, acct="B"))
+    fills = [x for x in out if isinstance(x, Fill)]
+    assert [(f.sell_order_id, f.qty, f.price_ticks) for f in fills] == [
+        ("a2", 10, 100),
+        ("a3", 10, 100),
+        ("a1", 5, 101),
+    ]
+    b_last = ers(out)[-2]  # b's last TRADE (then a1's)
+    assert b_last.order_id == "b" and b_last.cum_notional == 2000 + 505
+    assert b_last.avg_px == avg_px(2505, 25, 5)
+    assert d.book.depth() == ([], [(101, 5), (102, 10)])
+
+
+def test_ioc_remainder_is_canceled_and_never_rests() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 30, 100, acct="S"))
+    out = d(sub("b", BUY, 50, 100, acct="B", tif=IOC))
+    assert kinds(out)[-1] == ("b", "CANCELED", "CANCELED")
+    last = ers(out)[-1]
+    assert (last.cum_qty, last.leaves_qty, last.reject_reason) == (30, 0, "NO_LIQUIDITY")
+    assert d.book.best_bid() is None and d.book.best_ask() is None
+    assert d.book.order("b") is None
+
+
+def test_fok_fills_completely_or_not_at_all() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 30, 100, acct="S"))
+    d(sub("s2", SELL, 30, 101, acct="S"))
+    out = d(sub("b1", BUY, 70, 101, acct="B", tif=FOK))
+    assert kinds(out) == [("b1", "NEW", "NEW"), ("b1", "CANCELED", "CANCELED")]
+    assert ers(out)[-1].reject_reason == "NO_LIQUIDITY"
+    assert d.book.depth() == ([], [(100, 30), (101, 30)])
+    out = d(sub("b2", BUY, 60, 101, acct="B", tif=FOK))
+    b2 = [e for e in ers(out) if e.order_id == "b2"]
+    assert [e.exec_type for e in b2] == [ExecType.NEW, ExecType.TRADE, ExecType.TRADE]
+    assert b2[-1].ord_status is OrdStatus.FILLED
+    assert sum(f.qty for f in out if isinstance(f, Fill)) == 60
+    assert d.book.depth() == ([], [])
+
+
+def test_fok_blocked_by_own_order_is_a_self_trade_cancel() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 30, 100, acct="S"))
+    d(sub("s2", SELL, 30, 100, acct="B"))
+    d(sub("s3", SELL, 30, 100, acct="S"))
+    out = d(sub("b", BUY, 40, 100, acct="B", tif=FOK))
+    assert kinds(out) == [("b", "NEW", "NEW"), ("b", "CANCELED", "CANCELED")]
+    assert ers(out)[-1].reject_reason == "SELF_TRADE"
+    assert d.book.best_ask() == (100, 90)
+
+
+def test_market_order_on_empty_book_is_new_then_canceled() -> None:
+    d = Driver()
+    out = d(sub("m", BUY, 10, typ=MARKET, tif=IOC))
+    assert kinds(out) == [("m", "NEW", "NEW"), ("m", "CANCELED", "CANCELED")]
+    assert ers(out)[-1].reject_reason == "NO_LIQUIDITY"
+    assert ers(out)[0].price_ticks == 0
+
+
+def test_market_order_sweeps_levels_and_never_rests() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 100, acct="X"))
+    d(sub("b2", BUY, 10, 95, acct="Y"))
+    out = d(sub("m", SELL, 50, typ=MARKET, tif=GTC, acct="M"))
+    fills = [x for x in out if isinstance(x, Fill)]
+    assert [(f.buy_order_id, f.price_ticks, f.aggressor) for f in fills] == [
+        ("b1", 100, SELL),
+        ("b2", 95, SELL),
+    ]
+    last = ers(out)[-1]
+    assert (last.order_id, last.exec_type, last.cum_qty, last.reject_reason) == (
+        "m",
+        ExecType.CANCELED,
+        20,
+        "NO_LIQUIDITY",
+    )
+    assert d.book.best_ask() is None and d.book.best_bid() is None
+
+
+def test_self_trade_cancels_incoming_remainder_and_keeps_earlier_fills() -> None:
+    d = Driver()
+    d(sub("x", SELL, 50, 100, acct="X"))
+    d(sub("y", SELL, 50, 100, acct="Y"))
+    d(sub("z", SELL, 50, 101, acct="Z"))
+    out = d(sub("b", BUY, 200, 101, acct="Y"))
+    assert kinds(out) == [
+        ("b", "NEW", "NEW"),
+        ("b", "TRADE", "PARTIALLY_FILLED"),
+        ("x", "TRADE", "FILLED"),
+        ("FILL", "b", "x"),
+        ("b", "CANCELED", "CANCELED"),
+    ]
+    last = ers(out)[-1]
+    assert (last.cum_qty, last.leaves_qty, last.reject_reason) == (50, 0, "SELF_TRADE")
+    y, z = d.book.order("y"), d.book.order("z")
+    assert y is not None and y.leaves_qty == 50 and y.cum_qty == 0
+    assert z is not None and z.leaves_qty == 50
+    assert d.book.best_bid() is None
+
+
+def test_day_orders_expire_at_end_of_day_gtc_stay() -> None:
+    d = Driver()
+    d(sub("d1", BUY, 10, 99, tif=DAY))
+    d(sub("g1", BUY, 10, 98))
+    d(sub("d2", SELL, 10, 105, tif=DAY, acct="S"))
+    d(sub("b", BUY, 4, 105, acct="B"))  # d2 partially filled
+    out = d(ExpireDay())
+    assert kinds(out) == [("d1", "EXPIRED", "EXPIRED"), ("d2", "EXPIRED", "EXPIRED")]
+    assert [(e.cum_qty, e.leaves_qty) for e in ers(out)] == [(0, 0), (4, 0)]
+    assert [o.order_id for o in d.book.open_orders()] == ["g1"]
+
+
+def test_cancel_resting_then_too_late_then_unknown() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    out = d(cxl("b1"))
+    assert kinds(out) == [("b1", "CANCELED", "CANCELED")]
+    er = ers(out)[0]
+    assert (er.cl_ord_id, er.orig_cl_ord_id, er.leaves_qty) == ("x-b1", "c-b1", 0)
+    assert d.book.best_bid() is None and d.book.order("b1") is None
+    assert d.book.status("b1") is OrdStatus.CANCELED
+    (rej,) = d(cxl("b1"))
+    assert isinstance(rej, CancelReject)
+    assert (rej.reason, rej.ord_status, rej.order_id, rej.response_to) == (
+        RejectReason.TOO_LATE_TO_CANCEL,
+        OrdStatus.CANCELED,
+        "b1",
+        "cancel",
+    )
+    assert rej.reject_id == "lon-EURUSD-3-0"
+    (rej,) = d(cxl("nope"))
+    assert isinstance(rej, CancelReject)
+    assert (rej.reason, rej.ord_status, rej.order_id) == (
+        RejectReason.UNKNOWN_ORDER,
+        OrdStatus.REJECTED,
+        "NONE",
+    )
+
+
+def test_cancel_of_filled_and_ioc_orders_is_too_late() -> None:
+    d = Driver()
+    d(sub("s", SELL, 10, 100, acct="S"))
+    d(sub("b", BUY, 10, 100, acct="B"))
+    d(sub("i", BUY, 10, 100, acct="B", tif=IOC))
+    for oid, acct, status in (("s", "S", OrdStatus.FILLED), ("i", "B", OrdStatus.CANCELED)):
+        (rej,) = d(cxl(oid, acct=acct))
+        assert isinstance(rej, CancelReject)
+        assert (rej.reason, rej.ord_status) == (RejectReason.TOO_LATE_TO_CANCEL, status)
+
+
+def test_cancel_from_another_account_is_unknown_order() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99, acct="A"))
+    for cmd in (cxl("b1", acct="EVIL"), rpl("b1", 5, 99, new="n1", acct="EVIL")):
+        (rej,) = d(cmd)
+        assert isinstance(rej, CancelReject) and rej.reason is RejectReason.UNKNOWN_ORDER
+        assert rej.order_id == "NONE"
+    assert d.book.best_bid() == (99, 10)
+
+
+def test_system_cancel_reason_goes_to_reject_reason_and_text() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    d(sub("b2", BUY, 10, 98))
+    (er,) = ers(d(cxl("b1", reason="KILL_SWITCH")))
+    assert (er.reject_reason, er.text) == ("KILL_SWITCH", "KILL_SWITCH")
+    (er,) = ers(d(cxl("b2", reason="KILL_SWITCH: desk fx1 halted")))
+    assert (er.reject_reason, er.text) == ("KILL_SWITCH", "KILL_SWITCH: desk fx1 halted")
+
+
+def test_cancel_resolves_by_cl_ord_id_when_order_id_is_not_known() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    out = d(
+        Cancel(
+            order_id="derived-elsewhere",
+            cl_ord_id="x1",
+            orig_cl_ord_id="c-b1",
+            account="A",
+            home_region="nyc",
+        )
+    )
+    assert kinds(out) == [("b1", "CANCELED", "CANCELED")]
+
+
+def _queue(book: OrderBook) -> list[str]:
+    return [o.order_id for o in book.open_orders()]
+
+
+def test_replace_size_decrease_keeps_priority() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    d(sub("b2", BUY, 10, 99))
+    out = d(rpl("b1", 6, 99, new="n1"))
+    assert kinds(out) == [("b1", "REPLACED", "NEW")]
+    er = ers(out)[0]
+    assert (er.cl_ord_id, er.orig_cl_ord_id, er.qty, er.leaves_qty) == ("n1", "c-b1", 6, 6)
+    assert _queue(d.book) == ["b1", "b2"]
+    assert d.book.best_bid() == (99, 16)
+
+
+@pytest.mark.parametrize(("qty", "px"), [(12, 99), (10, 98), (6, 100)])
+def test_replace_size_increase_or_price_change_loses_priority(qty: int, px: int) -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    d(sub("b2", BUY, 10, 99))
+    d(sub("b3", BUY, 10, 98))
+    d(sub("b4", BUY, 10, 100))
+    d(rpl("b1", qty, px, new="n1"))
+    queue = _queue(d.book)
+    level = [oid for oid in queue if d.book.order(oid).price_ticks == px]  # type: ignore[union-attr]
+    assert level[-1] == "b1"  # at the back of its (new) level
+    bids, _ = d.book.depth()
+    assert sum(q for _, q in bids) == 30 + qty
+
+
+def test_replace_keeps_fills_and_partially_filled_status() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 10, 100))
+    d(sub("b", BUY, 4, 100, acct="B"))
+    out = d(rpl("s1", 8, 101, new="n1"))
+    assert kinds(out) == [("s1", "REPLACED", "PARTIALLY_FILLED")]
+    er = ers(out)[0]
+    assert (er.qty, er.cum_qty, er.leaves_qty, er.cum_notional) == (8, 4, 4, 400)
+    (rej,) = d(rpl("s1", 4, 101, new="n2", orig="n1"))
+    assert isinstance(rej, CancelReject)
+    assert (rej.reason, rej.response_to, rej.ord_status) == (
+        RejectReason.INVALID_FIELD,
+        "replace",
+        OrdStatus.PARTIALLY_FILLED,
+    )
+    assert d.book.best_ask() == (101, 4)
+
+
+def test_crossing_replace_matches_like_an_incoming_order() -> None:
+    d = Driver()
+    d(sub("s1", SELL, 10, 101, acct="S"))
+    d(sub("b1", BUY, 15, 99, acct="B"))
+    out = d(rpl("b1", 15, 101, new="n1", acct="B"))
+    assert kinds(out) == [
+        ("b1", "REPLACED", "NEW"),
+        ("b1", "TRADE", "PARTIALLY_FILLED"),
+        ("s1", "TRADE", "FILLED"),
+        ("FILL", "b1", "s1"),
+    ]
+    fill = out[-1]
+    assert isinstance(fill, Fill) and fill.aggressor is BUY and fill.price_ticks == 101
+    assert ers(out)[1].cl_ord_id == "n1"
+    assert d.book.best_bid() == (101, 5) and d.book.best_ask() is None
+
+
+def test_after_replace_the_order_is_known_by_its_new_id() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    d(rpl("b1", 10, 98, new="n1"))
+
+    def by_clid(orig: str) -> Cancel:
+        return Cancel(
+            order_id="unknown",
+            cl_ord_id=f"x-{orig}",
+            orig_cl_ord_id=orig,
+            account="A",
+            home_region="nyc",
+        )
+
+    (rej,) = d(by_clid("c-b1"))
+    assert isinstance(rej, CancelReject) and rej.reason is RejectReason.UNKNOWN_ORDER
+    out = d(by_clid("n1"))
+    assert kinds(out) == [("b1", "CANCELED", "CANCELED")]
+    assert ers(out)[0].orig_cl_ord_id == "n1"
+
+
+def test_replace_rejects() -> None:
+    d = Driver()
+    d(sub("b1", BUY, 10, 99))
+    d(sub("b2", BUY, 10, 98))
+    d(sub("s", SELL, 10, 99, acct="S"))  # fills b1
+    cases = [
+        (rpl("b1", 20, 99, new="n1"), RejectReason.TOO_LATE_TO_CANCEL),
+        (rpl("b2", 20, 99, new="c-b1"), RejectReason.DUPLICATE_CL_ORD_ID),
+        (rpl("b2", 20, 0, new="n3"), RejectReason.INVALID_FIELD),
+        (rpl("zz", 20, 99, new="n4"), RejectReason.UNKNOWN_ORDER),
+    ]
+    for cmd, reason in cases:
+        (rej,) = d(cmd)
+        assert isinstance(rej, CancelReject) and rej.reason is reason, cmd
+        assert rej.response_to == "replace"
+    assert d.book.open_orders()[0].cl_ord_id == "c-b2"
+
+
+def test_invalid_and_duplicate_submits() -> None:
+    d = Driver()
+    out = d(sub("bad", BUY, 0, 99))
+    assert kinds(out) == [("bad", "REJECTED", "REJECTED")]
+    assert ers(out)[0].reject_reason == "INVALID_FIELD"
+    out = d(sub("nopx", BUY, 10, None))
+    assert ers(out)[0].reject_reason == "INVALID_FIELD"
+    d(sub("b1", BUY, 10, 99))
+    assert d(sub("b1", BUY, 10, 99)) == []  # redelivery of the same order: nothing happens
+    dup = Submit(
+        order_id="b9",
+        cl_ord_id="c-b1",
+        account="A",
+        home_region="nyc",
+        side=BUY,
+        ord_type=LIMIT,
+        tif=GTC,
+        qty=5,
+        price_ticks=97,
+    )
+    out = d(dup)
+    assert kinds(out) == [("b9", "REJECTED", "REJECTED")]
+    assert ers(out)[0].reject_reason == "DUPLICATE_CL_ORD_ID"
+    assert d.book.best_bid() == (99, 10)
+
+
+def test_already_applied_sequence_is_ignored() -> None:
+    book = OrderBook(INST, REGION)
+    assert book.apply(sub("b1", BUY, 10, 99), seq=5, ts_ns=1)
+    assert book.apply(sub("b2", BUY, 10, 99), seq=5, ts_ns=2) == []
+    assert book.apply(sub("b3", BUY, 10, 99), seq=4, ts_ns=3) == []
+    assert book.last_seq == 5 and len(book) == 1
+
+
+@pytest.mark.parametrize(
+    ("notional", "qty", "dec", "want"),
+    [
+        (0, 0, 5, "0"),
+        (108_000 * 3, 3, 5, "1.0800000"),
+        (1, 3, 2, "0.0033"),  # 0.00333.. -> 0.0033
+        (5, 1000, 0, "0.00"),  # 0.005 -> half-even down to 0.00
+        (15, 1000, 0, "0.02"),  # 0.015 -> half-even up to 0.02
+        (25, 1000, 0, "0.02"),  # 0.025 -> 0.02
+        (2, 3, 0, "0.67"),
+        (150_000 * 10**12, 10**12, 3, "150.00000"),
+    ],
+)
+def test_avg_px_is_exact_half_even(notional: int, qty: int, dec: int, want: str) -> None:
+    assert avg_px(notional, qty, dec) == want
+
+
+def test_terminal_memory_is_bounded_and_survives_snapshot() -> None:
+    book = OrderBook(INST, REGION, terminal_memory=2)
+    for i, oid in enumerate(("i1", "i2", "i3"), start=1):
+        book.apply(sub(oid, BUY, 10, 99, tif=IOC), seq=i, ts_ns=i)
+    assert book.status("i1") is None and book.status("i3") is OrdStatus.CANCELED
+    copy = OrderBook.restore(book.snapshot(), INST, REGION)
+    for b in (book, copy):
+        (r1,) = b.apply(cxl("i1"), seq=10, ts_ns=10)
+        (r3,) = b.apply(cxl("i3"), seq=11, ts_ns=11)
+        assert isinstance(r1, CancelReject) and r1.reason is RejectReason.UNKNOWN_ORDER
+        assert isinstance(r3, CancelReject) and r3.reason is RejectReason.TOO_LATE_TO_CANCEL
+
+
+def test_restore_refuses_bad_snapshots() -> None:
+    book = OrderBook(INST, REGION)
+    book.apply(sub("b1", BUY, 10, 99), seq=1, ts_ns=1)
+    snap = book.snapshot()
+    with pytest.raises(SnapshotError):
+        OrderBook.restore(snap, load_topology().instrument("GBPUSD"), REGION)
+    with pytest.raises(SnapshotError):
+        OrderBook.restore(snap, INST, "nyc")
+    with pytest.raises(SnapshotError):
+        OrderBook.restore(b"\xc1garbage", INST, REGION)
+    raw = msgpack.unpackb(snap)
+    del raw["bids"]
+    with pytest.raises(SnapshotError):
+        OrderBook.restore(msgpack.packb(raw), INST, REGION)
+
+
+def test_book_checks_the_lifecycle_on_every_event() -> None:
+    """A corrupted resting order (status FILLED while in the book) cannot trade again."""
+    book = OrderBook(INST, REGION)
+    book.apply(sub("s1", SELL, 10, 100, acct="S"), seq=1, ts_ns=1)
+    raw = msgpack.unpackb(book.snapshot())
+    raw["asks"][0][12] = "FILLED"
+    bad = OrderBook.restore(msgpack.packb(raw), INST, REGION)
+    with pytest.raises(IllegalTransition) as ei:
+        bad.apply(sub("b1", BUY, 10, 100, acct="B"), seq=2, ts_ns=2)
+    assert ei.value.order_id == "s1" and ei.value.from_status is OrdStatus.FILLED
+
+
+def test_equality_is_resting_orders_in_priority() -> None:
+    a, b = OrderBook(INST, REGION), OrderBook(INST, REGION)
+    a.apply(sub("b1", BUY, 10, 99), seq=1, ts_ns=1)
+    a.apply(sub("b2", BUY, 10, 99), seq=2, ts_ns=2)
+    b.apply(sub("b2", BUY, 10, 99), seq=1, ts_ns=1)
+    b.apply(sub("b1", BUY, 10, 99), seq=2, ts_ns=2)
+    assert a != b  # same orders, other time priority
+    c = OrderBook(INST, REGION)
+    c.apply(sub("b1", BUY, 10, 99), seq=7, ts_ns=9)
+    c.apply(sub("b2", BUY, 10, 99), seq=8, ts_ns=9)
+    assert a == c
+
+
+# ---- properties ---------------------------------------------------------------------------------
+
+ACCOUNTS = ("A", "B", "C")
+PRICES = st.integers(98, 102)
+
+new_op = st.tuples(
+    st.just("new"),
+    st.sampled_from(ACCOUNTS),
+    st.sampled_from([BUY, SELL]),
+    st.sampled_from([LIMIT, LIMIT, LIMIT, MARKET]),
+    st.sampled_from([GTC, GTC, DAY, IOC, FOK]),
+    st.integers(1, 40),
+    PRICES,
+)
+cancel_op = st.tuples(
+    st.just("cancel"), st.integers(0, 10**6), st.sampled_from(["id", "clid", "other", "stale"])
+)
+replace_op = st.tuples(
+    st.just("replace"),
+    st.integers(0, 10**6),
+    st.integers(1, 50),
+    st.one_of(st.just(0), PRICES),  # 0: keep the order's price (priority rules by size)
+    st.sampled_from(["id", "clid", "stale"]),
+)
+_OPS = {"new": new_op, "cancel": cancel_op, "replace": replace_op, "expire": st.just(("expire",))}
+# weighted: mostly new orders, so books fill up and cross
+_KINDS = ["new"] * 12 + ["cancel"] * 3 + ["replace"] * 3 + ["expire"]
+ops_strategy = st.lists(
+    st.sampled_from(_KINDS).flatmap(_OPS.__getitem__),
+    min_size=8,
+    max_size=80,
+)
+
+
+@dataclass
+class Tracked:
+    qty: int
+    side: Side
+    ord_type: OrdType
+    account: str
+    clid: str
+    old_clids: list[str] = field(default_factory=list)
+    status: OrdStatus | None = None
+    cum: int = 0
+    leaves: int = 0
+    notional: int = 0
+    price: int = 0
+    tif: TimeInForce = GTC
+    stamp: int = 0
+    """Time priority of the model: command number of the last (re)queueing."""
+
+
+@dataclass
+class Run:
+    commands: list[Command] = field(default_factory=list)
+    outputs: list[list[Output]] = field(default_factory=list)
+    orders: dict[str, Tracked] = field(default_factory=dict)
+
+
+def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
+    ids = list(run.orders)
+    if op[0] == "new" or not ids:
+        if op[0] != "new":
+            op = ("new", "A", BUY, LIMIT, GTC, 5, 100)
+        _, acct, side, typ, tif, qty, px = op
+        return Submit(
+            order_id=f"o{k}",
+            cl_ord_id=f"n{k}",
+            account=str(acct),
+            home_region="sgp",
+            side=side,
+            ord_type=typ,
+            tif=tif,
+            qty=int(qty),
+            price_ticks=int(px),
+            entry_ns=k,
+        )
+    if op[0] == "expire":
+        return ExpireDay()
+    oid = ids[int(op[1]) % len(ids)]
+    t = run.orders[oid]
+    how = op[-1]
+    order_id = oid if how == "id" else "not-known"
+    orig = t.old_clids[0] if how == "stale" and t.old_clids else t.clid
+    acct = "C" if how == "other" and t.account != "C" else ("B" if how == "other" else t.account)
+    if op[0] == "cancel":
+        return Cancel(
+            order_id=order_id,
+            cl_ord_id=f"x{k}",
+            orig_cl_ord_id=orig,
+            account=acct,
+            home_region="sgp",
+        )
+    return Replace(
+        order_id=order_id,
+        cl_ord_id=f"r{k}",
+        orig_cl_ord_id=orig,
+        account=acct,
+        home_region="sgp",
+        qty=int(op[2]),
+        price_ticks=int(op[3]) or t.price or 100,
+    )
+
+
+def check_apply(book: OrderBook, cmd: Command, out: list[Output], run: Run) -> None:
+    """Invariants of one command's outputs, given the book before (pre) and after."""
+    # reports: lifecycle legal, quantities consistent, never beyond qty, never worse than limit
+    for x in out:
+        if isinstance(x, ExecutionReport):
+            t = run.orders.get(x.order_id)
+            if t is None:
+                assert isinstance(cmd, Submit) and x.exec_type in (ExecType.NEW, ExecType.REJECTED)
+                t = run.orders[x.order_id] = Tracked(
+                    qty=x.qty,
+                    side=x.side,
+                    ord_type=x.ord_type,
+                    account=x.account,
+                    clid=x.cl_ord_id,
+                    tif=x.tif,
+                    stamp=book.last_seq,
+                    price=x.price_ticks,
+                )
+            transition(t.status, x.exec_type, x.ord_status, order_id=x.order_id)
+            t.status = x.ord_status
+            if x.exec_type is ExecType.REPLACED:
+                t.old_clids.append(t.clid)
+                t.clid = x.cl_ord_id
+                assert x.orig_cl_ord_id == t.old_clids[-1]
+                if x.price_ticks != t.price or x.qty > t.qty:  # loses time priority
+                    t.stamp = book.last_seq
+            if x.exec_type is ExecType.EXPIRED:
+                assert isinstance(cmd, ExpireDay) and x.tif is DAY
+            t.qty = x.qty
+            t.price = x.price_ticks
+            assert x.cum_qty == t.cum + x.last_qty
+            assert x.cum_notional == t.notional + x.last_qty * x.last_px
+            t.cum, t.notional = x.cum_qty, x.cum_notional
+            assert x.avg_px == decimal_avg_px(x.cum_notional, x.cum_qty)
+            assert 0 <= x.cum_qty <= x.qty
+            if x.ord_status in TERMINAL_STATUSES:
+                assert x.leaves_qty == 0
+                if x.ord_status is OrdStatus.FILLED:
+                    assert x.cum_qty == x.qty
+            else:
+                assert x.cum_qty + x.leaves_qty == x.qty
+            t.leaves = x.leaves_qty
+            if x.exec_type is ExecType.TRADE:
+                assert x.last_qty > 0 and x.trade_id
+                if x.ord_type is LIMIT:
+                    if x.side is BUY:
+                        assert x.last_px <= x.price_ticks
+                    else:
+                        assert x.last_px >= x.price_ticks
+            else:
+                assert x.last_qty == 0 and x.last_px == 0
+        elif isinstance(x, Fill):
+            assert x.buy_account != x.sell_account  # self-trade prevention
+            assert x.qty > 0
+    ids = [
+        x.exec_id if isinstance(x, ExecutionReport) else x.reject_id
+        for x in out
+        if not isinstance(x, Fill)
+    ]
+    assert ids == [f"lon-EURUSD-{book.last_seq}-{n}" for n in range(len(ids))]
+    trade_ids = [x.trade_id for x in out if isinstance(x, Fill)]
+    assert trade_ids == [f"T-lon-EURUSD-{book.last_seq}-{m}" for m in range(len(trade_ids))]
+    if isinstance(cmd, Submit) and cmd.tif is FOK and cmd.order_id in run.orders:
+        t = run.orders[cmd.order_id]
+        assert t.cum in (0, t.qty)  # all or none
+    # the book's queues are the model's: better price first, then earlier (re)queueing
+    views = book.open_orders()
+    for side in (BUY, SELL):
+        got = [v.order_id for v in views if v.side is side]
+        sign = -1 if side is BUY else 1
+        want = sorted(got, key=lambda oid: (sign * run.orders[oid].price, run.orders[oid].stamp))
+        assert got == want
+    if isinstance(cmd, ExpireDay):
+        assert all(v.tif is not DAY for v in views)
+    # never crossed
+    bid, ask = book.best_bid(), book.best_ask()
+    if bid is not None and ask is not None:
+        assert bid[0] < ask[0]
+
+
+def check_priority(pre: list[tuple[str, Side, int, int]], out: list[Output]) -> None:
+    """Resting orders filled by one command are a prefix of the opposite side's queue
+    (better price first, then time), and every one but the last was filled completely."""
+    fills = [x for x in out if isinstance(x, Fill)]
+    if not fills:
+        return
+    aggressor = fills[0].aggressor
+    resting_side = SELL if aggressor is BUY else BUY
+    queue = [(oid, leaves) for oid, side, leaves, _ in pre if side is resting_side]
+    resting_px = {oid: px for oid, _, _, px in pre}
+    hit: list[tuple[str, int]] = []
+    for f in fills:
+        assert f.aggressor is aggressor
+        rid = f.sell_order_id if aggressor is BUY else f.buy_order_id
+        assert f.price_ticks == resting_px[rid]  # trades at the resting order's price
+        if hit and hit[-1][0] == rid:
+            hit[-1] = (rid, hit[-1][1] + f.qty)
+        else:
+            hit.append((rid, f.qty))
+    assert [oid for oid, _ in hit] == [oid for oid, _ in queue[: len(hit)]]
+    for (_, q), (_, leaves) in zip(hit[:-1], queue, strict=False):
+        assert q == leaves
+    prices = [f.price_ticks for f in fills]
+    assert prices == sorted(prices, reverse=aggressor is SELL)
+
+
+def decimal_avg_px(notional: int, qty: int) -> str:
+    """Oracle for avg_px: Decimal with ample precision, quantized half-even."""
+    if qty == 0:
+        return "0"
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        value = Decimal(notional) / Decimal(qty) / Decimal(10) ** INST.price_decimals
+        exp = Decimal(1).scaleb(-(INST.price_decimals + 2))
+        return str(value.quantize(exp, rounding=decimal.ROUND_HALF_EVEN))
+
+
+def run_ops(ops: list[tuple[Any, ...]], *, check: bool = True) -> tuple[Run, OrderBook]:
+    book = OrderBook(INST, REGION)
+    run = Run()
+    for k, op in enumerate(ops, start=1):
+        cmd = make_command(op, run, k)
+        pre = [(o.order_id, o.side, o.leaves_qty, o.price_ticks) for o in book.open_orders()]
+        out = book.apply(cmd, seq=k, ts_ns=k * 10)
+        run.commands.append(cmd)
+        run.outputs.append(out)
+        if check:
+            check_apply(book, cmd, out, run)
+            check_priority(pre, out)
+        else:  # still track ids for make_command
+            for x in out:
+                if isinstance(x, ExecutionReport):
+                    t = run.orders.setdefault(
+                        x.order_id,
+                        Tracked(
+                            qty=x.qty,
+                            side=x.side,
+                            ord_type=x.ord_type,
+                            account=x.account,
+                            clid=x.cl_ord_id,
+                        ),
+                    )
+                    if x.exec_type is ExecType.REPLACED:
+                        t.old_clids.append(t.clid)
+                        t.clid = x.cl_ord_id
+    return run, book
+
+
+# whole file < 10 s on the shared 2-core machine
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(SETTINGS, max_examples=500)
+@given(ops_strategy)
+def test_histories_conserve_quantity_and_keep_the_book_consistent(
+    ops: list[tuple[Any, ...]],
+) -> None:
+    run, book = run_ops(ops)
+    fills = [x for out in run.outputs for x in out if isinstance(x, Fill)]
+    trades = [
+        x
+        for out in run.outputs
+        for x in out
+        if isinstance(x, ExecutionReport) and x.exec_type is ExecType.TRADE
+    ]
+    bought = sum(x.last_qty for x in trades if x.side is BUY)
+    sold = sum(x.last_qty for x in trades if x.side is SELL)
+    assert bought == sold == sum(f.qty for f in fills)
+    # every order: filled + open + canceled/expired/rejected == its quantity
+    resting = {o.order_id: o for o in book.open_orders()}
+    for oid, t in run.orders.items():
+        assert t.status is not None
+        closed = t.qty - t.cum if t.status in TERMINAL_STATUSES else 0
+        assert t.cum + t.leaves + closed == t.qty
+        if t.status in TERMINAL_STATUSES:
+            assert oid not in resting
+        else:
+            view = resting.pop(oid)
+            assert (view.cum_qty, view.leaves_qty, view.qty, view.price_ticks, view.cl_ord_id) == (
+                t.cum,
+                t.leaves,
+                t.qty,
+                t.price,
+                t.clid,
+            )
+            assert view.ord_type is LIMIT and view.tif in (GTC, DAY)
+    assert resting == {}
+    # level totals are the sums of the resting orders
+    bids, asks = book.depth(levels=1000)
+    for side, levels in ((BUY, bids), (SELL, asks)):
+        want: dict[int, int] = {}
+        for o in book.open_orders():
+            if o.side is side:
+                want[o.price_ticks] = want.get(o.price_ticks, 0) + o.leaves_qty
+        assert dict(levels) == want
+        assert [p for p, _ in levels] == sorted(want, reverse=side is BUY)
+
+
+@SETTINGS
+@given(ops_strategy, st.data())
+def test_replay_and_snapshot_restore_are_deterministic(
+    ops: list[tuple[Any, ...]], data: st.DataObject
+) -> None:
+    run, live = run_ops(ops, check=False)
+    encoded = [[encode(x) for x in out] for out in run.outputs]
+    # replay from scratch: byte-identical outputs, equal book
+    again = OrderBook(INST, REGION)
+    for k, cmd in enumerate(run.commands, start=1):
+        assert [encode(x) for x in again.apply(cmd, seq=k, ts_ns=k * 10)] == encoded[k - 1]
+    assert again == live and again.snapshot() == live.snapshot()
+    # snapshot after k commands, restore, apply the rest (from k+1, and a replay of earlier
+    # seqs is ignored)
+    k = data.draw(st.integers(0, len(run.commands)), label="k")
+    first = OrderBook(INST, REGION)
+    for i, cmd in enumerate(run.commands[:k], start=1):
+        first.apply(cmd, seq=i, ts_ns=i * 10)
+    restored = OrderBook.restore(first.snapshot(), INST, REGION)
+    assert restored == first and restored.last_seq == k
+    for i, cmd in enumerate(run.commands, start=1):
+        got = [encode(x) for x in restored.apply(cmd, seq=i, ts_ns=i * 10)]
+        assert got == (encoded[i - 1] if i > k else [])
+    assert restored == live
+    assert restored.snapshot() == live.snapshot()
+    assert restored.last_seq == live.last_seq == len(run.commands)
