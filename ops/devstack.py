@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 
 from ops.linkproxy import LinkControl
 from ops.procs import (
@@ -560,12 +561,12 @@ class Devstack:
         }
 
     # ---- clients ---------------------------------------------------------------------------------
-    async def connect(self, region: str, role: str = "sre", **kw: Any) -> nats.NATS:
+    async def connect(self, region: str, role: str = "sre", **kw: Any) -> NATS:
         """A nats-py client with the mesh's failover order and fast dead-peer detection."""
         return await connect(self.urls(region, role), name=kw.pop("name", f"{role}@{region}"), **kw)
 
 
-async def connect(servers: list[str], **kw: Any) -> nats.NATS:
+async def connect(servers: list[str], **kw: Any) -> NATS:
     opts: dict[str, Any] = {
         "connect_timeout": 2,
         "ping_interval": CLIENT_PING_INTERVAL_S,

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
 from ops.devstack import connect
@@ -39,7 +39,7 @@ def install_stop_signals() -> asyncio.Event:
     return stop
 
 
-async def connect_worker(urls: list[str], *, name: str) -> nats.NATS:
+async def connect_worker(urls: list[str], *, name: str) -> NATS:
     """Connect with the region's failover order; log disconnects and reconnects."""
 
     async def disconnected() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
@@ -33,7 +33,7 @@ def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_region_streams(nc: nats.NATS, region: str, *, replicas: int = 1) -> list[str]:
+async def ensure_region_streams(nc: NATS, region: str, *, replicas: int = 1) -> list[str]:
     """Create or update the streams and KV buckets of one region's domain."""
     js = nc.jetstream(domain=region)
     made = []
@@ -56,6 +56,6 @@ async def ensure_region_streams(nc: nats.NATS, region: str, *, replicas: int = 1
     return made
 
 
-async def ensure_streams(nc: nats.NATS, topology: Topology) -> dict[str, list[str]]:
+async def ensure_streams(nc: NATS, topology: Topology) -> dict[str, list[str]]:
     """Every region's streams, created through one client (leaf links carry the API calls)."""
     return {code: await ensure_region_streams(nc, code) for code in topology.codes}

@@ -104,9 +104,8 @@ class Instrument:
             if extra.strip("0"):
                 raise ValueError(f"{text!r} has more than {self.price_decimals} decimals")
             frac = frac[: self.price_decimals]
-        return int(whole or "0") * 10**self.price_decimals + int(
-            frac.ljust(self.price_decimals, "0") or "0"
-        )
+        scale: int = 10**self.price_decimals
+        return int(whole or "0") * scale + int(frac.ljust(self.price_decimals, "0") or "0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,7 +195,10 @@ class Topology:
     # ---- derivation ----------------------------------------------------------------------
     def with_ports(self, ports: Mapping[str, Mapping[str, int]]) -> Topology:
         """Copy with per-region ports replaced, e.g. free ports for a test mesh."""
-        regions = tuple(dataclasses.replace(r, **dict(ports.get(r.code, {}))) for r in self.regions)
+        regions = tuple(
+            dataclasses.replace(r, **dict(ports.get(r.code, {})))  # type: ignore[arg-type]
+            for r in self.regions
+        )
         return dataclasses.replace(self, regions=regions)
 
     def with_latency(self, one_way_ms: Mapping[str, float]) -> Topology:

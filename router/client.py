@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -66,7 +67,7 @@ class OrderState:
 class DeskClient:
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         topology: Topology,
         *,
         region: str,

@@ -318,7 +318,7 @@ class Fill(Message):
     """Execution -> ledger, one per trade, on ``mrd.<region>.fill.<symbol>``."""
 
     kind: ClassVar[str] = "Fill"
-    trade_id: str = _id("Deterministic trade id: '<region>-<symbol>-<input seq>-<n>'.")
+    trade_id: str = _id("Deterministic trade id: 'T-<region>-<symbol>-<input seq>-<n>'.")
     exec_region: str = _f("str", "Region where it executed (ledger partition).", pattern=_REGION)
     symbol: str = _f("str", "Pair.", pattern=_SYMBOL, max_len=6)
     base: str = _f("str", "Base currency.", max_len=3)

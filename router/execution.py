@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
@@ -63,7 +64,7 @@ def book_subject(region: str, symbol: str) -> str:
 class ExecutionWorker:
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         topology: Topology,
         region: str,
         *,
@@ -166,7 +167,7 @@ class ExecutionWorker:
         outs = book.apply(cmd, seq=seq, ts_ns=ts)
         if not publish:
             return []
-        res = []
+        res: list[tuple[str, str, str, bytes, Any]] = []
         for o in outs:
             if isinstance(o, ExecutionReport):
                 res.append(

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from regions.topology import Topology, load_topology
@@ -180,7 +180,7 @@ class Gateway:
 
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         topology: Topology,
         region: str,
         *,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -78,7 +78,7 @@ class PullLoop:
 
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         *,
         domain: str,
         stream: str,
@@ -191,7 +191,7 @@ class PullLoop:
         self.queue.put_nowait(msg)
 
 
-async def ensure_gone(nc: nats.NATS, domain: str, stream: str, durable: str) -> None:
+async def ensure_gone(nc: NATS, domain: str, stream: str, durable: str) -> None:
     js = nc.jetstream(domain=domain)
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(stream, durable)
@@ -227,7 +227,7 @@ class AsyncPublisher:
     :class:`PublishError` or :class:`NoResponders`. Callers bound waits with their own timeout.
     """
 
-    def __init__(self, nc: nats.NATS, *, max_pending: int = 8192) -> None:
+    def __init__(self, nc: NATS, *, max_pending: int = 8192) -> None:
         self.nc = nc
         self._sem = asyncio.Semaphore(max_pending)
         self._pending: dict[str, asyncio.Future[Ack]] = {}

@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 import nats
 import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
@@ -105,7 +106,7 @@ class Out:
 class RiskWorker:
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         topology: Topology,
         region: str,
         redis_client: aioredis.Redis,

@@ -13,8 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from ops.devstack import Devstack, MeshPlan
 from ops.procs import PostgresServer, RedisServer, free_ports
@@ -152,7 +152,7 @@ def order_path(mesh: Mesh) -> Mesh:
 
 
 @pytest.fixture
-async def clients(mesh: Mesh) -> AsyncIterator[dict[str, nats.NATS]]:
+async def clients(mesh: Mesh) -> AsyncIterator[dict[str, NATS]]:
     """One connected client per region (role sre), closed after the test."""
     out = {code: await mesh.connect(code) for code in mesh.topology.codes}
     try:

@@ -61,8 +61,7 @@ async def test_cross_domain_publish_gets_puback_with_wan_latency(
             else [client, mesh.topology.hub, domain]
         )
         one_way_s = (
-            sum(mesh.topology.link(a, b).one_way_ms for a, b in itertools.pairwise(path))
-            / 1000
+            sum(mesh.topology.link(a, b).one_way_ms for a, b in itertools.pairwise(path)) / 1000
         )
         best = min(rtts)
         assert 2 * one_way_s * 0.95 <= best <= 2 * one_way_s + 0.025, (best, one_way_s)
