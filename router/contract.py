@@ -591,3 +591,18 @@ def _prop_schema(spec: Spec) -> dict[str, Any]:
             "maxItems": 2,
         }
     return out
+
+
+def main() -> None:
+    """``python -m router.contract [PATH]``: write the JSON Schema (docs/contract.schema.json)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/contract.schema.json")
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
