@@ -166,6 +166,32 @@ class AccountState:
     """Every cl_ord_id the account's orders have been known by -> order_id."""
     positions: dict[str, int] = field(default_factory=dict)
     """Net filled base-currency units per symbol."""
+    reserved: dict[str, list[int]] = field(default_factory=dict)
+    """symbol -> [open buy, open sell] base units (max of leaves and pending replace), kept
+    incrementally so a credit check costs O(symbols), not O(open orders)."""
+
+    def _adjust(self, o: OpenOrder, sign: int) -> None:
+        b = self.reserved.setdefault(o.symbol, [0, 0])
+        b[0 if o.side is Side.BUY else 1] += sign * max(o.leaves, o.pending_qty)
+
+    def add(self, o: OpenOrder) -> None:
+        self.orders[o.order_id] = o
+        self._adjust(o, +1)
+
+    def remove(self, order_id: str) -> None:
+        o = self.orders.pop(order_id, None)
+        if o is not None:
+            self._adjust(o, -1)
+
+    def update(
+        self, o: OpenOrder, *, leaves: int | None = None, pending: int | None = None
+    ) -> None:
+        self._adjust(o, -1)
+        if leaves is not None:
+            o.leaves = leaves
+        if pending is not None:
+            o.pending_qty = pending
+        self._adjust(o, +1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,13 +255,10 @@ class RiskEngine:
 
     def exposure_usd(self, account: str, *, extra: tuple[str, Side, int] | None = None) -> int:
         st = self.state(account)
-        per: dict[str, list[int]] = {}
-        for o in st.orders.values():
-            b = per.setdefault(o.symbol, [0, 0])
-            q = max(o.leaves, o.pending_qty)
-            b[0 if o.side is Side.BUY else 1] += q
+        per = st.reserved
         if extra is not None:
             sym, side, q = extra
+            per = {k: list(v) for k, v in per.items()}
             b = per.setdefault(sym, [0, 0])
             b[0 if side is Side.BUY else 1] += q
         total = 0
@@ -303,13 +326,15 @@ class RiskEngine:
                 RejectReason.CREDIT_LIMIT,
                 f"net open exposure would be {after} USD > limit {limit} USD",
             )
-        st.orders[order_id] = OpenOrder(
-            order_id=order_id,
-            cl_ord_id=msg.cl_ord_id,
-            symbol=sym,
-            side=msg.side,
-            price_ticks=price,
-            leaves=msg.qty,
+        st.add(
+            OpenOrder(
+                order_id=order_id,
+                cl_ord_id=msg.cl_ord_id,
+                symbol=sym,
+                side=msg.side,
+                price_ticks=price,
+                leaves=msg.qty,
+            )
         )
         cmd = Submit(
             order_id=order_id,
@@ -381,7 +406,7 @@ class RiskEngine:
                     f"net open exposure would be {after} USD > limit {limit} USD",
                 )
         # leaves after the replace is at most qty - cum; reserve the larger until confirmed
-        o.pending_qty = max(o.pending_qty, msg.qty)
+        st.update(o, pending=max(o.pending_qty, msg.qty))
         st.cl_ids[msg.cl_ord_id] = oid
         cmd = Replace(
             order_id=oid,
@@ -411,19 +436,21 @@ class RiskEngine:
             OrdStatus.EXPIRED,
             OrdStatus.REJECTED,
         ):
-            del st.orders[er.order_id]
+            st.remove(er.order_id)
             return
-        o.leaves = er.leaves_qty
         if er.exec_type is ExecType.REPLACED:
             o.cl_ord_id = er.cl_ord_id
             o.price_ticks = er.price_ticks
-            o.pending_qty = 0
+            st.update(o, leaves=er.leaves_qty, pending=0)
             st.cl_ids[er.cl_ord_id] = er.order_id
+        else:
+            st.update(o, leaves=er.leaves_qty)
 
     def on_cancel_reject(self, cr: CancelReject) -> None:
-        o = self.state(cr.account).orders.get(cr.order_id)
+        st = self.state(cr.account)
+        o = st.orders.get(cr.order_id)
         if o is not None and cr.response_to == "replace":
-            o.pending_qty = 0
+            st.update(o, pending=0)
 
     def set_kill(self, key: str, engaged: bool) -> list[tuple[str, OpenOrder]]:
         """Engage/release a kill key; returns (account, order) to cancel when engaging."""

@@ -118,7 +118,9 @@ class RiskWorker:
         self.topology = topology
         self.region = region
         self.redis = redis_client
-        self.engine = RiskEngine(topology, region, limits or RiskLimits.load())
+        self.default_limits = limits or RiskLimits.load()
+        """Limits in force while the RISKCFG bucket has no ``limits`` key (or it is deleted)."""
+        self.engine = RiskEngine(topology, region, self.default_limits)
         self.metrics = metrics
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.js = nc.jetstream(domain=region)
@@ -190,9 +192,11 @@ class RiskWorker:
         try:
             while True:
                 m = await sub.next_msg(timeout=5)
-                rec = msgpack.unpackb(m.data, raw=False)
-                self._replay(rec)
-                n += 1
+                body = msgpack.unpackb(m.data, raw=False)
+                for rec in body.get("b", [body]):
+                    if rec["in"] not in self.done:  # a batch re-recorded after a crash
+                        self._replay(rec)
+                        n += 1
                 if m.metadata.sequence.stream >= last:
                     break
         except nats.errors.TimeoutError:
@@ -237,7 +241,7 @@ class RiskWorker:
                 items.append(it)
         fresh = [it for it in items if it.input_id not in self.done]
         exts = await self._externals(fresh)
-        records: list[tuple[str, bytes]] = []
+        records: list[dict[str, Any]] = []
         outs: list[Out] = []
         for it in items:
             if it.input_id in self.done:
@@ -254,15 +258,17 @@ class RiskWorker:
                 "x": _ext_to(ext),
                 "o": [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in produced],
             }
-            records.append((it.input_id, msgpack.packb(rec, use_bin_type=True)))
+            records.append(rec)
             outs.extend(produced)
         futs = []
-        for input_id, body in records:
+        # One RISKLOG message per batch (<= MAX_RECORD_BYTES): one durable write, not one per
+        # input. Its msg id is the first input's, so a re-recorded batch is dropped.
+        for chunk in _chunks(records):
             futs.append(
                 await self.pub.publish(
                     subjects.risklog(self.region, "rec"),
-                    body,
-                    headers={H_MSG_ID: f"rec:{input_id}"},
+                    msgpack.packb({"b": chunk}, use_bin_type=True),
+                    headers={H_MSG_ID: f"rec:{chunk[0]['in']}:{len(chunk)}"},
                 )
             )
         if futs:
@@ -320,6 +326,8 @@ class RiskWorker:
             ks = contract.decode(KillSwitch, it.payload)
             return (key, ks.engaged)
         if it.kind == "cfg":
+            if not it.payload:  # key deleted or purged: back to the configured defaults
+                return self.default_limits
             return RiskLimits.from_mapping(json.loads(it.payload))
         raise ValueError(f"unknown input kind {it.kind}")
 
@@ -473,6 +481,25 @@ class RiskWorker:
             except Exception as e:
                 log.warning("risk %s: KV watch %s failed (%s); retrying", self.region, bucket, e)
                 await asyncio.sleep(1)
+
+
+MAX_RECORD_BYTES = 512 * 1024
+
+
+def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    out: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    size = 0
+    for r in records:
+        n = len(r["p"]) + sum(len(o[3]) for o in r["o"]) + 200
+        if cur and size + n > MAX_RECORD_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _ext_to(ext: Externals) -> list[Any]:
