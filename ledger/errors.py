@@ -1,0 +1,46 @@
+"""Ledger exceptions: one root, structured fields, read by retry predicates.
+
+Hierarchy::
+
+    LedgerError                     root of every ledger failure
+    ├── FillRejected                a fill message cannot be posted (field + rule); never retried
+    ├── LedgerConfigError           bad DSN, unknown dialect, unknown region (field + rule)
+    └── TamperDetected              verify found problems (carries the report)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LedgerError(Exception):
+    """Root of every ledger error. ``retryable`` tells retry predicates what to do."""
+
+    retryable: bool = False
+
+
+class FillRejected(LedgerError):
+    """A fill broke the contract or the ledger's rules; ``field`` and ``rule`` say how."""
+
+    def __init__(self, field: str, rule: str, *, trade_id: str = "") -> None:
+        super().__init__(f"fill {trade_id or '?'}: {field}: {rule}")
+        self.field = field
+        self.rule = rule
+        self.trade_id = trade_id
+
+
+class LedgerConfigError(LedgerError):
+    """Configuration that cannot work (unknown dialect, region not in the topology)."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class TamperDetected(LedgerError):
+    """Raised by callers that want an exception rather than a report from verify."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__(f"ledger verify failed: {len(report.problems)} problem(s)")
+        self.report = report

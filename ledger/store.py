@@ -1,0 +1,219 @@
+"""Posting a batch of transfers in ONE transaction (psycopg 3, async).
+
+The batch either commits whole or not at all:
+
+1. lock the region's chain head (``SELECT ... FOR UPDATE``: one writer per region at a time);
+2. insert the transfers with ``ON CONFLICT (region, id) DO NOTHING RETURNING id``: the ids that
+   come back are the new ones, everything else is a replay and posts nothing;
+3. COPY the new postings, chained from the head;
+4. add the per-(account, currency) deltas to ``balances`` (sorted keys: no deadlocks);
+5. move the chain head.
+
+Callers retry the WHOLE call on serialization failures and lost connections
+(:func:`ledger.db.is_retryable`); a retry re-reads the head, and transfers that did commit
+before the connection was lost come back as replays, so nothing is posted twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from ledger.errors import LedgerConfigError
+from ledger.model import Posting, Transfer, balance_deltas, chain_postings
+
+_TRANSFER_COLS = (
+    "region",
+    "id",
+    "trade_id",
+    "leg",
+    "symbol",
+    "currency",
+    "amount",
+    "debit_account",
+    "credit_account",
+    "price_ticks",
+    "price_decimals",
+    "qty",
+    "transact_ns",
+    "recorded_ns",
+    "stream_seq",
+)
+_TRANSFER_TYPES = (
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "int8",
+    "text",
+    "text",
+    "int8",
+    "int2",
+    "int8",
+    "int8",
+    "int8",
+    "int8",
+)
+_INSERT_TRANSFERS = (
+    f"INSERT INTO transfers ({', '.join(_TRANSFER_COLS)}) "
+    "SELECT * FROM unnest("
+    + ", ".join(f"%s::{t}[]" for t in _TRANSFER_TYPES)
+    + ") ON CONFLICT (region, id) DO NOTHING RETURNING id"
+)
+_POSTING_COLS = (
+    "region",
+    "id",
+    "transfer_id",
+    "account",
+    "currency",
+    "amount",
+    "transact_ns",
+    "recorded_ns",
+    "prev_hash",
+    "hash",
+)
+_UPSERT_BALANCES = (
+    "INSERT INTO balances (region, account, currency, balance, last_posting_id, updated_ns) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], "
+    "%s::int8[]) "
+    "ON CONFLICT (region, account, currency) DO UPDATE SET "
+    "balance = balances.balance + EXCLUDED.balance, "
+    "last_posting_id = EXCLUDED.last_posting_id, updated_ns = EXCLUDED.updated_ns"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchResult:
+    """What one committed batch did."""
+
+    transfers_new: int
+    transfers_replayed: int
+    """Transfers already in the ledger (or twice in the batch): posted nothing."""
+    postings: int
+    last_posting_id: int
+    last_hash: str
+
+
+async def post_transfers(
+    conn: psycopg.AsyncConnection[object],
+    region: str,
+    transfers: Sequence[Transfer],
+    *,
+    recorded_ns: int | None = None,
+) -> BatchResult:
+    """Write ``transfers`` of ``region`` in one transaction; replays are no-ops."""
+    now = time.time_ns() if recorded_ns is None else recorded_ns
+    seen: set[str] = set()
+    unique: list[Transfer] = []
+    for t in transfers:
+        if t.region != region:
+            raise LedgerConfigError("region", f"transfer {t.id} belongs to {t.region}")
+        if t.id not in seen:
+            seen.add(t.id)
+            unique.append(t)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT last_posting_id, last_hash FROM chain_heads WHERE region = %s FOR UPDATE",
+            (region,),
+        )
+        head = await cur.fetchone()
+        if head is None:
+            raise LedgerConfigError("region", f"no chain head for {region!r}: run migrate")
+        last_id, last_hash = int(head[0]), str(head[1])  # type: ignore[index]
+        if not unique:
+            return BatchResult(
+                transfers_new=0,
+                transfers_replayed=len(transfers),
+                postings=0,
+                last_posting_id=last_id,
+                last_hash=last_hash,
+            )
+        columns: list[list[object]] = [[] for _ in _TRANSFER_COLS]
+        for t in unique:
+            row = (
+                t.region,
+                t.id,
+                t.trade_id,
+                t.leg,
+                t.symbol,
+                t.currency,
+                t.amount,
+                t.debit_account,
+                t.credit_account,
+                t.price_ticks,
+                t.price_decimals,
+                t.qty,
+                t.transact_ns,
+                now,
+                t.stream_seq,
+            )
+            for col, v in zip(columns, row, strict=True):
+                col.append(v)
+        cur = await conn.execute(_INSERT_TRANSFERS, columns)
+        new_ids = {str(r[0]) for r in await cur.fetchall()}  # type: ignore[index]
+        fresh = [t for t in unique if t.id in new_ids]
+        postings = chain_postings(
+            fresh, region=region, last_id=last_id, last_hash=last_hash, recorded_ns=now
+        )
+        if postings:
+            await _copy_postings(conn, postings)
+            await _apply_balances(conn, region, postings, now)
+            last_id, last_hash = postings[-1].id, postings[-1].hash
+            await conn.execute(
+                "UPDATE chain_heads SET last_posting_id = %s, last_hash = %s, updated_ns = %s "
+                "WHERE region = %s",
+                (last_id, last_hash, now, region),
+            )
+    return BatchResult(
+        transfers_new=len(fresh),
+        transfers_replayed=len(transfers) - len(fresh),
+        postings=len(postings),
+        last_posting_id=last_id,
+        last_hash=last_hash,
+    )
+
+
+async def _copy_postings(conn: psycopg.AsyncConnection[object], rows: list[Posting]) -> None:
+    cur = conn.cursor()
+    async with cur.copy(f"COPY postings ({', '.join(_POSTING_COLS)}) FROM STDIN") as copy:
+        for p in rows:
+            await copy.write_row(
+                (
+                    p.region,
+                    p.id,
+                    p.transfer_id,
+                    p.account,
+                    p.currency,
+                    p.amount,
+                    p.transact_ns,
+                    p.recorded_ns,
+                    p.prev_hash,
+                    p.hash,
+                )
+            )
+
+
+async def _apply_balances(
+    conn: psycopg.AsyncConnection[object], region: str, postings: list[Posting], now: int
+) -> None:
+    last: dict[tuple[str, str], int] = {}
+    for p in postings:
+        last[(p.account, p.currency)] = p.id
+    deltas = balance_deltas(postings)
+    keys = list(deltas)
+    await conn.execute(
+        _UPSERT_BALANCES,
+        (
+            [region] * len(keys),
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [deltas[k] for k in keys],
+            [last[k] for k in keys],
+            [now] * len(keys),
+        ),
+    )

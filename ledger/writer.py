@@ -1,0 +1,414 @@
+"""The ledger writer: one per region, JetStream fills in, postings out, acks after commit.
+
+Flow of one batch::
+
+    fetch(<= batch_max) -> decode + validate each fill (bad ones: log, count, term)
+        -> post_transfers() in ONE transaction (retried whole) -> commit -> ack every message
+
+At-least-once delivery plus deterministic transfer ids give an exactly-once effect: a message
+redelivered after a crash, a lost ack or a lost commit reply is a replay and posts nothing.
+
+During a database outage the writer stops fetching, keeps the batch it holds unacked (the rest
+stays in JetStream), marks the held messages in progress so they are not redelivered
+meanwhile, reconnects with capped exponential backoff, and drains the backlog afterwards.
+
+Run it: ``python -m ledger.writer --region lon --nats URL --dsn DSN [--migrate]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nats
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    wait_exponential,
+    wait_random,
+)
+
+from ledger.db import RETRY_SQLSTATES, is_retryable, libpq_dsn
+from ledger.errors import FillRejected, LedgerConfigError
+from ledger.model import Transfer, transfers_for_fill
+from ledger.store import BatchResult, post_transfers
+from regions.topology import Topology, load_topology
+from router.contract import ContractError, Fill, decode
+from router.subjects import fills_filter
+
+log = logging.getLogger("ledger.writer")
+
+STREAM = "EXECOUT"
+_SUB_MS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriterConfig:
+    """Knobs of one region's writer."""
+
+    region: str
+    durable: str = ""
+    """Durable consumer name; default ``LEDGER_<region>``."""
+    batch_max: int = 512
+    """Most fills per fetch and per database transaction."""
+    fetch_timeout_s: float = 1.0
+    max_ack_pending: int = 4096
+    ack_wait_s: float = 30.0
+    """JetStream redelivers a message not acked within this (a crashed writer's batch)."""
+    retry_initial_s: float = 0.05
+    retry_max_s: float = 2.0
+    """Cap of the reconnect/retry backoff."""
+    deliver_new: bool = False
+    """Start a NEW consumer at the end of the stream instead of its beginning."""
+    js_domain: str | None = None
+    """JetStream domain of the stream; default the region code."""
+
+    @property
+    def durable_name(self) -> str:
+        return self.durable or f"LEDGER_{self.region}"
+
+
+class WriterMetrics:
+    """Prometheus metrics of one writer, registered in the registry passed in."""
+
+    def __init__(self, registry: CollectorRegistry, region: str) -> None:
+        lb = ("region",)
+        self.batch_size = Histogram(
+            "ledger_batch_fills",
+            "Fills per committed batch",
+            lb,
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        ).labels(region)
+        self.commit_latency = Histogram(
+            "ledger_commit_seconds",
+            "Batch transaction time incl. commit",
+            lb,
+            registry=registry,
+            buckets=_SUB_MS_BUCKETS,
+        ).labels(region)
+        self.postings = Counter(
+            "ledger_postings", "Postings written", lb, registry=registry
+        ).labels(region)
+        self.transfers = Counter(
+            "ledger_transfers", "Transfers written", lb, registry=registry
+        ).labels(region)
+        self.replays = Counter(
+            "ledger_transfers_replayed", "Transfers already posted (no-op)", lb, registry=registry
+        ).labels(region)
+        self.rejected = Counter(
+            "ledger_fills_rejected", "Malformed fills terminated", (*lb, "field"), registry=registry
+        )
+        self.retries = Counter(
+            "ledger_db_retries", "Whole-transaction retries", (*lb, "kind"), registry=registry
+        )
+        self.backlog = Gauge(
+            "ledger_backlog_fills",
+            "Fills in JetStream not yet committed (pending + held)",
+            lb,
+            registry=registry,
+        ).labels(region)
+        self.db_up = Gauge(
+            "ledger_db_up", "1 while the database answers", lb, registry=registry
+        ).labels(region)
+        self.region = region
+
+
+class LedgerWriter:
+    """Consume one region's fills and post them; single writer per region.
+
+    Args:
+        topology: currencies' minor units, instruments, accounts, regions.
+        config: region and consumer settings.
+        nats_url: server of the region (its JetStream domain holds ``EXECOUT``).
+        dsn: ``postgresql://`` or ``cockroachdb://`` DSN of the ledger database.
+        registry: where to register the metrics (a fresh one when omitted).
+    """
+
+    def __init__(
+        self,
+        *,
+        topology: Topology,
+        config: WriterConfig,
+        nats_url: str | list[str],
+        dsn: str,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if config.region not in topology.codes:
+            raise LedgerConfigError("region", f"{config.region!r} is not in the topology")
+        self.topology = topology
+        self.config = config
+        self.region = config.region
+        self.nats_url = nats_url
+        self.dsn = libpq_dsn(dsn)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = WriterMetrics(self.registry, self.region)
+        self._db: psycopg.AsyncConnection[object] | None = None
+        self._nc: NATS | None = None
+        self.committed_batches = 0
+        """Batches committed since start (tests and status)."""
+        self.ready = asyncio.Event()
+        """Set once the durable consumer exists (fills published afterwards are seen)."""
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch, post and ack until ``stop`` is set; a cancelled run acks nothing it held."""
+        cfg = self.config
+        nc = await nats.connect(
+            self.nats_url,
+            name=f"ledger-writer-{self.region}",
+            ping_interval=1,
+            max_outstanding_pings=3,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+        )
+        self._nc = nc
+        try:
+            js = nc.jetstream(domain=cfg.js_domain or self.region)
+            consumer = api.ConsumerConfig(
+                durable_name=cfg.durable_name,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                max_ack_pending=cfg.max_ack_pending,
+                ack_wait=cfg.ack_wait_s,
+                deliver_policy=api.DeliverPolicy.NEW if cfg.deliver_new else api.DeliverPolicy.ALL,
+                max_deliver=-1,
+            )
+            psub = await js.pull_subscribe(
+                fills_filter(self.region),
+                durable=cfg.durable_name,
+                stream=STREAM,
+                config=consumer,
+            )
+            self.ready.set()
+            log.info(
+                "ledger writer %s consuming %s as %s",
+                self.region,
+                fills_filter(self.region),
+                cfg.durable_name,
+            )
+            me = asyncio.current_task()
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(cfg.batch_max, timeout=cfg.fetch_timeout_s)
+                    # Python 3.11's asyncio.wait_for (inside nats-py's fetch) can swallow a
+                    # cancel that races a message arriving; the task then stays "cancelling".
+                    # Honour it here, or a killed writer would keep posting.
+                    if me is not None and me.cancelling():
+                        raise asyncio.CancelledError
+                except (TimeoutError, nats.errors.TimeoutError):
+                    self.metrics.backlog.set(0)
+                    continue
+                except (
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.ConnectionReconnectingError,
+                    nats.errors.NoRespondersError,
+                ):
+                    await asyncio.sleep(0.25)
+                    continue
+                if msgs:
+                    await self.handle_batch(msgs, stop)
+        finally:
+            await self._close_db()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                await db.close()
+
+    async def _conn(self) -> psycopg.AsyncConnection[object]:
+        if self._db is None or self._db.closed or self._db.broken:
+            await self._close_db()
+            self._db = await psycopg.AsyncConnection.connect(
+                self.dsn, connect_timeout=3, application_name=f"ledger-writer-{self.region}"
+            )
+        return self._db
+
+    # ---- one batch -----------------------------------------------------------------------
+
+    def parse(self, msg: Msg) -> tuple[Transfer, Transfer]:
+        """Fill message -> its two transfers; raises ContractError or FillRejected."""
+        fill = decode(Fill, msg.data)
+        seq = 0
+        with contextlib.suppress(Exception):
+            seq = int(msg.metadata.sequence.stream)
+        return transfers_for_fill(fill, self.topology, self.region, stream_seq=seq)
+
+    async def handle_batch(self, msgs: Sequence[Msg], stop: asyncio.Event) -> bool:
+        """Post one fetched batch; acks only after commit. False when stopped before commit."""
+        good: list[Msg] = []
+        transfers: list[Transfer] = []
+        for m in msgs:
+            try:
+                transfers.extend(self.parse(m))
+            except (ContractError, FillRejected) as e:
+                field = getattr(e, "field", "") or "payload"
+                log.warning(
+                    "ledger %s: terminating malformed fill on %s: %s", self.region, m.subject, e
+                )
+                self.metrics.rejected.labels(self.region, field).inc()
+                with contextlib.suppress(Exception):
+                    await m.term()
+                continue
+            good.append(m)
+        with contextlib.suppress(Exception):
+            self.metrics.backlog.set(int(msgs[-1].metadata.num_pending) + len(good))
+        if not good:
+            return True
+        result = await self._commit_with_retry(transfers, good, stop)
+        if result is None:
+            return False
+        for m in good:
+            with contextlib.suppress(Exception):
+                await m.ack()
+        self.committed_batches += 1
+        self.metrics.batch_size.observe(len(good))
+        self.metrics.postings.inc(result.postings)
+        self.metrics.transfers.inc(result.transfers_new)
+        self.metrics.replays.inc(result.transfers_replayed)
+        return True
+
+    async def _commit_with_retry(
+        self, transfers: list[Transfer], held: Sequence[Msg], stop: asyncio.Event
+    ) -> BatchResult | None:
+        cfg = self.config
+        last_progress = time.monotonic()
+
+        async def before_sleep(state: RetryCallState) -> None:
+            nonlocal last_progress
+            exc = state.outcome.exception() if state.outcome else None
+            sqlstate = getattr(exc, "sqlstate", None)
+            kind = "serialization" if sqlstate in RETRY_SQLSTATES else "connection"
+            self.metrics.retries.labels(self.region, kind).inc()
+            if kind == "connection":
+                self.metrics.db_up.set(0)
+                await self._close_db()
+            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
+                log.warning(
+                    "ledger %s: batch of %d fills not committed (%s: %s), attempt %d",
+                    self.region,
+                    len(held),
+                    kind,
+                    exc,
+                    state.attempt_number,
+                )
+            # Keep the held messages from being redelivered while the database is away.
+            if time.monotonic() - last_progress > cfg.ack_wait_s / 3:
+                last_progress = time.monotonic()
+                for m in held:
+                    with contextlib.suppress(Exception):
+                        await m.in_progress()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            wait=wait_exponential(multiplier=cfg.retry_initial_s, max=cfg.retry_max_s)
+            + wait_random(0, cfg.retry_initial_s),
+            stop=lambda _state: stop.is_set(),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    conn = await self._conn()
+                    t0 = time.perf_counter()
+                    result = await post_transfers(conn, self.region, transfers)
+                    self.metrics.commit_latency.observe(time.perf_counter() - t0)
+                    self.metrics.db_up.set(1)
+                    return result
+        except Exception as e:
+            if stop.is_set() and is_retryable(e):
+                log.warning(
+                    "ledger %s: stopping with %d fills unacked (redelivered later)",
+                    self.region,
+                    len(held),
+                )
+                return None
+            raise
+        return None
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+
+async def _amain(args: argparse.Namespace) -> None:
+    topology = load_topology(args.topology)
+    if args.migrate:
+        from ledger.migrations import migrate
+
+        await asyncio.to_thread(migrate, args.dsn, topology)
+    registry = CollectorRegistry()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+    writer = LedgerWriter(
+        topology=topology,
+        config=WriterConfig(region=args.region, batch_max=args.batch, durable=args.durable or ""),
+        nats_url=args.nats,
+        dsn=args.dsn,
+        registry=registry,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(writer.run(stop))
+    ready = asyncio.create_task(writer.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if writer.ready.is_set():
+        print("READY", flush=True)  # the devstack waits for this line
+    await task
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ledger.writer --region lon --nats URL --dsn DSN``."""
+    p = argparse.ArgumentParser(prog="ledger.writer", description=__doc__.split("\n")[0])
+    p.add_argument("--region", required=True)
+    p.add_argument("--nats", required=True, help="nats://user:pass@host:port of the region")
+    p.add_argument("--dsn", required=True, help="postgresql:// or cockroachdb:// DSN")
+    p.add_argument("--topology", default=None, help="topology TOML (default: shipped)")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--durable", default=None)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--migrate", action="store_true", help="run ledger migrations first")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(_amain(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""``meridian ledger migrate|export|verify``: the ledger's operator and compliance commands.
+
+The DSN comes from ``--dsn`` or the environment variable ``MERIDIAN_PG_DSN``.
+
+* ``migrate`` brings the schema up to date for the topology (idempotent).
+* ``export --regions lon,nyc,sgp --from ISO --to ISO --format csv|jsonl --out DIR`` writes one
+  consistent snapshot plus ``manifest.json``; progress goes to stderr.
+* ``verify`` re-checks double entry, balances and every hash chain: exit 0 pass, 1 fail.
+
+Exit codes: 0 ok, 1 verify found problems, 2 bad arguments or configuration, 3 database
+unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+DSN_ENV = "MERIDIAN_PG_DSN"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``ledger`` command group to the CLI's sub-parsers."""
+    lg = sub.add_parser("ledger", help="geo-partitioned ledger: migrate, export, verify")
+    lsub = lg.add_subparsers(dest="ledger_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dsn", default=None, help=f"database DSN (default: ${DSN_ENV})")
+        p.add_argument("--topology", default=None, help="topology TOML (default: shipped)")
+
+    m = lsub.add_parser("migrate", help="create/upgrade the ledger schema (idempotent)")
+    common(m)
+    m.add_argument(
+        "--no-compliance-role",
+        action="store_true",
+        help="do not create/grant the read-only meridian_compliance role",
+    )
+    m.set_defaults(func=_migrate)
+
+    e = lsub.add_parser("export", help="consistent cross-region export with a manifest")
+    common(e)
+    e.add_argument("--regions", default=None, help="comma-separated (default: all regions)")
+    e.add_argument(
+        "--from",
+        dest="from_",
+        default=None,
+        help="trade time from, ISO 8601 (UTC if no offset), inclusive",
+    )
+    e.add_argument("--to", default=None, help="trade time to, ISO 8601, exclusive")
+    e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument(
+        "--role", default=None, help="run the export as this role (e.g. meridian_compliance)"
+    )
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_export)
+
+    v = lsub.add_parser("verify", help="re-check double entry, balances, hash chains (exit 1)")
+    common(v)
+    v.add_argument("--regions", default=None, help="comma-separated (default: all)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=_verify)
+
+
+def parse_time_ns(text: str) -> int:
+    """ISO 8601 (naive = UTC) or integer nanoseconds -> UTC ns."""
+    t = text.strip()
+    if t.isdigit():
+        return int(t)
+    dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+def _dsn(args: argparse.Namespace) -> str | None:
+    dsn: str | None = args.dsn or os.environ.get(DSN_ENV)
+    if not dsn:
+        print(f"ledger: no database: pass --dsn or set {DSN_ENV}", file=sys.stderr)
+    return dsn
+
+
+def _regions(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if not args.regions:
+        return None
+    return tuple(r.strip() for r in args.regions.split(",") if r.strip())
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy.exc
+
+    from ledger.migrations import applied_versions, migrate
+    from regions.topology import load_topology
+
+    dsn = _dsn(args)
+    if dsn is None:
+        return 2
+    topology = load_topology(args.topology)
+    try:
+        applied = migrate(dsn, topology, compliance_role=not args.no_compliance_role)
+        versions = applied_versions(dsn)
+    except sqlalchemy.exc.OperationalError as e:
+        print(f"ledger migrate: database unreachable: {e.orig}", file=sys.stderr)
+        return 3
+    print(
+        f"ledger schema at version {max(versions, default=0)} "
+        f"(applied now: {applied or 'none'}; regions {', '.join(topology.codes)})"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ledger.errors import LedgerConfigError
+    from ledger.export import MAX_NS, ExportRequest, export_ledger
+    from regions.topology import load_topology
+
+    dsn = _dsn(args)
+    if dsn is None:
+        return 2
+    try:
+        regions = _regions(args) or load_topology(args.topology).codes
+        req = ExportRequest(
+            regions=regions,
+            out_dir=Path(args.out),
+            fmt=args.format,
+            from_ns=parse_time_ns(args.from_) if args.from_ else 0,
+            to_ns=parse_time_ns(args.to) if args.to else MAX_NS,
+            role=args.role,
+        )
+        manifest = export_ledger(dsn, req, progress=None if args.quiet else sys.stderr)
+    except (LedgerConfigError, ValueError) as e:
+        print(f"ledger export: {e}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as e:
+        print(f"ledger export: database unreachable: {e}", file=sys.stderr)
+        return 3
+    p = manifest["postings"]
+    print(
+        f"exported {p['rows']} postings, {manifest['transfers']['rows']} transfers, "
+        f"{manifest['balances']['rows']} balances from {', '.join(regions)} "
+        f"(snapshot {manifest['snapshot']['time']}) to {args.out} "
+        f"in {manifest['elapsed_s']} s"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ledger.verify import verify
+
+    dsn = _dsn(args)
+    if dsn is None:
+        return 2
+    try:
+        report = verify(dsn, regions=_regions(args))
+    except psycopg.OperationalError as e:
+        print(f"ledger verify: database unreachable: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        status = "PASS" if report.ok else "FAIL"
+        print(
+            f"ledger verify {status}: {report.postings_checked} postings, "
+            f"{report.transfers_checked} transfers, {report.balances_checked} balances, "
+            f"regions {', '.join(report.regions)}"
+        )
+        for region, (head_id, head_hash) in sorted(report.heads.items()):
+            print(f"  chain {region}: head {head_id} {head_hash[:16]}")
+        for prob in report.problems:
+            print(f"  {prob}")
+        if report.truncated:
+            print("  (more problems not shown)")
+    return 0 if report.ok else 1

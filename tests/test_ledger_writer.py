@@ -1,0 +1,317 @@
+"""The ledger writer end to end: JetStream EXECOUT of every region -> PostgreSQL.
+
+Real nats-server mesh (``mesh``), real PostgreSQL (``pg_dsn`` and a private server for the
+outage drill). Each test uses its own durable consumer starting at the end of the stream and
+its own trade-id tag, so fills published by other tests on the shared mesh cannot confuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry
+
+from ledger.migrations import migrate
+from ledger.testing import random_fills
+from ledger.verify import verify
+from ledger.writer import LedgerWriter, WriterConfig
+from ops.procs import PostgresServer, free_ports
+from regions.topology import Topology
+from router.contract import Fill, encode
+from router.subjects import fill as fill_subject
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ldb(pg_dsn: str, topology: Topology) -> str:
+    migrate(pg_dsn, topology)
+    return pg_dsn
+
+
+class Running:
+    def __init__(self, writer: LedgerWriter, stop: asyncio.Event, task: asyncio.Task[None]):
+        self.writer, self.stop, self.task = writer, stop, task
+
+    def metric(self, name: str, **labels: str) -> float:
+        v = self.writer.registry.get_sample_value(name, {"region": self.writer.region, **labels})
+        return v or 0.0
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 15)
+
+
+@contextlib.asynccontextmanager
+async def running_writer(
+    mesh: Any, topology: Topology, dsn: str, region: str, durable: str, **cfg: Any
+) -> AsyncIterator[Running]:
+    writer = LedgerWriter(
+        topology=topology,
+        config=WriterConfig(
+            region=region,
+            durable=durable,
+            deliver_new=True,
+            fetch_timeout_s=0.25,
+            retry_max_s=0.5,
+            **cfg,
+        ),
+        nats_url=mesh.url(region),
+        dsn=dsn,
+        registry=CollectorRegistry(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    ready = asyncio.create_task(writer.ready.wait())
+    await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert writer.ready.is_set()
+    r = Running(writer, stop, task)
+    try:
+        yield r
+    finally:
+        if not task.done():
+            await r.shutdown()
+
+
+async def publish(nc: NATS, region: str, fills: list[Fill]) -> None:
+    js = nc.jetstream(domain=region)
+    for i in range(0, len(fills), 200):
+        acks = await asyncio.gather(
+            *(
+                js.publish(fill_subject(region, f.symbol), encode(f), stream="EXECOUT")
+                for f in fills[i : i + 200]
+            )
+        )
+        assert all(a.stream == "EXECOUT" for a in acks)
+
+
+def count(dsn: str, tag: str) -> tuple[int, int]:
+    with psycopg.connect(dsn, connect_timeout=2) as c:
+        row = c.execute(
+            "SELECT (SELECT count(*) FROM transfers WHERE trade_id LIKE %s), "
+            "(SELECT count(*) FROM postings WHERE transfer_id LIKE %s)",
+            (f"%-{tag}-%", f"%-{tag}-%:%"),
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psycopg.OperationalError):
+            if await asyncio.to_thread(cond):
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def snapshot(dsn: str, tag: str) -> dict[str, Any]:
+    with psycopg.connect(dsn) as c:
+        return {
+            "postings": c.execute(
+                "SELECT region, id, transfer_id, account, amount, hash "
+                "FROM postings ORDER BY region, id"
+            ).fetchall(),
+            "balances": c.execute(
+                "SELECT region, account, currency, balance FROM balances ORDER BY 1, 2, 3"
+            ).fetchall(),
+            "heads": c.execute(
+                "SELECT region, last_posting_id, last_hash FROM chain_heads ORDER BY 1"
+            ).fetchall(),
+        }
+
+
+async def test_fills_of_every_region_land_in_their_partitions_and_replays_are_no_ops(
+    mesh: Any, topology: Topology, ldb: str
+) -> None:
+    tag = "w" + uuid.uuid4().hex[:8]
+    per_region = {
+        c: random_fills(topology, 40, prefix=tag, region=c, seed=i)
+        for i, c in enumerate(topology.codes)
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        ws = {
+            c: await stack.enter_async_context(
+                running_writer(mesh, topology, ldb, c, f"LT_{tag}_{c}")
+            )
+            for c in topology.codes
+        }
+        ncs = {c: await mesh.connect(c) for c in topology.codes}
+        try:
+            for c, fills in per_region.items():
+                await publish(ncs[c], c, fills)
+            # a garbage payload and a fill for an unknown account must not block the stream
+            bad = per_region["lon"][0]
+            await (
+                ncs["lon"]
+                .jetstream(domain="lon")
+                .publish(fill_subject("lon", "EURUSD"), b"\x93not a fill", stream="EXECOUT")
+            )
+            import dataclasses
+
+            await publish(
+                ncs["lon"],
+                "lon",
+                [dataclasses.replace(bad, trade_id=f"lon-EURUSD-{tag}-x", buy_account="NOBODY")],
+            )
+            await publish(
+                ncs["lon"], "lon", random_fills(topology, 5, prefix=tag + "z", region="lon", seed=9)
+            )
+            await wait_for(lambda: count(ldb, tag) == (2 * 120, 4 * 120), 20, "all fills")
+            await wait_for(lambda: count(ldb, tag + "z") == (2 * 5, 4 * 5), 5, "later fills")
+            with psycopg.connect(ldb) as conn:
+                for c, fills in per_region.items():
+                    got = {
+                        r[0]
+                        for r in conn.execute(
+                            f"SELECT DISTINCT trade_id FROM transfers_{c} WHERE trade_id LIKE %s",
+                            (f"%-{tag}-%",),
+                        )
+                    }
+                    assert got == {f.trade_id for f in fills}
+                    n = conn.execute(
+                        f"SELECT count(*), min(region), max(region) FROM postings_{c} "
+                        "WHERE transfer_id LIKE %s",
+                        (f"%-{tag}-%",),
+                    ).fetchone()
+                    assert n == (4 * len(fills), c, c)
+            assert ws["lon"].metric("ledger_fills_rejected_total", field="payload") == 1
+            assert ws["lon"].metric("ledger_fills_rejected_total", field="buy_account") == 1
+            before = snapshot(ldb, tag)
+            # replay every fill event twice
+            for c, fills in per_region.items():
+                await publish(ncs[c], c, fills + fills)
+            await wait_for(
+                lambda: all(
+                    ws[c].metric("ledger_transfers_replayed_total") >= 160 for c in topology.codes
+                ),
+                20,
+                "replays processed",
+            )
+            assert snapshot(ldb, tag) == before
+            assert all(
+                ws[c].metric("ledger_postings_total") == 160 + (20 if c == "lon" else 0)
+                for c in topology.codes
+            )
+        finally:
+            for nc in ncs.values():
+                await nc.close()
+    assert verify(ldb).ok
+
+
+async def test_writer_killed_mid_batch_and_connection_cut_lose_and_duplicate_nothing(
+    mesh: Any, topology: Topology, ldb: str
+) -> None:
+    tag = "k" + uuid.uuid4().hex[:8]
+    durable = f"LT_{tag}"
+    fills = random_fills(topology, 1500, prefix=tag, region="sgp", seed=11)
+    nc = await mesh.connect("sgp")
+    try:
+        async with running_writer(
+            mesh, topology, ldb, "sgp", durable, batch_max=50, ack_wait_s=1.5
+        ) as w1:
+            feeder = asyncio.create_task(publish(nc, "sgp", fills))
+            while w1.writer.committed_batches < 3:
+                await asyncio.sleep(0.001)
+            w1.task.cancel()  # the crash: whatever batch is in flight is neither acked nor kept
+            with contextlib.suppress(asyncio.CancelledError):
+                await w1.task
+            await feeder
+        done_first = count(ldb, tag)[0] // 2
+        assert 0 < done_first < len(fills)
+        async with running_writer(
+            mesh, topology, ldb, "sgp", durable, batch_max=50, ack_wait_s=1.5
+        ) as w2:
+            while w2.writer.committed_batches < 2:
+                await asyncio.sleep(0.005)
+            # cut the writer's database connection under it (as a failover or a crash would)
+            with psycopg.connect(ldb, autocommit=True) as c:
+                c.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'ledger-writer-sgp' AND datname = "
+                    "current_database()"
+                )
+            await wait_for(
+                lambda: count(ldb, tag) == (2 * len(fills), 4 * len(fills)),
+                30,
+                "every fill exactly once",
+            )
+            assert w2.metric("ledger_db_retries_total", kind="connection") >= 1
+    finally:
+        await nc.close()
+    with psycopg.connect(ldb) as c:
+        dupes = c.execute(
+            "SELECT trade_id, count(*) FROM transfers WHERE trade_id LIKE %s "
+            "GROUP BY trade_id HAVING count(*) <> 2",
+            (f"%-{tag}-%",),
+        ).fetchall()
+    assert dupes == []
+    assert verify(ldb).ok
+
+
+async def test_database_outage_buffers_in_jetstream_and_drains(
+    mesh: Any, topology: Topology
+) -> None:
+    # Not under tmp_path: pytest re-chmods /tmp/pytest-of-<user> to 0700 when another session
+    # starts, and the postgres user would then lose access to its data dir mid-test.
+    base = Path(tempfile.mkdtemp(prefix="ledger-outage-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (port,) = free_ports(1)
+    server = PostgresServer(base / "data", port, base / "pg.log", fsync=False)
+    await asyncio.to_thread(server.start)
+    try:
+        dsn = server.create_database("ledger")
+        await asyncio.to_thread(migrate, dsn, topology)
+        tag = "o" + uuid.uuid4().hex[:8]
+        fills = random_fills(topology, 600, prefix=tag, region="nyc", seed=12)
+        nc = await mesh.connect("nyc")
+        try:
+            async with running_writer(
+                mesh, topology, dsn, "nyc", f"LT_{tag}", batch_max=100, ack_wait_s=3
+            ) as w:
+
+                async def feed() -> None:
+                    for i in range(0, len(fills), 20):  # ~8 s of steady fills
+                        await publish(nc, "nyc", fills[i : i + 20])
+                        await asyncio.sleep(0.25)
+
+                feeder = asyncio.create_task(feed())
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(server.stop)  # PostgreSQL is gone for ~6 s
+                t_down = time.monotonic()
+                await asyncio.sleep(6.0)
+                mid = w.metric("ledger_backlog_fills")
+                await asyncio.to_thread(server.start)
+                await feeder
+                await wait_for(
+                    lambda: count(dsn, tag) == (2 * len(fills), 4 * len(fills)),
+                    30,
+                    "backlog drained",
+                )
+                drained_s = time.monotonic() - t_down
+                assert w.metric("ledger_db_retries_total", kind="connection") >= 1
+                assert mid >= 0
+                assert drained_s < 30
+        finally:
+            await nc.close()
+        report = verify(dsn)
+        assert report.ok, [str(p) for p in report.problems]
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(base, ignore_errors=True)
