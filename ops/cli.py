@@ -46,7 +46,7 @@ def _progress(msg: str) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from ops.devstack import Devstack, MeshPlan
-    from ops.services import devstack_workers
+    from ops.services import devstack_workers, start_telemetry
     from regions.topology import load_topology
 
     run_dir: Path = args.run_dir
@@ -61,7 +61,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     plan = MeshPlan.fixed(topo, run_dir, sync_always=args.durable)
     ds = Devstack(plan, detach=True, progress=_progress)
     print(f"meridian up: {len(topo.regions)} regions, run dir {run_dir}", file=sys.stderr)
-    ds.up(workers=() if args.no_workers else devstack_workers())
+    ds.up(
+        workers=() if args.no_workers else devstack_workers(),
+        after=None if args.no_workers else start_telemetry,
+    )
     _print_status(ds.status(), plan_view=ds)
     return 0
 

@@ -239,7 +239,12 @@ class Devstack:
 
     # ---- lifecycle --------------------------------------------------------------------------
     def up(
-        self, *, with_pg: bool = True, with_redis: bool = True, workers: Sequence[WorkerSpec] = ()
+        self,
+        *,
+        with_pg: bool = True,
+        with_redis: bool = True,
+        workers: Sequence[WorkerSpec] = (),
+        after: Callable[[Devstack], None] | None = None,
     ) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.creds.save(self.run_dir / "credentials.json")
@@ -257,6 +262,8 @@ class Devstack:
                 for region in self.topology.codes:
                     for name, argv in spec(self, region):
                         self.start_worker(name, region, argv)
+            if after is not None:
+                after(self)
         except BaseException:
             self.down()
             raise
@@ -352,6 +359,10 @@ class Devstack:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname='meridian'").fetchone():
                 conn.execute("CREATE DATABASE meridian")
+        from ledger.migrations import migrate
+
+        self.progress("applying ledger migrations")
+        migrate(self.pg_dsn, self.topology)
 
     def start_redis(self) -> None:
         self.progress(f"starting Redis (port {self.plan.redis_port})")

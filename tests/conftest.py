@@ -9,6 +9,8 @@ suite stays fast while every WAN hop stays visible.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -71,8 +73,11 @@ def topology(mesh: Mesh) -> Topology:
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    d = tmp_path_factory.mktemp("pg")
+def pg() -> Iterator[PostgresServer]:
+    # Outside pytest's temp root: a second pytest session resets that to mode 0700 and the
+    # postgres user (the server runs as it when we are root) would lose its data dir.
+    d = Path(tempfile.mkdtemp(prefix="meridian-pg-", dir="/tmp"))
+    d.chmod(0o755)
     (port,) = free_ports(1)
     # fsync off: test speed; durability claims are exercised by the devstack and drills
     server = PostgresServer(d / "data", port, d / "postgres.log", fsync=False)
@@ -81,6 +86,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
