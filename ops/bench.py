@@ -1,0 +1,475 @@
+"""``meridian bench``: how fast the mesh is, and how close to this machine's raw limits.
+
+One run measures, on a private mesh (free ports, real WAN latencies, PostgreSQL, Redis):
+
+1. raw ceilings of the machine: JetStream publish with pipelined acks (default flush and
+   fsync-always), core NATS request/reply round trip, PostgreSQL binary COPY of posting rows;
+2. the order path within one region at 1,000 orders/s offered: submit -> ack and submit ->
+   first execution report (order-to-execution), p50/p99/p99.9/max;
+3. an offered-load sweep (where latency bends) and the max sustainable rate, closed loop, for
+   one region and for all three together (one load process per region);
+4. fill -> ledger commit latency (from the ledger's own timestamps);
+5. the same order-path points with tracing off (the overhead of tracing);
+6. market data: quotes/s one region publishes and replicates to the two others, with lag.
+
+Writes ``<out>/bench-<time>.json`` and ``.md`` and prints the ratios to the raw ceilings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+from hdrh.histogram import HdrHistogram
+from nats.js.api import StreamConfig
+
+from ops.devstack import Devstack, MeshPlan
+from ops.loadgen import REFERENCE_MIDS, pct, run_load
+from ops.procs import NatsServer, PostgresServer, free_ports, nats_server_binary
+from regions.topology import load_topology
+from router.natsutil import AsyncPublisher
+
+BENCH_LIMITS = {
+    "collar_bps": 150,
+    "restricted_symbols": [],
+    "rate": {"orders_per_s": 1_000_000, "burst": 1_000_000},
+    "default_account": {"credit_limit_usd": 10**15},
+    "default_instrument": {"max_qty": 10**9, "max_notional_usd": 10**13},
+}
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- raw ceilings --------------------------------------------------------------------------------
+
+
+async def raw_js_publish(tmp: Path, *, n: int, sync_always: bool) -> dict[str, Any]:
+    port, mon = free_ports(2)
+    d = tmp / ("js-sync" if sync_always else "js")
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "js.conf"
+    sync = "sync_interval: always" if sync_always else ""
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
+        f'jetstream {{ store_dir: "{d / "store"}"\n {sync} }}\n'
+    )
+    srv = NatsServer("bench-js", conf, mon, d / "nats.log").start()
+    try:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        await nc.jetstream().add_stream(StreamConfig(name="RAW", subjects=["raw.>"]))
+        pub = await AsyncPublisher(nc, max_pending=1024).start()
+        payload = b"x" * 200
+        t0 = time.perf_counter()
+        futs = []
+        for i in range(n):
+            futs.append(await pub.publish(f"raw.{i % 16}", payload))
+        await asyncio.gather(*futs)
+        dt = time.perf_counter() - t0
+        await nc.close()
+        return {"msgs": n, "seconds": round(dt, 3), "msgs_per_s": round(n / dt)}
+    finally:
+        srv.stop()
+
+
+_RESPONDER = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def cb(m): await m.respond(m.data)
+    await nc.subscribe("rr.echo", cb=cb)
+    await nc.flush(); print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def raw_request_reply(tmp: Path, *, n: int) -> dict[str, Any]:
+    port, mon = free_ports(2)
+    conf = tmp / "rr.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n')
+    srv = NatsServer("bench-rr", conf, mon, tmp / "rr.log").start()
+    resp = subprocess.Popen(
+        [sys.executable, "-c", _RESPONDER, f"nats://127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert resp.stdout is not None
+        resp.stdout.readline()
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        h = HdrHistogram(1, 10_000_000, 3)
+        for _ in range(200):
+            await nc.request("rr.echo", b"x" * 200, timeout=2)
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            await nc.request("rr.echo", b"x" * 200, timeout=2)
+            h.record_value(max(1, (time.perf_counter_ns() - t0) // 1000))
+        await nc.close()
+        return {"requests": n, **pct(h)}
+    finally:
+        resp.kill()
+        srv.stop()
+
+
+def raw_pg_copy(tmp: Path, *, rows: int) -> dict[str, Any]:
+    (port,) = free_ports(1)
+    d = tmp / "pgraw"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o755)
+    pg = PostgresServer(d / "data", port, d / "pg.log", fsync=True).start()
+    try:
+        with psycopg.connect(pg.dsn()) as conn:
+            conn.execute(
+                "CREATE TABLE p (region text, id bigint, transfer_id text, "
+                "account text, currency text, amount bigint, recorded_ns bigint, "
+                "hash bytea)"
+            )
+            conn.commit()
+            t0 = time.perf_counter()
+            batch = 1000
+            for start in range(0, rows, batch):
+                with conn.cursor() as cur, cur.copy("COPY p FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(["text", "int8", "text", "text", "text", "int8", "int8", "bytea"])
+                    for i in range(start, min(rows, start + batch)):
+                        cp.write_row(
+                            (
+                                "lon",
+                                i,
+                                f"T-lon-EURUSD-{i}:base",
+                                "LON-HF-01",
+                                "EUR",
+                                1_000_000,
+                                time.time_ns(),
+                                b"\x00" * 32,
+                            )
+                        )
+                conn.commit()
+            dt = time.perf_counter() - t0
+        return {
+            "rows": rows,
+            "seconds": round(dt, 3),
+            "rows_per_s": round(rows / dt),
+            "fsync": True,
+            "rows_per_txn": 1000,
+        }
+    finally:
+        pg.stop()
+
+
+# ---- the mesh ------------------------------------------------------------------------------------
+
+
+async def _set_limits(ds: Devstack) -> None:
+    nc = await ds.connect(ds.topology.hub)
+    try:
+        for r in ds.topology.codes:
+            kv = await nc.jetstream(domain=r).key_value("RISKCFG")
+            await kv.put("limits", json.dumps(BENCH_LIMITS).encode())
+    finally:
+        await nc.close()
+    await asyncio.sleep(1.0)
+
+
+def _seed_tob(ds: Devstack) -> None:
+    import redis
+
+    r = redis.Redis.from_url(ds.redis_url)
+    try:
+        for view in ds.topology.codes:
+            for sym, mid in REFERENCE_MIDS.items():
+                r.hset(f"tob:{view}:{sym}", mapping={"bid_px": mid - 2, "ask_px": mid + 2})
+    finally:
+        r.close()
+
+
+def start_bench_mesh(tmp: Path) -> Devstack:
+    from ops.services import ledger_workers, order_path_workers
+
+    run_dir = tmp / "mesh"
+    plan = MeshPlan.free(load_topology(), run_dir, latency_scale=1.0, pg_fsync=True)
+    ds = Devstack(plan, progress=lambda m: say(m))
+    ds.up(with_pg=True, with_redis=True, workers=(order_path_workers, ledger_workers))
+    _seed_tob(ds)
+    asyncio.run(_set_limits(ds))
+    return ds
+
+
+def restart_order_path(ds: Devstack, *, tracing: bool) -> None:
+    os.environ["MERIDIAN_TRACING"] = "on" if tracing else "off"
+    for name in [
+        n for n in list(ds.records) if n.split("-")[0] in ("gateway", "risk", "execution")
+    ]:
+        ds.procs[name].stop()
+        ds.restart_worker(name)
+
+
+def subprocess_load(
+    ds: Devstack, regions: list[str], *, seconds: float, inflight: int, run_id: str
+) -> list[dict[str, Any]]:
+    procs = []
+    for r in regions:
+        argv = [
+            sys.executable,
+            "-m",
+            "ops.loadgen",
+            "--region",
+            r,
+            "--seconds",
+            str(seconds),
+            "--inflight",
+            str(inflight),
+            "--run-id",
+            f"{run_id}{r}",
+            "--topology",
+            ds.topology.source,
+        ]
+        for u in ds.urls(r, "desk"):
+            argv += ["--nats-url", u]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=seconds + 60)
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def ledger_lag(ds: Devstack, since_ns: int) -> dict[str, Any]:
+    """Fill (matching time) -> ledger commit (recorded time), from the ledger's rows."""
+    h = HdrHistogram(1, 600_000_000, 3)
+    with psycopg.connect(ds.pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT recorded_ns - transact_ns FROM transfers WHERE transact_ns >= %s", (since_ns,)
+        ).fetchall()
+    for (d,) in rows:
+        h.record_value(max(1, int(d) // 1000))
+    return {"transfers": len(rows), **pct(h)}
+
+
+async def _in_process(
+    ds: Devstack,
+    region: str,
+    *,
+    seconds: float,
+    rate: float | None,
+    run_id: str,
+    inflight: int = 256,
+) -> dict[str, Any]:
+    return await run_load(
+        ds.urls(region, "desk"),
+        ds.topology,
+        region,
+        run_id=run_id,
+        seconds=seconds,
+        rate=rate,
+        inflight=inflight,
+    )
+
+
+def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    dur = 4.0 if quick else 10.0
+    sweep = [500, 1000, 2000, 3000] if quick else [500, 1000, 2000, 3000, 4000, 6000, 8000]
+    step = 3.0 if quick else 6.0
+    t_start = time.time_ns()
+    say(f"order path, lon, 1,000 orders/s offered for {dur:.0f} s")
+    res["latency_1000"] = asyncio.run(_in_process(ds, "lon", seconds=dur, rate=1000, run_id="l1k"))
+    res["sweep"] = []
+    for rate in sweep:
+        say(f"sweep: {rate} orders/s offered for {step:.0f} s")
+        res["sweep"].append(
+            asyncio.run(_in_process(ds, "lon", seconds=step, rate=rate, run_id=f"s{rate}"))
+        )
+    say(f"max sustainable, one region (closed loop, 512 in flight) for {dur:.0f} s")
+    res["max_one_region"] = subprocess_load(ds, ["lon"], seconds=dur, inflight=512, run_id="m1")[0]
+    say(f"max sustainable, three regions at once for {dur:.0f} s")
+    three = subprocess_load(ds, list(ds.topology.codes), seconds=dur, inflight=256, run_id="m3")
+    res["max_three_regions"] = {
+        "per_region": three,
+        "completed_per_s": round(sum(x["completed_per_s"] for x in three), 1),
+        "acked_per_s": round(sum(x["acked_per_s"] for x in three), 1),
+    }
+    time.sleep(2.0)
+    res["fill_to_ledger"] = ledger_lag(ds, t_start)
+    say("tracing off: re-running the 1,000/s point and the one-region maximum")
+    restart_order_path(ds, tracing=False)
+    asyncio.run(_set_limits(ds))
+    res["tracing_off"] = {
+        "latency_1000": asyncio.run(
+            _in_process(ds, "lon", seconds=dur, rate=1000, run_id="l1koff")
+        ),
+        "max_one_region": subprocess_load(ds, ["lon"], seconds=dur, inflight=512, run_id="m1off")[
+            0
+        ],
+    }
+    restart_order_path(ds, tracing=True)
+    return res
+
+
+async def md_bench(quick: bool, tmp: Path) -> dict[str, Any] | None:
+    try:
+        from replication.bench import bench_md
+    except ImportError:
+        return None
+    try:
+        result: dict[str, Any] = await bench_md(quick=quick, tmp=tmp)  # type: ignore[call-arg]
+        return result
+    except TypeError:
+        return None
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def _row(name: str, d: dict[str, Any]) -> str:
+    a, e = d.get("submit_to_ack", {}), d.get("order_to_execution", {})
+
+    def f(x: dict[str, Any], k: str) -> str:
+        v = x.get(k)
+        return f"{v:.2f}" if isinstance(v, int | float) else "-"
+
+    return (
+        f"| {name} | {d.get('offered_per_s') or 'closed loop'} | {d.get('acked_per_s')} | "
+        f"{d.get('completed_per_s')} | {f(a, 'p50_ms')} / {f(a, 'p99_ms')} / "
+        f"{f(a, 'p99_9_ms')} / {f(a, 'max_ms')} | {f(e, 'p50_ms')} / {f(e, 'p99_ms')} / "
+        f"{f(e, 'p99_9_ms')} / {f(e, 'max_ms')} |"
+    )
+
+
+def markdown(r: dict[str, Any]) -> str:
+    raw, mesh = r["raw"], r.get("mesh", {})
+    lines = [
+        f"## Run {r['started']} ({'quick' if r['quick'] else 'full'})",
+        "",
+        f"Machine: {r['machine']['cpus']} cores, Python {r['machine']['python']}, "
+        f"{r['machine']['nats_server']}. Command: `{r['command']}`.",
+        "",
+        "### Raw ceilings of this machine",
+        "",
+        "| what | result |",
+        "|---|---|",
+        f"| JetStream publish, pipelined acks (default flush) | "
+        f"{raw['js_publish']['msgs_per_s']:,} msgs/s |",
+        f"| JetStream publish, pipelined acks, `sync_interval: always` | "
+        f"{raw['js_publish_fsync']['msgs_per_s']:,} msgs/s |",
+        f"| core NATS request/reply, one at a time | p50 {raw['request_reply']['p50_ms']:.3f} ms,"
+        f" p99 {raw['request_reply']['p99_ms']:.3f} ms |",
+        f"| PostgreSQL binary COPY, 1,000 posting rows/txn, fsync on | "
+        f"{raw['pg_copy']['rows_per_s']:,} rows/s |",
+        "",
+    ]
+    if mesh:
+        lines += [
+            "### Order path (lon desk, lon symbols; crossing pairs, so every pair trades)",
+            "",
+            "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
+            " order->execution ms p50/p99/p99.9/max |",
+            "|---|---|---|---|---|---|",
+            _row("1,000/s, tracing on", mesh["latency_1000"]),
+            _row("1,000/s, tracing off", mesh["tracing_off"]["latency_1000"]),
+        ]
+        for s in mesh["sweep"]:
+            lines.append(_row(f"sweep {s['offered_per_s']}/s", s))
+        lines += [
+            _row("max, one region, tracing on", mesh["max_one_region"]),
+            _row("max, one region, tracing off", mesh["tracing_off"]["max_one_region"]),
+        ]
+        for x in mesh["max_three_regions"]["per_region"]:
+            lines.append(_row(f"max, all three at once: {x['region']}", x))
+        fl = mesh["fill_to_ledger"]
+        lines += [
+            "",
+            f"All three regions together: **{mesh['max_three_regions']['completed_per_s']:,}"
+            f" orders/s** executed end to end "
+            f"({mesh['max_three_regions']['acked_per_s']:,} acked/s).",
+            "",
+            f"Fill -> ledger commit ({fl.get('transfers', 0)} transfers): p50 "
+            f"{fl.get('p50_ms', 0):.1f} ms, p99 {fl.get('p99_ms', 0):.1f} ms, "
+            f"max {fl.get('max_ms', 0):.1f} ms.",
+            "",
+        ]
+    if r.get("ratios"):
+        lines += ["### Ratios to the raw ceilings", ""]
+        lines += [f"- {k}: {v}" for k, v in r["ratios"].items()]
+        lines.append("")
+    if r.get("md"):
+        lines += ["### Market data", "", "```", json.dumps(r["md"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def ratios(r: dict[str, Any]) -> dict[str, str]:
+    raw, mesh = r["raw"], r.get("mesh")
+    if not mesh:
+        return {}
+    js = raw["js_publish"]["msgs_per_s"]
+    one = mesh["max_one_region"]["completed_per_s"]
+    three = mesh["max_three_regions"]["completed_per_s"]
+    rr = raw["request_reply"]["p50_ms"]
+    ack = mesh["latency_1000"]["submit_to_ack"].get("p50_ms", 0)
+    return {
+        "one-region orders/s / raw JetStream publishes/s": f"{one / js:.3f}",
+        "three-region orders/s / raw JetStream publishes/s": f"{three / js:.3f}",
+        "submit->ack p50 / raw request-reply p50": f"{ack / rr:.1f}x" if rr else "-",
+        "JetStream writes per executed order (ORDERS, RISKLOG share, EXEC, EXECOUT reports "
+        "and fill)": "~4.5",
+    }
+
+
+async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    r: dict[str, Any] = {
+        "started": started,
+        "quick": quick,
+        "command": "meridian bench" + (" --quick" if quick else ""),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "nats_server": subprocess.run(
+                [str(nats_server_binary()), "--version"], capture_output=True, text=True
+            ).stdout.strip(),
+        },
+    }
+    say("raw ceilings: JetStream publish (default flush)")
+    n = 20_000 if quick else 100_000
+    r["raw"] = {"js_publish": await raw_js_publish(tmp, n=n, sync_always=False)}
+    say("raw ceilings: JetStream publish (fsync every write)")
+    r["raw"]["js_publish_fsync"] = await raw_js_publish(tmp, n=n // 4, sync_always=True)
+    say("raw ceilings: core request/reply round trip")
+    r["raw"]["request_reply"] = await raw_request_reply(tmp, n=1000 if quick else 5000)
+    say("raw ceilings: PostgreSQL COPY")
+    r["raw"]["pg_copy"] = await asyncio.to_thread(
+        raw_pg_copy, tmp, rows=50_000 if quick else 200_000
+    )
+    say("starting a private 3-region mesh for the order path")
+    ds = await asyncio.to_thread(start_bench_mesh, tmp)
+    try:
+        r["mesh"] = await asyncio.to_thread(run_mesh_benchmarks, ds, quick)
+    finally:
+        await asyncio.to_thread(ds.down)
+    md = await md_bench(quick, tmp)
+    if md is not None:
+        r["md"] = md
+    r["ratios"] = ratios(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{started.replace(':', '')}{'-quick' if quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(r, indent=1))
+    md_text = markdown(r)
+    stem.with_suffix(".md").write_text(md_text + "\n")
+    print(md_text)
+    print(f"\nresults: {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    with contextlib.suppress(Exception):
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
