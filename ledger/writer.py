@@ -104,42 +104,51 @@ class WriterMetrics:
     def __init__(self, registry: CollectorRegistry, region: str) -> None:
         lb = ("region",)
         self.batch_size = Histogram(
-            "ledger_batch_fills",
+            "meridian_ledger_batch_size",
             "Fills per committed batch",
             lb,
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
         ).labels(region)
         self.commit_latency = Histogram(
-            "ledger_commit_seconds",
+            "meridian_ledger_commit_seconds",
             "Batch transaction time incl. commit",
             lb,
             registry=registry,
             buckets=_SUB_MS_BUCKETS,
         ).labels(region)
         self.postings = Counter(
-            "ledger_postings", "Postings written", lb, registry=registry
+            "meridian_ledger_postings", "Postings written", lb, registry=registry
         ).labels(region)
         self.transfers = Counter(
-            "ledger_transfers", "Transfers written", lb, registry=registry
+            "meridian_ledger_transfers", "Transfers written", lb, registry=registry
         ).labels(region)
         self.replays = Counter(
-            "ledger_transfers_replayed", "Transfers already posted (no-op)", lb, registry=registry
+            "meridian_ledger_transfers_replayed",
+            "Transfers already posted (no-op)",
+            lb,
+            registry=registry,
         ).labels(region)
         self.rejected = Counter(
-            "ledger_fills_rejected", "Malformed fills terminated", (*lb, "field"), registry=registry
+            "meridian_ledger_fills_rejected",
+            "Malformed fills terminated",
+            (*lb, "field"),
+            registry=registry,
         )
         self.retries = Counter(
-            "ledger_db_retries", "Whole-transaction retries", (*lb, "kind"), registry=registry
+            "meridian_ledger_db_retries",
+            "Whole-transaction retries",
+            (*lb, "kind"),
+            registry=registry,
         )
         self.backlog = Gauge(
-            "ledger_backlog_fills",
+            "meridian_ledger_backlog",
             "Fills in JetStream not yet committed (pending + held)",
             lb,
             registry=registry,
         ).labels(region)
         self.db_up = Gauge(
-            "ledger_db_up", "1 while the database answers", lb, registry=registry
+            "meridian_ledger_db_up", "1 while the database answers", lb, registry=registry
         ).labels(region)
         self.region = region
 

@@ -191,22 +191,25 @@ async def test_fills_of_every_region_land_in_their_partitions_and_replays_are_no
                         (f"%-{tag}-%",),
                     ).fetchone()
                     assert n == (4 * len(fills), c, c)
-            assert ws["lon"].metric("ledger_fills_rejected_total", field="payload") == 1
-            assert ws["lon"].metric("ledger_fills_rejected_total", field="buy_account") == 1
+            assert ws["lon"].metric("meridian_ledger_fills_rejected_total", field="payload") == 1
+            assert (
+                ws["lon"].metric("meridian_ledger_fills_rejected_total", field="buy_account") == 1
+            )
             before = snapshot(ldb, tag)
             # replay every fill event twice
             for c, fills in per_region.items():
                 await publish(ncs[c], c, fills + fills)
             await wait_for(
                 lambda: all(
-                    ws[c].metric("ledger_transfers_replayed_total") >= 160 for c in topology.codes
+                    ws[c].metric("meridian_ledger_transfers_replayed_total") >= 160
+                    for c in topology.codes
                 ),
                 20,
                 "replays processed",
             )
             assert snapshot(ldb, tag) == before
             assert all(
-                ws[c].metric("ledger_postings_total") == 160 + (20 if c == "lon" else 0)
+                ws[c].metric("meridian_ledger_postings_total") == 160 + (20 if c == "lon" else 0)
                 for c in topology.codes
             )
         finally:
@@ -252,7 +255,7 @@ async def test_writer_killed_mid_batch_and_connection_cut_lose_and_duplicate_not
                 30,
                 "every fill exactly once",
             )
-            assert w2.metric("ledger_db_retries_total", kind="connection") >= 1
+            assert w2.metric("meridian_ledger_db_retries_total", kind="connection") >= 1
     finally:
         await nc.close()
     with psycopg.connect(ldb) as c:
@@ -296,7 +299,7 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
                 await asyncio.to_thread(server.stop)  # PostgreSQL is gone for ~6 s
                 t_down = time.monotonic()
                 await asyncio.sleep(6.0)
-                mid = w.metric("ledger_backlog_fills")
+                mid = w.metric("meridian_ledger_backlog")
                 await asyncio.to_thread(server.start)
                 await feeder
                 await wait_for(
@@ -305,7 +308,7 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
                     "backlog drained",
                 )
                 drained_s = time.monotonic() - t_down
-                assert w.metric("ledger_db_retries_total", kind="connection") >= 1
+                assert w.metric("meridian_ledger_db_retries_total", kind="connection") >= 1
                 assert mid >= 0
                 assert drained_s < 30
         finally:

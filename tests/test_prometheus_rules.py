@@ -108,7 +108,7 @@ def test_promtool_rule_unit_tests_fire_the_replication_lag_alert() -> None:
 def test_rule_unit_test_fails_when_the_alert_does_not_fire(tmp_path: Path) -> None:
     # The unit test must be able to fail: raise the lag threshold so the alert never fires.
     text = RULES_FILE.read_text()
-    raised = text.replace("max by (link) (meridian_replication_lag_seconds) > 5", "... > 500")
+    raised = text.replace("max by (link) (meridian_replication_lag_p99_seconds) > 5", "... > 500")
     assert raised != text
     raised = raised.replace("... > 500", "max by (link) (meridian_replication_lag_seconds) > 500")
     (tmp_path / "rules.yml").write_text(raised)

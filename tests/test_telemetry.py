@@ -51,7 +51,7 @@ ISSUE_SERIES = {
     "meridian_ledger_batch_size",
     "meridian_ledger_commit_seconds",
     "meridian_ledger_backlog",
-    "meridian_replication_lag_seconds",
+    "meridian_replication_lag_p99_seconds",
     "meridian_md_gaps_total",
     "meridian_reconnects_total",
     "meridian_kill_switch_engaged",
@@ -102,8 +102,8 @@ def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     m.ledger_batch_size.observe(250)
     m.ledger_commit_seconds.observe(0.004)
     m.ledger_backlog.set(42)
-    m.replication_lag("lon-sgp").set(0.25)
-    m.md_gaps("AUDUSD").inc()
+    m.replication_lag("lon->sgp").set(0.25)
+    m.md_gaps("sgp->lon").inc()
     m.reconnects.inc()
     m.kill_switch_engaged("desk").set(1)
 
@@ -114,8 +114,8 @@ def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     assert _value(reg, "meridian_fills_total", symbol="USDJPY", **base) == 4
     assert _value(reg, "meridian_book_depth", symbol="USDJPY", side="buy", **base) == 7
     assert _value(reg, "meridian_consumer_pending", stream="EXEC", consumer="exec-worker") == 11
-    assert _value(reg, "meridian_replication_lag_seconds", link="lon-sgp", **base) == 0.25
-    assert _value(reg, "meridian_md_gaps_total", symbol="AUDUSD", **base) == 1
+    assert _value(reg, "meridian_replication_lag_p99_seconds", link="lon->sgp", **base) == 0.25
+    assert _value(reg, "meridian_md_gaps_total", link="sgp->lon", **base) == 1
     assert _value(reg, "meridian_kill_switch_engaged", scope="desk", **base) == 1
     # Closed label sets start at 0 so rate()/alerts work before the first event.
     assert _value(reg, "meridian_risk_decisions_total", decision="reject", **base) == 0
@@ -138,8 +138,8 @@ def test_label_values_are_bounded(topo: Topology) -> None:
         m.fills("XXXYYY")
     assert e.value.field == "symbol" and e.value.value == "XXXYYY"
     with pytest.raises(LabelError):
-        m.replication_lag("lon-tyo")
-    m.replication_lag("sgp-lon")  # both directions of a topology link are allowed
+        m.replication_lag("lon->tyo")
+    m.replication_lag("sgp->lon")  # both directions of a topology link are allowed
     with pytest.raises(LabelError):
         m.order_rejects("SOMETHING_ELSE")
     with pytest.raises(LabelError):

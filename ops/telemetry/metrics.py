@@ -95,7 +95,7 @@ class MeridianMetrics:
         if topology is not None:
             self._symbols = tuple(i.symbol for i in topology.instruments)
             self._links = tuple(
-                n for ln in topology.links for n in (f"{ln.a}-{ln.b}", f"{ln.b}-{ln.a}")
+                n for ln in topology.links for n in (f"{ln.a}->{ln.b}", f"{ln.b}->{ln.a}")
             )
         self._streams = (*(s.name for s in region_streams(region)), "MDVIEW")
         self._children: dict[tuple[int, str, str], object] = {}
@@ -152,11 +152,12 @@ class MeridianMetrics:
             "meridian_ledger_backlog", "Fills received but not yet committed to the ledger."
         )
         self._replication_lag = gauge(
-            "meridian_replication_lag_seconds",
-            "Age of the newest replicated event not yet applied, per directed link.",
+            "meridian_replication_lag_p99_seconds",
+            "Market-data replication lag p99 (source timestamp to arrival), per directed link;"
+            " the full distribution is meridian_replication_lag_seconds (histogram).",
             "link",
         )
-        self._md_gaps = counter("meridian_md_gaps", "Market-data sequence gaps detected.", "symbol")
+        self._md_gaps = counter("meridian_md_gaps", "Market-data sequence gaps detected.", "link")
         self._reconnects = counter("meridian_reconnects", "Reconnections to NATS.")
         self._kill_switch = gauge(
             "meridian_kill_switch_engaged", "Kill switches currently engaged, by scope.", "scope"
@@ -214,12 +215,12 @@ class MeridianMetrics:
         return self._child(self._consumer_pending, "consumer", consumer, None, st)
 
     def replication_lag(self, link: str) -> Gauge:
-        """Gauge (seconds) of replication lag on directed ``link`` (``"<from>-<to>"``)."""
+        """Gauge (seconds): replication lag p99 on directed ``link`` (``"<from>-><to>"``)."""
         return self._child(self._replication_lag, "link", link, self._links)
 
-    def md_gaps(self, symbol: str) -> Counter:
-        """Counter of market-data gaps in ``symbol``."""
-        return self._child(self._md_gaps, "symbol", symbol, self._symbols)
+    def md_gaps(self, link: str) -> Counter:
+        """Counter of market-data gaps on directed ``link`` (``"<from>-><to>"``)."""
+        return self._child(self._md_gaps, "link", link, self._links)
 
     def kill_switch_engaged(self, scope: str | KillScope) -> Gauge:
         """Gauge: number of kill switches engaged at ``scope`` (account, desk, global)."""

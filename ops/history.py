@@ -1,0 +1,253 @@
+"""``meridian order history``: one order's whole life, across regions, for compliance.
+
+Pieced together from the records the platform already keeps (nothing extra is written on the
+order path):
+
+* entry: the request in the home region's ``ORDERS`` stream (subject derived from account
+  and cl_ord_id; headers carry the entry region, accept time and order id);
+* routing and risk decision: the home region's ``RISKLOG`` (decision records with the
+  recorded reference price and rate verdict, and risk rejects);
+* execution: every report of the order in every region's ``EXECOUT``;
+* ledger: the transfers and postings of each of the order's trades.
+
+Reads only; compliance credentials suffice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import nats
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from regions.topology import Topology
+from router import contract, ids, subjects
+from router.contract import CancelReject, ExecutionReport
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, H_ORDER_ID
+
+
+@dataclass
+class Event:
+    ts_ns: int
+    where: str
+    what: str
+    detail: str
+
+
+@dataclass
+class History:
+    account: str
+    order_id: str
+    cl_ord_ids: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    trade_ids: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [
+            f"order {self.order_id}  account {self.account}  "
+            f"cl_ord_ids {', '.join(self.cl_ord_ids) or '-'}"
+        ]
+        t0 = min((e.ts_ns for e in self.events if e.ts_ns), default=0)
+        for e in sorted(self.events, key=lambda e: e.ts_ns or 0):
+            dt = (e.ts_ns - t0) / 1e6 if e.ts_ns and t0 else 0.0
+            lines.append(f"  +{dt:10.3f} ms  {e.where:<14} {e.what:<22} {e.detail}")
+        if not self.events:
+            lines.append("  (nothing found)")
+        return "\n".join(lines)
+
+
+async def _read_subject(
+    nc: NATS, domain: str, stream: str, subject: str, timeout_s: float = 2.0
+) -> list[Any]:
+    """Every stored message on ``subject`` in ``stream`` of ``domain`` (ordered replay)."""
+    js = nc.jetstream(domain=domain)
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except Exception:
+        return []
+    total = sum((info.state.subjects or {}).values())
+    if not total:
+        return []
+    cfg = ConsumerConfig(filter_subject=subject, deliver_policy=DeliverPolicy.ALL)
+    sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
+    out: list[Any] = []
+    try:
+        while len(out) < total:
+            try:
+                out.extend(await sub.fetch(min(256, total - len(out)), timeout=timeout_s))
+            except nats.errors.TimeoutError:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
+
+
+async def find_account(nc: NATS, topology: Topology, ref: str) -> tuple[str, str] | None:
+    """(account, order_id) for a cl_ord_id or order id, trying every account."""
+    for acct in topology.accounts():
+        if ids.order_id(acct, ref) and await _orders_msg(nc, topology, acct, ref) is not None:
+            return acct, ids.order_id(acct, ref)
+    for acct in topology.accounts():
+        for m in await _reports(nc, topology, acct):
+            if m[1].order_id == ref:
+                return acct, ref
+    return None
+
+
+async def _orders_msg(nc: NATS, topology: Topology, account: str, cl_ord_id: str) -> Any:
+    home = topology.account_home(account)
+    key = subjects.request_key(account, cl_ord_id)
+    js = nc.jetstream(domain=home)
+    try:
+        return await js.get_last_msg("ORDERS", subjects.orders(home, account, key), direct=True)
+    except Exception:
+        return None
+
+
+async def _reports(
+    nc: NATS, topology: Topology, account: str
+) -> list[tuple[str, ExecutionReport | CancelReject]]:
+    home = topology.account_home(account)
+    found: list[tuple[str, ExecutionReport | CancelReject]] = []
+    wanted = [(x, "EXECOUT", subjects.report_exec(x, home, account)) for x in topology.codes]
+    wanted.append((home, "RISKLOG", subjects.report_risk(home, account)))
+    for region, stream, subj in wanted:
+        for m in await _read_subject(nc, region, stream, subj):
+            with contextlib.suppress(Exception):
+                kind = (m.headers or {}).get(H_KIND, "ExecutionReport")
+                cls = CancelReject if kind == "CancelReject" else ExecutionReport
+                found.append((f"{region}/{stream}", contract.decode(cls, m.data)))
+    return found
+
+
+async def order_history(
+    nc: NATS, topology: Topology, ref: str, *, account: str | None = None, dsn: str | None = None
+) -> History | None:
+    if account is None:
+        hit = await find_account(nc, topology, ref)
+        if hit is None:
+            return None
+        account, order_id = hit
+    else:
+        order_id = (
+            ref
+            if await _orders_msg(nc, topology, account, ref) is None
+            else ids.order_id(account, ref)
+        )
+    h = History(account=account, order_id=order_id)
+    home = topology.account_home(account)
+
+    reports = [(w, r) for w, r in await _reports(nc, topology, account) if r.order_id == order_id]
+    cl_ids = {r.cl_ord_id for _, r in reports} | {
+        r.orig_cl_ord_id for _, r in reports if r.orig_cl_ord_id
+    }
+    if not reports:
+        cl_ids.add(ref)
+    h.cl_ord_ids = sorted(cl_ids)
+    # entry: every request (new, cancel, replace) known by one of the order's cl_ord_ids
+    for cl in sorted(cl_ids):
+        m = await _orders_msg(nc, topology, account, cl)
+        if m is None:
+            continue
+        hdr = m.headers or {}
+        op = hdr.get(H_OP, "?")
+        body = msgpack.unpackb(m.data, raw=False)
+        detail = (
+            f"cl={cl} entered in {hdr.get(H_ENTRY_REGION, '?')}, stored in {home} "
+            f"ORDERS seq {m.seq}: "
+            + ", ".join(f"{k}={v}" for k, v in body.items() if k not in ("v", "account"))
+        )
+        h.events.append(
+            Event(int(hdr.get(H_ACCEPTED_NS, 0) or 0), f"{home}/ORDERS", f"accepted ({op})", detail)
+        )
+        if hdr.get(H_ORDER_ID) and op == "new":
+            h.order_id = hdr[H_ORDER_ID]
+    # risk decisions
+    for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home, "rec")):
+        with contextlib.suppress(Exception):
+            body = msgpack.unpackb(m.data, raw=False)
+            for rec in body.get("b", [body]):
+                if rec.get("k") != "order":
+                    continue
+                p = msgpack.unpackb(rec["p"], raw=False)
+                if p.get("account") != account or p.get("cl_ord_id") not in cl_ids:
+                    continue
+                ok, ref_px = rec.get("x") or [True, None]
+                outs = rec.get("o") or []
+                verdict = (
+                    "approved -> " + ", ".join(o[0] for o in outs)
+                    if outs and ".exe." in outs[0][0]
+                    else "rejected"
+                )
+                h.events.append(
+                    Event(
+                        int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1,
+                        f"{home}/RISKLOG",
+                        "risk decision",
+                        f"cl={p.get('cl_ord_id')} {verdict}; reference {ref_px}, rate ok {ok}",
+                    )
+                )
+    for where, r in reports:
+        if isinstance(r, CancelReject):
+            h.events.append(
+                Event(
+                    r.transact_ns, where, f"cancel reject ({r.response_to})", f"{r.reason} {r.text}"
+                )
+            )
+            continue
+        h.events.append(
+            Event(
+                r.transact_ns,
+                where,
+                f"{r.exec_type} {r.ord_status}",
+                f"exec_id={r.exec_id} cum {r.cum_qty} leaves {r.leaves_qty} "
+                f"last {r.last_qty}@{r.last_px} avg {r.avg_px}"
+                + (f" trade {r.trade_id}" if r.trade_id else "")
+                + (f" reason {r.reject_reason}" if r.reject_reason else ""),
+            )
+        )
+        if r.trade_id:
+            h.trade_ids.append(r.trade_id)
+    if dsn and h.trade_ids:
+        await asyncio.to_thread(_ledger_events, h, dsn, reports)
+    return h
+
+
+def _ledger_events(h: History, dsn: str, reports: list[Any]) -> None:
+    exec_region = {
+        r.trade_id: r.exec_region
+        for _, r in reports
+        if isinstance(r, ExecutionReport) and r.trade_id
+    }
+    with psycopg.connect(dsn) as conn:
+        for trade_id in sorted(set(h.trade_ids)):
+            region = exec_region.get(trade_id, "")
+            tids = [f"{trade_id}:base", f"{trade_id}:quote"]
+            rows = conn.execute(
+                "SELECT p.transfer_id, p.id, p.account, p.currency, p.amount, p.recorded_ns "
+                "FROM postings p WHERE p.region = %s AND p.transfer_id = ANY(%s) "
+                "AND p.account = %s ORDER BY p.id",
+                (region, tids, h.account),
+            ).fetchall()
+            if not rows:
+                h.events.append(
+                    Event(
+                        0, f"{region}/ledger", "NOT POSTED", f"trade {trade_id} has no postings yet"
+                    )
+                )
+            for transfer_id, pid, acct, ccy, amount, rec_ns in rows:
+                h.events.append(
+                    Event(
+                        int(rec_ns),
+                        f"{region}/ledger",
+                        "posting",
+                        f"{transfer_id} #{pid} {acct} {ccy} {amount:+d}",
+                    )
+                )
