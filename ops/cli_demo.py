@@ -15,14 +15,19 @@ def register(sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=45.0)
     p.add_argument("--rate", type=float, default=300.0, help="target orders/s, all desks")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--export-dir", type=Path, default=None,
-                   help="where the ledger export goes (default: <run-dir>/export)")
+    p.add_argument(
+        "--export-dir",
+        type=Path,
+        default=None,
+        help="where the ledger export goes (default: <run-dir>/export)",
+    )
     p.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark the mesh; writes JSON + markdown results")
     b.add_argument("--quick", action="store_true", help="short run (< 2 minutes)")
-    b.add_argument("--out", type=Path, default=Path("docs/bench"),
-                   help="directory for result files")
+    b.add_argument(
+        "--out", type=Path, default=Path("docs/bench"), help="directory for result files"
+    )
     b.set_defaults(func=cmd_bench)
 
 
@@ -40,8 +45,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _demo(ds: Any, args: argparse.Namespace) -> int:
     from ops.demo import Demo, summary_table, wait_ledger_drained
 
-    print(f"demo: {args.seconds:.0f} s at ~{args.rate:.0f} orders/s across "
-          f"{len(ds.topology.desks)} desks in {', '.join(ds.topology.codes)}", flush=True)
+    print(
+        f"demo: {args.seconds:.0f} s at ~{args.rate:.0f} orders/s across "
+        f"{len(ds.topology.desks)} desks in {', '.join(ds.topology.codes)}",
+        flush=True,
+    )
     demo = Demo(ds, rate=args.rate, seconds=args.seconds, seed=args.seed)
     try:
         res = await demo.run()
@@ -66,16 +74,22 @@ def export_and_verify(ds: Any, export_dir: Path | None) -> tuple[str, bool]:
 
     out = export_dir or (ds.run_dir / "export")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = export_ledger(ds.pg_dsn, ExportRequest(regions=ds.topology.codes, out_dir=out),
-                             progress=sys.stderr)
+    manifest = export_ledger(
+        ds.pg_dsn, ExportRequest(regions=ds.topology.codes, out_dir=out), progress=sys.stderr
+    )
     rep = verify(ds.pg_dsn)
     chains = len(rep.heads) or len(ds.topology.codes)
-    imbalances = sum(1 for p in rep.problems if "BALANCE" in str(p.kind).upper()
-                     or "UNBALANCED" in str(p.kind).upper())
+    imbalances = sum(
+        1
+        for p in rep.problems
+        if "BALANCE" in str(p.kind).upper() or "UNBALANCED" in str(p.kind).upper()
+    )
     status = "verified" if rep.ok else "FAILED"
-    line = (f"ledger {status}: {rep.transfers_checked} transfers, {rep.postings_checked} "
-            f"postings, {imbalances} imbalances, {chains} chains "
-            f"{'intact' if rep.ok else 'BROKEN'}; export in {out}")
+    line = (
+        f"ledger {status}: {rep.transfers_checked} transfers, {rep.postings_checked} "
+        f"postings, {imbalances} imbalances, {chains} chains "
+        f"{'intact' if rep.ok else 'BROKEN'}; export in {out}"
+    )
     if not rep.ok:
         line += "\n" + "\n".join(f"  - {p}" for p in rep.problems[:10])
     del manifest
@@ -85,5 +99,8 @@ def export_and_verify(ds: Any, export_dir: Path | None) -> tuple[str, bool]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ops.bench import run_bench
 
-    return asyncio.run(run_bench(quick=args.quick, out_dir=args.out,
-                                 tmp=Path(tempfile.mkdtemp(prefix="meridian-bench-"))))
+    return asyncio.run(
+        run_bench(
+            quick=args.quick, out_dir=args.out, tmp=Path(tempfile.mkdtemp(prefix="meridian-bench-"))
+        )
+    )

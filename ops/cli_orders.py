@@ -68,6 +68,12 @@ def register(sub: Any) -> None:
     q.add_argument("--region", default="lon", help="region to connect to")
     q.set_defaults(func=_run(_book))
 
+    q = osub.add_parser("history", help="an order's whole life across regions (compliance)")
+    q.add_argument("ref", help="order id or client order id")
+    q.add_argument("--account", default=None, help="speeds up the search")
+    q.add_argument("--dsn", default=None, help="ledger DSN (default: the mesh's)")
+    q.set_defaults(func=_run(_history))
+
     p = sub.add_parser("risk", help="kill switches and runtime limits (risk officer)")
     rsub = p.add_subparsers(dest="risk_cmd", required=True)
     for name, engaged in (("kill", True), ("release", False)):
@@ -230,6 +236,24 @@ async def _book(args: argparse.Namespace) -> int:
         return 0
     finally:
         await nc.close()
+
+
+async def _history(args: argparse.Namespace) -> int:
+    from ops.history import order_history
+
+    args.region = "lon"
+    ds, nc = await _connect(args, role="compliance")
+    try:
+        h = await order_history(
+            nc, ds.topology, args.ref, account=args.account, dsn=args.dsn or ds.pg_dsn
+        )
+    finally:
+        await nc.close()
+    if h is None:
+        print(f"no order {args.ref!r} found in any region", file=sys.stderr)
+        return 1
+    print(h.render())
+    return 0
 
 
 async def _kill(args: argparse.Namespace) -> int:

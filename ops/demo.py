@@ -200,7 +200,9 @@ class Demo:
             tob = await self.top(self.topo.account_home(acct), sym) or await self.top(x, sym)
             if tob is not None:
                 side = self.rng.choice((Side.BUY, Side.SELL))
-                px = tob[1] if side is Side.BUY else tob[0]
+                # cross the touch by a few ticks: the makers' quotes lag the feed a little
+                slip = self.rng.randint(0, 8)
+                px = tob[1] + slip if side is Side.BUY else tob[0] - slip
                 qty = self.rng.choice((500_000, 1_000_000, 2_000_000))
                 cl = self._cl("H")
                 await self._send(

@@ -403,7 +403,15 @@ class Devstack:
             env=self.worker_env(),
             die_with_parent=not self.detach,
         )
-        self._start(p, kind="worker", region=region, timeout_s=60)
+        port = 0
+        for flag in ("--metrics-port", "--port"):
+            if flag in argv:
+                port = int(argv[argv.index(flag) + 1])
+        if any(a.startswith("--web.listen-address=") for a in argv):
+            port = int(
+                next(a for a in argv if a.startswith("--web.listen-address=")).rsplit(":", 1)[1]
+            )
+        self._start(p, kind="worker", region=region, port=port, timeout_s=60)
         return p
 
     def restart_worker(self, name: str) -> ManagedProcess:

@@ -122,8 +122,12 @@ async def _reports(
         for m in await _read_subject(nc, region, stream, subj):
             with contextlib.suppress(Exception):
                 kind = (m.headers or {}).get(H_KIND, "ExecutionReport")
-                cls = CancelReject if kind == "CancelReject" else ExecutionReport
-                found.append((f"{region}/{stream}", contract.decode(cls, m.data)))
+                rep: ExecutionReport | CancelReject = (
+                    contract.decode(CancelReject, m.data)
+                    if kind == "CancelReject"
+                    else contract.decode(ExecutionReport, m.data)
+                )
+                found.append((f"{region}/{stream}", rep))
     return found
 
 

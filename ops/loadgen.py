@@ -29,8 +29,14 @@ from regions.topology import Topology, load_topology
 from router import subjects
 
 REFERENCE_MIDS = {
-    "EURUSD": 108450, "GBPUSD": 126800, "EURGBP": 85530, "EURCHF": 95910,
-    "USDCAD": 136620, "USDMXN": 1724500, "USDJPY": 151200, "USDSGD": 134210,
+    "EURUSD": 108450,
+    "GBPUSD": 126800,
+    "EURGBP": 85530,
+    "EURCHF": 95910,
+    "USDCAD": 136620,
+    "USDMXN": 1724500,
+    "USDJPY": 151200,
+    "USDSGD": 134210,
     "AUDUSD": 65510,
 }
 """Reference mids in ticks used when no market-data feed runs (bench, tests)."""
@@ -68,21 +74,34 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "region": self.region, "seconds": round(self.seconds, 3),
-            "offered_per_s": self.offered_per_s, "sent": self.sent, "acked": self.acked,
-            "rejected": self.rejected, "timeouts": self.timeouts,
+            "region": self.region,
+            "seconds": round(self.seconds, 3),
+            "offered_per_s": self.offered_per_s,
+            "sent": self.sent,
+            "acked": self.acked,
+            "rejected": self.rejected,
+            "timeouts": self.timeouts,
             "completed": self.completed,
             "acked_per_s": round(self.acked / self.seconds, 1) if self.seconds else 0,
             "completed_per_s": round(self.completed / self.seconds, 1) if self.seconds else 0,
             "reject_reasons": self.reject_reasons,
-            "submit_to_ack": pct(self.ack), "order_to_execution": pct(self.first_report),
+            "submit_to_ack": pct(self.ack),
+            "order_to_execution": pct(self.first_report),
         }
 
 
 class Loader:
-    def __init__(self, nc: NATS, topology: Topology, region: str, *, run_id: str,
-                 symbols: list[str] | None = None, accounts: tuple[str, str] | None = None,
-                 qty: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        topology: Topology,
+        region: str,
+        *,
+        run_id: str,
+        symbols: list[str] | None = None,
+        accounts: tuple[str, str] | None = None,
+        qty: int = 1_000_000,
+    ) -> None:
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -101,11 +120,11 @@ class Loader:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
-        await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply,
-                                pending_msgs_limit=2_000_000)
+        await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply, pending_msgs_limit=2_000_000)
         for acct in (self.buyer, self.seller):
-            await self.nc.subscribe(subjects.reports_for_account(acct), cb=self._on_report,
-                                    pending_msgs_limit=2_000_000)
+            await self.nc.subscribe(
+                subjects.reports_for_account(acct), cb=self._on_report, pending_msgs_limit=2_000_000
+            )
         await self.nc.flush()
 
     def _payload(self, i: int) -> tuple[str, bytes, str]:
@@ -113,9 +132,18 @@ class Loader:
         sym = self.symbols[pair % len(self.symbols)]
         acct = self.buyer if leg == 0 else self.seller
         cl = f"B{self.run_id}-{i}"
-        body = {"v": 1, "account": acct, "cl_ord_id": cl, "symbol": sym,
-                "side": "BUY" if leg == 0 else "SELL", "ord_type": "LIMIT", "tif": "GTC",
-                "qty": self.qty, "price_ticks": REFERENCE_MIDS[sym], "sent_ns": time.time_ns()}
+        body = {
+            "v": 1,
+            "account": acct,
+            "cl_ord_id": cl,
+            "symbol": sym,
+            "side": "BUY" if leg == 0 else "SELL",
+            "ord_type": "LIMIT",
+            "tif": "GTC",
+            "qty": self.qty,
+            "price_ticks": REFERENCE_MIDS[sym],
+            "sent_ns": time.time_ns(),
+        }
         return subjects.entry(self.region, acct, "new"), msgpack.packb(body), cl
 
     async def send_one(self) -> None:
@@ -171,8 +199,14 @@ class Loader:
             r = str(raw.get("reject_reason"))
             res.reject_reasons[r] = res.reject_reasons.get(r, 0) + 1
 
-    async def run(self, *, seconds: float, rate: float | None = None, inflight: int = 256,
-                  drain_s: float = 3.0) -> LoadResult:
+    async def run(
+        self,
+        *,
+        seconds: float,
+        rate: float | None = None,
+        inflight: int = 256,
+        drain_s: float = 3.0,
+    ) -> LoadResult:
         """Open loop at ``rate`` orders/s, or closed loop with ``inflight`` outstanding."""
         self._res = res = LoadResult(region=self.region, seconds=seconds, offered_per_s=rate)
         t0 = time.perf_counter()
@@ -197,15 +231,24 @@ class Loader:
         res.seconds = time.perf_counter() - t0
         deadline = time.perf_counter() + drain_s
         while time.perf_counter() < deadline and (
-                res.acked + res.rejected < res.sent or len(self.first_seen) < res.acked):
+            res.acked + res.rejected < res.sent or len(self.first_seen) < res.acked
+        ):
             await asyncio.sleep(0.05)
         res.timeouts = res.sent - res.acked - res.rejected
         self._res = None
         return res
 
 
-async def run_load(urls: list[str], topology: Topology, region: str, *, run_id: str,
-                   seconds: float, rate: float | None, inflight: int = 256) -> dict[str, Any]:
+async def run_load(
+    urls: list[str],
+    topology: Topology,
+    region: str,
+    *,
+    run_id: str,
+    seconds: float,
+    rate: float | None,
+    inflight: int = 256,
+) -> dict[str, Any]:
     from ops.devstack import connect
 
     nc = await connect(urls, name=f"loadgen-{region}")
@@ -231,9 +274,15 @@ def main(argv: list[str] | None = None) -> None:
     from ops.runtime import run
 
     async def go() -> None:
-        out = await run_load(args.nats_url, load_topology(args.topology), args.region,
-                             run_id=args.run_id, seconds=args.seconds, rate=args.rate,
-                             inflight=args.inflight)
+        out = await run_load(
+            args.nats_url,
+            load_topology(args.topology),
+            args.region,
+            run_id=args.run_id,
+            seconds=args.seconds,
+            rate=args.rate,
+            inflight=args.inflight,
+        )
         sys.stdout.write(json.dumps(out) + "\n")
 
     run(go())

@@ -116,7 +116,7 @@ def md_workers(ds: Devstack, region: str) -> list[tuple[str, list[str]]]:
                 "--redis-url",
                 ds.redis_url,
                 "--rate",
-                "200",
+                "40",
                 "--metrics-port",
                 str(metrics_port(ds, region, "md")),
             ],
