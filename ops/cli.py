@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 unhealthy / check failed, 2 usage or setup error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -58,7 +59,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             return 2
     topo = load_topology(args.topology)
-    plan = MeshPlan.fixed(topo, run_dir, sync_always=args.durable)
+    if args.free_ports:
+        plan = MeshPlan.free(topo, run_dir, pg_fsync=True)
+        plan = dataclasses.replace(plan, sync_always=args.durable)
+    else:
+        plan = MeshPlan.fixed(topo, run_dir, sync_always=args.durable)
     ds = Devstack(plan, detach=True, progress=_progress)
     print(f"meridian up: {len(topo.regions)} regions, run dir {run_dir}", file=sys.stderr)
     ds.up(
@@ -191,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--durable", action="store_true", help="fsync every JetStream write (sync_interval: always)"
     )
     p.add_argument("--no-workers", action="store_true", help="servers only")
+    p.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="any free ports instead of the topology's (a second mesh beside one)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop everything `up` started")
