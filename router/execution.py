@@ -102,6 +102,7 @@ class ExecutionWorker:
             queue=self.queue,
             batch=512,
             tag="exec",
+            ack_all=True,
         )
         await self.loop.ensure_consumer()
         await self.rebuild()
@@ -244,8 +245,10 @@ class ExecutionWorker:
                     self._observe(out)
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
-        for m in good:
-            await m.ack()
+        # AckPolicy.ALL: acking the batch's last good command acks everything before it
+        # (bad ones were already terminated): one ack per batch
+        if good:
+            await good[-1].ack()
         if self.metrics is not None:
             for sym, book in self.books.items():
                 bids, asks = book.depth(1000)

@@ -90,6 +90,7 @@ class PullLoop:
         max_ack_pending: int = 20000,
         ack_wait_s: float = 30.0,
         tag: str = "",
+        ack_all: bool = False,
     ) -> None:
         self.nc = nc
         self.domain = domain
@@ -103,6 +104,8 @@ class PullLoop:
         self.max_ack_pending = max_ack_pending
         self.ack_wait_s = ack_wait_s
         self.tag = tag
+        self.ack_all = ack_all
+        """AckPolicy.ALL: acking a message acks every earlier one (one ack per batch)."""
         self._sub: Subscription | None = None
         self._inbox = ""
         self._remaining = 0
@@ -114,7 +117,7 @@ class PullLoop:
         js = self.nc.jetstream(domain=self.domain)
         cfg = ConsumerConfig(
             durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL if self.ack_all else AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=self.filter_subject,
             max_ack_pending=self.max_ack_pending,
