@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import psycopg
@@ -172,6 +173,7 @@ class LedgerWriter:
         nats_url: str | list[str],
         dsn: str,
         registry: CollectorRegistry | None = None,
+        tracer: Any = None,
     ) -> None:
         if config.region not in topology.codes:
             raise LedgerConfigError("region", f"{config.region!r} is not in the topology")
@@ -182,6 +184,8 @@ class LedgerWriter:
         self.dsn = libpq_dsn(dsn)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = WriterMetrics(self.registry, self.region)
+        self.tracer = tracer
+        """OpenTelemetry tracer; each fill gets a span from fetch to commit (None: off)."""
         self._db: psycopg.AsyncConnection[object] | None = None
         self._nc: NATS | None = None
         self.committed_batches = 0
@@ -278,6 +282,7 @@ class LedgerWriter:
 
     async def handle_batch(self, msgs: Sequence[Msg], stop: asyncio.Event) -> bool:
         """Post one fetched batch; acks only after commit. False when stopped before commit."""
+        t_fetch = time.time_ns()
         good: list[Msg] = []
         transfers: list[Transfer] = []
         for m in msgs:
@@ -303,12 +308,44 @@ class LedgerWriter:
         for m in good:
             with contextlib.suppress(Exception):
                 await m.ack()
+        if self.tracer is not None:
+            self._trace(good, transfers, t_fetch, time.time_ns())
         self.committed_batches += 1
         self.metrics.batch_size.observe(len(good))
         self.metrics.postings.inc(result.postings)
         self.metrics.transfers.inc(result.transfers_new)
         self.metrics.replays.inc(result.transfers_replayed)
         return True
+
+    def _trace(self, msgs: Sequence[Msg], transfers: list[Transfer], t0: int, t1: int) -> None:
+        """One CONSUMER span per fill, child of the execution span that published it."""
+        from opentelemetry.trace import SpanKind
+
+        from ops.telemetry.tracing import ORDER_ID, extract
+
+        by_trade = {t.trade_id: t for t in transfers}
+        for m in msgs:
+            hdrs = m.headers or {}
+            if "traceparent" not in hdrs:
+                continue
+            trade_id = hdrs.get("Nats-Msg-Id", "")
+            t = by_trade.get(trade_id)
+            span = self.tracer.start_span(
+                "process EXECOUT",
+                context=extract(hdrs),
+                kind=SpanKind.CONSUMER,
+                start_time=t0,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": m.subject,
+                    "messaging.operation.type": "process",
+                    "messaging.consumer.group.name": self.config.durable_name,
+                    "meridian.trade_id": trade_id,
+                    "meridian.ledger.region": self.region,
+                    ORDER_ID: _aggressor_order(m.data) or (t.trade_id if t else ""),
+                },
+            )
+            span.end(end_time=t1)
 
     async def _commit_with_retry(
         self, transfers: list[Transfer], held: Sequence[Msg], stop: asyncio.Event
@@ -384,7 +421,16 @@ async def _amain(args: argparse.Namespace) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+    tracer = None
+    with contextlib.suppress(Exception):
+        from ops.telemetry.logs import configure_logging
+        from ops.telemetry.tracing import setup_tracing
+
+        configure_logging(service="ledger", region=args.region)
+        tr = setup_tracing(service="ledger", region=args.region)
+        tracer = tr.tracer if tr.enabled else None
     writer = LedgerWriter(
+        tracer=tracer,
         topology=topology,
         config=WriterConfig(region=args.region, batch_max=args.batch, durable=args.durable or ""),
         nats_url=args.nats,
@@ -401,6 +447,14 @@ async def _amain(args: argparse.Namespace) -> None:
     if writer.ready.is_set():
         print("READY", flush=True)  # the devstack waits for this line
     await task
+
+
+def _aggressor_order(data: bytes) -> str:
+    try:
+        f = decode(Fill, data)
+    except Exception:
+        return ""
+    return f.buy_order_id if f.aggressor.value == "BUY" else f.sell_order_id
 
 
 def main(argv: Sequence[str] | None = None) -> None:
