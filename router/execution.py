@@ -249,17 +249,27 @@ class ExecutionWorker:
         # (bad ones were already terminated): one ack per batch
         if good:
             await good[-1].ack()
-        if self.metrics is not None:
+        self._update_depth()
+
+    def _update_depth(self) -> None:
+        """Book depth gauges; metrics must never fail (or slow) a batch."""
+        if self.metrics is None:
+            return
+        try:
             for sym, book in self.books.items():
-                bids, asks = book.depth(1000)
-                self.metrics.book_depth(sym, "bid").set(len(bids))
-                self.metrics.book_depth(sym, "ask").set(len(asks))
+                bids, asks = book.depth(50)
+                self.metrics.book_depth(sym, "buy").set(len(bids))
+                self.metrics.book_depth(sym, "sell").set(len(asks))
+        except Exception as e:
+            log.warning("exec %s: book depth metrics failed: %s", self.region, e)
+            self.metrics = None
 
     def _observe(self, out: Any) -> None:
         if isinstance(out, Fill):
             self.stats["fills"] += 1
             if self.metrics is not None:
-                self.metrics.fills(out.symbol).inc()
+                with contextlib.suppress(Exception):
+                    self.metrics.fills(out.symbol).inc()
             return
         self.stats["reports"] += 1
         if (
@@ -268,9 +278,10 @@ class ExecutionWorker:
             and out.exec_type is ExecType.NEW
             and out.entry_ns
         ):
-            self.metrics.order_to_execution(out.symbol).observe(
-                max(0, out.transact_ns - out.entry_ns) / 1e9
-            )
+            with contextlib.suppress(Exception):
+                self.metrics.order_to_execution(out.symbol).observe(
+                    max(0, out.transact_ns - out.entry_ns) / 1e9
+                )
 
     async def _on_book_request(self, msg: Msg) -> None:
         symbol = msg.subject.rsplit(".", 1)[1]
