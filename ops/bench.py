@@ -172,13 +172,10 @@ def raw_pg_copy(tmp: Path, *, rows: int) -> dict[str, Any]:
 
 
 async def _set_limits(ds: Devstack) -> None:
-    nc = await ds.connect(ds.topology.hub)
-    try:
-        for r in ds.topology.codes:
-            kv = await nc.jetstream(domain=r).key_value("RISKCFG")
-            await kv.put("limits", json.dumps(BENCH_LIMITS).encode())
-    finally:
-        await nc.close()
+    from router.control import set_limits
+
+    res = await set_limits(lambda r: ds.connect(r), ds.topology, BENCH_LIMITS)
+    assert all(v == "ok" for v in res.values()), res
     await asyncio.sleep(1.0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,12 +11,10 @@ from typing import Any
 
 import msgpack
 
-from router import contract
 from router.contract import (
     CancelReject,
     ExecutionReport,
     KillScope,
-    KillSwitch,
     OrderAck,
     OrdType,
     Side,
@@ -257,56 +254,40 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 async def _kill(args: argparse.Namespace) -> int:
+    from router.control import set_kill
+
     if args.account:
-        scope, target, key = KillScope.ACCOUNT, args.account, f"account.{args.account}"
+        scope, target = KillScope.ACCOUNT, args.account
     elif args.desk:
-        scope, target, key = KillScope.DESK, args.desk, f"desk.{args.desk}"
+        scope, target = KillScope.DESK, args.desk
     else:
-        scope, target, key = KillScope.GLOBAL, "*", "global"
-    ks = KillSwitch(
-        scope=scope,
-        target=target,
-        engaged=args.engaged,
-        reason=args.reason,
-        by=args.by,
-        at_ns=time.time_ns(),
-    )
+        scope, target = KillScope.GLOBAL, "*"
     args.region = "lon"
     ds, nc = await _connect(args, role="sre")
-    ok = 0
     try:
-        for region in ds.topology.codes:
-            try:
-                kv = await nc.jetstream(domain=region).key_value("KILL")
-                rev = await kv.put(key, contract.encode(ks))
-                print(f"{region}: {key} {'ENGAGED' if args.engaged else 'released'} (rev {rev})")
-                ok += 1
-            except Exception as e:
-                print(f"{region}: FAILED ({e!r}) - retry when the region is reachable")
+        res = await set_kill(
+            nc, ds.topology, scope, target, engaged=args.engaged, reason=args.reason, by=args.by
+        )
     finally:
         await nc.close()
-    return 0 if ok == len(ds.topology.codes) else 1
+    what = "ENGAGED" if args.engaged else "released"
+    for region, st in res.items():
+        print(f"{region}: {scope.value} {target} {what if st == 'ok' else 'FAILED: ' + st}")
+    return 0 if all(v == "ok" for v in res.values()) else 1
 
 
 async def _set_limits(args: argparse.Namespace) -> int:
     import tomllib
 
-    from router.risk import RiskLimits
+    from router.control import set_limits
 
     raw = tomllib.loads(args.file.read_text())
-    RiskLimits.from_mapping(raw)  # validate before anything is written
-    args.region = "lon"
-    ds, nc = await _connect(args, role="sre")
-    ok = 0
-    try:
-        for region in ds.topology.codes:
-            try:
-                kv = await nc.jetstream(domain=region).key_value("RISKCFG")
-                await kv.put("limits", json.dumps(raw).encode())
-                print(f"{region}: limits applied")
-                ok += 1
-            except Exception as e:
-                print(f"{region}: FAILED ({e!r})")
-    finally:
-        await nc.close()
-    return 0 if ok == len(ds.topology.codes) else 1
+    from ops.devstack import Devstack
+
+    ds = Devstack.attach(args.run_dir)
+    res = await set_limits(
+        lambda r: ds.connect(r, role="sre", max_reconnect_attempts=0), ds.topology, raw
+    )
+    for region, st in res.items():
+        print(f"{region}: {'limits applied' if st == 'ok' else 'FAILED: ' + st}")
+    return 0 if all(v == "ok" for v in res.values()) else 1

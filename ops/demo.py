@@ -42,6 +42,7 @@ from router.contract import (
     Side,
     TimeInForce,
 )
+from router.subjects import durable_ledger
 
 
 def _hist() -> HdrHistogram:
@@ -402,7 +403,7 @@ async def wait_ledger_drained(ds: Devstack, timeout_s: float = 60.0) -> bool:
             for r in ds.topology.codes:
                 js = nc.jetstream(domain=r)
                 try:
-                    ci = await js.consumer_info("EXECOUT", f"LEDGER_{r}")
+                    ci = await js.consumer_info("EXECOUT", durable_ledger(r))
                     pending += ci.num_pending + ci.num_ack_pending
                 except Exception:
                     pending += 1

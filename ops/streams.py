@@ -46,7 +46,10 @@ async def ensure_region_streams(nc: NATS, region: str, *, replicas: int = 1) -> 
                 raise
             await js.update_stream(cfg)
         made.append(spec.name)
-    for bucket, history in ((subjects.KILL_BUCKET, 16), (subjects.RISKCFG_BUCKET, 16)):
+    for bucket, history in (
+        (subjects.kill_bucket(region), 16),
+        (subjects.riskcfg_bucket(region), 16),
+    ):
         await js.create_key_value(
             KeyValueConfig(
                 bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas

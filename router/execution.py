@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -29,6 +31,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
 from regions.topology import Topology, load_topology
@@ -47,6 +50,42 @@ from router.natsutil import (
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cmd:
+    """One EXEC command with its stream sequence and stored time (identical on replay)."""
+
+    subject: str
+    data: bytes
+    seq: int
+    ts_ns: int
+    headers: dict[str, str] | None
+
+    @classmethod
+    def of(cls, msg: Msg) -> Cmd:
+        pos = stream_position(msg)
+        return cls(msg.subject, msg.data, pos.seq, pos.ts_ns, msg.headers)
+
+    @classmethod
+    def of_raw(cls, raw: Any) -> Cmd:
+        hdrs = dict(raw.headers or {})
+        return cls(
+            raw.subject,
+            raw.data or b"",
+            int(raw.seq),
+            _rfc3339_ns(hdrs.get("Nats-Time-Stamp", "")),
+            hdrs,
+        )
+
+
+def _rfc3339_ns(text: str) -> int:
+    """'2026-11-27T14:55:01.960840123Z' -> int ns (the stored timestamp, exactly)."""
+    if not text:
+        return 0
+    main, _, frac = text.rstrip("Z").partition(".")
+    secs = int(datetime.datetime.fromisoformat(main).replace(tzinfo=datetime.UTC).timestamp())
+    return secs * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
 
 
 def _peek_order_id(data: bytes) -> str | None:
@@ -83,7 +122,16 @@ class ExecutionWorker:
         self.loop: PullLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._book_sub: Any = None
-        self.stats = {"commands": 0, "reports": 0, "fills": 0, "bad": 0, "replayed": 0}
+        self.stats = {
+            "commands": 0,
+            "reports": 0,
+            "fills": 0,
+            "bad": 0,
+            "replayed": 0,
+            "gap_filled": 0,
+        }
+        self.applied = 0
+        """Highest EXEC stream sequence applied to the books."""
 
     def _fresh_books(self) -> None:
         self.books = {
@@ -97,7 +145,7 @@ class ExecutionWorker:
             self.nc,
             domain=self.region,
             stream="EXEC",
-            durable="exec",
+            durable=subjects.durable_exec(self.region),
             filter_subject=f"mrd.{self.region}.exe.>",
             queue=self.queue,
             batch=512,
@@ -121,53 +169,63 @@ class ExecutionWorker:
                 await t
 
     async def rebuild(self) -> None:
-        """Books = EXEC replayed up to the consumer's ack floor (outputs already published)."""
+        """Books = every stored EXEC command replayed in stream order.
+
+        Commands up to the consumer's ack floor only rebuild state (their outputs are stored).
+        Commands past it were delivered to a predecessor that may have died mid-batch: their
+        outputs are published again (identical ids, so the dedup window drops what was already
+        stored). Later deliveries at or below :attr:`applied` are just acked, and a delivery
+        past ``applied + 1`` first fills the gap from the stream (:meth:`_process`), so the
+        books never see a command out of stream order, whatever the durable redelivers when.
+        """
         self._fresh_books()
+        self.applied = 0
         assert self.loop is not None
         info = await self.loop.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        if not floor:
+        sinfo = await self.js.stream_info("EXEC")
+        last = sinfo.state.last_seq
+        if not last:
             return
         sub = await self.js.subscribe(
             f"mrd.{self.region}.exe.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
         n = 0
+        futs: list[asyncio.Future[Any]] = []
         try:
             while True:
                 m = await sub.next_msg(timeout=5)
-                seq = stream_position(m).seq
-                if seq > floor:
-                    break
-                self._apply(m, publish=False)
+                cmd = Cmd.of(m)
+                futs += await self._handle(cmd, publish=cmd.seq > floor, trace=False)
                 n += 1
-                if seq == floor:
+                if cmd.seq >= last or m.metadata.num_pending == 0:
                     break
         except nats.errors.TimeoutError:
             log.warning(
-                "exec %s: replay stopped early at %d commands (floor %d)", self.region, n, floor
+                "exec %s: replay stopped early at %d commands (last %d)", self.region, n, last
             )
         finally:
             await sub.unsubscribe()
+        if futs:
+            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
         self.stats["replayed"] = n
         log.info(
-            "exec %s rebuilt %d books from %d commands (ack floor %d)",
+            "exec %s rebuilt %d books from %d commands (ack floor %d, last %d); "
+            "re-published %d outputs past the floor",
             self.region,
             len(self.books),
             n,
             floor,
+            last,
+            len(futs),
         )
 
-    def _apply(self, msg: Msg, *, publish: bool) -> list[tuple[str, str, str, bytes, Any]]:
-        symbol = msg.subject.rsplit(".", 1)[1]
+    def _apply(self, cmd: Cmd) -> list[tuple[str, str, str, bytes, Any]]:
+        symbol = cmd.subject.rsplit(".", 1)[1]
         book = self.books.get(symbol)
-        pos = stream_position(msg)  # sequence and stored time: identical on every replay
-        seq, ts = pos.seq, pos.ts_ns
         if book is None:
             raise ValueError(f"symbol {symbol!r} is not executed in {self.region}")
-        cmd = decode_command(msg.data)
-        outs = book.apply(cmd, seq=seq, ts_ns=ts)
-        if not publish:
-            return []
+        outs = book.apply(decode_command(cmd.data), seq=cmd.seq, ts_ns=cmd.ts_ns)
         res: list[tuple[str, str, str, bytes, Any]] = []
         for o in outs:
             if isinstance(o, ExecutionReport):
@@ -202,6 +260,51 @@ class ExecutionWorker:
                 )
         return res
 
+    async def _handle(
+        self, cmd: Cmd, *, publish: bool, trace: bool = True
+    ) -> list[asyncio.Future[Any]]:
+        """Apply one command (in stream order); publish its outputs; returns their PubAcks."""
+        futs: list[asyncio.Future[Any]] = []
+        self.applied = max(self.applied, cmd.seq)
+        order_id = _peek_order_id(cmd.data) if trace else None
+        tracer = self.tracer if trace else NOOP_TRACER
+        with process_span(
+            tracer,
+            "EXEC",
+            cmd.headers,
+            subject=cmd.subject,
+            order_id=order_id,
+            consumer=self.loop.durable if self.loop else "",
+        ):
+            try:
+                outs = self._apply(cmd)
+            except Exception as e:  # a bad command must never block the stream
+                self.stats["bad"] += 1
+                log.error(
+                    "exec %s: bad command %d on %s: %s; skipped",
+                    self.region,
+                    cmd.seq,
+                    cmd.subject,
+                    e,
+                )
+                return futs
+            self.stats["commands"] += 1
+            if not publish:
+                return futs
+            for subject, msg_id, kind, payload, out in outs:
+                headers = {H_MSG_ID: msg_id, H_KIND: kind}
+                with send_span(tracer, subject, headers, order_id=order_id):
+                    futs.append(await self.pub.publish(subject, payload, headers=headers))
+                self._observe(out)
+        return futs
+
+    async def _fetch(self, seq: int) -> Cmd | None:
+        try:
+            raw = await self.js.get_msg("EXEC", seq, direct=True)
+        except NotFoundError:
+            return None  # removed by the stream's limits: nothing to apply
+        return Cmd.of_raw(raw)
+
     async def _run(self) -> None:
         while True:
             first = await self.queue.get()
@@ -212,43 +315,28 @@ class ExecutionWorker:
                 await self._process(batch)
             except Exception:
                 log.exception("exec %s: batch failed; rebuilding books", self.region)
-                for m in batch:
-                    with contextlib.suppress(Exception):
-                        await m.nak(delay=0.5)
                 await asyncio.sleep(0.5)
                 await self.rebuild()
 
     async def _process(self, batch: list[Msg]) -> None:
-        futs = []
-        good: list[Msg] = []
-        tracer = self.tracer
+        futs: list[asyncio.Future[Any]] = []
         for m in batch:
-            order_id = _peek_order_id(m.data)
-            with process_span(
-                tracer, "EXEC", m.headers, subject=m.subject, order_id=order_id, consumer="exec"
-            ):
-                try:
-                    outs = self._apply(m, publish=True)
-                except Exception as e:  # a bad command must never block the stream
-                    self.stats["bad"] += 1
-                    log.error(
-                        "exec %s: bad command on %s: %s; terminated", self.region, m.subject, e
-                    )
-                    await m.term()
-                    continue
-                good.append(m)
-                self.stats["commands"] += 1
-                for subject, msg_id, kind, payload, out in outs:
-                    headers = {H_MSG_ID: msg_id, H_KIND: kind}
-                    with send_span(tracer, subject, headers, order_id=order_id):
-                        futs.append(await self.pub.publish(subject, payload, headers=headers))
-                    self._observe(out)
+            cmd = Cmd.of(m)
+            if cmd.seq <= self.applied:
+                continue  # a redelivery of something applied (replay or gap fill)
+            for missing in range(self.applied + 1, cmd.seq):
+                # delivered out of order (redelivery after a crash): take it from the stream
+                got = await self._fetch(missing)
+                self.stats["gap_filled"] += 1
+                if got is not None:
+                    futs += await self._handle(got, publish=True)
+                self.applied = max(self.applied, missing)
+            futs += await self._handle(cmd, publish=True)
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
-        # AckPolicy.ALL: acking the batch's last good command acks everything before it
-        # (bad ones were already terminated): one ack per batch
-        if good:
-            await good[-1].ack()
+        # AckPolicy.ALL: acking the batch's last message acks everything before it, including
+        # redeliveries and bad commands (skipped, never retried): one ack per batch
+        await batch[-1].ack()
         self._update_depth()
 
     def _update_depth(self) -> None:

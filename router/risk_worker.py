@@ -35,7 +35,8 @@ import nats
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from regions.topology import Topology, load_topology
 from router import contract, subjects
@@ -141,7 +142,7 @@ class RiskWorker:
                 self.nc,
                 domain=self.region,
                 stream="ORDERS",
-                durable="risk",
+                durable=subjects.durable_risk(self.region),
                 filter_subject=subjects.orders_filter(self.region),
                 queue=self.queue,
                 batch=512,
@@ -154,17 +155,22 @@ class RiskWorker:
                     self.nc,
                     domain=x,
                     stream="EXECOUT",
-                    durable=f"risk-{self.region}",
+                    durable=subjects.durable_feedback(self.region, x),
                     filter_subject=subjects.reports_for_home(x, self.region),
                     queue=self.queue,
                     batch=512,
                     tag=f"fb-{x}",
                 )
             )
+        await self.recover_inflight()
         for lp in self.loops:
             await lp.start()
-        self._tasks.append(asyncio.create_task(self._watch_kv(subjects.KILL_BUCKET, "kill")))
-        self._tasks.append(asyncio.create_task(self._watch_kv(subjects.RISKCFG_BUCKET, "cfg")))
+        self._tasks.append(
+            asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill"))
+        )
+        self._tasks.append(
+            asyncio.create_task(self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg"))
+        )
         self._tasks.append(asyncio.create_task(self._run()))
 
     async def stop(self) -> None:
@@ -197,7 +203,8 @@ class RiskWorker:
                     if rec["in"] not in self.done:  # a batch re-recorded after a crash
                         self._replay(rec)
                         n += 1
-                if m.metadata.sequence.stream >= last:
+                # last_seq may be a risk reject (mrd.<r>.er.r.>), outside this filter
+                if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
                     break
         except nats.errors.TimeoutError:
             pass
@@ -205,6 +212,55 @@ class RiskWorker:
             await sub.unsubscribe()
         self.stats["rebuilt"] = n
         log.info("risk %s rebuilt from %d RISKLOG records", self.region, n)
+
+    async def recover_inflight(self) -> int:
+        """Decide now the requests a killed predecessor had received but not acked.
+
+        The ORDERS durable redelivers them only after its ack wait (30 s), and meanwhile hands
+        out later requests: taking them here, in stream order and before the pull loops start,
+        keeps acked orders from stalling after a restart. Their redelivery later finds them in
+        ``done``: the recorded outputs are re-published (dropped by dedup) and acked.
+        """
+        try:
+            ci = await self.js.consumer_info("ORDERS", subjects.durable_risk(self.region))
+        except NotFoundError:
+            return 0
+        floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
+        upto = ci.delivered.stream_seq if ci.delivered else 0
+        if upto <= floor:
+            return 0
+        cfg = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=floor + 1,
+            filter_subject=subjects.orders_filter(self.region),
+        )
+        sub = await self.js.subscribe(
+            subjects.orders_filter(self.region), ordered_consumer=True, config=cfg
+        )
+        items: list[Item] = []
+        try:
+            while True:
+                m = await sub.next_msg(timeout=5)
+                it = self._classify(m)
+                if it is not None:
+                    it.msg = None  # acked when the durable redelivers it
+                    items.append(it)
+                if m.metadata.sequence.stream >= upto or m.metadata.num_pending == 0:
+                    break
+        except nats.errors.TimeoutError:
+            log.warning("risk %s: in-flight recovery stopped early", self.region)
+        finally:
+            await sub.unsubscribe()
+        if items:
+            await self._process(list(items))
+        log.info(
+            "risk %s: decided %d in-flight requests (seq %d..%d)",
+            self.region,
+            len(items),
+            floor + 1,
+            upto,
+        )
+        return len(items)
 
     def _replay(self, rec: dict[str, Any]) -> None:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])

@@ -100,8 +100,46 @@ def js_api(domain: str) -> str:
     return f"$JS.{domain}.API"
 
 
-KILL_BUCKET = "KILL"
-RISKCFG_BUCKET = "RISKCFG"
+# Durable consumer names. JetStream ack subjects carry no domain
+# ($JS.ACK.<stream>.<consumer>...), and leaf links propagate each server's interest in the
+# acks of its own consumers: two domains with a consumer of the same name on a stream of the
+# same name would receive (and apply!) each other's acks. Every name below embeds the domain
+# that holds the stream, so no two domains ever share one (tests/test_subjects.py).
+
+
+def durable_risk(home: str) -> str:
+    """Risk worker of ``home`` on ``home``'s ORDERS."""
+    return f"risk_{home}"
+
+
+def durable_feedback(home: str, exec_region: str) -> str:
+    """Risk worker of ``home`` reading execution reports from ``exec_region``'s EXECOUT."""
+    return f"fb_{home}_at_{exec_region}"
+
+
+def durable_exec(exec_region: str) -> str:
+    """Execution worker of ``exec_region`` on its EXEC."""
+    return f"exec_{exec_region}"
+
+
+def durable_ledger(exec_region: str) -> str:
+    """Ledger writer of ``exec_region`` on its EXECOUT fills."""
+    return f"LEDGER_{exec_region}"
+
+
+def kill_bucket(region: str) -> str:
+    """KV bucket of kill switches in ``region``'s domain.
+
+    One name per domain for the same reason as the durable names: a KV put is a publish on
+    ``$KV.<bucket>.<key>``, routed by interest, so same-named buckets in every domain would all
+    receive the write of whichever region the writer is connected to.
+    """
+    return f"KILL_{region}"
+
+
+def riskcfg_bucket(region: str) -> str:
+    """KV bucket of runtime risk limits (key ``limits``) in ``region``'s domain."""
+    return f"RISKCFG_{region}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

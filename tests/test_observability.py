@@ -91,3 +91,34 @@ def test_no_worker_failed_a_batch(order_path: Mesh) -> None:
             if "batch failed" in line:
                 bad.append(f"{path.name}: {line[:300]}")
     assert not bad, "\n".join(bad[:5])
+
+
+async def test_local_order_flow_sends_nothing_over_the_leaf_links(order_path: Mesh) -> None:
+    """Orders entered and executed in lon must not cost the WAN anything (no stray interest:
+    e.g. same-named consumers in other domains would pull every ack across)."""
+    import json
+
+    def leaf_out() -> dict[str, int]:
+        port = order_path.topology.region("lon").monitor_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/leafz", timeout=5) as r:
+            return {lf["name"]: lf["out_msgs"] for lf in json.load(r)["leafs"]}
+
+    nc = await order_path.connect("lon", role="desk")
+    try:
+        c = DeskClient(nc, order_path.topology, region="lon", account="LON-CORP-03")
+        await c.start()
+        before = leaf_out()
+        acks = []
+        for i in range(40):
+            a = await c.new_order("EURGBP", Side.BUY, 100_000, REFERENCE_MIDS["EURGBP"] - 50 - i)
+            assert isinstance(a, OrderAck)
+            acks.append(a)
+        await c.wait_report(acks[-1].order_id, lambda r: True)
+        for a in acks:
+            await c.cancel(a.cl_ord_id, "EURGBP")
+        await asyncio.sleep(0.5)
+        after = leaf_out()
+    finally:
+        await nc.close()
+    # pings and the odd heartbeat only: far below one message per order
+    assert all(after[k] - before.get(k, 0) < 20 for k in after), (before, after)

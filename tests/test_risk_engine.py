@@ -1,0 +1,524 @@
+"""The pure pre-trade risk engine (router.risk): one passing and one rejecting case per check,
+feedback from execution, and a property test over random histories.
+
+Execution is the real pure matching core (router.book.OrderBook): approved commands are applied
+to it and its reports are fed back to the engine, so feedback has the exact shape the worker
+sees.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regions.topology import Topology, load_topology
+from router.book import Cancel, OrderBook, Output, Replace, Submit
+from router.contract import (
+    CancelOrder,
+    CancelReject,
+    ExecType,
+    ExecutionReport,
+    NewOrder,
+    OrdStatus,
+    OrdType,
+    RejectReason,
+    ReplaceOrder,
+    Side,
+    TimeInForce,
+)
+from router.risk import (
+    AccountLimits,
+    Decision,
+    Externals,
+    InstrumentLimits,
+    RefPrice,
+    RiskEngine,
+    RiskLimits,
+)
+from tests.conftest import REFERENCE_MIDS as MIDS
+
+TOPO: Topology = load_topology()
+BUY, SELL = Side.BUY, Side.SELL
+
+
+def ref(symbol: str, spread: int = 4) -> RefPrice:
+    mid = MIDS[symbol]
+    return RefPrice(bid_ticks=mid - spread // 2, ask_ticks=mid + spread // 2)
+
+
+def ext(symbol: str, *, rate_ok: bool = True) -> Externals:
+    return Externals(rate_ok=rate_ok, ref=ref(symbol))
+
+
+_seq = itertools.count(1)
+
+
+@dataclass
+class Rig:
+    """A risk engine of one home region wired to real books (instant execution)."""
+
+    region: str = "lon"
+    limits: RiskLimits = field(default_factory=RiskLimits.load)
+    engine: RiskEngine = field(init=False)
+    books: dict[str, OrderBook] = field(default_factory=dict)
+    pending: list[ExecutionReport | CancelReject] = field(default_factory=list)
+    """Reports produced by the books and not yet fed back to the engine."""
+    auto_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        self.engine = RiskEngine(TOPO, self.region, self.limits)
+
+    def book(self, symbol: str) -> OrderBook:
+        b = self.books.get(symbol)
+        if b is None:
+            inst = TOPO.instrument(symbol)
+            b = self.books[symbol] = OrderBook(inst, TOPO.exec_region(symbol))
+        return b
+
+    def execute(self, symbol: str, cmd: Submit | Cancel | Replace) -> list[Output]:
+        s = next(_seq)
+        outs = self.book(symbol).apply(cmd, seq=s, ts_ns=s)
+        for o in outs:
+            if isinstance(o, ExecutionReport | CancelReject) and o.home_region == self.region:
+                self.pending.append(o)
+        if self.auto_feedback:
+            self.deliver()
+        return outs
+
+    def deliver(self, n: int | None = None) -> None:
+        take = self.pending if n is None else self.pending[:n]
+        self.pending = [] if n is None else self.pending[n:]
+        for r in take:
+            if isinstance(r, ExecutionReport):
+                self.engine.on_report(r)
+            else:
+                self.engine.on_cancel_reject(r)
+
+    def new(
+        self,
+        account: str,
+        symbol: str,
+        side: Side,
+        qty: int,
+        price: int | None = None,
+        *,
+        ord_type: OrdType = OrdType.LIMIT,
+        tif: TimeInForce = TimeInForce.GTC,
+        cl: str | None = None,
+        x: Externals | None = None,
+    ) -> Decision:
+        s = next(_seq)
+        if price is None and ord_type is OrdType.LIMIT:
+            price = MIDS[symbol]
+        msg = NewOrder(
+            account=account,
+            cl_ord_id=cl or f"C{s}",
+            symbol=symbol,
+            side=side,
+            ord_type=ord_type,
+            tif=tif,
+            qty=qty,
+            price_ticks=price,
+        )
+        d = self.engine.on_new(
+            msg,
+            order_id=f"O-{msg.cl_ord_id}",
+            accepted_ns=s,
+            ext=x if x is not None else ext(symbol),
+            seq=s,
+        )
+        if d.command is not None:
+            assert d.symbol == symbol and d.exec_region == TOPO.exec_region(symbol)
+            self.execute(symbol, d.command)
+        return d
+
+    def cancel(self, account: str, symbol: str, orig: str) -> Decision:
+        s = next(_seq)
+        msg = CancelOrder(account=account, cl_ord_id=f"X{s}", orig_cl_ord_id=orig, symbol=symbol)
+        d = self.engine.on_cancel(msg, seq=s)
+        if d.command is not None:
+            self.execute(symbol, d.command)
+        return d
+
+    def replace(self, account: str, symbol: str, orig: str, qty: int, price: int) -> Decision:
+        s = next(_seq)
+        msg = ReplaceOrder(
+            account=account,
+            cl_ord_id=f"R{s}",
+            orig_cl_ord_id=orig,
+            symbol=symbol,
+            qty=qty,
+            price_ticks=price,
+        )
+        d = self.engine.on_replace(msg, ext=ext(symbol), seq=s)
+        if d.command is not None:
+            self.execute(symbol, d.command)
+        return d
+
+    def counterparty(self, symbol: str, side: Side, qty: int, price: int) -> list[Output]:
+        """An order of another home region's account, straight into the book."""
+        s = next(_seq)
+        cmd = Submit(
+            order_id=f"CP-{s}",
+            cl_ord_id=f"CP{s}",
+            account="NYC-HF-01",
+            home_region="nyc",
+            side=side,
+            ord_type=OrdType.LIMIT,
+            tif=TimeInForce.GTC,
+            qty=qty,
+            price_ticks=price,
+        )
+        return self.execute(symbol, cmd)
+
+
+def rejected(d: Decision) -> RejectReason | None:
+    if d.report is None:
+        return None
+    assert d.command is None
+    if isinstance(d.report, ExecutionReport):
+        assert d.report.exec_type is ExecType.REJECTED
+        assert d.report.ord_status is OrdStatus.REJECTED
+        return RejectReason(d.report.reject_reason)
+    return d.report.reason
+
+
+def approved(d: Decision) -> bool:
+    return d.command is not None and d.report is None
+
+
+# ---- each check: a passing and a rejecting case --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "account", "other_passes"),
+    [
+        ("account.LON-HF-01", "LON-HF-01", "LON-BANK-02"),
+        ("desk.LONFX1", "LON-HF-01", None),  # every account of the desk is halted
+        ("global", "LON-HF-01", None),
+    ],
+)
+def test_kill_switch_rejects_and_release_lets_orders_pass(
+    key: str, account: str, other_passes: str | None
+) -> None:
+    rig = Rig()
+    assert approved(rig.new(account, "EURUSD", BUY, 1_000_000, 108000))
+    to_cancel = rig.engine.set_kill(key, True)
+    assert [(a, o.symbol) for a, o in to_cancel if a == account] == [(account, "EURUSD")]
+    assert rejected(rig.new(account, "EURUSD", BUY, 1_000_000)) is RejectReason.KILL_SWITCH
+    if key.startswith("desk") or key == "global":
+        assert rejected(rig.new("LON-BANK-02", "EURUSD", BUY, 1_000)) is RejectReason.KILL_SWITCH
+    if other_passes is not None:
+        assert approved(rig.new(other_passes, "EURUSD", BUY, 1_000_000))
+    assert rig.engine.set_kill(key, False) == []
+    assert approved(rig.new(account, "EURUSD", BUY, 1_000_000))
+
+
+def test_kill_switch_of_another_desk_does_not_halt() -> None:
+    rig = Rig()
+    rig.engine.set_kill("desk.NYCFX1", True)
+    rig.engine.set_kill("account.LON-BANK-02", True)
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 1_000_000))
+
+
+def test_kill_switch_cancels_resting_orders_through_execution() -> None:
+    rig = Rig()
+    d = rig.new("LON-HF-01", "EURUSD", BUY, 1_000_000, 108000)
+    assert approved(d)
+    for acct, o in rig.engine.set_kill("account.LON-HF-01", True):
+        cmd = Cancel(
+            order_id=o.order_id,
+            cl_ord_id=f"KILL-{o.order_id}",
+            orig_cl_ord_id=o.cl_ord_id,
+            account=acct,
+            home_region="lon",
+            reason="KILL_SWITCH",
+        )
+        outs = rig.execute(o.symbol, cmd)
+        (er,) = [r for r in outs if isinstance(r, ExecutionReport)]
+        assert er.exec_type is ExecType.CANCELED and er.reject_reason == "KILL_SWITCH"
+    assert rig.engine.exposure_usd("LON-HF-01") == 0
+    assert rig.engine.state("LON-HF-01").orders == {}
+
+
+def test_restricted_symbol_global_and_per_account() -> None:
+    limits = replace(RiskLimits.load(), restricted_symbols=frozenset({"USDMXN"}))
+    rig = Rig(region="nyc", limits=limits)
+    assert rejected(rig.new("NYC-HF-01", "USDMXN", BUY, 1_000_000)) is (
+        RejectReason.RESTRICTED_SYMBOL
+    )
+    assert approved(rig.new("NYC-HF-01", "USDCAD", BUY, 1_000_000))
+    # limits.toml: NYC-CORP-03 may not trade USDJPY; NYC-HF-01 may
+    assert rejected(rig.new("NYC-CORP-03", "USDJPY", BUY, 1_000_000)) is (
+        RejectReason.RESTRICTED_SYMBOL
+    )
+    assert approved(rig.new("NYC-HF-01", "USDJPY", BUY, 1_000_000))
+    assert approved(rig.new("NYC-CORP-03", "USDCAD", BUY, 1_000_000))
+
+
+def test_rate_limit_verdict_is_applied() -> None:
+    rig = Rig()
+    d = rig.new("LON-HF-01", "EURUSD", BUY, 1_000_000, x=ext("EURUSD", rate_ok=False))
+    assert rejected(d) is RejectReason.RATE_LIMIT
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 1_000_000, x=ext("EURUSD")))
+
+
+def test_max_qty_per_instrument() -> None:
+    rig = Rig(region="nyc")  # limits.toml: USDMXN max_qty 10M
+    assert approved(rig.new("NYC-HF-01", "USDMXN", BUY, 10_000_000))
+    assert rejected(rig.new("NYC-HF-01", "USDMXN", BUY, 10_000_001)) is RejectReason.MAX_QTY
+    assert approved(rig.new("NYC-HF-01", "USDCAD", BUY, 50_000_000))  # default 50M
+    assert rejected(rig.new("NYC-HF-01", "USDCAD", BUY, 50_000_001)) is RejectReason.MAX_QTY
+
+
+def test_max_notional_per_instrument_in_usd() -> None:
+    base = RiskLimits.load()
+    limits = replace(
+        base,
+        instruments={
+            **base.instruments,
+            "EURUSD": InstrumentLimits(max_qty=50_000_000, max_notional_usd=1_000_000),
+        },
+    )
+    rig = Rig(limits=limits)
+    # EUR at 1.085 USD: 921,658 EUR = 999,998 USD passes, 922,000 EUR = 1,000,370 USD does not
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 921_658))
+    assert rejected(rig.new("LON-HF-01", "EURUSD", BUY, 922_000)) is RejectReason.MAX_NOTIONAL
+
+
+def test_no_reference_price_rejects_limit_and_market() -> None:
+    rig = Rig()
+    none = Externals(rate_ok=True, ref=None)
+    assert rejected(rig.new("LON-HF-01", "EURUSD", BUY, 1_000, x=none)) is (
+        RejectReason.NO_REFERENCE_PRICE
+    )
+    d = rig.new(
+        "LON-HF-01",
+        "EURUSD",
+        SELL,
+        1_000,
+        ord_type=OrdType.MARKET,
+        tif=TimeInForce.IOC,
+        x=none,
+    )
+    assert rejected(d) is RejectReason.NO_REFERENCE_PRICE
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 1_000))
+
+
+@pytest.mark.parametrize("side", [BUY, SELL])
+def test_price_collar_both_sides(side: Side) -> None:
+    rig = Rig()
+    mid = MIDS["EURUSD"]  # 108450; 150 bps of it = 1626.75 ticks
+    assert rig.limits.collar_bps == 150
+    assert approved(rig.new("LON-HF-01", "EURUSD", side, 1_000, mid + 1626))
+    assert approved(rig.new("LON-HF-01", "EURUSD", side, 1_000, mid - 1626))
+    assert rejected(rig.new("LON-HF-01", "EURUSD", side, 1_000, mid + 1627)) is (
+        RejectReason.PRICE_COLLAR
+    )
+    assert rejected(rig.new("LON-HF-01", "EURUSD", side, 1_000, mid - 1627)) is (
+        RejectReason.PRICE_COLLAR
+    )
+
+
+def test_market_order_skips_the_collar() -> None:
+    rig = Rig()
+    d = rig.new("LON-HF-01", "EURUSD", BUY, 1_000, ord_type=OrdType.MARKET, tif=TimeInForce.IOC)
+    assert approved(d)
+
+
+def test_credit_limit_on_net_open_exposure() -> None:
+    rig = Rig(region="sgp")  # SGP-CORP-03: 20M USD
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 15_000_000, 150000))
+    assert rig.engine.exposure_usd(acct) == 15_000_000
+    assert rejected(rig.new(acct, "USDJPY", BUY, 5_000_001, 150000)) is RejectReason.CREDIT_LIMIT
+    assert approved(rig.new(acct, "USDJPY", BUY, 5_000_000, 150000))
+    assert rig.engine.exposure_usd(acct) == 20_000_000
+    # the opposite side nets: worst case is max(open buys, open sells) per symbol
+    assert approved(rig.new(acct, "USDJPY", SELL, 20_000_000, 152000))
+    assert rig.engine.exposure_usd(acct) == 20_000_000
+    # another symbol adds up
+    assert rejected(rig.new(acct, "USDSGD", BUY, 1_000, 134210)) is RejectReason.CREDIT_LIMIT
+
+
+def test_order_that_does_not_increase_exposure_passes_while_over_the_limit() -> None:
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 15_000_000, 150000))
+    base = rig.limits
+    tight = replace(base, accounts={**base.accounts, acct: AccountLimits(credit_limit_usd=1_000)})
+    rig.engine.set_limits(tight)  # a runtime change leaves the account over its limit
+    assert rejected(rig.new(acct, "USDJPY", BUY, 1_000, 150000)) is RejectReason.CREDIT_LIMIT
+    assert approved(rig.new(acct, "USDJPY", SELL, 15_000_000, 152000))  # hedges, no increase
+    assert rejected(rig.new(acct, "USDJPY", SELL, 1_000, 152000)) is RejectReason.CREDIT_LIMIT
+    rig.engine.set_limits(base)
+    assert approved(rig.new(acct, "USDJPY", SELL, 1_000, 152000))
+
+
+def test_duplicate_cl_ord_id_is_rejected() -> None:
+    rig = Rig()
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 1_000, cl="same"))
+    assert rejected(rig.new("LON-HF-01", "EURUSD", BUY, 1_000, cl="same")) is (
+        RejectReason.DUPLICATE_CL_ORD_ID
+    )
+    assert approved(rig.new("LON-BANK-02", "EURUSD", BUY, 1_000, cl="same"))
+
+
+# ---- feedback from execution ---------------------------------------------------------------------
+
+
+def test_fill_moves_exposure_from_open_order_to_position() -> None:
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 151000, cl="b1"))
+    rig.counterparty("USDJPY", SELL, 4_000_000, 151000)
+    st = rig.engine.state(acct)
+    (o,) = st.orders.values()
+    assert o.leaves == 6_000_000 and st.positions["USDJPY"] == 4_000_000
+    assert rig.engine.exposure_usd(acct) == 10_000_000  # |pos + open buys| unchanged
+    # a sell of the position reduces nothing worst-case but is within the limit
+    assert approved(rig.new(acct, "USDJPY", SELL, 4_000_000, 152000))
+    rig.counterparty("USDJPY", BUY, 4_000_000, 152000)
+    assert st.positions["USDJPY"] == 0
+    assert rig.engine.exposure_usd(acct) == 6_000_000
+    rig.counterparty("USDJPY", SELL, 6_000_000, 151000)  # fills b1 completely
+    assert st.orders == {} and st.positions["USDJPY"] == 6_000_000
+    assert rig.engine.exposure_usd(acct) == 6_000_000
+
+
+def test_cancel_releases_exposure_and_unknown_cancel_is_rejected() -> None:
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 20_000_000, 150000, cl="big"))
+    assert rejected(rig.new(acct, "USDJPY", BUY, 1_000, 150000)) is RejectReason.CREDIT_LIMIT
+    d = rig.cancel(acct, "USDJPY", "big")
+    assert isinstance(d.command, Cancel)
+    assert rig.engine.exposure_usd(acct) == 0
+    assert approved(rig.new(acct, "USDJPY", BUY, 20_000_000, 150000))
+    d = rig.cancel(acct, "USDJPY", "never-sent")
+    assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.UNKNOWN_ORDER
+
+
+def test_replace_moves_exposure_and_is_credit_checked() -> None:
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 150000, cl="r0"))
+    d = rig.replace(acct, "USDJPY", "r0", 25_000_000, 150000)
+    assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.CREDIT_LIMIT
+    assert rig.engine.exposure_usd(acct) == 10_000_000
+    d = rig.replace(acct, "USDJPY", "r0", 18_000_000, 150100)
+    assert isinstance(d.command, Replace)
+    (o,) = rig.engine.state(acct).orders.values()
+    assert o.leaves == 18_000_000 and o.pending_qty == 0 and o.price_ticks == 150100
+    assert rig.engine.exposure_usd(acct) == 18_000_000
+    # the order is now known by the replacement's id: shrink it with that id
+    new_cl = o.cl_ord_id
+    assert new_cl.startswith("R")
+    assert isinstance(rig.replace(acct, "USDJPY", new_cl, 2_000_000, 150100).command, Replace)
+    assert rig.engine.exposure_usd(acct) == 2_000_000
+
+
+def test_replace_in_flight_reserves_the_larger_quantity() -> None:
+    rig = Rig(region="sgp")
+    rig.auto_feedback = False
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 5_000_000, 150000, cl="p0"))
+    rig.deliver()
+    assert isinstance(rig.replace(acct, "USDJPY", "p0", 15_000_000, 150000).command, Replace)
+    assert rig.engine.exposure_usd(acct) == 15_000_000  # before the REPLACED report arrives
+    assert rejected(rig.new(acct, "USDJPY", BUY, 5_000_001, 150000)) is RejectReason.CREDIT_LIMIT
+    rig.deliver()
+    assert rig.engine.exposure_usd(acct) == 15_000_000
+
+
+# ---- property: the credit limit holds over any history -------------------------------------------
+
+ACCT = "LON-CORP-03"  # limits.toml: 20M USD
+LIMIT = 20_000_000
+SYMS = ("EURUSD", "USDJPY")
+QTY = st.integers(min_value=1, max_value=40).map(lambda k: k * 500_000)
+OFFSET = st.integers(min_value=-10, max_value=10)  # ticks around the mid: crossing happens
+
+ops = st.one_of(
+    st.tuples(st.just("new"), st.sampled_from(SYMS), st.sampled_from([BUY, SELL]), QTY, OFFSET),
+    st.tuples(st.just("ioc"), st.sampled_from(SYMS), st.sampled_from([BUY, SELL]), QTY, OFFSET),
+    st.tuples(st.just("cp"), st.sampled_from(SYMS), st.sampled_from([BUY, SELL]), QTY, OFFSET),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("deliver"), st.integers(0, 6)),
+)
+
+
+def true_exposure(rig: Rig, positions: dict[str, int]) -> int:
+    """Exposure computed from the books themselves (what really is open and filled)."""
+    total = 0
+    for sym in SYMS:
+        opens = rig.book(sym).open_orders(ACCT)
+        buy = sum(o.leaves_qty for o in opens if o.side is BUY)
+        sell = sum(o.leaves_qty for o in opens if o.side is SELL)
+        pos = positions.get(sym, 0)
+        total += rig.engine.base_usd(sym, max(abs(pos + buy), abs(pos - sell)))
+    return total
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ops, min_size=1, max_size=60))
+def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[Any, ...]]) -> None:
+    rig = Rig()
+    rig.auto_feedback = False  # reports arrive late, in order, interleaved with new orders
+    positions: dict[str, int] = {}
+    sent: list[tuple[str, str]] = []
+
+    def track(outs: list[Output]) -> None:
+        for r in outs:
+            if isinstance(r, ExecutionReport) and r.account == ACCT and r.last_qty:
+                sign = 1 if r.side is BUY else -1
+                positions[r.symbol] = positions.get(r.symbol, 0) + sign * r.last_qty
+
+    for op in history:
+        kind = op[0]
+        if kind in ("new", "ioc"):
+            _, sym, side, qty, off = op
+            tif = TimeInForce.IOC if kind == "ioc" else TimeInForce.GTC
+            before = rig.engine.exposure_usd(ACCT)
+            s = next(_seq)
+            msg = NewOrder(
+                account=ACCT,
+                cl_ord_id=f"P{s}",
+                symbol=sym,
+                side=side,
+                ord_type=OrdType.LIMIT,
+                tif=tif,
+                qty=qty,
+                price_ticks=MIDS[sym] + off,
+            )
+            d = rig.engine.on_new(msg, order_id=f"O{s}", accepted_ns=s, ext=ext(sym), seq=s)
+            after = rig.engine.exposure_usd(ACCT)
+            if d.command is not None:
+                assert after <= LIMIT or after <= before, (before, after)
+                track(rig.execute(sym, d.command))
+                sent.append((msg.cl_ord_id, sym))
+            else:
+                assert rejected(d) is RejectReason.CREDIT_LIMIT
+                assert after == before
+        elif kind == "cp":
+            _, sym, side, qty, off = op
+            track(rig.counterparty(sym, side, qty, MIDS[sym] + off))
+        elif kind == "cancel":
+            if sent:
+                cl, sym = sent[op[1] % len(sent)]
+                d = rig.cancel(ACCT, sym, cl)
+                if d.command is not None:
+                    track(rig.execute(sym, d.command))
+        else:
+            rig.deliver(op[1])
+        # reports in flight only ever release exposure: the engine is conservative
+        assert true_exposure(rig, positions) <= rig.engine.exposure_usd(ACCT)
+        assert true_exposure(rig, positions) <= LIMIT
+    rig.deliver()
+    assert rig.engine.exposure_usd(ACCT) == true_exposure(rig, positions)
+    assert rig.engine.state(ACCT).positions.get("EURUSD", 0) == positions.get("EURUSD", 0)
