@@ -47,7 +47,7 @@ from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, post_transfers
 from regions.topology import Topology, load_topology
 from router.contract import ContractError, Fill, decode
-from router.subjects import fills_filter
+from router.subjects import durable_ledger, fills_filter
 
 log = logging.getLogger("ledger.writer")
 
@@ -96,7 +96,7 @@ class WriterConfig:
 
     @property
     def durable_name(self) -> str:
-        return self.durable or f"LEDGER_{self.region}"
+        return self.durable or durable_ledger(self.region)
 
 
 class WriterMetrics:
