@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from regions.topology import Topology
-from router import contract, subjects
+from router import contract, ids, subjects
 from router.contract import (
     CancelOrder,
     CancelReject,
@@ -73,7 +73,10 @@ class DeskClient:
         region: str,
         account: str,
         timeout_s: float = 5.0,
+        tracer: Any = None,
     ) -> None:
+        self.tracer = tracer
+        """When set, every request starts a trace (W3C traceparent in the NATS headers)."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -104,9 +107,19 @@ class DeskClient:
         self, op: str, msg: Message, *, headers: dict[str, str] | None = None
     ) -> OrderAck | OrderReject:
         subject = subjects.entry(self.region, self.account, op)
-        reply = await self.nc.request(
-            subject, contract.encode(msg), timeout=self.timeout_s, headers=headers
-        )
+        headers = dict(headers or {})
+        if self.tracer is not None:
+            from ops.telemetry.tracing import send_span
+
+            oid = ids.order_id(self.account, getattr(msg, "cl_ord_id", ""))
+            with send_span(self.tracer, subject, headers, order_id=oid, operation="request"):
+                reply = await self.nc.request(
+                    subject, contract.encode(msg), timeout=self.timeout_s, headers=headers
+                )
+        else:
+            reply = await self.nc.request(
+                subject, contract.encode(msg), timeout=self.timeout_s, headers=headers or None
+            )
         raw = contract.unpack(reply.data)
         if raw.get("status") == "ACCEPTED":
             return contract.decode(OrderAck, raw)

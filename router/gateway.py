@@ -37,7 +37,9 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
+from ops.telemetry.tracing import ORDER_ID, extract, inject
 from regions.topology import Topology, load_topology
 from router import contract, ids, subjects
 from router.contract import (
@@ -186,8 +188,13 @@ class Gateway:
         *,
         max_inflight: int = 4096,
         on_result: Callable[[str, Message, int], None] | None = None,
+        tracer: Any = None,
     ) -> None:
         self.nc = nc
+        self.tracer = (
+            tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
+        )
+        self._spans: dict[int, Any] = {}
         self.topology = topology
         self.region = region
         self.max_inflight = max_inflight
@@ -240,7 +247,25 @@ class Gateway:
             H_ACCEPTED_NS: str(t0),
             H_ORDER_ID: routed.order_id,
         }
-        if msg.headers and "traceparent" in msg.headers:
+        if self.tracer is not None:
+            span = self.tracer.start_span(
+                f"process mrd.v1.entry.{self.region}",
+                context=extract(msg.headers),
+                kind=trace.SpanKind.SERVER,
+                start_time=t0,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": msg.subject,
+                    "messaging.operation.type": "process",
+                    ORDER_ID: routed.order_id,
+                    "meridian.op": routed.op,
+                    "meridian.risk_region": routed.home,
+                    "meridian.exec_region": routed.exec_region,
+                },
+            )
+            self._spans[id(msg)] = span
+            inject(headers, trace.set_span_in_context(span))
+        elif msg.headers and "traceparent" in msg.headers:
             headers["traceparent"] = msg.headers["traceparent"]
         try:
             fut = await self._pub.publish(routed.subject, routed.payload, headers=headers)
@@ -368,6 +393,10 @@ class Gateway:
         if msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(contract.encode(out))
+        span = self._spans.pop(id(msg), None)
+        if span is not None:
+            span.set_attribute("meridian.outcome", getattr(out, "status", ""))
+            span.end()
 
 
 def _peek_cl_ord_id(data: bytes) -> str:
@@ -389,7 +418,13 @@ async def _main(args: argparse.Namespace) -> None:
     topology = load_topology(args.topology)
     async with service_context("gateway", args.region, args.metrics_port) as ctx:
         nc = await connect_worker(args.nats_url, name=f"gateway-{args.region}")
-        gw = Gateway(nc, topology, args.region, on_result=ctx.record_entry_result)
+        gw = Gateway(
+            nc,
+            topology,
+            args.region,
+            on_result=ctx.record_entry_result,
+            tracer=ctx.tracing.tracer if ctx.tracing else None,
+        )
         await gw.start()
         log.info("gateway %s ready", args.region)
         print("READY", flush=True)

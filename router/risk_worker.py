@@ -37,7 +37,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry import trace
 
+from ops.telemetry.tracing import ORDER_ID, extract, inject
 from regions.topology import Topology, load_topology
 from router import contract, subjects
 from router.book import Cancel
@@ -93,6 +95,8 @@ class Item:
     payload: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     decoded: Any = None
+    trace_headers: dict[str, str] | None = None
+    """traceparent of this worker's span for the item (outputs become its children)."""
 
 
 @dataclass(slots=True)
@@ -114,10 +118,14 @@ class RiskWorker:
         limits: RiskLimits | None = None,
         *,
         metrics: Any = None,
+        tracer: Any = None,
     ) -> None:
         self.nc = nc
         self.topology = topology
         self.region = region
+        self.tracer = (
+            tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
+        )
         self.redis = redis_client
         self.default_limits = limits or RiskLimits.load()
         """Limits in force while the RISKCFG bucket has no ``limits`` key (or it is deleted)."""
@@ -147,6 +155,7 @@ class RiskWorker:
                 queue=self.queue,
                 batch=512,
                 tag="orders",
+                ack_all=True,
             )
         ]
         for x in self.topology.codes:
@@ -160,6 +169,7 @@ class RiskWorker:
                     queue=self.queue,
                     batch=512,
                     tag=f"fb-{x}",
+                    ack_all=True,
                 )
             )
         await self.recover_inflight()
@@ -296,6 +306,7 @@ class RiskWorker:
             if it is not None:
                 items.append(it)
         fresh = [it for it in items if it.input_id not in self.done]
+        spans = self._start_spans(fresh)
         exts = await self._externals(fresh)
         records: list[dict[str, Any]] = []
         outs: list[Out] = []
@@ -339,9 +350,51 @@ class RiskWorker:
             )
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+        # AckPolicy.ALL on every input consumer: the last message of each consumer in this
+        # batch acks everything before it on that consumer (items are handled in order)
+        last: dict[str, Msg] = {}
         for it in items:
-            if it.msg is not None:
-                await it.msg.ack()
+            if it.msg is not None and it.msg.reply:
+                last[it.msg.reply.split(".", 4)[3]] = it.msg
+        for m in last.values():
+            await m.ack()
+        for span in spans:
+            span.end()
+        if self.metrics is not None:
+            self._observe(fresh)
+
+    def _start_spans(self, fresh: list[Item]) -> list[Any]:
+        """A CONSUMER span per new order request, child of the gateway's span."""
+        if self.tracer is None:
+            return []
+        spans = []
+        for it in fresh:
+            if it.kind != "order" or TRACEPARENT not in it.headers:
+                continue
+            span = self.tracer.start_span(
+                "process ORDERS",
+                context=extract({TRACEPARENT: it.headers[TRACEPARENT]}),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": f"mrd.{self.region}.ord",
+                    "messaging.consumer.group.name": subjects.durable_risk(self.region),
+                    ORDER_ID: it.headers.get(H_ORDER_ID, ""),
+                },
+            )
+            it.trace_headers = inject({}, trace.set_span_in_context(span))
+            spans.append(span)
+        return spans
+
+    def _observe(self, fresh: list[Item]) -> None:
+        with contextlib.suppress(Exception):
+            for it in fresh:
+                if it.kind != "order":
+                    continue
+                outs = self.done.get(it.input_id) or []
+                approved = any(".exe." in o.subject for o in outs)
+                self.metrics.risk_decisions("accept" if approved else "reject").inc()
 
     def _classify(self, raw: Any) -> Item | None:
         if isinstance(raw, Item):  # KV updates arrive pre-classified
@@ -479,7 +532,9 @@ class RiskWorker:
         return []
 
     def _outputs(self, dec: Decision, it: Item) -> list[Out]:
-        tp = {TRACEPARENT: it.headers[TRACEPARENT]} if TRACEPARENT in it.headers else {}
+        tp = dict(it.trace_headers or {})
+        if not tp and TRACEPARENT in it.headers:
+            tp = {TRACEPARENT: it.headers[TRACEPARENT]}
         if dec.command is not None:
             self.stats["approved"] += 1
             return [
@@ -579,10 +634,17 @@ async def _main(args: argparse.Namespace) -> None:
     from ops.runtime import connect_worker, install_stop_signals, service_context
 
     topology = load_topology(args.topology)
-    async with service_context("risk", args.region, args.metrics_port):
+    async with service_context("risk", args.region, args.metrics_port) as ctx:
         nc = await connect_worker(args.nats_url, name=f"risk-{args.region}")
         r = aioredis.from_url(args.redis_url)
-        w = RiskWorker(nc, topology, args.region, r)
+        w = RiskWorker(
+            nc,
+            topology,
+            args.region,
+            r,
+            metrics=ctx.metrics,
+            tracer=ctx.tracing.tracer if ctx.tracing else None,
+        )
         t0 = time.monotonic()
         await w.start()
         log.info(
