@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -60,7 +61,7 @@ async def test_order_from_lon_executed_in_sgp_is_one_trace_across_every_hop(
     ]
     assert all(h in by for h in hops), sorted(by)
     # parent chain: desk -> gateway (lon) -> risk (lon) -> execution (sgp)
-    for parent, child in zip(hops, hops[1:], strict=False):
+    for parent, child in itertools.pairwise(hops):
         assert by[child].parent_id == by[parent].span_id, (parent, child)
     assert [by[h].start_ns for h in hops] == sorted(by[h].start_ns for h in hops)
     # the WAN hop lon -> sgp sits between risk (lon) and execution (sgp)
