@@ -203,6 +203,20 @@ def start_bench_mesh(tmp: Path) -> Devstack:
     return ds
 
 
+def cpu_seconds(ds: Devstack) -> dict[str, float]:
+    """User+system CPU seconds of every process of the mesh (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, p in ds.procs.items():
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                t = f.read().split(") ", 1)[1].split()
+            out[name] = (int(t[11]) + int(t[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def restart_order_path(ds: Devstack, *, tracing: bool) -> None:
     os.environ["MERIDIAN_TRACING"] = "on" if tracing else "off"
     for name in [
@@ -314,16 +328,19 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
     return res
 
 
-async def md_bench(quick: bool, tmp: Path) -> dict[str, Any] | None:
-    try:
-        from replication.bench import bench_md
-    except ImportError:
-        return None
-    try:
-        result: dict[str, Any] = await bench_md(quick=quick, tmp=tmp)  # type: ignore[call-arg]
-        return result
-    except TypeError:
-        return None
+def md_bench(ds: Devstack, quick: bool) -> dict[str, Any]:
+    """Quotes/s sgp publishes and replicates to lon and nyc, and the lag: at 1,000/s offered
+    and unthrottled (what one publisher process reaches)."""
+    from replication.bench import bench_md
+
+    urls = {r: ds.urls(r) for r in ds.topology.codes}
+    out: dict[str, Any] = {}
+    for name, rate in (("offered_1000", 1000.0), ("unthrottled", 0.0)):
+        say(f"market data: sgp -> lon, nyc at {'max' if not rate else int(rate)} quotes/s")
+        out[name] = asyncio.run(
+            bench_md(urls, ds.topology, source="sgp", rate=rate, duration_s=3.0 if quick else 8.0)
+        )
+    return out
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -384,6 +401,14 @@ def markdown(r: dict[str, Any]) -> str:
         ]
         for x in mesh["max_three_regions"]["per_region"]:
             lines.append(_row(f"max, all three at once: {x['region']}", x))
+        cpu = mesh.get("cpu_us_per_order_1000", {})
+        lines += [
+            "",
+            "CPU per executed order at 1,000 orders/s (tracing on), by process: "
+            + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items() if v >= 5)
+            + f"; total {sum(cpu.values()):,.0f} us.",
+            "",
+        ]
         fl = mesh["fill_to_ledger"]
         lines += [
             "",
@@ -401,7 +426,22 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [f"- {k}: {v}" for k, v in r["ratios"].items()]
         lines.append("")
     if r.get("md"):
-        lines += ["### Market data", "", "```", json.dumps(r["md"], indent=1), "```", ""]
+        lines += [
+            "### Market data: sgp publishes, lon and nyc replicate",
+            "",
+            "| offered | published/s | link | path | received | p50 / p99 / max ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in r["md"].items():
+            for link, paths in sorted(m.get("links", {}).items()):
+                for path, v in sorted(paths.items()):
+                    lag = v.get("lag_ms", {})
+                    lines.append(
+                        f"| {name} | {m.get('publish_qps')} | {link} | {path} | "
+                        f"{v.get('received')}{'' if v.get('complete') else ' (incomplete)'} | "
+                        f"{lag.get('p50', '-')} / {lag.get('p99', '-')} / {lag.get('max', '-')} |"
+                    )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -452,11 +492,9 @@ async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     ds = await asyncio.to_thread(start_bench_mesh, tmp)
     try:
         r["mesh"] = await asyncio.to_thread(run_mesh_benchmarks, ds, quick)
+        r["md"] = await asyncio.to_thread(md_bench, ds, quick)
     finally:
         await asyncio.to_thread(ds.down)
-    md = await md_bench(quick, tmp)
-    if md is not None:
-        r["md"] = md
     r["ratios"] = ratios(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"bench-{started.replace(':', '')}{'-quick' if quick else ''}"

@@ -70,17 +70,19 @@ from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
 log = logging.getLogger("meridian.risk")
 
 RATE_LUA = """
-local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2])
+local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2]); local want = tonumber(ARGV[3])
 local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local v = redis.call('HMGET', KEYS[1], 't', 'ts')
 local tokens = tonumber(v[1]) or burst; local ts = tonumber(v[2]) or now
 tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-local ok = 0
-if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+local granted = math.min(want, math.floor(tokens))
+tokens = tokens - granted
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 60000)
-return ok
+return granted
 """
+"""Token bucket per account: takes up to ARGV[3] tokens at once, returns how many it granted
+(one call per account per batch; the first ``granted`` new orders of the batch pass)."""
 PUB_TIMEOUT_S = 10.0
 DONE_MEMORY = 1_000_000
 
@@ -451,30 +453,34 @@ class RiskWorker:
             return {}
         lim = self.engine.limits
         symbols = sorted({it.decoded.symbol for it in wants})
+        wanted: dict[str, int] = {}
+        for it in wants:
+            if isinstance(it.decoded, NewOrder):
+                wanted[it.decoded.account] = wanted.get(it.decoded.account, 0) + 1
+        accounts = sorted(wanted)
         try:
             if self._rate_sha is None:
                 self._rate_sha = await self.redis.script_load(RATE_LUA)
             pipe = self.redis.pipeline(transaction=False)
-            for it in wants:
-                if isinstance(it.decoded, NewOrder):
-                    pipe.evalsha(
-                        self._rate_sha, 1, f"rl:{it.decoded.account}", lim.rate_per_s, lim.burst
-                    )
+            for acct in accounts:
+                pipe.evalsha(
+                    self._rate_sha, 1, f"rl:{acct}", lim.rate_per_s, lim.burst, wanted[acct]
+                )
             refs_fut = read_ref_prices(pipe, self.region, symbols)
             res = await pipe.execute()
         except Exception as e:
             log.warning("risk %s: Redis unavailable (%s): failing closed", self.region, e)
             self._rate_sha = None
             return {it.input_id: Externals(rate_ok=False, ref=None) for it in wants}
-        n_rate = sum(1 for it in wants if isinstance(it.decoded, NewOrder))
-        refs = refs_fut(res[n_rate:])
+        granted = {acct: int(res[i]) for i, acct in enumerate(accounts)}
+        refs = refs_fut(res[len(accounts) :])
         out: dict[str, Externals] = {}
-        i = 0
         for it in wants:
             ok = True
             if isinstance(it.decoded, NewOrder):
-                ok = bool(res[i])
-                i += 1
+                acct = it.decoded.account
+                ok = granted[acct] > 0
+                granted[acct] -= 1
             out[it.input_id] = Externals(rate_ok=ok, ref=refs.get(it.decoded.symbol))
         return out
 
