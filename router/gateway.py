@@ -239,6 +239,21 @@ class Gateway:
             cl = _peek_cl_ord_id(msg.data)
             await self._reply(msg, reject(e.reason, e.field, e.rule, cl), t0)
             return
+        if self._pub.saturated:
+            # shed load explicitly rather than stall the subscription until NATS drops
+            # requests as a slow consumer: the client gets a typed answer and may retry
+            await self._reply(
+                msg,
+                reject(
+                    RejectReason.UNAVAILABLE,
+                    "",
+                    f"gateway {self.region} overloaded ({self._pub.max_pending} requests awaiting "
+                    "storage); nothing was stored, retry later",
+                    routed.msg.cl_ord_id,
+                ),
+                t0,
+            )
+            return
         headers = {
             H_MSG_ID: routed.key,
             H_EXPECTED_LAST_SUBJECT_SEQ: "0",

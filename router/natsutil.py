@@ -232,11 +232,17 @@ class AsyncPublisher:
 
     def __init__(self, nc: NATS, *, max_pending: int = 8192) -> None:
         self.nc = nc
+        self.max_pending = max_pending
         self._sem = asyncio.Semaphore(max_pending)
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._prefix = ""
         self._n = 0
         self._sub: Subscription | None = None
+
+    @property
+    def saturated(self) -> bool:
+        """Every slot is waiting for a PubAck: a new publish would have to wait."""
+        return len(self._pending) >= self.max_pending
 
     async def start(self) -> AsyncPublisher:
         if self._sub is None:
