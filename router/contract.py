@@ -441,7 +441,7 @@ def decode(cls: type[M], data: bytes | dict[str, Any], *, max_bytes: int = MAX_P
     """Strictly decode ``data`` into ``cls``; raises :class:`ContractError` naming the field."""
     raw = data if isinstance(data, dict) else unpack(data, max_bytes=max_bytes)
     v = raw.get("v")
-    if v != VERSION or isinstance(v, bool):
+    if type(v) is not int or v != VERSION:
         raise ContractError(
             RejectReason.UNSUPPORTED_VERSION,
             "v",
@@ -497,7 +497,7 @@ def _check(name: str, spec: Spec, val: Any) -> Any:
                 raise ContractError(
                     RejectReason.INVALID_FIELD, name, f"must be one of {allowed}"
                 ) from None
-        if spec.pattern is not None and not spec.pattern.match(val):
+        if spec.pattern is not None and not spec.pattern.fullmatch(val):
             raise ContractError(
                 RejectReason.INVALID_FIELD, name, f"must match {spec.pattern.pattern}"
             )

@@ -56,6 +56,9 @@ def test_round_trip() -> None:
     [
         (order(v=2), RejectReason.UNSUPPORTED_VERSION, "v"),
         (order(v=None), RejectReason.UNSUPPORTED_VERSION, "v"),
+        (order(v=1.0), RejectReason.UNSUPPORTED_VERSION, "v"),
+        (order(cl_ord_id="abc\n"), RejectReason.INVALID_FIELD, "cl_ord_id"),
+        (order(account="LON-HF-01\n"), RejectReason.INVALID_FIELD, "account"),
         (order(qty=0), RejectReason.INVALID_FIELD, "qty"),
         (order(qty=-5), RejectReason.INVALID_FIELD, "qty"),
         (order(qty=1.5), RejectReason.MALFORMED, "qty"),
