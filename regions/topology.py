@@ -418,7 +418,7 @@ def _str(
     v = raw[key]
     if not isinstance(v, str) or not v:
         raise TopologyError(where, "must be a non-empty string")
-    if pattern is not None and not pattern.match(v):
+    if pattern is not None and not pattern.fullmatch(v):
         raise TopologyError(where, f"{v!r} must be {what}")
     return v
 
@@ -433,7 +433,7 @@ def _strs(
         raise TopologyError(where, "must be an array of strings")
     out = []
     for i, s in enumerate(v):
-        if not isinstance(s, str) or not pattern.match(s):
+        if not isinstance(s, str) or not pattern.fullmatch(s):
             raise TopologyError(f"{where}[{i}]", f"{s!r} must be {what}")
         out.append(s)
     _unique(out, where, None)
