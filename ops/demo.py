@@ -93,6 +93,9 @@ class Demo:
         self.resting: dict[str, list[tuple[str, str]]] = defaultdict(list)
         self.redis = aioredis.from_url(ds.redis_url)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = asyncio.Event()
+        """Set at the end: every flow stops at its next turn (a cancel alone is not enough:
+        Python 3.11's wait_for inside nats-py can swallow one)."""
         self._n = 0
 
     # ---- setup ---------------------------------------------------------------------------
@@ -165,7 +168,7 @@ class Demo:
         region = self.topo.account_home(acct)
         symbols = self.topo.region(region).executes
         quotes: dict[tuple[str, Side], str] = {}
-        while True:
+        while not self.stopping.is_set():
             sym = self.rng.choice(symbols)
             tob = await self.top(region, sym)
             if tob is None:
@@ -195,7 +198,7 @@ class Demo:
     async def taker(self, acct: str) -> None:
         c = self.clients[acct]
         symbols = [i.symbol for i in self.topo.instruments]
-        while True:
+        while not self.stopping.is_set():
             sym = self.rng.choice(symbols)
             x = self.topo.exec_region(sym)
             tob = await self.top(self.topo.account_home(acct), sym) or await self.top(x, sym)
@@ -218,7 +221,7 @@ class Demo:
         home = self.topo.account_home(acct)
         symbols = [*self.topo.region(home).executes, "USDJPY", "EURUSD"]
         mine: list[tuple[str, str]] = []
-        while True:
+        while not self.stopping.is_set():
             roll = self.rng.random()
             if roll < 0.25 and mine:
                 cl_old, sym = mine.pop(self.rng.randrange(len(mine)))
@@ -279,9 +282,13 @@ class Demo:
                     self.out.flush()
                     next_line = now + 5
         finally:
-            for t in list(self.tasks):
-                t.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.stopping.set()
+            if self.tasks:
+                _done, pending = await asyncio.wait(self.tasks, timeout=5)
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5)
             self.tasks.clear()
         await asyncio.sleep(1.0)  # last reports in flight
         elapsed = time.monotonic() - t0
