@@ -30,7 +30,7 @@ import msgpack
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
@@ -109,7 +109,17 @@ class ExecutionWorker:
         *,
         metrics: Any = None,
         tracer: Any = None,
+        snapshot_every: int = 20_000,
+        snapshot_every_s: float = 60.0,
     ) -> None:
+        self.snapshot_every = snapshot_every
+        """Snapshot the books after this many commands (0: never) ..."""
+        self.snapshot_every_s = snapshot_every_s
+        """... or this long after the last snapshot if any command was applied since."""
+        self._snap_seq = 0
+        self._snap_at = 0.0
+        self.restored_from = 0
+        """EXEC sequence of the snapshot the books were restored from at start (0: none)."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -185,10 +195,16 @@ class ExecutionWorker:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         sinfo = await self.js.stream_info("EXEC")
         last = sinfo.state.last_seq
-        if not last:
+        await self._restore_snapshot(max_seq=last)
+        self._snap_seq, self._snap_at = self.applied, time.monotonic()
+        if not last or self.applied >= last:
             return
         sub = await self.js.subscribe(
-            f"mrd.{self.region}.exe.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            f"mrd.{self.region}.exe.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.applied + 1
+            ),
         )
         n = 0
         futs: list[asyncio.Future[Any]] = []
@@ -338,6 +354,80 @@ class ExecutionWorker:
         # redeliveries and bad commands (skipped, never retried): one ack per batch
         await batch[-1].ack()
         self._update_depth()
+        await self._maybe_snapshot()
+
+    # ---- snapshots -----------------------------------------------------------------------
+    @property
+    def snapshot_bucket(self) -> str:
+        return f"EXECSNAP_{self.region}"
+
+    async def _store(self) -> Any:
+        try:
+            return await self.js.object_store(self.snapshot_bucket)
+        except Exception:
+            from nats.js.api import ObjectStoreConfig, StorageType
+
+            return await self.js.create_object_store(
+                self.snapshot_bucket,
+                config=ObjectStoreConfig(bucket=self.snapshot_bucket, storage=StorageType.FILE),
+            )
+
+    async def _maybe_snapshot(self) -> None:
+        due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
+        due_t = (
+            self.applied > self._snap_seq
+            and time.monotonic() - self._snap_at >= self.snapshot_every_s
+        )
+        if due_n or due_t:
+            await self.snapshot()
+
+    async def snapshot(self) -> None:
+        """Store every book at the current sequence (a restart replays only what follows).
+
+        Best effort: a failed snapshot only means a longer replay; it never stops the worker.
+        """
+        seq = self.applied
+        body = msgpack.packb(
+            {
+                "v": 1,
+                "applied": seq,
+                "region": self.region,
+                "books": {sym: b.snapshot() for sym, b in self.books.items()},
+            },
+            use_bin_type=True,
+        )
+        self._snap_seq, self._snap_at = seq, time.monotonic()
+        try:
+            store = await self._store()
+            await store.put("books", body)
+            log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
+        except Exception as e:
+            log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)
+
+    async def _restore_snapshot(self, *, max_seq: int) -> None:
+        try:
+            store = await self._store()
+            res = await store.get("books")
+        except Exception:
+            return  # no snapshot yet
+        try:
+            snap = msgpack.unpackb(res.data, raw=False)
+            seq = int(snap["applied"])
+            if snap.get("region") != self.region or seq > max_seq:
+                raise ValueError(
+                    f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})"
+                )
+            books = {
+                sym: OrderBook.restore(data, self.topology.instrument(sym), self.region)
+                for sym, data in snap["books"].items()
+            }
+        except Exception as e:
+            log.error("exec %s: unusable snapshot (%s); replaying the whole stream", self.region, e)
+            return
+        for sym, book in books.items():
+            if sym in self.books:
+                self.books[sym] = book
+        self.applied = self.restored_from = seq
 
     def _update_depth(self) -> None:
         """Book depth gauges; metrics must never fail (or slow) a batch."""
@@ -400,6 +490,7 @@ async def _main(args: argparse.Namespace) -> None:
             nc,
             topology,
             args.region,
+            snapshot_every=args.snapshot_every,
             metrics=ctx.metrics,
             tracer=ctx.tracing.tracer if ctx.tracing else None,
         )
@@ -424,6 +515,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nats-url", action="append", required=True)
     ap.add_argument("--topology", default=None)
     ap.add_argument("--metrics-port", type=int, default=0)
+    ap.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=20_000,
+        help="snapshot the books every N commands (and every 60 s); 0: never",
+    )
     args = ap.parse_args(argv)
     from ops.runtime import run
 
