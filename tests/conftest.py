@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.devstack import Devstack, MeshPlan
+from ops.loadgen import REFERENCE_MIDS  # mids in ticks, as the md service would publish
 from ops.procs import PostgresServer, RedisServer, free_ports
 from regions.topology import Topology, load_topology
 
@@ -108,18 +109,6 @@ def redis_url(mesh: Mesh) -> str:
     return mesh.redis_url
 
 
-REFERENCE_MIDS = {
-    "EURUSD": 108450,
-    "GBPUSD": 126800,
-    "EURGBP": 85530,
-    "EURCHF": 95910,
-    "USDCAD": 136620,
-    "USDMXN": 1724500,
-    "USDJPY": 151200,
-    "USDSGD": 134210,
-    "AUDUSD": 65510,
-}
-"""Reference mids in ticks (what the market-data service would have put in Redis)."""
 
 
 def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) -> None:
