@@ -109,8 +109,6 @@ def redis_url(mesh: Mesh) -> str:
     return mesh.redis_url
 
 
-
-
 def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) -> None:
     import redis
 
