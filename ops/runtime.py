@@ -39,14 +39,17 @@ def install_stop_signals() -> asyncio.Event:
     return stop
 
 
-async def connect_worker(urls: list[str], *, name: str) -> NATS:
-    """Connect with the region's failover order; log disconnects and reconnects."""
+async def connect_worker(urls: list[str], *, name: str, metrics: Any = None) -> NATS:
+    """Connect with the region's failover order; log (and count) disconnects and reconnects."""
 
     async def disconnected() -> None:
         log.warning("%s: disconnected from NATS", name)
 
     async def reconnected() -> None:
         log.warning("%s: reconnected to NATS", name)
+        if metrics is not None:
+            with contextlib.suppress(Exception):
+                metrics.reconnects.inc()
 
     async def error(e: Exception) -> None:
         log.warning("%s: NATS error: %s", name, e)

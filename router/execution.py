@@ -485,7 +485,9 @@ async def _main(args: argparse.Namespace) -> None:
 
     topology = load_topology(args.topology)
     async with service_context("execution", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(args.nats_url, name=f"execution-{args.region}")
+        nc = await connect_worker(
+            args.nats_url, name=f"execution-{args.region}", metrics=ctx.metrics
+        )
         w = ExecutionWorker(
             nc,
             topology,

@@ -432,7 +432,7 @@ async def _main(args: argparse.Namespace) -> None:
 
     topology = load_topology(args.topology)
     async with service_context("gateway", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(args.nats_url, name=f"gateway-{args.region}")
+        nc = await connect_worker(args.nats_url, name=f"gateway-{args.region}", metrics=ctx.metrics)
         gw = Gateway(
             nc,
             topology,

@@ -641,7 +641,7 @@ async def _main(args: argparse.Namespace) -> None:
 
     topology = load_topology(args.topology)
     async with service_context("risk", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(args.nats_url, name=f"risk-{args.region}")
+        nc = await connect_worker(args.nats_url, name=f"risk-{args.region}", metrics=ctx.metrics)
         r = aioredis.from_url(args.redis_url)
         w = RiskWorker(
             nc,

@@ -296,9 +296,9 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
 
                 feeder = asyncio.create_task(feed())
                 await asyncio.sleep(1.0)
-                await asyncio.to_thread(server.stop)  # PostgreSQL is gone for ~6 s
+                await asyncio.to_thread(server.stop)  # PostgreSQL is gone for 10 s (issue 4)
                 t_down = time.monotonic()
-                await asyncio.sleep(6.0)
+                await asyncio.sleep(10.0)
                 mid = w.metric("meridian_ledger_backlog")
                 await asyncio.to_thread(server.start)
                 await feeder
@@ -310,7 +310,7 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
                 drained_s = time.monotonic() - t_down
                 assert w.metric("meridian_ledger_db_retries_total", kind="connection") >= 1
                 assert mid >= 0
-                assert drained_s < 30
+                assert drained_s < 40
         finally:
             await nc.close()
         report = verify(dsn)
