@@ -326,8 +326,8 @@ def wait_idle(ds: Devstack, timeout_s: float = 180.0) -> float:
 
 def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    dur = 4.0 if quick else 10.0
-    step = 3.0 if quick else 6.0
+    dur = 3.0 if quick else 10.0
+    step = 2.5 if quick else 6.0
     sweep = (
         [250, 500, 1000, 1500, 2000, 3000]
         if quick
@@ -393,7 +393,7 @@ def md_bench(ds: Devstack, quick: bool) -> dict[str, Any]:
     for name, rate in (("offered_1000", 1000.0), ("unthrottled", 0.0)):
         say(f"market data: sgp -> lon, nyc at {'max' if not rate else int(rate)} quotes/s")
         out[name] = asyncio.run(
-            bench_md(urls, ds.topology, source="sgp", rate=rate, duration_s=3.0 if quick else 8.0)
+            bench_md(urls, ds.topology, source="sgp", rate=rate, duration_s=2.0 if quick else 8.0)
         )
     return out
 
@@ -543,7 +543,7 @@ async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     say("raw ceilings: JetStream publish (fsync every write)")
     r["raw"]["js_publish_fsync"] = await raw_js_publish(tmp, n=n // 4, sync_always=True)
     say("raw ceilings: core request/reply round trip")
-    r["raw"]["request_reply"] = await raw_request_reply(tmp, n=1000 if quick else 5000)
+    r["raw"]["request_reply"] = await raw_request_reply(tmp, n=500 if quick else 5000)
     say("raw ceilings: PostgreSQL COPY")
     r["raw"]["pg_copy"] = await asyncio.to_thread(
         raw_pg_copy, tmp, rows=50_000 if quick else 200_000
