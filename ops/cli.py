@@ -51,6 +51,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     from regions.topology import load_topology
 
     run_dir: Path = args.run_dir
+    if args.fresh and run_dir.exists():
+        if (run_dir / "state.json").exists():
+            old = Devstack.attach(run_dir)
+            if any(p["alive"] for p in old.status()["processes"].values()):
+                print(f"a mesh is running from {run_dir}; `meridian down` first", file=sys.stderr)
+                return 2
+        import shutil
+
+        for sub in ("nats", "pg", "redis", "export", "logs", "traces", "md", "prometheus"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    elif (run_dir / "nats").exists():
+        print(
+            f"  .. reusing the streams, ledger and logs in {run_dir} (--fresh starts empty)",
+            file=sys.stderr,
+        )
     if (run_dir / "state.json").exists():
         old = Devstack.attach(run_dir)
         if any(p["alive"] for p in old.status()["processes"].values()):
@@ -196,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--durable", action="store_true", help="fsync every JetStream write (sync_interval: always)"
     )
     p.add_argument("--no-workers", action="store_true", help="servers only")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from empty streams, ledger and logs (default: keep the last run's)",
+    )
     p.add_argument(
         "--free-ports",
         action="store_true",

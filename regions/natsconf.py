@@ -58,8 +58,9 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
         "subscribe": {"allow": ["_INBOX.>", "mrd.*.er.>", "mrd.*.md.>"]},
     },
     "worker": {
-        "publish": {"allow": ["mrd.>", "_INBOX.>", "$JS.>", "$KV.>"]},
-        "subscribe": {"allow": ["mrd.>", "_INBOX.>", "$JS.>", "$KV.>"]},
+        # $O.>: the execution workers' book snapshots (JetStream object store)
+        "publish": {"allow": ["mrd.>", "_INBOX.>", "$JS.>", "$KV.>", "$O.>"]},
+        "subscribe": {"allow": ["mrd.>", "_INBOX.>", "$JS.>", "$KV.>", "$O.>"]},
     },
     "compliance": {
         "publish": {"allow": ["_INBOX.>", *_JS_READ]},
