@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,15 @@ def test_up_demo_verify_history_down() -> None:
         assert hist.returncode in (0, 1), hist.stderr
         assert "ORDERS" in hist.stdout or "PRICE_COLLAR" in hist.stdout, hist.stdout
 
-        cut = meridian(run_dir, "link", "cut", "lon-sgp")
-        assert cut.returncode == 0 and "cut" in cut.stdout
-        assert meridian(run_dir, "link", "restore", "lon-sgp").returncode == 0
+        # isolate sgp (both of its links): status must say so with a non-zero exit
+        for link in ("lon-sgp", "nyc-sgp"):
+            cut = meridian(run_dir, "link", "cut", link)
+            assert cut.returncode == 0 and "cut" in cut.stdout
+        time.sleep(1.0)
+        bad = meridian(run_dir, "status")
+        assert bad.returncode == 1 and "UNHEALTHY" in bad.stdout, bad.stdout
+        for link in ("lon-sgp", "nyc-sgp"):
+            assert meridian(run_dir, "link", "restore", link).returncode == 0
     finally:
         down = meridian(run_dir, "down")
         assert down.returncode == 0, down.stderr

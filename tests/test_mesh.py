@@ -167,3 +167,29 @@ async def _retry(fn, timeout_s: float):  # type: ignore[no-untyped-def]
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
+
+
+async def test_roles_are_least_privilege(mesh: Mesh) -> None:
+    """A desk enters orders but cannot write streams directly; compliance cannot enter
+    orders; a worker cannot impersonate the system account."""
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    desk = await mesh.connect("lon", role="desk", error_cb=on_error)
+    comp = await mesh.connect("lon", role="compliance", error_cb=on_error)
+    try:
+        await desk.publish("mrd.lon.ord.LON-HF-01.forged", b"x")
+        await desk.publish("mrd.lon.exe.EURUSD", b"x")
+        await comp.publish("mrd.v1.entry.lon.LON-HF-01.new", b"x")
+        await desk.flush()
+        await comp.flush()
+        await asyncio.sleep(0.3)
+    finally:
+        await desk.close()
+        await comp.close()
+    violations = [e for e in errors if "permissions violation" in e.lower()]
+    assert any("mrd.lon.ord" in e for e in violations), errors
+    assert any("mrd.lon.exe" in e for e in violations), errors
+    assert any("mrd.v1.entry" in e for e in violations), errors
