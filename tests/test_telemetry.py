@@ -495,3 +495,23 @@ def test_commands_are_wired_into_the_main_cli(tmp_path: Path) -> None:
         assert "request mrd.v1.entry.lon" in out.getvalue()
     args = ap.parse_args(["--run-dir", str(tmp_path), "logs", "--region", "lon"])
     assert args.func is cli_obs.cmd_logs
+
+
+def test_head_sampling_keeps_whole_traces(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MERIDIAN_TRACE_SAMPLE=0 drops new traces, but a child of a sampled parent is kept."""
+    from opentelemetry import trace as otel
+
+    monkeypatch.setenv("MERIDIAN_TRACE_SAMPLE", "0")
+    t = setup_tracing(service="gateway", region="lon", run_dir=tmp_path, enabled=True)
+    root = t.tracer.start_span("root")
+    assert not root.get_span_context().trace_flags.sampled
+    root.end()
+    parent = otel.SpanContext(
+        trace_id=1, span_id=2, is_remote=True, trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED)
+    )
+    child = t.tracer.start_span(
+        "child", context=otel.set_span_in_context(otel.NonRecordingSpan(parent))
+    )
+    assert child.get_span_context().trace_flags.sampled
+    child.end()
+    t.shutdown()

@@ -376,6 +376,25 @@ class Tracing:
             self.provider.shutdown()
 
 
+SAMPLE_ENV = "MERIDIAN_TRACE_SAMPLE"
+
+
+def sampler_from_env() -> Any:
+    """Head sampling: the first span of an order (desk or gateway) decides for all hops.
+
+    ``MERIDIAN_TRACE_SAMPLE`` is the fraction of new traces kept (default 1: every order, the
+    devstack's choice; the benchmark shows what that costs). Child spans follow their parent's
+    decision, so a trace is always whole or absent.
+    """
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    try:
+        ratio = float(os.environ.get(SAMPLE_ENV, "1"))
+    except ValueError:
+        ratio = 1.0
+    return ParentBased(TraceIdRatioBased(min(1.0, max(0.0, ratio))))
+
+
 def tracing_enabled_from_env() -> bool:
     """False when ``MERIDIAN_TRACING`` is ``off``, ``0``, ``false`` or ``no``."""
     return os.environ.get(TRACING_ENV, "on").strip().lower() not in {"off", "0", "false", "no"}
@@ -408,7 +427,7 @@ def setup_tracing(
     if not enabled:
         return Tracing(tracer=_NOOP_TRACER, provider=None, exporter="off")
     resource = Resource.create({"service.name": service, REGION: region})
-    provider = TracerProvider(resource=resource, shutdown_on_exit=True)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=True, sampler=sampler_from_env())
     exporter: SpanExporter | None = None
     kind = "file"
     file_path: Path | None = None
