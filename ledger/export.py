@@ -32,6 +32,7 @@ from psycopg import sql
 
 from ledger.db import dialect_of, libpq_dsn
 from ledger.errors import LedgerConfigError
+from ledger.store import TRANSFER_COLUMNS
 
 Format = Literal["csv", "jsonl"]
 MAX_NS = 2**63 - 1
@@ -48,23 +49,7 @@ POSTING_COLS = (
     "prev_hash",
     "hash",
 )
-TRANSFER_COLS = (
-    "region",
-    "id",
-    "trade_id",
-    "leg",
-    "symbol",
-    "currency",
-    "amount",
-    "debit_account",
-    "credit_account",
-    "price_ticks",
-    "price_decimals",
-    "qty",
-    "transact_ns",
-    "recorded_ns",
-    "stream_seq",
-)
+TRANSFER_COLS = TRANSFER_COLUMNS  # the columns the writer stores, in its order
 BALANCE_COLS = ("region", "account", "currency", "balance", "last_posting_id", "updated_ns")
 
 

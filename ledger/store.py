@@ -25,7 +25,7 @@ import psycopg
 from ledger.errors import LedgerConfigError
 from ledger.model import Posting, Transfer, balance_deltas, chain_postings
 
-_TRANSFER_COLS = (
+TRANSFER_COLUMNS = (
     "region",
     "id",
     "trade_id",
@@ -60,7 +60,7 @@ _TRANSFER_TYPES = (
     "int8",
 )
 _INSERT_TRANSFERS = (
-    f"INSERT INTO transfers ({', '.join(_TRANSFER_COLS)}) "
+    f"INSERT INTO transfers ({', '.join(TRANSFER_COLUMNS)}) "
     "SELECT * FROM unnest("
     + ", ".join(f"%s::{t}[]" for t in _TRANSFER_TYPES)
     + ") ON CONFLICT (region, id) DO NOTHING RETURNING id"
@@ -133,7 +133,7 @@ async def post_transfers(
                 last_posting_id=last_id,
                 last_hash=last_hash,
             )
-        columns: list[list[object]] = [[] for _ in _TRANSFER_COLS]
+        columns: list[list[object]] = [[] for _ in TRANSFER_COLUMNS]
         for t in unique:
             row = (
                 t.region,

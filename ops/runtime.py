@@ -3,6 +3,7 @@ and a clean stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -29,6 +30,30 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
     except ImportError:
         asyncio.run(coro)
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    """Command-line options every regional worker takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--region", required=True)
+    ap.add_argument(
+        "--nats-url",
+        action="append",
+        required=True,
+        help="the region's server first, then its failover order",
+    )
+    ap.add_argument("--topology", default=None)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    return ap
+
+
+async def serve_until_stopped(worker: Any, nc: NATS) -> None:
+    """Announce readiness (the devstack waits for READY), run until SIGTERM/SIGINT, stop."""
+    print("READY", flush=True)
+    stop = install_stop_signals()
+    await stop.wait()
+    await worker.stop()
+    await nc.drain()
 
 
 def install_stop_signals() -> asyncio.Event:

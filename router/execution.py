@@ -481,7 +481,7 @@ class ExecutionWorker:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, install_stop_signals, service_context
+    from ops.runtime import connect_worker, serve_until_stopped, service_context
 
     topology = load_topology(args.topology)
     async with service_context("execution", args.region, args.metrics_port) as ctx:
@@ -504,19 +504,13 @@ async def _main(args: argparse.Namespace) -> None:
             w.stats["replayed"],
             time.monotonic() - t0,
         )
-        print("READY", flush=True)
-        stop = install_stop_signals()
-        await stop.wait()
-        await w.stop()
-        await nc.drain()
+        await serve_until_stopped(w, nc)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Meridian execution worker")
-    ap.add_argument("--region", required=True)
-    ap.add_argument("--nats-url", action="append", required=True)
-    ap.add_argument("--topology", default=None)
-    ap.add_argument("--metrics-port", type=int, default=0)
+    from ops.runtime import worker_parser
+
+    ap = worker_parser("Meridian execution worker")
     ap.add_argument(
         "--snapshot-every",
         type=int,

@@ -428,7 +428,7 @@ def _peek_cl_ord_id(data: bytes) -> str:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, install_stop_signals, service_context
+    from ops.runtime import connect_worker, serve_until_stopped, service_context
 
     topology = load_topology(args.topology)
     async with service_context("gateway", args.region, args.metrics_port) as ctx:
@@ -442,19 +442,13 @@ async def _main(args: argparse.Namespace) -> None:
         )
         await gw.start()
         log.info("gateway %s ready", args.region)
-        print("READY", flush=True)
-        stop = install_stop_signals()
-        await stop.wait()
-        await gw.stop()
-        await nc.drain()
+        await serve_until_stopped(gw, nc)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Meridian edge gateway")
-    ap.add_argument("--region", required=True)
-    ap.add_argument("--nats-url", action="append", required=True)
-    ap.add_argument("--topology", default=None)
-    ap.add_argument("--metrics-port", type=int, default=0)
+    from ops.runtime import worker_parser
+
+    ap = worker_parser("Meridian edge gateway")
     args = ap.parse_args(argv)
     from ops.runtime import run
 

@@ -637,7 +637,7 @@ def _ext_from(raw: Any) -> Externals:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, install_stop_signals, service_context
+    from ops.runtime import connect_worker, serve_until_stopped, service_context
 
     topology = load_topology(args.topology)
     async with service_context("risk", args.region, args.metrics_port) as ctx:
@@ -659,21 +659,15 @@ async def _main(args: argparse.Namespace) -> None:
             w.stats["rebuilt"],
             time.monotonic() - t0,
         )
-        print("READY", flush=True)
-        stop = install_stop_signals()
-        await stop.wait()
-        await w.stop()
-        await nc.drain()
+        await serve_until_stopped(w, nc)
         await r.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Meridian pre-trade risk worker")
-    ap.add_argument("--region", required=True)
-    ap.add_argument("--nats-url", action="append", required=True)
+    from ops.runtime import worker_parser
+
+    ap = worker_parser("Meridian pre-trade risk worker")
     ap.add_argument("--redis-url", required=True)
-    ap.add_argument("--topology", default=None)
-    ap.add_argument("--metrics-port", type=int, default=0)
     args = ap.parse_args(argv)
     from ops.runtime import run
 
