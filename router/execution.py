@@ -44,6 +44,7 @@ from router.natsutil import (
     H_MSG_ID,
     AsyncPublisher,
     PullLoop,
+    cancel_and_wait,
     stream_position,
 )
 
@@ -173,10 +174,7 @@ class ExecutionWorker:
     async def stop(self) -> None:
         if self.loop is not None:
             await self.loop.stop()
-        for t in self._tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
 
     async def rebuild(self) -> None:
         """Books = every stored EXEC command replayed in stream order.
@@ -398,16 +396,16 @@ class ExecutionWorker:
         )
         self._snap_seq, self._snap_at = seq, time.monotonic()
         try:
-            store = await self._store()
-            await store.put("books", body)
+            store = await asyncio.wait_for(self._store(), 10)
+            await asyncio.wait_for(store.put("books", body), 30)
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
         except Exception as e:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
         try:
-            store = await self._store()
-            res = await store.get("books")
+            store = await asyncio.wait_for(self._store(), 10)
+            res = await asyncio.wait_for(store.get("books"), 30)
         except Exception:
             return  # no snapshot yet
         try:

@@ -139,9 +139,7 @@ class PullLoop:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -315,3 +313,21 @@ class AsyncPublisher:
         for fut in list(self._pending.values()):
             if not fut.done():
                 fut.cancel()
+
+
+async def cancel_and_wait(
+    tasks: list[asyncio.Task[Any]] | set[asyncio.Task[Any]], timeout_s: float = 5.0
+) -> None:
+    """Cancel ``tasks`` and wait for them, but never forever.
+
+    Python 3.11's ``asyncio.wait_for`` (used inside nats-py and here) can swallow a cancel that
+    races the inner result; the task then carries on. A bounded wait keeps ``stop()`` from
+    hanging on such a task (the process is about to exit or rebuild anyway).
+    """
+    live = [t for t in tasks if not t.done()]
+    for t in live:
+        t.cancel()
+    if live:
+        _done, pending = await asyncio.wait(live, timeout=timeout_s)
+        for t in pending:
+            log.warning("task %s ignored its cancel; leaving it", t.get_name())

@@ -62,6 +62,7 @@ from router.natsutil import (
     TRACEPARENT,
     AsyncPublisher,
     PullLoop,
+    cancel_and_wait,
     stream_position,
 )
 from router.refprice import read_ref_prices
@@ -188,10 +189,7 @@ class RiskWorker:
     async def stop(self) -> None:
         for lp in self.loops:
             await lp.stop()
-        for t in self._tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
 
     async def rebuild(self) -> None:
         """Replay RISKLOG records through the engine (exact state after a restart)."""

@@ -42,7 +42,7 @@ def test_restart_restores_snapshot_then_replays_the_rest() -> None:
     ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
     ds.up(with_pg=False, with_redis=False)
     try:
-        asyncio.run(_scenario(ds))
+        asyncio.run(asyncio.wait_for(_scenario(ds), 90))
     finally:
         ds.down()
 
