@@ -42,6 +42,7 @@ TRACEPARENT = "traceparent"
 @dataclass(frozen=True, slots=True)
 class StreamPos:
     stream: str
+    consumer: str
     seq: int
     ts_ns: int
     delivered: int
@@ -58,9 +59,14 @@ def stream_position(msg: Msg) -> StreamPos:
         raise ValueError(f"not a JetStream delivery: reply={msg.reply!r}")
     # v2 (12+ tokens) carries domain and account hash
     tokens = tokens[4:] if len(tokens) >= 12 else tokens[2:]
-    stream, _consumer, delivered, sseq, _cseq, ts, pending = tokens[:7]
+    stream, consumer, delivered, sseq, _cseq, ts, pending = tokens[:7]
     return StreamPos(
-        stream=stream, seq=int(sseq), ts_ns=int(ts), delivered=int(delivered), pending=int(pending)
+        stream=stream,
+        consumer=consumer,
+        seq=int(sseq),
+        ts_ns=int(ts),
+        delivered=int(delivered),
+        pending=int(pending),
     )
 
 

@@ -355,7 +355,7 @@ class RiskWorker:
         last: dict[str, Msg] = {}
         for it in items:
             if it.msg is not None and it.msg.reply:
-                last[it.msg.reply.split(".", 4)[3]] = it.msg
+                last[stream_position(it.msg).consumer] = it.msg
         for m in last.values():
             await m.ack()
         for span in spans:
