@@ -34,7 +34,7 @@ from hdrh.histogram import HdrHistogram
 from nats.js.api import StreamConfig
 
 from ops.devstack import Devstack, MeshPlan
-from ops.loadgen import REFERENCE_MIDS, pct, run_load
+from ops.loadgen import pct, run_load, seed_top_of_book
 from ops.procs import NatsServer, PostgresServer, free_ports, nats_server_binary
 from regions.topology import load_topology
 from router.natsutil import AsyncPublisher
@@ -179,18 +179,6 @@ async def _set_limits(ds: Devstack) -> None:
     await asyncio.sleep(1.0)
 
 
-def _seed_tob(ds: Devstack) -> None:
-    import redis
-
-    r = redis.Redis.from_url(ds.redis_url)
-    try:
-        for view in ds.topology.codes:
-            for sym, mid in REFERENCE_MIDS.items():
-                r.hset(f"tob:{view}:{sym}", mapping={"bid_px": mid - 2, "ask_px": mid + 2})
-    finally:
-        r.close()
-
-
 def start_bench_mesh(tmp: Path) -> Devstack:
     from ops.services import ledger_workers, order_path_workers
 
@@ -198,7 +186,7 @@ def start_bench_mesh(tmp: Path) -> Devstack:
     plan = MeshPlan.free(load_topology(), run_dir, latency_scale=1.0, pg_fsync=True)
     ds = Devstack(plan, progress=lambda m: say(m))
     ds.up(with_pg=True, with_redis=True, workers=(order_path_workers, ledger_workers))
-    _seed_tob(ds)
+    seed_top_of_book(ds.redis_url, ds.topology)
     asyncio.run(_set_limits(ds))
     return ds
 

@@ -42,6 +42,31 @@ REFERENCE_MIDS = {
 """Reference mids in ticks used when no market-data feed runs (bench, tests)."""
 
 
+def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) -> None:
+    """Write a top of book around :data:`REFERENCE_MIDS` for every symbol in every region's
+    view, in the layout the market-data service uses (``tob:<view>:<symbol>``)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for view in topology.codes:
+            for sym, mid in REFERENCE_MIDS.items():
+                r.hset(
+                    f"tob:{view}:{sym}",
+                    mapping={
+                        "bid_px": mid - spread_ticks // 2,
+                        "ask_px": mid + spread_ticks // 2,
+                        "bid_qty": 5_000_000,
+                        "ask_qty": 5_000_000,
+                        "src": topology.exec_region(sym),
+                        "seq": 1,
+                        "src_ns": 0,
+                    },
+                )
+    finally:
+        r.close()
+
+
 def hist() -> HdrHistogram:
     return HdrHistogram(1, 120_000_000, 3)  # microseconds
 

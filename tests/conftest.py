@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.devstack import Devstack, MeshPlan
-from ops.loadgen import REFERENCE_MIDS  # mids in ticks, as the md service would publish
+from ops.loadgen import seed_top_of_book
 from ops.procs import PostgresServer, RedisServer, free_ports
 from regions.topology import Topology, load_topology
 
@@ -107,29 +107,6 @@ def redis_server(mesh: Mesh) -> RedisServer:
 @pytest.fixture(scope="session")
 def redis_url(mesh: Mesh) -> str:
     return mesh.redis_url
-
-
-def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) -> None:
-    import redis
-
-    r = redis.Redis.from_url(redis_url)
-    try:
-        for view in topology.codes:
-            for sym, mid in REFERENCE_MIDS.items():
-                r.hset(
-                    f"tob:{view}:{sym}",
-                    mapping={
-                        "bid_px": mid - spread_ticks // 2,
-                        "ask_px": mid + spread_ticks // 2,
-                        "bid_qty": 5_000_000,
-                        "ask_qty": 5_000_000,
-                        "src": topology.exec_region(sym),
-                        "seq": 1,
-                        "src_ns": 0,
-                    },
-                )
-    finally:
-        r.close()
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,10 @@ import urllib.request
 
 import pytest
 
+from ops.loadgen import REFERENCE_MIDS
 from router.client import DeskClient
 from router.contract import ExecType, OrderAck, Side
-from tests.conftest import REFERENCE_MIDS, Mesh
+from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
 

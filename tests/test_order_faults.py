@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ops.loadgen import REFERENCE_MIDS
 from regions.topology import load_topology
 from router import contract, subjects
 from router.book import Submit
@@ -42,7 +43,7 @@ from router.contract import (
 )
 from router.gateway import validate
 from router.natsutil import H_KIND
-from tests.conftest import REFERENCE_MIDS, Mesh
+from tests.conftest import Mesh
 from tests.test_risk_checks import (
     BUY,
     SELL,

@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 
+from ops.loadgen import REFERENCE_MIDS
 from router.client import DeskClient
 from router.contract import (
     CancelReject,
@@ -23,7 +24,7 @@ from router.contract import (
     RejectReason,
     TimeInForce,
 )
-from tests.conftest import REFERENCE_MIDS, Mesh
+from tests.conftest import Mesh
 from tests.test_risk_checks import (
     BUY,
     REPORT_TIMEOUT_S,

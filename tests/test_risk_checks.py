@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
+from ops.loadgen import REFERENCE_MIDS, seed_top_of_book
 from regions.topology import Topology
 from router import contract
 from router.client import DeskClient, Report
@@ -42,7 +43,7 @@ from router.contract import (
     Side,
 )
 from router.risk import DEFAULT_LIMITS
-from tests.conftest import REFERENCE_MIDS, Mesh, seed_top_of_book
+from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
 

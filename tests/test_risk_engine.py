@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ops.loadgen import REFERENCE_MIDS as MIDS
 from regions.topology import Topology, load_topology
 from router.book import Cancel, OrderBook, Output, Replace, Submit
 from router.contract import (
@@ -40,7 +41,6 @@ from router.risk import (
     RiskEngine,
     RiskLimits,
 )
-from tests.conftest import REFERENCE_MIDS as MIDS
 
 TOPO: Topology = load_topology()
 BUY, SELL = Side.BUY, Side.SELL

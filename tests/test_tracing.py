@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from ops.loadgen import REFERENCE_MIDS
 from ops.telemetry.tracing import read_spans, setup_tracing, spans_of_order, trace_files
 from router.client import DeskClient
 from router.contract import ExecType, OrderAck, Side
-from tests.conftest import REFERENCE_MIDS, Mesh
+from tests.conftest import Mesh
 
 pytestmark = pytest.mark.integration
 
