@@ -372,7 +372,8 @@ class KillScope(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KillSwitch(Message):
-    """Value of a key in the KILL KV bucket (key '<scope>.<target>', target '*' for global)."""
+    """Value of a key in every region's KILL_<region> KV bucket (key '<scope>.<target>' or
+    'global')."""
 
     kind: ClassVar[str] = "KillSwitch"
     scope: KillScope = _f("enum", "account, desk or global.", enum=KillScope)

@@ -7,10 +7,12 @@ execution reports and cancel rejects on ``mrd.<region>.er.x.<home>.<account>``, 
 ``mrd.<region>.fill.<symbol>``, each with ``Nats-Msg-Id`` = its deterministic id. Inputs are
 acked only after every output of the batch has its PubAck.
 
-Restart (including SIGKILL mid-batch): the books are rebuilt by replaying ``EXEC`` up to the
-consumer's ack floor without publishing; unacked commands are redelivered and re-applied,
-and their outputs, identical to the first time, are dropped by the stream's dedup window
-(1 h). So there is no missing and no duplicate report or fill.
+Restart (including SIGKILL mid-batch): the books are restored from the latest snapshot
+(object store ``EXECSNAP_<region>``) and every later ``EXEC`` command is replayed in stream
+order; outputs of commands past the consumer's ack floor are published again, identical to
+the first time, and dropped by the stream's dedup window (1 h). Deliveries at or below the
+applied sequence are only acked, and a gap is filled from the stream before applying, so the
+books never see a command out of order: no missing and no duplicate report or fill.
 
 Also answers ``mrd.v1.book.<region>.<symbol>`` requests with the book's depth.
 """

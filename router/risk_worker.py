@@ -2,10 +2,10 @@
 
 Inputs, merged into one queue and handled by one task (single writer per account):
 
-* the home ``ORDERS`` stream (durable ``risk``): new/cancel/replace requests;
+* the home ``ORDERS`` stream (durable ``risk_<home>``): new/cancel/replace requests;
 * execution reports for the home region's accounts from every region's ``EXECOUT``
-  (durable ``risk-<home>`` in each domain, over the leaf links): fills release exposure;
-* the ``KILL`` and ``RISKCFG`` KV buckets of the home domain (watched).
+  (durable ``fb_<home>_at_<region>``, over the leaf links): fills release exposure;
+* the ``KILL_<home>`` and ``RISKCFG_<home>`` KV buckets of the home domain (watched).
 
 For each batch it fetches the non-deterministic inputs in one Redis pipeline (token-bucket
 rate limit per account, top of book per symbol), runs the engine, then writes, in this order:
