@@ -36,6 +36,7 @@ from ops.procs import (
     OpsError,
     PostgresServer,
     RedisServer,
+    free_port_blocks,
     free_ports,
     http_ok,
     pid_alive,
@@ -52,6 +53,8 @@ from regions.natsconf import (
 from regions.topology import Topology, load_topology
 
 HOST = "127.0.0.1"
+METRICS_BLOCK = 10
+"""Ports per region from metrics_port_base: workers use +0..+4, telemetry +8 and +9."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,16 +98,18 @@ class MeshPlan:
     ) -> MeshPlan:
         """Free ports everywhere (tests); latencies optionally scaled down."""
         n = len(topology.regions)
-        ports = free_ports(4 * n + len(topology.links) + 3)
+        ports = free_ports(3 * n + len(topology.links) + 3)
+        # metrics ports are base + offset per worker: reserve whole blocks, away from the rest
+        bases = free_port_blocks(n, METRICS_BLOCK, avoid=ports)
         it = iter(ports)
         remap = {
             r.code: {
                 "client_port": next(it),
                 "leaf_port": next(it),
                 "monitor_port": next(it),
-                "metrics_port_base": next(it),
+                "metrics_port_base": bases[i],
             }
-            for r in topology.regions
+            for i, r in enumerate(topology.regions)
         }
         topo = topology.with_ports(remap).with_latency(
             {ln.name: ln.one_way_ms * latency_scale for ln in topology.links}

