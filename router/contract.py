@@ -165,9 +165,10 @@ class Message:
     kind: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values (enums as their strings, tuples as lists), ``None`` fields left out."""
         out: dict[str, Any] = {"v": VERSION}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            val = getattr(self, f.name)
+        for name in _names(type(self)):
+            val = getattr(self, name)
             if val is None:
                 continue
             if isinstance(val, enum.Enum):
@@ -176,7 +177,7 @@ class Message:
                 val = [list(x) for x in val]
             elif isinstance(val, tuple):
                 val = list(val)
-            out[f.name] = val
+            out[name] = val
         return out
 
 
@@ -420,9 +421,21 @@ M = TypeVar("M", bound=Message)
 # ---- codec -------------------------------------------------------------------------------------
 
 
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
 def encode(msg: Message) -> bytes:
-    """msgpack bytes of ``msg`` (version field included)."""
-    return msgpack.packb(msg.to_dict(), use_bin_type=True)  # type: ignore[no-any-return]
+    """msgpack bytes of ``msg`` (version field included).
+
+    Same bytes as packing :meth:`Message.to_dict`, without building the plain copy: enums are
+    ``StrEnum`` (msgpack packs them as their string) and tuples pack as arrays.
+    """
+    out: dict[str, Any] = {"v": VERSION}
+    for name in _names(type(msg)):
+        val = getattr(msg, name)
+        if val is not None:
+            out[name] = val
+    return _packb(out)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
@@ -453,12 +466,15 @@ def decode(cls: type[M], data: bytes | dict[str, Any], *, max_bytes: int = MAX_P
         if key != "v" and key not in fields:
             raise ContractError(RejectReason.MALFORMED, str(key)[:64], "unknown field")
     kwargs: dict[str, Any] = {}
-    for name, spec in fields.items():
-        if name not in raw or raw[name] is None:
+    for name, spec, fast in _checkers(cls):
+        val = raw.get(name)
+        if val is None:
             if spec.required:
                 raise ContractError(RejectReason.MALFORMED, name, "is required")
             continue
-        kwargs[name] = _check(name, spec, raw[name])
+        ok, got = fast(val)
+        # the fast check accepts only what _check accepts; anything else gets _check's verdict
+        kwargs[name] = got if ok else _check(name, spec, val)
     return cls(**kwargs)
 
 
@@ -526,6 +542,59 @@ def _check(name: str, spec: Spec, val: Any) -> Any:
 
 
 _FIELDS_CACHE: dict[type[Message], dict[str, Spec]] = {}
+_NAMES_CACHE: dict[type[Message], tuple[str, ...]] = {}
+_CHECKERS_CACHE: dict[type[Message], tuple[tuple[str, Spec, Any], ...]] = {}
+_FAIL = (False, None)
+
+
+def _names(cls: type[Message]) -> tuple[str, ...]:
+    got = _NAMES_CACHE.get(cls)
+    if got is None:
+        got = _NAMES_CACHE[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return got
+
+
+def _fast(spec: Spec) -> Any:
+    """A check for the common, valid case: ``val -> (True, value)`` or ``(False, None)``.
+
+    It never accepts what :func:`_check` refuses; on ``False`` the caller runs ``_check``,
+    which raises the detailed error (or, for kinds without a fast path, does the work).
+    """
+    if spec.kind == "int":
+        lo = spec.lo if spec.lo is not None else -(2**64)
+        hi = spec.hi if spec.hi is not None else 2**64
+
+        def check_int(val: Any) -> tuple[bool, Any]:
+            return (True, val) if type(val) is int and lo <= val <= hi else _FAIL
+
+        return check_int
+    if spec.kind == "enum":
+        assert spec.enum is not None
+        members = {m.value: m for m in spec.enum}
+
+        def check_enum(val: Any) -> tuple[bool, Any]:
+            got = members.get(val) if type(val) is str else None
+            return _FAIL if got is None else (True, got)
+
+        return check_enum
+    if spec.kind == "str":
+        max_len, match = spec.max_len, spec.pattern.fullmatch if spec.pattern else None
+
+        def check_str(val: Any) -> tuple[bool, Any]:
+            if type(val) is not str or len(val) > max_len or (match and not match(val)):
+                return _FAIL
+            return (True, val)
+
+        return check_str
+    return lambda val: _FAIL
+
+
+def _checkers(cls: type[Message]) -> tuple[tuple[str, Spec, Any], ...]:
+    got = _CHECKERS_CACHE.get(cls)
+    if got is None:
+        got = tuple((n, sp, _fast(sp)) for n, sp in _fields(cls).items())
+        _CHECKERS_CACHE[cls] = got
+    return got
 
 
 def _fields(cls: type[Message]) -> dict[str, Spec]:
