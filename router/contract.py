@@ -421,7 +421,8 @@ M = TypeVar("M", bound=Message)
 # ---- codec -------------------------------------------------------------------------------------
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def encode(msg: Message) -> bytes:
@@ -435,7 +436,7 @@ def encode(msg: Message) -> bytes:
         val = getattr(msg, name)
         if val is not None:
             out[name] = val
-    return _packb(out)  # type: ignore[no-any-return]
+    return _packb(out)
 
 
 def unpack(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
