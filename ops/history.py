@@ -116,7 +116,7 @@ async def _reports(
 ) -> list[tuple[str, ExecutionReport | CancelReject]]:
     home = topology.account_home(account)
     found: list[tuple[str, ExecutionReport | CancelReject]] = []
-    wanted = [(x, "EXECOUT", subjects.report_exec(x, home, account)) for x in topology.codes]
+    wanted = [(x, "EXECOUT", subjects.exec_reports_of(x, home, account)) for x in topology.codes]
     wanted.append((home, "RISKLOG", subjects.report_risk(home, account)))
     for region, stream, subj in wanted:
         for m in await _read_subject(nc, region, stream, subj):

@@ -238,7 +238,7 @@ class DeskClient:
         for region in self.topology.codes:
             js = self.nc.jetstream(domain=region)
             home = self.topology.account_home(self.account)
-            wanted = [("EXECOUT", subjects.report_exec(region, home, self.account))]
+            wanted = [("EXECOUT", subjects.exec_reports_of(region, home, self.account))]
             if region == home:
                 wanted.append(("RISKLOG", subjects.report_risk(home, self.account)))
             for stream, subject in wanted:
@@ -247,7 +247,7 @@ class DeskClient:
                     info = await js.stream_info(stream, subjects_filter=subject)
                 except Exception:
                     continue
-                if not info.state.subjects or subject not in (info.state.subjects or {}):
+                if not info.state.subjects:  # nothing stored on (the wildcard) subject
                     continue
                 cfg = ConsumerConfig(
                     filter_subject=subject,

@@ -3,7 +3,8 @@
 Consumes the region's ``EXEC`` stream (durable ``exec``) in stream order and applies each
 command to the symbol's :class:`~router.book.OrderBook` with the command's stream sequence and
 stored timestamp, so matching is a pure function of the stream. Outputs go to ``EXECOUT``:
-execution reports and cancel rejects on ``mrd.<region>.er.x.<home>.<account>``, fills on
+execution reports and cancel rejects on ``mrd.<region>.er.x.<home>.<account>`` (ExecType NEW
+reports on ``er.n``: the risk worker need not read them), fills on
 ``mrd.<region>.fill.<symbol>``, each with ``Nats-Msg-Id`` = its deterministic id. Inputs are
 acked only after every output of the batch has its PubAck.
 
@@ -245,9 +246,14 @@ class ExecutionWorker:
         res: list[tuple[str, str, str, bytes, Any]] = []
         for o in outs:
             if isinstance(o, ExecutionReport):
+                to = (
+                    subjects.report_exec_new
+                    if o.exec_type is ExecType.NEW
+                    else subjects.report_exec
+                )
                 res.append(
                     (
-                        subjects.report_exec(self.region, o.home_region, o.account),
+                        to(self.region, o.home_region, o.account),
                         o.exec_id,
                         "ExecutionReport",
                         contract.encode(o),

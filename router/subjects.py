@@ -11,8 +11,9 @@ and ``js.publish`` is routed by interest to exactly one domain:
     ORDERS    home    mrd.<r>.ord.<account>.<key>              gateways of every region
     RISKLOG   home    mrd.<r>.risk.<account> , mrd.<r>.er.r.>  the home region's risk worker
     EXEC      exec    mrd.<r>.exe.<symbol>                     risk workers of every region
-    EXECOUT   exec    mrd.<r>.er.x.<home>.<account> ,
-                      mrd.<r>.fill.<symbol>                    the exec region's execution worker
+    EXECOUT   exec    mrd.<r>.er.n.<home>.<account> ,           the exec region's execution worker
+                      mrd.<r>.er.x.<home>.<account> ,
+                      mrd.<r>.fill.<symbol>
     MD        any     mrd.<r>.md.<symbol>                      the region's market-data feed
     MDVIEW    any     (sources the other regions' MD)          JetStream itself
 
@@ -63,7 +64,20 @@ def exec_in(exec_region: str, symbol: str) -> str:
 
 
 def report_exec(exec_region: str, home: str, account: str) -> str:
+    """Execution reports that change the order's exposure (TRADE, CANCELED, REPLACED, ...)
+    and cancel rejects."""
     return f"{PREFIX}.{exec_region}.er.x.{home}.{account}"
+
+
+def report_exec_new(exec_region: str, home: str, account: str) -> str:
+    """ExecType NEW reports (the order is live on the book): acknowledgements only, so the
+    home region's risk worker does not consume them (:func:`reports_for_home`)."""
+    return f"{PREFIX}.{exec_region}.er.n.{home}.{account}"
+
+
+def exec_reports_of(exec_region: str, home: str, account: str) -> str:
+    """Every report of ``account`` in ``exec_region``'s EXECOUT (NEW and the rest)."""
+    return f"{PREFIX}.{exec_region}.er.*.{home}.{account}"
 
 
 def report_risk(home: str, account: str) -> str:
@@ -76,7 +90,8 @@ def reports_for_account(account: str) -> str:
 
 
 def reports_for_home(exec_region: str, home: str) -> str:
-    """Execution reports produced in ``exec_region`` for accounts homed in ``home``."""
+    """Execution reports produced in ``exec_region`` for accounts homed in ``home`` that change
+    exposure (NEW reports are on ``er.n`` and left out)."""
     return f"{PREFIX}.{exec_region}.er.x.{home}.>"
 
 
@@ -177,7 +192,11 @@ def region_streams(region: str) -> tuple[StreamSpec, ...]:
         ),
         StreamSpec(
             name="EXECOUT",
-            subjects=(f"{PREFIX}.{region}.er.x.>", f"{PREFIX}.{region}.fill.>"),
+            subjects=(
+                f"{PREFIX}.{region}.er.x.>",
+                f"{PREFIX}.{region}.er.n.>",
+                f"{PREFIX}.{region}.fill.>",
+            ),
             max_age_s=7 * day,
             duplicate_window_s=3600.0,
         ),

@@ -240,7 +240,7 @@ async def test_kill_9_execution_worker_during_a_burst(order_path: Mesh) -> None:
         ers = []
         for acct, home in (("SGP-HF-01", "sgp"), ("LON-HF-01", "lon")):
             ers += reports_of(
-                await read_stream(nc, "sgp", subjects.report_exec("sgp", home, acct)), oids
+                await read_stream(nc, "sgp", subjects.exec_reports_of("sgp", home, acct)), oids
             )
         last = check_reports(ers, acked, all_approved=True)
         bought = sum(r.cum_qty for r in last.values() if r.side is BUY)
@@ -275,7 +275,7 @@ async def test_kill_9_risk_worker_during_a_burst(order_path: Mesh) -> None:
         rejects: list[ExecutionReport] = []
         for acct in ("NYC-HF-01", "NYC-BANK-02"):
             ers += reports_of(
-                await read_stream(nc, "nyc", subjects.report_exec("nyc", "nyc", acct)), oids
+                await read_stream(nc, "nyc", subjects.exec_reports_of("nyc", "nyc", acct)), oids
             )
             rejects += reports_of(
                 await read_stream(nc, "nyc", subjects.report_risk("nyc", acct)), oids
