@@ -40,6 +40,7 @@ from ops.procs import (
     free_ports,
     http_ok,
     pid_alive,
+    shared_host_gomaxprocs,
     tcp_ok,
 )
 from regions.natsconf import (
@@ -318,6 +319,7 @@ class Devstack:
                 r.monitor_port,
                 self.log_path(f"nats-{code}"),
                 die_with_parent=not self.detach,
+                gomaxprocs=shared_host_gomaxprocs(len(self.topology.codes)),
             )
             self._start(srv, kind="nats", region=code, port=r.client_port, timeout_s=30)
             self.nats[code] = srv

@@ -271,9 +271,33 @@ def tcp_ok(host: str, port: int, timeout_s: float = 0.5) -> bool:
 # ---- servers ---------------------------------------------------------------------------------
 
 
+def shared_host_gomaxprocs(servers: int) -> int:
+    """Go processors for each of ``servers`` nats-servers that share this machine's cores.
+
+    Every Go program sizes itself to all the cores by default. Three nats-servers on two cores
+    then run six Go processors whose schedulers keep waking threads to steal work from each
+    other (runtime.findRunnable, sysmon): measured here, the end-to-end order rate rose from
+    about 2,100 to about 3,000 orders/s with one processor each (docs/benchmarks.md).
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, servers))
+
+
 class NatsServer(ManagedProcess):
-    def __init__(self, name: str, conf: Path, monitor_port: int, log: Path, **kw: object) -> None:
+    def __init__(
+        self,
+        name: str,
+        conf: Path,
+        monitor_port: int,
+        log: Path,
+        *,
+        gomaxprocs: int | None = None,
+        **kw: object,
+    ) -> None:
+        """``gomaxprocs``: set GOMAXPROCS for the server (None: Go's default, all cores); an
+        explicit GOMAXPROCS in the environment always wins."""
         self.monitor_url = f"http://127.0.0.1:{monitor_port}"
+        if gomaxprocs is not None and "GOMAXPROCS" not in os.environ:
+            kw["env"] = {**os.environ, "GOMAXPROCS": str(gomaxprocs)}
         super().__init__(
             name,
             [str(nats_server_binary()), "-c", str(conf)],
