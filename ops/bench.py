@@ -205,6 +205,33 @@ def cpu_seconds(ds: Devstack) -> dict[str, float]:
     return out
 
 
+def context_switches(ds: Devstack) -> dict[str, int]:
+    """Voluntary + involuntary context switches of every thread of every mesh process.
+
+    On a shared 2-core machine each wakeup costs far more than the work it carries (cold
+    caches, the Go scheduler handing work between threads): switches per order explain why
+    the CPU per order falls as the load rises and batches grow.
+    """
+    out = {}
+    for name, p in ds.procs.items():
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                with open(f"/proc/{p.pid}/task/{tid}/status") as f:
+                    total += sum(int(ln.split()[1]) for ln in f if "ctxt_switches" in ln)
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = total
+    return out
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
 def restart_order_path(ds: Devstack, *, tracing: bool) -> None:
     os.environ["MERIDIAN_TRACING"] = "on" if tracing else "off"
     for name in [
@@ -328,16 +355,22 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
         wait_idle(ds)
         say(f"tracing {tag}: lon, 1,000 orders/s offered for {dur:.0f} s")
         c0, me0, t0_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
+        s0, b0 = context_switches(ds), machine_busy_s()
         lat = asyncio.run(_in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"l1k{tag}"))
         c1, me1, t1_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
+        s1, b1 = context_switches(ds), machine_busy_s()
         n = max(1, lat["completed"])
         per = {k: round((c1[k] - c0.get(k, 0.0)) / n * 1e6, 1) for k in c1}
         per["loadgen (desk)"] = round((me1 - me0) / n * 1e6, 1)
+        switches = {k: round((s1[k] - s0.get(k, 0)) / n, 1) for k in s1}
         wait_idle(ds)
         time.sleep(1.0)
         point = {
             "latency_1000": lat,
             "cpu_us_per_order_1000": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+            "machine_busy_us_per_order_1000": round((b1 - b0) / n * 1e6, 1),
+            "machine_busy_cores_1000": round((b1 - b0) / ((t1_ns - t0_ns) / 1e9), 2),
+            "switches_per_order_1000": dict(sorted(switches.items(), key=lambda kv: -kv[1])),
             "fill_to_ledger_1000": ledger_lag(ds, t0_ns, t1_ns),
         }
         say(f"tracing {tag}: max sustainable, one region (closed loop) for {dur:.0f} s")
@@ -464,7 +497,16 @@ def markdown(r: dict[str, Any]) -> str:
             lines += [
                 f"Tracing {tag}, at 1,000 orders/s: CPU per executed order "
                 + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items() if v >= 5)
-                + f"; total {sum(cpu.values()):,.0f} us. Fill -> ledger commit "
+                + f"; total {sum(cpu.values()):,.0f} us (the whole machine: "
+                f"{pt.get('machine_busy_us_per_order_1000', 0):,.0f} us, "
+                f"{pt.get('machine_busy_cores_1000', 0)} cores busy). Context switches per "
+                "order: "
+                + ", ".join(
+                    f"{k} {v:.1f}"
+                    for k, v in pt.get("switches_per_order_1000", {}).items()
+                    if v >= 0.5
+                )
+                + ". Fill -> ledger commit "
                 f"({fl.get('transfers', 0)} transfers): p50 {fl.get('p50_ms', 0):.1f} ms, "
                 f"p99 {fl.get('p99_ms', 0):.1f} ms.",
                 "",
