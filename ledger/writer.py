@@ -465,6 +465,9 @@ async def _amain(args: argparse.Namespace) -> None:
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     if writer.ready.is_set():
         print("READY", flush=True)  # the devstack waits for this line
+        from ops.runtime import freeze_startup_objects
+
+        freeze_startup_objects()
     await task
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -50,10 +51,22 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
 async def serve_until_stopped(worker: Any, nc: NATS) -> None:
     """Announce readiness (the devstack waits for READY), run until SIGTERM/SIGINT, stop."""
     print("READY", flush=True)
+    freeze_startup_objects()
     stop = install_stop_signals()
     await stop.wait()
     await worker.stop()
     await nc.drain()
+
+
+def freeze_startup_objects() -> None:
+    """Collect once, then move every object alive after start-up (modules, topology,
+    restored books and risk state) out of the cyclic GC's reach (``gc.freeze``).
+
+    Full collections then walk only what the running worker allocates, which shortens the
+    pauses that set the order path's tail latency (``meridian_gc_pause_seconds``).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def install_stop_signals() -> asyncio.Event:
@@ -116,6 +129,7 @@ async def service_context(
     registry = CollectorRegistry()
     ctx = ServiceContext(service=service, region=region, registry=registry)
     server = None
+    gc_watch: Any = None
     try:
         from ops.telemetry.metrics import MeridianMetrics, serve
         from regions.topology import load_topology
@@ -123,6 +137,7 @@ async def service_context(
         ctx.metrics = MeridianMetrics(
             registry, region=region, service=service, topology=load_topology()
         )
+        gc_watch = ctx.metrics.watch_gc()
         if metrics_port:
             server = serve(registry, metrics_port)
     except Exception as e:  # metrics must never stop the order path
@@ -143,4 +158,6 @@ async def service_context(
         if server is not None:
             with contextlib.suppress(Exception):
                 server.close()
+        if gc_watch in gc.callbacks:
+            gc.callbacks.remove(gc_watch)
         log.info("%s %s stopped", service, region)

@@ -87,6 +87,23 @@ def test_every_series_of_the_issue_is_registered() -> None:
     assert metric_names() >= ISSUE_SERIES
 
 
+def test_gc_pauses_are_observed_per_generation(topo: Topology) -> None:
+    import gc
+
+    reg = CollectorRegistry()
+    m = MeridianMetrics(reg, region="lon", service="risk", topology=topo)
+    cb = m.watch_gc()
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(cb)
+    labels = {"region": "lon", "service": "risk", "generation": "2"}
+    assert reg.get_sample_value("meridian_gc_pause_seconds_count", labels) == 1.0
+    assert reg.get_sample_value("meridian_gc_pause_seconds_sum", labels) > 0.0
+    gc.collect()  # no longer watched
+    assert reg.get_sample_value("meridian_gc_pause_seconds_count", labels) == 1.0
+
+
 def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     reg = CollectorRegistry()
     m = MeridianMetrics(reg, region="sgp", service="execution", topology=topo)

@@ -18,8 +18,10 @@ buckets start at 5 ms, too coarse for a sub-millisecond hop.
 
 from __future__ import annotations
 
+import gc
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -121,6 +123,12 @@ class MeridianMetrics:
             "meridian_order_rejects", "Order requests rejected, by contract reason.", "reason"
         )
         self._fills = counter("meridian_fills", "Fills produced by the book.", "symbol")
+        self._gc_pause = histogram(
+            "meridian_gc_pause_seconds",
+            "Python cyclic-GC collections (the whole worker stops meanwhile), by generation.",
+            lat,
+            "generation",
+        )
         self._submit_to_ack = histogram(
             "meridian_submit_to_ack_seconds", "Client submit to ack, seen by the gateway.", lat
         )
@@ -250,6 +258,26 @@ class MeridianMetrics:
                 child = metric.labels(self.region, self.service, *before, value)
                 self._children[key] = child
         return child  # type: ignore[return-value]
+
+    def watch_gc(self) -> Callable[[str, dict[str, int]], None]:
+        """Observe every cyclic-GC collection of this process in ``meridian_gc_pause_seconds``.
+
+        A full (generation 2) collection walks every tracked object while the event loop
+        waits: with a large working set that is tens of milliseconds of tail latency.
+        """
+        children = {g: self._gc_pause.labels(self.region, self.service, str(g)) for g in (0, 1, 2)}
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+                return
+            child = children.get(info.get("generation", -1))
+            if child is not None:
+                child.observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+        return on_gc  # remove it from gc.callbacks when the process's metrics go away
 
 
 def metric_names(registry: CollectorRegistry | None = None) -> frozenset[str]:
