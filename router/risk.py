@@ -5,7 +5,8 @@ region, lands in the account's home ORDERS stream and is checked here in stream 
 credit limit holds however many regions send at once. It has no I/O: the worker
 (:mod:`router.risk_worker`) fetches the two non-deterministic inputs (the Redis rate-limit
 verdict and the reference price) and records them in RISKLOG beside each decision, so a restart
-rebuilds exactly the same state by re-running the engine over RISKLOG.
+rebuilds exactly the same state from the engine's last snapshot (:meth:`RiskEngine.snapshot`)
+and the engine re-run over the RISKLOG records after it.
 
 Checks on a new order, in order, each with its reject reason::
 
@@ -80,6 +81,29 @@ class RiskLimits:
 
     def instrument(self, symbol: str) -> InstrumentLimits:
         return self.instruments.get(symbol, self.default_instrument)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The limits document :meth:`from_mapping` reads (``from_mapping(to_mapping())``
+        gives back equal limits): for snapshots and for showing what is in force."""
+
+        def acct(a: AccountLimits) -> dict[str, Any]:
+            return {
+                "credit_limit_usd": a.credit_limit_usd,
+                "restricted_symbols": sorted(a.restricted_symbols),
+            }
+
+        def inst(i: InstrumentLimits) -> dict[str, Any]:
+            return {"max_qty": i.max_qty, "max_notional_usd": i.max_notional_usd}
+
+        return {
+            "collar_bps": self.collar_bps,
+            "restricted_symbols": sorted(self.restricted_symbols),
+            "rate": {"orders_per_s": self.rate_per_s, "burst": self.burst},
+            "default_account": acct(self.default_account),
+            "default_instrument": inst(self.default_instrument),
+            "accounts": {k: acct(v) for k, v in sorted(self.accounts.items())},
+            "instruments": {k: inst(v) for k, v in sorted(self.instruments.items())},
+        }
 
     @classmethod
     def load(cls, path: Path | None = None) -> RiskLimits:
@@ -467,6 +491,58 @@ class RiskEngine:
 
     def set_limits(self, limits: RiskLimits) -> None:
         self.limits = limits
+
+    # ---- snapshots -----------------------------------------------------------------------------
+    SNAPSHOT_VERSION = 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the engine decides with, as plain msgpack-able data.
+
+        ``reserved`` is not stored: :meth:`restore` recomputes it from the open orders.
+        """
+        return {
+            "v": self.SNAPSHOT_VERSION,
+            "region": self.region,
+            "limits": self.limits.to_mapping(),
+            "kills": sorted(self.kills),
+            "accounts": {
+                acct: {
+                    "orders": [
+                        [
+                            o.order_id,
+                            o.cl_ord_id,
+                            o.symbol,
+                            o.side.value,
+                            o.price_ticks,
+                            o.leaves,
+                            o.pending_qty,
+                        ]
+                        for o in st.orders.values()
+                    ],
+                    "cl_ids": dict(st.cl_ids),
+                    "positions": dict(st.positions),
+                }
+                for acct, st in sorted(self.accounts.items())
+            },
+        }
+
+    @classmethod
+    def restore(cls, snap: Mapping[str, Any], topology: Topology, region: str) -> RiskEngine:
+        """The engine :meth:`snapshot` described. Raises ValueError on a foreign snapshot."""
+        if snap.get("v") != cls.SNAPSHOT_VERSION or snap.get("region") != region:
+            raise ValueError(
+                f"risk snapshot v{snap.get('v')} for {snap.get('region')!r}, "
+                f"expected v{cls.SNAPSHOT_VERSION} for {region!r}"
+            )
+        eng = cls(topology, region, RiskLimits.from_mapping(snap["limits"]))
+        eng.kills = set(snap["kills"])
+        for acct, raw in snap["accounts"].items():
+            st = eng.state(acct)
+            for oid, cl, sym, side, px, leaves, pending in raw["orders"]:
+                st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
+            st.cl_ids = dict(raw["cl_ids"])
+            st.positions = dict(raw["positions"])
+        return eng
 
     # ---- reports -------------------------------------------------------------------------------
     def _reject_report(

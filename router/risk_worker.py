@@ -11,9 +11,12 @@ For each batch it fetches the non-deterministic inputs in one Redis pipeline (to
 rate limit per account, top of book per symbol), runs the engine, then writes, in this order:
 one RISKLOG record per input (the input, its recorded externals and its outputs), the outputs
 (commands to the executing region's ``EXEC`` stream, risk rejects to the account's report
-subject), and only then acks the inputs. A restart replays RISKLOG through the engine, so the
-state is rebuilt exactly; an input redelivered after a crash finds its record and has its
-recorded outputs re-published (Nats-Msg-Id dedup drops what was already stored).
+subject), and only then acks the inputs. A restart restores the latest engine snapshot (object
+store ``RISKSNAP_<region>``, taken between batches every 50,000 records or 60 s) and replays the
+RISKLOG records after it through the engine, so the state is rebuilt exactly, and RISKLOG's
+max_age never takes state with it; an input redelivered after a crash finds its record (or, if
+older than the snapshot, its id in the snapshot) and has its recorded outputs re-published
+(Nats-Msg-Id dedup drops what was already stored).
 
 Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -122,7 +126,21 @@ class RiskWorker:
         *,
         metrics: Any = None,
         tracer: Any = None,
+        snapshot_every: int = 50_000,
+        snapshot_every_s: float = 60.0,
     ) -> None:
+        self.snapshot_every = snapshot_every
+        """Snapshot the engine after this many RISKLOG records (0: never) ..."""
+        self.snapshot_every_s = snapshot_every_s
+        """... or this long after the last snapshot if any record was written since."""
+        self.restored_from = 0
+        """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
+        self._risklog_seq = 0
+        self._records_since_snap = 0
+        self._snap_at = 0.0
+        self._kv_inputs: set[str] = set()
+        self._snapshots_ok = True
+        """False when start-up could not re-publish every in-flight decision (see snapshot)."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -195,20 +213,45 @@ class RiskWorker:
         await cancel_and_wait(self._tasks)
 
     async def rebuild(self) -> None:
-        """Replay RISKLOG records through the engine (exact state after a restart)."""
+        """The latest engine snapshot, then every later RISKLOG record replayed through the
+        engine: exactly the state before the restart, however old the stream's first record.
+
+        Without snapshots a restart would replay all of RISKLOG (about 2.5 s per 50,000
+        records), and records older than the stream's max_age would be gone from the state.
+        """
         js = self.js
         try:
             info = await js.stream_info("RISKLOG")
         except Exception:
             return
         last = info.state.last_seq
-        if info.state.messages == 0:
+        self._snap_at = time.monotonic()
+        await self._restore_snapshot(max_seq=last)
+        self._risklog_seq = self.restored_from
+        start = self.restored_from + 1
+        if info.state.messages == 0 or start > last:
+            self._log_rebuilt(0)
             return
+        if start < info.state.first_seq:
+            log.error(
+                "risk %s: RISKLOG records %d..%d are gone (stream starts at %d) and no snapshot "
+                "covers them: open orders and positions from then are missing",
+                self.region,
+                start,
+                info.state.first_seq - 1,
+                info.state.first_seq,
+            )
         sub = await js.subscribe(
-            f"mrd.{self.region}.risk.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            f"mrd.{self.region}.risk.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
         )
         n = 0
         try:
+            if (await sub.consumer_info()).num_pending == 0:
+                raise nats.errors.TimeoutError  # only risk rejects after the snapshot
             while True:
                 m = await sub.next_msg(timeout=5)
                 body = msgpack.unpackb(m.data, raw=False)
@@ -216,6 +259,7 @@ class RiskWorker:
                     if rec["in"] not in self.done:  # a batch re-recorded after a crash
                         self._replay(rec)
                         n += 1
+                self._risklog_seq = max(self._risklog_seq, m.metadata.sequence.stream)
                 # last_seq may be a risk reject (mrd.<r>.er.r.>), outside this filter
                 if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
                     break
@@ -223,8 +267,98 @@ class RiskWorker:
             pass
         finally:
             await sub.unsubscribe()
+        self._log_rebuilt(n)
+
+    def _log_rebuilt(self, n: int) -> None:
         self.stats["rebuilt"] = n
-        log.info("risk %s rebuilt from %d RISKLOG records", self.region, n)
+        log.info(
+            "risk %s rebuilt from %s and %d RISKLOG records",
+            self.region,
+            f"the snapshot at RISKLOG {self.restored_from}" if self.restored_from else "nothing",
+            n,
+        )
+
+    # ---- snapshots -----------------------------------------------------------------------
+    @property
+    def snapshot_bucket(self) -> str:
+        return f"RISKSNAP_{self.region}"
+
+    async def _store(self) -> Any:
+        try:
+            return await self.js.object_store(self.snapshot_bucket)
+        except Exception:
+            from nats.js.api import ObjectStoreConfig, StorageType
+
+            return await self.js.create_object_store(
+                self.snapshot_bucket,
+                config=ObjectStoreConfig(bucket=self.snapshot_bucket, storage=StorageType.FILE),
+            )
+
+    async def _maybe_snapshot(self) -> None:
+        due_n = self.snapshot_every and self._records_since_snap >= self.snapshot_every
+        due_t = (
+            self._records_since_snap > 0
+            and time.monotonic() - self._snap_at >= self.snapshot_every_s
+        )
+        if (due_n or due_t) and self._snapshots_ok:
+            await self.snapshot()
+
+    async def snapshot(self) -> None:
+        """Store the engine as of the last RISKLOG record (taken between batches, so every
+        record up to it is applied and its outputs are stored).
+
+        It also keeps the ids of the latest inputs (and of every kill/limits change), so an
+        input redelivered after a restart, because its ack was lost, is recognised as decided.
+        Their outputs are stored: every batch of this worker was, and at start-up
+        :meth:`recover_inflight` re-published the outputs of every decided but unacked request
+        (if it could not, this worker takes no snapshot). Best effort: a failed snapshot only
+        means a longer replay.
+        """
+        seq = self._risklog_seq
+        recent = list(itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS))
+        body = msgpack.packb(
+            {
+                "v": 1,
+                "region": self.region,
+                "risklog_seq": seq,
+                "engine": self.engine.snapshot(),
+                "decided": sorted(set(recent) | self._kv_inputs),
+            },
+            use_bin_type=True,
+        )
+        self._records_since_snap, self._snap_at = 0, time.monotonic()
+        try:
+            store = await asyncio.wait_for(self._store(), 10)
+            await asyncio.wait_for(store.put("state", body), 30)
+            log.info("risk %s: snapshot at RISKLOG %d (%d bytes)", self.region, seq, len(body))
+        except Exception as e:
+            log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
+
+    async def _restore_snapshot(self, *, max_seq: int) -> None:
+        try:
+            store = await asyncio.wait_for(self._store(), 10)
+            res = await asyncio.wait_for(store.get("state"), 30)
+        except Exception:
+            return  # no snapshot yet
+        try:
+            snap = msgpack.unpackb(res.data, raw=False)
+            seq = int(snap["risklog_seq"])
+            if snap.get("region") != self.region or seq > max_seq:
+                raise ValueError(
+                    f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})"
+                )
+            engine = RiskEngine.restore(snap["engine"], self.topology, self.region)
+        except Exception as e:
+            log.error("risk %s: unusable snapshot (%s); replaying all of RISKLOG", self.region, e)
+            return
+        self.engine = engine
+        empty = msgpack.packb([])
+        for input_id in snap.get("decided", []):
+            # decided before the snapshot, outputs stored: a redelivery is only acked
+            self.done[input_id] = empty
+            if input_id.startswith(("kill:", "cfg:")):
+                self._kv_inputs.add(input_id)
+        self.restored_from = seq
 
     async def recover_inflight(self) -> int:
         """Decide now the requests a killed predecessor had received but not acked.
@@ -261,7 +395,11 @@ class RiskWorker:
                 if m.metadata.sequence.stream >= upto or m.metadata.num_pending == 0:
                     break
         except nats.errors.TimeoutError:
-            log.warning("risk %s: in-flight recovery stopped early", self.region)
+            log.warning(
+                "risk %s: in-flight recovery stopped early; no snapshots until a restart",
+                self.region,
+            )
+            self._snapshots_ok = False
         finally:
             await sub.unsubscribe()
         if items:
@@ -291,6 +429,7 @@ class RiskWorker:
                 batch.append(self.queue.get_nowait())
             try:
                 await self._process(batch)
+                await self._maybe_snapshot()
             except Exception:
                 log.exception("risk %s: batch failed; rebuilding from RISKLOG", self.region)
                 for it in batch:
@@ -299,6 +438,8 @@ class RiskWorker:
                             await it.nak(delay=0.5)
                 self.engine = RiskEngine(self.topology, self.region, self.engine.limits)
                 self.done.clear()
+                self._kv_inputs.clear()
+                self.restored_from = 0
                 await asyncio.sleep(0.5)
                 await self.rebuild()
 
@@ -346,7 +487,9 @@ class RiskWorker:
             )
         if futs:
             # the decisions are durable before anything acts on them
-            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+            acks = await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+            self._risklog_seq = max(self._risklog_seq, *(a.seq for a in acks))
+            self._records_since_snap += len(records)
             futs = []
         for o in outs:
             futs.append(
@@ -566,6 +709,8 @@ class RiskWorker:
         ]
 
     def _remember(self, input_id: str, outs: list[Out]) -> None:
+        if input_id.startswith(("kill:", "cfg:")):
+            self._kv_inputs.add(input_id)
         self.done[input_id] = msgpack.packb(
             [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in outs], use_bin_type=True
         )
@@ -609,6 +754,8 @@ class RiskWorker:
 
 
 MAX_RECORD_BYTES = 512 * 1024
+SNAPSHOT_RECENT_INPUTS = 100_000
+"""Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -658,12 +805,14 @@ async def _main(args: argparse.Namespace) -> None:
             r,
             metrics=ctx.metrics,
             tracer=ctx.tracing.tracer if ctx.tracing else None,
+            snapshot_every=args.snapshot_every,
         )
         t0 = time.monotonic()
         await w.start()
         log.info(
-            "risk %s ready (rebuilt %d records in %.2f s)",
+            "risk %s ready (snapshot at RISKLOG %d, then %d records, in %.2f s)",
             args.region,
+            w.restored_from,
             w.stats["rebuilt"],
             time.monotonic() - t0,
         )
@@ -676,6 +825,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = worker_parser("Meridian pre-trade risk worker")
     ap.add_argument("--redis-url", required=True)
+    ap.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=50_000,
+        help="snapshot the engine every N RISKLOG records (and every 60 s); 0: never",
+    )
     args = ap.parse_args(argv)
     from ops.runtime import run
 
