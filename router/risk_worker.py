@@ -12,9 +12,9 @@ rate limit per account, top of book per symbol), runs the engine, then writes, i
 one RISKLOG record per input (the input, its recorded externals and its outputs), the outputs
 (commands to the executing region's ``EXEC`` stream, risk rejects to the account's report
 subject), and only then acks the inputs. A restart restores the latest engine snapshot (object
-store ``RISKSNAP_<region>``, taken between batches every 50,000 records or 60 s) and replays the
-RISKLOG records after it through the engine, so the state is rebuilt exactly, and RISKLOG's
-max_age never takes state with it; an input redelivered after a crash finds its record (or, if
+store ``RISKSNAP_<region>``, built between batches every 200,000 records or 5 minutes, stored
+beside the next batches) and replays the RISKLOG records after it through the engine, so the
+state is rebuilt exactly, and RISKLOG's max_age never takes state with it; an input redelivered after a crash finds its record (or, if
 older than the snapshot, its id in the snapshot) and has its recorded outputs re-published
 (Nats-Msg-Id dedup drops what was already stored).
 
@@ -126,8 +126,8 @@ class RiskWorker:
         *,
         metrics: Any = None,
         tracer: Any = None,
-        snapshot_every: int = 50_000,
-        snapshot_every_s: float = 60.0,
+        snapshot_every: int = 200_000,
+        snapshot_every_s: float = 300.0,
     ) -> None:
         self.snapshot_every = snapshot_every
         """Snapshot the engine after this many RISKLOG records (0: never) ..."""
@@ -139,6 +139,7 @@ class RiskWorker:
         self._records_since_snap = 0
         self._snap_at = 0.0
         self._kv_inputs: set[str] = set()
+        self._snap_put: asyncio.Task[None] | None = None
         self._snapshots_ok = True
         """False when start-up could not re-publish every in-flight decision (see snapshot)."""
         self.nc = nc
@@ -211,6 +212,9 @@ class RiskWorker:
         for lp in self.loops:
             await lp.stop()
         await cancel_and_wait(self._tasks)
+        if self._snap_put is not None and not self._snap_put.done():
+            # let a snapshot being stored finish (bounded): the next start replays less
+            await asyncio.wait({self._snap_put}, timeout=10)
 
     async def rebuild(self) -> None:
         """The latest engine snapshot, then every later RISKLOG record replayed through the
@@ -314,23 +318,38 @@ class RiskWorker:
         (if it could not, this worker takes no snapshot). Best effort: a failed snapshot only
         means a longer replay.
         """
+        if self._snap_put is not None and not self._snap_put.done():
+            return  # the last one is still being stored: try again after the next batch
+        t0 = time.perf_counter()
         seq = self._risklog_seq
-        recent = list(itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS))
+        decided = list(itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS))
+        decided += self._kv_inputs  # duplicates are harmless
         body = msgpack.packb(
             {
                 "v": 1,
                 "region": self.region,
                 "risklog_seq": seq,
                 "engine": self.engine.snapshot(),
-                "decided": sorted(set(recent) | self._kv_inputs),
+                "decided": decided,
             },
             use_bin_type=True,
         )
+        built_ms = (time.perf_counter() - t0) * 1000
         self._records_since_snap, self._snap_at = 0, time.monotonic()
+        # the batch loop only pays for building it; storing it runs beside the next batches
+        self._snap_put = asyncio.create_task(self._put_snapshot(seq, body, built_ms))
+
+    async def _put_snapshot(self, seq: int, body: bytes, built_ms: float) -> None:
         try:
             store = await asyncio.wait_for(self._store(), 10)
             await asyncio.wait_for(store.put("state", body), 30)
-            log.info("risk %s: snapshot at RISKLOG %d (%d bytes)", self.region, seq, len(body))
+            log.info(
+                "risk %s: snapshot at RISKLOG %d (%d bytes, built in %.1f ms)",
+                self.region,
+                seq,
+                len(body),
+                built_ms,
+            )
         except Exception as e:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
 
@@ -828,8 +847,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--snapshot-every",
         type=int,
-        default=50_000,
-        help="snapshot the engine every N RISKLOG records (and every 60 s); 0: never",
+        default=200_000,
+        help="snapshot the engine every N RISKLOG records (and every 5 minutes); 0: never",
     )
     args = ap.parse_args(argv)
     from ops.runtime import run
