@@ -14,9 +14,11 @@ one RISKLOG record per input (the input, its recorded externals and its outputs)
 subject), and only then acks the inputs. A restart restores the latest engine snapshot (object
 store ``RISKSNAP_<region>``, built between batches every 200,000 records or 5 minutes, stored
 beside the next batches) and replays the RISKLOG records after it through the engine, so the
-state is rebuilt exactly, and RISKLOG's max_age never takes state with it; an input redelivered after a crash finds its record (or, if
-older than the snapshot, its id in the snapshot) and has its recorded outputs re-published
-(Nats-Msg-Id dedup drops what was already stored).
+state is rebuilt exactly, and RISKLOG's max_age never takes state with it; an input
+redelivered after a crash finds its record (or, if older than the snapshot, its id in the
+snapshot) and has its recorded outputs re-published (Nats-Msg-Id dedup drops what was
+already stored). A state that cannot be rebuilt exactly stops the worker (:class:`RebuildError`):
+it fails closed.
 
 Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE).
 """
@@ -40,7 +42,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
@@ -138,7 +140,8 @@ class RiskWorker:
         self._risklog_seq = 0
         self._records_since_snap = 0
         self._snap_at = 0.0
-        self._kv_inputs: set[str] = set()
+        self._limits_from_cfg = False
+        """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
         self._snapshots_ok = True
         """False when start-up could not re-publish every in-flight decision (see snapshot)."""
@@ -220,30 +223,35 @@ class RiskWorker:
         """The latest engine snapshot, then every later RISKLOG record replayed through the
         engine: exactly the state before the restart, however old the stream's first record.
 
-        Without snapshots a restart would replay all of RISKLOG (about 2.5 s per 50,000
-        records), and records older than the stream's max_age would be gone from the state.
+        Raises :class:`RebuildError` rather than leave a partial state behind (a snapshot or
+        RISKLOG that cannot be read, records missing between the snapshot and the stream, a
+        replay that stalls): deciding orders on partial exposure is worse than not deciding.
         """
         js = self.js
         try:
             info = await js.stream_info("RISKLOG")
-        except Exception:
+        except NotFoundError:
+            self._log_rebuilt(0)  # a region that never recorded anything
             return
-        last = info.state.last_seq
+        except Exception as e:
+            raise RebuildError(f"RISKLOG unreadable: {e!r}") from e
         self._snap_at = time.monotonic()
-        await self._restore_snapshot(max_seq=last)
+        await self._restore_snapshot(max_seq=info.state.last_seq)
         self._risklog_seq = self.restored_from
         start = self.restored_from + 1
-        if info.state.messages == 0 or start > last:
+        try:
+            last = (await js.get_last_msg("RISKLOG", subjects.risklog(self.region, "rec"))).seq
+        except NotFoundError:
+            last = 0
+        except Exception as e:
+            raise RebuildError(f"RISKLOG unreadable: {e!r}") from e
+        if last is None or last < start:
             self._log_rebuilt(0)
             return
         if start < info.state.first_seq:
-            log.error(
-                "risk %s: RISKLOG records %d..%d are gone (stream starts at %d) and no snapshot "
-                "covers them: open orders and positions from then are missing",
-                self.region,
-                start,
-                info.state.first_seq - 1,
-                info.state.first_seq,
+            raise RebuildError(
+                f"RISKLOG records {start}..{info.state.first_seq - 1} are gone (the stream "
+                f"starts at {info.state.first_seq}) and no snapshot covers them"
             )
         sub = await js.subscribe(
             f"mrd.{self.region}.risk.>",
@@ -254,21 +262,21 @@ class RiskWorker:
         )
         n = 0
         try:
-            if (await sub.consumer_info()).num_pending == 0:
-                raise nats.errors.TimeoutError  # only risk rejects after the snapshot
             while True:
-                m = await sub.next_msg(timeout=5)
+                try:
+                    m = await sub.next_msg(timeout=5)
+                except nats.errors.TimeoutError:
+                    raise RebuildError(
+                        f"replay stalled after RISKLOG {self._risklog_seq} (last record {last})"
+                    ) from None
                 body = msgpack.unpackb(m.data, raw=False)
                 for rec in body.get("b", [body]):
                     if rec["in"] not in self.done:  # a batch re-recorded after a crash
                         self._replay(rec)
                         n += 1
                 self._risklog_seq = max(self._risklog_seq, m.metadata.sequence.stream)
-                # last_seq may be a risk reject (mrd.<r>.er.r.>), outside this filter
-                if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
+                if m.metadata.sequence.stream >= last:
                     break
-        except nats.errors.TimeoutError:
-            pass
         finally:
             await sub.unsubscribe()
         self._log_rebuilt(n)
@@ -311,8 +319,11 @@ class RiskWorker:
         """Store the engine as of the last RISKLOG record (taken between batches, so every
         record up to it is applied and its outputs are stored).
 
-        It also keeps the ids of the latest inputs (and of every kill/limits change), so an
-        input redelivered after a restart, because its ack was lost, is recognised as decided.
+        It also keeps the ids of the latest order and report inputs, so an input redelivered
+        after a restart, because its ack was lost, is recognised as decided. Kill switches and
+        limits are not among them: their watchers re-deliver the current entries at start, and
+        applying one again changes nothing (a kill re-sends cancels, which dedup or execution
+        drops). Limits taken from limits.toml (no RISKCFG entry) are re-read from the file.
         Their outputs are stored: every batch of this worker was, and at start-up
         :meth:`recover_inflight` re-published the outputs of every decided but unacked request
         (if it could not, this worker takes no snapshot). Best effort: a failed snapshot only
@@ -322,14 +333,19 @@ class RiskWorker:
             return  # the last one is still being stored: try again after the next batch
         t0 = time.perf_counter()
         seq = self._risklog_seq
-        decided = list(itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS))
-        decided += self._kv_inputs  # duplicates are harmless
+        # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
+        decided = [
+            i
+            for i in itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS)
+            if not i.startswith(("kill:", "cfg:"))
+        ]
         body = msgpack.packb(
             {
                 "v": 1,
                 "region": self.region,
                 "risklog_seq": seq,
                 "engine": self.engine.snapshot(),
+                "limits_from_cfg": self._limits_from_cfg,
                 "decided": decided,
             },
             use_bin_type=True,
@@ -357,8 +373,10 @@ class RiskWorker:
         try:
             store = await asyncio.wait_for(self._store(), 10)
             res = await asyncio.wait_for(store.get("state"), 30)
-        except Exception:
+        except ObjectNotFoundError:
             return  # no snapshot yet
+        except Exception as e:
+            raise RebuildError(f"snapshot store {self.snapshot_bucket} unreadable: {e!r}") from e
         try:
             snap = msgpack.unpackb(res.data, raw=False)
             seq = int(snap["risklog_seq"])
@@ -370,13 +388,14 @@ class RiskWorker:
         except Exception as e:
             log.error("risk %s: unusable snapshot (%s); replaying all of RISKLOG", self.region, e)
             return
+        self._limits_from_cfg = bool(snap.get("limits_from_cfg"))
+        if not self._limits_from_cfg:
+            engine.set_limits(self.default_limits)  # limits.toml as it is now, as before
         self.engine = engine
         empty = msgpack.packb([])
         for input_id in snap.get("decided", []):
             # decided before the snapshot, outputs stored: a redelivery is only acked
             self.done[input_id] = empty
-            if input_id.startswith(("kill:", "cfg:")):
-                self._kv_inputs.add(input_id)
         self.restored_from = seq
 
     async def recover_inflight(self) -> int:
@@ -448,19 +467,32 @@ class RiskWorker:
                 batch.append(self.queue.get_nowait())
             try:
                 await self._process(batch)
-                await self._maybe_snapshot()
             except Exception:
-                log.exception("risk %s: batch failed; rebuilding from RISKLOG", self.region)
-                for it in batch:
-                    if isinstance(it, Msg):
-                        with contextlib.suppress(Exception):
-                            await it.nak(delay=0.5)
-                self.engine = RiskEngine(self.topology, self.region, self.engine.limits)
+                log.exception("risk %s: batch failed; rebuilding, then retrying it", self.region)
+                await self._retry_batch(batch)
+            await self._maybe_snapshot()
+
+    async def _retry_batch(self, batch: list[Any]) -> None:
+        """Rebuild the exact state, then process the same batch again, until it goes through.
+
+        Not a nak: with AckPolicy.ALL the next batch's ack would ack a nak'd input that had
+        not been redelivered yet (and KV inputs cannot be redelivered at all). Inputs whose
+        records were stored are found decided and have their outputs re-published.
+        """
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                self.engine = RiskEngine(self.topology, self.region, self.default_limits)
                 self.done.clear()
-                self._kv_inputs.clear()
                 self.restored_from = 0
-                await asyncio.sleep(0.5)
+                self._limits_from_cfg = False
                 await self.rebuild()
+                await self._process(batch)
+                return
+            except Exception:
+                log.exception("risk %s: retry of the failed batch failed", self.region)
+                delay = min(delay * 2, 5.0)
 
     async def _process(self, raw_batch: list[Any]) -> None:
         items: list[Item] = []
@@ -696,6 +728,7 @@ class RiskWorker:
             return outs
         if it.kind == "cfg":
             eng.set_limits(d)
+            self._limits_from_cfg = bool(it.payload)  # empty: deleted, back to limits.toml
             return []
         return []
 
@@ -728,8 +761,6 @@ class RiskWorker:
         ]
 
     def _remember(self, input_id: str, outs: list[Out]) -> None:
-        if input_id.startswith(("kill:", "cfg:")):
-            self._kv_inputs.add(input_id)
         self.done[input_id] = msgpack.packb(
             [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in outs], use_bin_type=True
         )
@@ -770,6 +801,10 @@ class RiskWorker:
             except Exception as e:
                 log.warning("risk %s: KV watch %s failed (%s); retrying", self.region, bucket, e)
                 await asyncio.sleep(1)
+
+
+class RebuildError(RuntimeError):
+    """Risk could not rebuild its exact state; it must not decide anything until it can."""
 
 
 MAX_RECORD_BYTES = 512 * 1024

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from regions.topology import load_topology
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
-from router.risk_worker import RiskWorker
+from router.risk import RiskLimits
+from router.risk_worker import RebuildError, RiskWorker
 
 pytestmark = pytest.mark.integration
 
@@ -75,8 +77,10 @@ async def _scenario(ds: Devstack) -> None:
     js = nc.jetstream(domain="lon")
     r = aioredis.from_url(ds.redis_url)
 
-    def worker() -> RiskWorker:
-        return RiskWorker(nc, ds.topology, "lon", r, snapshot_every=20, snapshot_every_s=3600)
+    def worker(limits: RiskLimits | None = None) -> RiskWorker:
+        return RiskWorker(
+            nc, ds.topology, "lon", r, limits, snapshot_every=20, snapshot_every_s=3600
+        )
 
     try:
         w1 = worker()
@@ -92,11 +96,15 @@ async def _scenario(ds: Devstack) -> None:
         live = w1.engine.snapshot()
         assert live["accounts"], "nothing was decided"
 
-        w2 = worker()
+        # limits.toml edited while risk was down (no RISKCFG entry): the file wins, as before
+        edited = replace(RiskLimits.load(), collar_bps=77)
+        w2 = worker(edited)
         await w2.start()
         try:
             assert w2.restored_from > 0, "no snapshot was used"
             assert 5 <= w2.stats["rebuilt"] < 55, "replayed more than the records after it"
+            assert w2.engine.limits == edited
+            w2.engine.set_limits(RiskLimits.from_mapping(live["limits"]))
             assert w2.engine.snapshot() == live
             snap_seq = w2.restored_from
         finally:
@@ -109,13 +117,34 @@ async def _scenario(ds: Devstack) -> None:
         try:
             assert w3.restored_from >= snap_seq
             assert w3.engine.snapshot() == live
-            # and it keeps deciding from there (stats count replayed decisions too)
-            n0 = w3.stats["orders"]
+            # and it keeps deciding from there, through a batch that fails once (Redis blip):
+            # rebuilt, then retried, not nak'd (stats count replayed decisions too)
+            real = w3._externals
+            failures = [ConnectionError("injected")]
+
+            async def flaky(items: list[object]) -> object:
+                if failures:
+                    raise failures.pop()
+                return await real(items)  # type: ignore[arg-type]
+
+            w3._externals = flaky  # type: ignore[assignment,method-assign]
             await _send(js, 56)
-            await _decided(w3, n0 + 1)
+            for _ in range(200):
+                if ids.order_id(ACCOUNTS[0], "snap-56") in w3.engine.state(ACCOUNTS[0]).orders:
+                    break
+                await asyncio.sleep(0.05)
+            assert not failures, "the injected failure never happened"
             assert ids.order_id(ACCOUNTS[0], "snap-56") in w3.engine.state(ACCOUNTS[0]).orders
         finally:
             await w3.stop()
+
+        # without the snapshot, the purged records are missing: risk refuses to start
+        store = await js.object_store(w3.snapshot_bucket)
+        await store.delete("state")
+        w4 = worker()
+        with pytest.raises(RebuildError, match="are gone"):
+            await w4.start()
+        await w4.stop()
     finally:
         await r.aclose()
         await nc.close()
