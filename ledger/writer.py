@@ -256,6 +256,8 @@ class LedgerWriter:
                     continue
                 if msgs and cfg.linger_s and len(msgs) < cfg.batch_max:
                     msgs = list(msgs) + await self._top_up(psub, cfg.batch_max - len(msgs))
+                    if me is not None and me.cancelling():  # the same swallowed-cancel guard
+                        raise asyncio.CancelledError
                 if msgs:
                     await self.handle_batch(msgs, stop)
         finally:
