@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -61,6 +62,19 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+EPHEMERAL_FLOOR = 20_000
+"""Lowest port a metrics block starts at (above the well-known service ports)."""
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for automatically assigned local ports (Linux default 32768-60999)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port_blocks(
     count: int, size: int, host: str = "127.0.0.1", avoid: Sequence[int] = ()
 ) -> list[int]:
@@ -68,16 +82,28 @@ def free_port_blocks(
 
     Each worker's metrics port is a region's base plus an offset, so every port of the block
     must be free, not only the first (held open together while choosing).
+
+    The blocks come from below the kernel's ephemeral range: they stay unbound until their
+    workers start, possibly minutes later, and meanwhile any client socket of any process
+    may be given an ephemeral port; one in a block made a worker's metrics endpoint fail
+    with "Address already in use".
     """
+    low, _high = ephemeral_port_range()
+    pick = random.Random()
     socks: list[socket.socket] = []
     starts: list[int] = []
     taken = set(avoid)
     try:
-        while len(starts) < count:
-            probe = socket.socket()
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-            probe.close()
+        for _attempt in range(10_000):
+            if len(starts) >= count:
+                break
+            if low - size > EPHEMERAL_FLOOR:
+                base = pick.randrange(EPHEMERAL_FLOOR, low - size)
+            else:  # an unusual ephemeral range: let the kernel choose
+                probe = socket.socket()
+                probe.bind((host, 0))
+                base = probe.getsockname()[1]
+                probe.close()
             if base + size > 65535 or taken & set(range(base, base + size)):
                 continue
             block = []
@@ -93,6 +119,8 @@ def free_port_blocks(
             socks += block
             starts.append(base)
             taken |= set(range(base, base + size))
+        if len(starts) < count:
+            raise OpsError(f"no {count} free blocks of {size} ports below {low}")
         return starts
     finally:
         for s in socks:

@@ -208,3 +208,14 @@ async def test_roles_are_least_privilege(mesh: Mesh) -> None:
     assert any("mrd.lon.ord" in e for e in violations), errors
     assert any("mrd.lon.exe" in e for e in violations), errors
     assert any("mrd.v1.entry" in e for e in violations), errors
+
+
+def test_metrics_port_blocks_stay_clear_of_ephemeral_ports() -> None:
+    """Blocks stay unbound until their workers start: no client socket may be given one."""
+    from ops.procs import ephemeral_port_range, free_port_blocks
+
+    low, _ = ephemeral_port_range()
+    bases = free_port_blocks(3, 10, avoid=[20_000])
+    ports = [b + i for b in bases for i in range(10)]
+    assert len(set(ports)) == 30, "blocks overlap"
+    assert all(20_000 < p < low for p in ports), (bases, low)
