@@ -53,9 +53,15 @@ async def serve_until_stopped(worker: Any, nc: NATS) -> None:
     print("READY", flush=True)
     freeze_startup_objects()
     stop = install_stop_signals()
-    await stop.wait()
+    waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
+    fatal = getattr(worker, "fatal", None)  # a worker that can stop deciding for good
+    if isinstance(fatal, asyncio.Future):
+        waits.add(fatal)
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     await worker.stop()
     await nc.drain()
+    if isinstance(fatal, asyncio.Future) and fatal.done():
+        raise SystemExit(f"stopped: {fatal.result()!r}")  # non-zero exit, visible to the SRE
 
 
 def freeze_startup_objects() -> None:

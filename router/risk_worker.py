@@ -143,6 +143,11 @@ class RiskWorker:
         self._limits_from_cfg = False
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
+        self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        """Resolved when the worker stopped deciding for good (the process should exit)."""
+        self._epoch = f"{time.time_ns():x}"
+        """Part of every RISKLOG record id: a retried batch re-recorded in this process
+        collides with (and so detects) a record stored late; another process never does."""
         self._snapshots_ok = True
         """False when start-up could not re-publish every in-flight decision (see snapshot)."""
         self.nc = nc
@@ -210,6 +215,7 @@ class RiskWorker:
             asyncio.create_task(self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg"))
         )
         self._tasks.append(asyncio.create_task(self._run()))
+        self._tasks.append(asyncio.create_task(self._tick()))
 
     async def stop(self) -> None:
         for lp in self.loops:
@@ -239,6 +245,11 @@ class RiskWorker:
         await self._restore_snapshot(max_seq=info.state.last_seq)
         self._risklog_seq = self.restored_from
         start = self.restored_from + 1
+        if info.state.last_seq >= start and start < info.state.first_seq:
+            raise RebuildError(
+                f"RISKLOG {start}..{info.state.first_seq - 1} are gone (the stream starts at "
+                f"{info.state.first_seq}) and no snapshot covers them"
+            )
         try:
             last = (await js.get_last_msg("RISKLOG", subjects.risklog(self.region, "rec"))).seq
         except NotFoundError:
@@ -246,13 +257,9 @@ class RiskWorker:
         except Exception as e:
             raise RebuildError(f"RISKLOG unreadable: {e!r}") from e
         if last is None or last < start:
+            self._apply_file_limits()
             self._log_rebuilt(0)
             return
-        if start < info.state.first_seq:
-            raise RebuildError(
-                f"RISKLOG records {start}..{info.state.first_seq - 1} are gone (the stream "
-                f"starts at {info.state.first_seq}) and no snapshot covers them"
-            )
         sub = await js.subscribe(
             f"mrd.{self.region}.risk.>",
             ordered_consumer=True,
@@ -279,7 +286,13 @@ class RiskWorker:
                     break
         finally:
             await sub.unsubscribe()
+        self._apply_file_limits()
         self._log_rebuilt(n)
+
+    def _apply_file_limits(self) -> None:
+        """After a rebuild: limits.toml as it is now, unless a RISKCFG entry set the limits."""
+        if not self._limits_from_cfg:
+            self.engine.set_limits(self.default_limits)
 
     def _log_rebuilt(self, n: int) -> None:
         self.stats["rebuilt"] = n
@@ -388,9 +401,9 @@ class RiskWorker:
         except Exception as e:
             log.error("risk %s: unusable snapshot (%s); replaying all of RISKLOG", self.region, e)
             return
+        # the snapshot's limits stay in force while later records are replayed (they were
+        # decided under them); rebuild() then re-reads limits.toml if no RISKCFG entry rules
         self._limits_from_cfg = bool(snap.get("limits_from_cfg"))
-        if not self._limits_from_cfg:
-            engine.set_limits(self.default_limits)  # limits.toml as it is now, as before
         self.engine = engine
         empty = msgpack.packb([])
         for input_id in snap.get("decided", []):
@@ -460,17 +473,35 @@ class RiskWorker:
 
     # ---- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            while True:
+                first = await self.queue.get()
+                batch = [first]
+                while len(batch) < 1024 and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                batch = [x for x in batch if x is not _TICK]
+                if batch:
+                    try:
+                        await self._process(batch)
+                    except Exception:
+                        log.exception(
+                            "risk %s: batch failed; rebuilding, then retrying it", self.region
+                        )
+                        await self._retry_batch(batch)
+                await self._maybe_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # fail closed, and loudly: the process stops deciding
+            log.critical("risk %s: stopped deciding: %r", self.region, e)
+            if not self.fatal.done():
+                self.fatal.set_result(e)
+
+    async def _tick(self) -> None:
+        """Wake the batch loop now and then, so an idle worker still snapshots its last
+        records before RISKLOG's max_age could take them."""
         while True:
-            first = await self.queue.get()
-            batch = [first]
-            while len(batch) < 1024 and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                await self._process(batch)
-            except Exception:
-                log.exception("risk %s: batch failed; rebuilding, then retrying it", self.region)
-                await self._retry_batch(batch)
-            await self._maybe_snapshot()
+            await asyncio.sleep(max(1.0, self.snapshot_every_s / 4))
+            self.queue.put_nowait(_TICK)
 
     async def _retry_batch(self, batch: list[Any]) -> None:
         """Rebuild the exact state, then process the same batch again, until it goes through.
@@ -480,7 +511,7 @@ class RiskWorker:
         records were stored are found decided and have their outputs re-published.
         """
         delay = 0.5
-        while True:
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
             await asyncio.sleep(delay)
             try:
                 self.engine = RiskEngine(self.topology, self.region, self.default_limits)
@@ -490,9 +521,17 @@ class RiskWorker:
                 await self.rebuild()
                 await self._process(batch)
                 return
+            except RebuildError:
+                raise  # fail closed: see _run
             except Exception:
-                log.exception("risk %s: retry of the failed batch failed", self.region)
+                log.exception(
+                    "risk %s: retry %d/%d of the failed batch failed",
+                    self.region,
+                    attempt,
+                    RETRY_ATTEMPTS,
+                )
                 delay = min(delay * 2, 5.0)
+        raise RuntimeError(f"a batch of {len(batch)} inputs failed {RETRY_ATTEMPTS + 1} times")
 
     async def _process(self, raw_batch: list[Any]) -> None:
         items: list[Item] = []
@@ -533,12 +572,16 @@ class RiskWorker:
                 await self.pub.publish(
                     subjects.risklog(self.region, "rec"),
                     msgpack.packb({"b": chunk}, use_bin_type=True),
-                    headers={H_MSG_ID: f"rec:{chunk[0]['in']}:{len(chunk)}"},
+                    headers={H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}"},
                 )
             )
         if futs:
             # the decisions are durable before anything acts on them
             acks = await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+            if any(a.duplicate for a in acks):
+                # stored by an attempt whose PubAck was lost, with decisions that may differ
+                # from these: rebuild (which reads it) and retry, never act on these
+                raise RuntimeError("RISKLOG record already stored by an earlier attempt")
             self._risklog_seq = max(self._risklog_seq, *(a.seq for a in acks))
             self._records_since_snap += len(records)
             futs = []
@@ -807,6 +850,10 @@ class RebuildError(RuntimeError):
     """Risk could not rebuild its exact state; it must not decide anything until it can."""
 
 
+RETRY_ATTEMPTS = 10
+"""Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
+_TICK = object()
+"""Queue item that only wakes the batch loop (idle snapshots)."""
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""

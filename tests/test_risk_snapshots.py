@@ -19,7 +19,7 @@ from regions.topology import load_topology
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
-from router.risk import RiskLimits
+from router.risk import AccountLimits, RiskLimits
 from router.risk_worker import RebuildError, RiskWorker
 
 pytestmark = pytest.mark.integration
@@ -96,8 +96,10 @@ async def _scenario(ds: Devstack) -> None:
         live = w1.engine.snapshot()
         assert live["accounts"], "nothing was decided"
 
-        # limits.toml edited while risk was down (no RISKCFG entry): the file wins, as before
-        edited = replace(RiskLimits.load(), collar_bps=77)
+        # limits.toml edited while risk was down (no RISKCFG entry): the records after the
+        # snapshot replay under the limits they were decided with (this credit limit would
+        # reject every one of them), then the file's limits are in force, as before snapshots
+        edited = replace(RiskLimits.load(), default_account=AccountLimits(credit_limit_usd=1))
         w2 = worker(edited)
         await w2.start()
         try:
@@ -135,16 +137,32 @@ async def _scenario(ds: Devstack) -> None:
                 await asyncio.sleep(0.05)
             assert not failures, "the injected failure never happened"
             assert ids.order_id(ACCOUNTS[0], "snap-56") in w3.engine.state(ACCOUNTS[0]).orders
+
+            # a batch whose rebuild fails: the worker stops deciding for good (fail closed)
+            async def down(items: list[object]) -> object:
+                raise ConnectionError("injected")
+
+            async def no_rebuild() -> None:
+                raise RebuildError("injected")
+
+            w3._externals = down  # type: ignore[assignment,method-assign]
+            w3.rebuild = no_rebuild  # type: ignore[method-assign]
+            await _send(js, 57)
+            assert isinstance(await asyncio.wait_for(w3.fatal, 10), RebuildError)
         finally:
             await w3.stop()
 
-        # without the snapshot, the purged records are missing: risk refuses to start
-        store = await js.object_store(w3.snapshot_bucket)
-        await store.delete("state")
-        w4 = worker()
-        with pytest.raises(RebuildError, match="are gone"):
-            await w4.start()
-        await w4.stop()
+        # the records after the snapshot age out too: risk refuses to start on what is left,
+        # and so it does without any snapshot
+        await js.purge_stream("RISKLOG")
+        for with_snapshot in (True, False):
+            if not with_snapshot:
+                store = await js.object_store(w3.snapshot_bucket)
+                await store.delete("state")
+            w4 = worker()
+            with pytest.raises(RebuildError, match="are gone"):
+                await w4.start()
+            await w4.stop()
     finally:
         await r.aclose()
         await nc.close()
