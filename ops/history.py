@@ -174,7 +174,7 @@ async def order_history(
         if hdr.get(H_ORDER_ID) and op == "new":
             h.order_id = hdr[H_ORDER_ID]
     # risk decisions
-    for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home, "rec")):
+    for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home)):
         with contextlib.suppress(Exception):
             body = msgpack.unpackb(m.data, raw=False)
             for rec in body.get("b", [body]):

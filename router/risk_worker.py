@@ -251,7 +251,7 @@ class RiskWorker:
                 f"{info.state.first_seq}) and no snapshot covers them"
             )
         try:
-            last = (await js.get_last_msg("RISKLOG", subjects.risklog(self.region, "rec"))).seq
+            last = (await js.get_last_msg("RISKLOG", subjects.risklog(self.region))).seq
         except NotFoundError:
             last = 0
         except Exception as e:
@@ -570,7 +570,7 @@ class RiskWorker:
         for chunk in _chunks(records):
             futs.append(
                 await self.pub.publish(
-                    subjects.risklog(self.region, "rec"),
+                    subjects.risklog(self.region),
                     msgpack.packb({"b": chunk}, use_bin_type=True),
                     headers={H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}"},
                 )

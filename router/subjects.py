@@ -9,7 +9,7 @@ and ``js.publish`` is routed by interest to exactly one domain:
 
     stream    region  subjects                                 writer
     ORDERS    home    mrd.<r>.ord.<account>.<key>              gateways of every region
-    RISKLOG   home    mrd.<r>.risk.<account> , mrd.<r>.er.r.>  the home region's risk worker
+    RISKLOG   home    mrd.<r>.risk.rec , mrd.<r>.er.r.>        the home region's risk worker
     EXEC      exec    mrd.<r>.exe.<symbol>                     risk workers of every region
     EXECOUT   exec    mrd.<r>.er.n.<home>.<account> ,           the exec region's execution worker
                       mrd.<r>.er.x.<home>.<account> ,
@@ -55,8 +55,9 @@ def orders_filter(home: str) -> str:
     return f"{PREFIX}.{home}.ord.>"
 
 
-def risklog(home: str, account: str) -> str:
-    return f"{PREFIX}.{home}.risk.{account}"
+def risklog(home: str) -> str:
+    """The risk worker's decision records (batches of input + externals + outputs)."""
+    return f"{PREFIX}.{home}.risk.rec"
 
 
 def exec_in(exec_region: str, symbol: str) -> str:
