@@ -468,8 +468,8 @@ class RiskWorker:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
         item.decoded = self._decode(item)
         ext = _ext_from(rec.get("x"))
-        self._decide(item, ext)  # outputs recomputed; the recorded ones are authoritative
-        self._remember(item.input_id, [Out(*o) for o in rec["o"]])
+        produced = self._decide(item, ext)  # recomputed; the recorded ones are authoritative
+        self._remember(item.input_id, produced if rec.get("oc") else [Out(*o) for o in rec["o"]])
 
     # ---- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -554,14 +554,20 @@ class RiskWorker:
             self._remember(it.input_id, produced)
             if it.kind == "order":
                 approvals.append(any(".exe." in o.subject for o in produced))
-            rec = {
+            rec: dict[str, Any] = {
                 "in": it.input_id,
                 "k": it.kind,
                 "p": it.payload,
                 "h": it.headers,
                 "x": _ext_to(ext),
-                "o": [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in produced],
             }
+            if it.kind == "kill":
+                # a kill cancels every open order of what it halts: thousands of cancels would
+                # not fit one message (max_payload 1 MiB). They are a pure function of the
+                # engine state the record is replayed on, so the replay recomputes them.
+                rec["o"], rec["oc"] = [], 1
+            else:
+                rec["o"] = [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in produced]
             records.append(rec)
             outs.extend(produced)
         futs = []

@@ -18,7 +18,7 @@ from ops.loadgen import REFERENCE_MIDS, seed_top_of_book
 from regions.topology import load_topology
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
-from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
+from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID, AsyncPublisher
 from router.risk import AccountLimits, RiskLimits
 from router.risk_worker import RebuildError, RiskWorker
 
@@ -38,12 +38,10 @@ def test_restart_restores_snapshot_then_replays_the_rest() -> None:
         ds.down()
 
 
-async def _send(js: object, i: int) -> None:
-    acct = ACCOUNTS[i % 2]
-    cl = f"snap-{i}"
-    msg = NewOrder(
-        account=acct,
-        cl_ord_id=cl,
+def _new(i: int) -> NewOrder:
+    return NewOrder(
+        account=ACCOUNTS[i % 2],
+        cl_ord_id=f"snap-{i}",
         symbol="EURUSD",
         side=Side.BUY if i % 2 == 0 else Side.SELL,
         ord_type=OrdType.LIMIT,
@@ -51,6 +49,11 @@ async def _send(js: object, i: int) -> None:
         qty=1_000_000,
         price_ticks=REFERENCE_MIDS["EURUSD"] + (i % 7) - 3,
     )
+
+
+async def _send(js: object, i: int) -> None:
+    msg = _new(i)
+    acct, cl = msg.account, msg.cl_ord_id
     key = subjects.request_key(acct, cl)
     await js.publish(  # type: ignore[attr-defined]
         subjects.orders("lon", acct, key),
@@ -64,8 +67,8 @@ async def _send(js: object, i: int) -> None:
     )
 
 
-async def _decided(w: RiskWorker, n: int) -> None:
-    for _ in range(200):
+async def _decided(w: RiskWorker, n: int, tries: int = 200) -> None:
+    for _ in range(tries):
         if w.stats["orders"] >= n:
             return
         await asyncio.sleep(0.05)
@@ -163,6 +166,96 @@ async def _scenario(ds: Devstack) -> None:
             with pytest.raises(RebuildError, match="are gone"):
                 await w4.start()
             await w4.stop()
+    finally:
+        await r.aclose()
+        await nc.close()
+
+
+def test_kill_switch_over_thousands_of_open_orders() -> None:
+    """A kill cancels every open order it halts. Ten thousand cancels do not fit one
+    RISKLOG message (max_payload 1 MiB): the record leaves them out and a replay recomputes
+    the same cancels from the state it is replayed on."""
+    run_dir = Path(tempfile.mkdtemp(prefix="meridian-riskkill-", dir="/tmp"))
+    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
+    ds.up(with_pg=False, with_redis=True)
+    try:
+        seed_top_of_book(ds.redis_url, ds.topology)
+        asyncio.run(asyncio.wait_for(_kill_scenario(ds), 180))
+    finally:
+        ds.down()
+
+
+async def _kill_scenario(ds: Devstack) -> None:
+    from router.contract import KillScope
+    from router.control import set_kill
+
+    n = 10_000
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+
+    unthrottled = replace(RiskLimits.load(), rate_per_s=1_000_000, burst=1_000_000)
+
+    def worker() -> RiskWorker:
+        return RiskWorker(
+            nc, ds.topology, "lon", r, unthrottled, snapshot_every=0, snapshot_every_s=3600
+        )
+
+    try:
+        w1 = worker()
+        await w1.start()
+        pub = AsyncPublisher(nc, max_pending=2_000)
+        futs = []
+        for i in range(n):
+            cl = f"k-{i}"
+            msg = replace(_new(i), account="LON-HF-01", cl_ord_id=cl, qty=1_000)
+            key = subjects.request_key("LON-HF-01", cl)
+            futs.append(
+                await pub.publish(
+                    subjects.orders("lon", "LON-HF-01", key),
+                    contract.encode(msg),
+                    headers={
+                        H_MSG_ID: f"new:{key}",
+                        H_OP: "new",
+                        H_ORDER_ID: ids.order_id("LON-HF-01", cl),
+                        H_ACCEPTED_NS: str(time.time_ns()),
+                    },
+                )
+            )
+        await asyncio.gather(*futs)
+        await _decided(w1, n, tries=600)
+        assert len(w1.engine.state("LON-HF-01").orders) == n
+
+        res = await set_kill(
+            lambda region: ds.connect(region),
+            ds.topology,
+            KillScope.ACCOUNT,
+            "LON-HF-01",
+            engaged=True,
+        )
+        assert res["lon"] == "ok", res
+        kill_id = ""
+        for _ in range(200):
+            kill_id = next((k for k in w1.done if k.startswith("kill:")), "")
+            if kill_id:
+                break
+            await asyncio.sleep(0.05)
+        assert kill_id, "the kill was never decided"
+        cancels = w1._recorded(kill_id)
+        assert len(cancels) == n and all(o.kind == "Cancel" for o in cancels)
+        for _ in range(200):  # every cancel reached the EXEC stream (n submits, n cancels)
+            if (await js.stream_info("EXEC")).state.messages >= 2 * n:
+                break
+            await asyncio.sleep(0.05)
+        assert (await js.stream_info("EXEC")).state.messages == 2 * n
+        await w1.stop()
+
+        w2 = worker()  # no snapshot: the kill record is replayed
+        await w2.start()
+        try:
+            assert w2._recorded(kill_id) == cancels
+        finally:
+            await w2.stop()
     finally:
         await r.aclose()
         await nc.close()
