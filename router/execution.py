@@ -13,7 +13,9 @@ Restart (including SIGKILL mid-batch): the books are restored from the latest sn
 order; outputs of commands past the consumer's ack floor are published again, identical to
 the first time, and dropped by the stream's dedup window (1 h). Deliveries at or below the
 applied sequence are only acked, and a gap is filled from the stream before applying, so the
-books never see a command out of order: no missing and no duplicate report or fill.
+books never see a command out of order: no missing and no duplicate report or fill. Books
+that cannot be rebuilt exactly (a snapshot that cannot be read, commands missing between it
+and the stream, a replay that stalls) stop the worker (``RebuildError``): it fails closed.
 
 Also answers ``mrd.v1.book.<region>.<symbol>`` requests with the book's depth.
 """
@@ -47,6 +49,8 @@ from router.natsutil import (
     H_MSG_ID,
     AsyncPublisher,
     PullLoop,
+    RebuildError,
+    SnapshotStore,
     cancel_and_wait,
     stream_position,
 )
@@ -130,6 +134,9 @@ class ExecutionWorker:
         self.metrics = metrics
         self.tracer = tracer if tracer is not None else NOOP_TRACER
         self.js = nc.jetstream(domain=region)
+        self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "books")
+        self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        """Resolved when the worker stopped applying commands for good (the process exits)."""
         self.pub = AsyncPublisher(nc, max_pending=20000)
         self.queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.books: dict[str, OrderBook] = {}
@@ -200,6 +207,11 @@ class ExecutionWorker:
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
         if not last or self.applied >= last:
             return
+        if self.applied + 1 < sinfo.state.first_seq:
+            raise RebuildError(
+                f"EXEC {self.applied + 1}..{sinfo.state.first_seq - 1} are gone (the stream "
+                f"starts at {sinfo.state.first_seq}) and no snapshot covers them"
+            )
         sub = await self.js.subscribe(
             f"mrd.{self.region}.exe.>",
             ordered_consumer=True,
@@ -211,16 +223,17 @@ class ExecutionWorker:
         futs: list[asyncio.Future[Any]] = []
         try:
             while True:
-                m = await sub.next_msg(timeout=5)
+                try:
+                    m = await sub.next_msg(timeout=5)
+                except nats.errors.TimeoutError:
+                    raise RebuildError(
+                        f"replay stalled after {n} commands (at {self.applied}, last {last})"
+                    ) from None
                 cmd = Cmd.of(m)
                 futs += await self._handle(cmd, publish=cmd.seq > floor, trace=False)
                 n += 1
                 if cmd.seq >= last or m.metadata.num_pending == 0:
                     break
-        except nats.errors.TimeoutError:
-            log.warning(
-                "exec %s: replay stopped early at %d commands (last %d)", self.region, n, last
-            )
         finally:
             await sub.unsubscribe()
         if futs:
@@ -328,17 +341,25 @@ class ExecutionWorker:
         return Cmd.of_raw(raw)
 
     async def _run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = [first]
-            while len(batch) < 1024 and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                await self._process(batch)
-            except Exception:
-                log.exception("exec %s: batch failed; rebuilding books", self.region)
-                await asyncio.sleep(0.5)
-                await self.rebuild()
+        try:
+            while True:
+                first = await self.queue.get()
+                batch = [first]
+                while len(batch) < 1024 and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                try:
+                    await self._process(batch)
+                except Exception:
+                    # unacked: the durable redelivers the batch, applied ones are only acked
+                    log.exception("exec %s: batch failed; rebuilding books", self.region)
+                    await asyncio.sleep(0.5)
+                    await self.rebuild()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # fail closed, and loudly: the process stops applying
+            log.critical("exec %s: stopped applying commands: %r", self.region, e)
+            if not self.fatal.done():
+                self.fatal.set_result(e)
 
     async def _process(self, batch: list[Msg]) -> None:
         futs: list[asyncio.Future[Any]] = []
@@ -367,17 +388,6 @@ class ExecutionWorker:
     def snapshot_bucket(self) -> str:
         return f"EXECSNAP_{self.region}"
 
-    async def _store(self) -> Any:
-        try:
-            return await self.js.object_store(self.snapshot_bucket)
-        except Exception:
-            from nats.js.api import ObjectStoreConfig, StorageType
-
-            return await self.js.create_object_store(
-                self.snapshot_bucket,
-                config=ObjectStoreConfig(bucket=self.snapshot_bucket, storage=StorageType.FILE),
-            )
-
     async def _maybe_snapshot(self) -> None:
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
         due_t = (
@@ -404,20 +414,17 @@ class ExecutionWorker:
         )
         self._snap_seq, self._snap_at = seq, time.monotonic()
         try:
-            store = await asyncio.wait_for(self._store(), 10)
-            await asyncio.wait_for(store.put("books", body), 30)
+            await self.snapshots.save(body)
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
         except Exception as e:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
-        try:
-            store = await asyncio.wait_for(self._store(), 10)
-            res = await asyncio.wait_for(store.get("books"), 30)
-        except Exception:
+        data = await self.snapshots.load()
+        if data is None:
             return  # no snapshot yet
         try:
-            snap = msgpack.unpackb(res.data, raw=False)
+            snap = msgpack.unpackb(data, raw=False)
             seq = int(snap["applied"])
             if snap.get("region") != self.region or seq > max_seq:
                 raise ValueError(

@@ -337,3 +337,53 @@ async def cancel_and_wait(
         _done, pending = await asyncio.wait(live, timeout=timeout_s)
         for t in pending:
             log.warning("task %s ignored its cancel; leaving it", t.get_name())
+
+
+class RebuildError(RuntimeError):
+    """A single writer could not rebuild its exact state; it must not act until it can."""
+
+
+class SnapshotStore:
+    """The latest snapshot of a single writer (risk, execution): one entry of a JetStream
+    object store of its own domain, created on first use.
+
+    :meth:`load` tells "no snapshot yet" (``None``) apart from "cannot read it"
+    (:class:`RebuildError`): a worker that mistook the second for the first would replay from
+    the stream's first message and, once old messages have aged out, act on a partial state.
+    """
+
+    def __init__(self, js: Any, bucket: str, key: str, *, timeout_s: float = 30.0) -> None:
+        self.js, self.bucket, self.key, self.timeout_s = js, bucket, key, timeout_s
+
+    async def _store(self) -> Any:
+        try:
+            return await self.js.object_store(self.bucket)
+        except NotFoundError:
+            from nats.js.api import ObjectStoreConfig, StorageType
+
+            return await self.js.create_object_store(
+                self.bucket,
+                config=ObjectStoreConfig(bucket=self.bucket, storage=StorageType.FILE),
+            )
+
+    async def load(self) -> bytes | None:
+        from nats.js.errors import ObjectNotFoundError
+
+        try:
+            store = await asyncio.wait_for(self._store(), 10)
+            res = await asyncio.wait_for(store.get(self.key), self.timeout_s)
+        except ObjectNotFoundError:
+            return None
+        except Exception as e:
+            raise RebuildError(f"snapshot store {self.bucket} unreadable: {e!r}") from e
+        return bytes(res.data or b"")
+
+    async def save(self, body: bytes) -> None:
+        """Store ``body`` as the latest snapshot; raises on failure (callers log and go on:
+        a missed snapshot only means a longer replay)."""
+        store = await asyncio.wait_for(self._store(), 10)
+        await asyncio.wait_for(store.put(self.key, body), self.timeout_s)
+
+    async def delete(self) -> None:
+        store = await asyncio.wait_for(self._store(), 10)
+        await asyncio.wait_for(store.delete(self.key), self.timeout_s)

@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
@@ -68,6 +68,8 @@ from router.natsutil import (
     TRACEPARENT,
     AsyncPublisher,
     PullLoop,
+    RebuildError,
+    SnapshotStore,
     cancel_and_wait,
     stream_position,
 )
@@ -163,6 +165,7 @@ class RiskWorker:
         self.metrics = metrics
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.js = nc.jetstream(domain=region)
+        self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "state")
         self.pub = AsyncPublisher(nc, max_pending=20000)
         self.done: OrderedDict[str, bytes] = OrderedDict()
         """Input id -> its recorded outputs, msgpack-packed: bytes are not tracked by Python's
@@ -308,17 +311,6 @@ class RiskWorker:
     def snapshot_bucket(self) -> str:
         return f"RISKSNAP_{self.region}"
 
-    async def _store(self) -> Any:
-        try:
-            return await self.js.object_store(self.snapshot_bucket)
-        except Exception:
-            from nats.js.api import ObjectStoreConfig, StorageType
-
-            return await self.js.create_object_store(
-                self.snapshot_bucket,
-                config=ObjectStoreConfig(bucket=self.snapshot_bucket, storage=StorageType.FILE),
-            )
-
     async def _maybe_snapshot(self) -> None:
         due_n = self.snapshot_every and self._records_since_snap >= self.snapshot_every
         due_t = (
@@ -370,8 +362,7 @@ class RiskWorker:
 
     async def _put_snapshot(self, seq: int, body: bytes, built_ms: float) -> None:
         try:
-            store = await asyncio.wait_for(self._store(), 10)
-            await asyncio.wait_for(store.put("state", body), 30)
+            await self.snapshots.save(body)
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, built in %.1f ms)",
                 self.region,
@@ -383,15 +374,11 @@ class RiskWorker:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
-        try:
-            store = await asyncio.wait_for(self._store(), 10)
-            res = await asyncio.wait_for(store.get("state"), 30)
-        except ObjectNotFoundError:
+        data = await self.snapshots.load()
+        if data is None:
             return  # no snapshot yet
-        except Exception as e:
-            raise RebuildError(f"snapshot store {self.snapshot_bucket} unreadable: {e!r}") from e
         try:
-            snap = msgpack.unpackb(res.data, raw=False)
+            snap = msgpack.unpackb(data, raw=False)
             seq = int(snap["risklog_seq"])
             if snap.get("region") != self.region or seq > max_seq:
                 raise ValueError(
@@ -850,10 +837,6 @@ class RiskWorker:
             except Exception as e:
                 log.warning("risk %s: KV watch %s failed (%s); retrying", self.region, bucket, e)
                 await asyncio.sleep(1)
-
-
-class RebuildError(RuntimeError):
-    """Risk could not rebuild its exact state; it must not decide anything until it can."""
 
 
 RETRY_ATTEMPTS = 10

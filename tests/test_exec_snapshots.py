@@ -17,6 +17,7 @@ from router.book import Submit
 from router.commands import encode_command
 from router.contract import OrdType, Side, TimeInForce
 from router.execution import ExecutionWorker
+from router.natsutil import RebuildError
 
 pytestmark = pytest.mark.integration
 
@@ -76,4 +77,13 @@ async def _scenario(ds: Devstack) -> None:
             assert w2.applied == 70
         finally:
             await w2.stop()
+
+        # the commands age out of EXEC and the snapshot is lost: the books cannot be rebuilt,
+        # and execution refuses to start rather than run with books missing resting orders
+        await js.purge_stream("EXEC")
+        await w2.snapshots.delete()
+        w3 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=25, snapshot_every_s=3600)
+        with pytest.raises(RebuildError, match="are gone"):
+            await w3.start()
+        await w3.stop()
         await nc.close()
