@@ -238,7 +238,9 @@ class LedgerWriter:
             me = asyncio.current_task()
             while not stop.is_set():
                 try:
-                    msgs = await psub.fetch(cfg.batch_max, timeout=cfg.fetch_timeout_s)
+                    msgs = list(await psub.fetch(cfg.batch_max, timeout=cfg.fetch_timeout_s))
+                    if cfg.linger_s and len(msgs) < cfg.batch_max:
+                        msgs += await self._top_up(psub, cfg.batch_max - len(msgs))
                     # Python 3.11's asyncio.wait_for (inside nats-py's fetch) can swallow a
                     # cancel that races a message arriving; the task then stays "cancelling".
                     # Honour it here, or a killed writer would keep posting.
@@ -254,10 +256,6 @@ class LedgerWriter:
                 ):
                     await asyncio.sleep(0.25)
                     continue
-                if msgs and cfg.linger_s and len(msgs) < cfg.batch_max:
-                    msgs = list(msgs) + await self._top_up(psub, cfg.batch_max - len(msgs))
-                    if me is not None and me.cancelling():  # the same swallowed-cancel guard
-                        raise asyncio.CancelledError
                 if msgs:
                     await self.handle_batch(msgs, stop)
         finally:
