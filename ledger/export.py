@@ -32,23 +32,12 @@ from psycopg import sql
 
 from ledger.db import dialect_of, libpq_dsn
 from ledger.errors import LedgerConfigError
-from ledger.store import TRANSFER_COLUMNS
+from ledger.store import POSTING_COLUMNS, TRANSFER_COLUMNS
 
 Format = Literal["csv", "jsonl"]
 MAX_NS = 2**63 - 1
 
-POSTING_COLS = (
-    "region",
-    "id",
-    "transfer_id",
-    "account",
-    "currency",
-    "amount",
-    "transact_ns",
-    "recorded_ns",
-    "prev_hash",
-    "hash",
-)
+POSTING_COLS = POSTING_COLUMNS  # the columns the writer stores, in its order
 TRANSFER_COLS = TRANSFER_COLUMNS  # the columns the writer stores, in its order
 BALANCE_COLS = ("region", "account", "currency", "balance", "last_posting_id", "updated_ns")
 

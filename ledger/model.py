@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NewType
 
 from ledger.errors import FillRejected
@@ -248,7 +248,7 @@ def chain_postings(
     for t in transfers:
         for account, amount in ((t.debit_account, -t.amount), (t.credit_account, t.amount)):
             pid += 1
-            content = canonical_bytes(
+            unsealed = Posting(
                 region=region,
                 id=pid,
                 transfer_id=t.id,
@@ -257,23 +257,12 @@ def chain_postings(
                 amount=amount,
                 transact_ns=t.transact_ns,
                 recorded_ns=recorded_ns,
+                prev_hash=prev,
+                hash="",
             )
-            h = chain_hash(prev, content)
-            out.append(
-                Posting(
-                    region=region,
-                    id=pid,
-                    transfer_id=t.id,
-                    account=account,
-                    currency=t.currency,
-                    amount=amount,
-                    transact_ns=t.transact_ns,
-                    recorded_ns=recorded_ns,
-                    prev_hash=prev,
-                    hash=h,
-                )
-            )
-            prev = h
+            # the same content definition verify recomputes (posting_hash)
+            out.append(replace(unsealed, hash=posting_hash(unsealed)))
+            prev = out[-1].hash
     return out
 
 

@@ -65,7 +65,7 @@ _INSERT_TRANSFERS = (
     + ", ".join(f"%s::{t}[]" for t in _TRANSFER_TYPES)
     + ") ON CONFLICT (region, id) DO NOTHING RETURNING id"
 )
-_POSTING_COLS = (
+POSTING_COLUMNS = (
     "region",
     "id",
     "transfer_id",
@@ -180,7 +180,7 @@ async def post_transfers(
 
 async def _copy_postings(conn: psycopg.AsyncConnection[object], rows: list[Posting]) -> None:
     cur = conn.cursor()
-    async with cur.copy(f"COPY postings ({', '.join(_POSTING_COLS)}) FROM STDIN") as copy:
+    async with cur.copy(f"COPY postings ({', '.join(POSTING_COLUMNS)}) FROM STDIN") as copy:
         for p in rows:
             await copy.write_row(
                 (
