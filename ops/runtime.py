@@ -10,7 +10,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,39 @@ async def serve_until_stopped(worker: Any, nc: NATS) -> None:
         raise SystemExit(f"stopped: {fatal.result()!r}")  # non-zero exit, visible to the SRE
 
 
+async def serve_worker(
+    service: str,
+    args: argparse.Namespace,
+    build: Callable[[NATS, Any, ServiceContext], Any],
+    *,
+    describe: Callable[[Any], str] = lambda _w: "",
+) -> None:
+    """The whole life of one regional worker process: logs, metrics and tracing
+    (:func:`service_context`), its NATS connection, ``build(nc, topology, ctx)``, start,
+    a ready line, then :func:`serve_until_stopped`. ``describe`` adds what start-up did."""
+    import time
+
+    from regions.topology import load_topology
+
+    topology = load_topology(args.topology)
+    async with service_context(service, args.region, args.metrics_port) as ctx:
+        nc = await connect_worker(
+            args.nats_url, name=f"{service}-{args.region}", metrics=ctx.metrics
+        )
+        worker = build(nc, topology, ctx)
+        t0 = time.monotonic()
+        await worker.start()
+        detail = describe(worker)
+        log.info(
+            "%s %s ready in %.2f s%s",
+            service,
+            args.region,
+            time.monotonic() - t0,
+            f" ({detail})" if detail else "",
+        )
+        await serve_until_stopped(worker, nc)
+
+
 def freeze_startup_objects() -> None:
     """Collect once, then move every object alive after start-up (modules, topology,
     restored books and risk state) out of the cyclic GC's reach (``gc.freeze``).
@@ -111,6 +144,11 @@ class ServiceContext:
     metrics: Any = None
     tracing: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tracer(self) -> Any:
+        """The process's tracer, or None when tracing is off."""
+        return self.tracing.tracer if self.tracing else None
 
     def record_entry_result(self, region: str, out: Message, latency_ns: int) -> None:
         m = self.metrics

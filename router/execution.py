@@ -39,7 +39,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
-from regions.topology import Topology, load_topology
+from regions.topology import Topology
 from router import contract, subjects
 from router.book import OrderBook
 from router.commands import decode_command
@@ -494,30 +494,23 @@ class ExecutionWorker:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, serve_until_stopped, service_context
+    from ops.runtime import serve_worker
 
-    topology = load_topology(args.topology)
-    async with service_context("execution", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(
-            args.nats_url, name=f"execution-{args.region}", metrics=ctx.metrics
-        )
-        w = ExecutionWorker(
+    await serve_worker(
+        "execution",
+        args,
+        lambda nc, topology, ctx: ExecutionWorker(
             nc,
             topology,
             args.region,
             snapshot_every=args.snapshot_every,
             metrics=ctx.metrics,
-            tracer=ctx.tracing.tracer if ctx.tracing else None,
-        )
-        t0 = time.monotonic()
-        await w.start()
-        log.info(
-            "execution %s ready (replayed %d in %.2f s)",
-            args.region,
-            w.stats["replayed"],
-            time.monotonic() - t0,
-        )
-        await serve_until_stopped(w, nc)
+            tracer=ctx.tracer,
+        ),
+        describe=lambda w: (
+            f"snapshot at EXEC {w.restored_from}, then {w.stats['replayed']} commands"
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

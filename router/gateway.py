@@ -40,7 +40,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
-from regions.topology import Topology, load_topology
+from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import (
     CancelOrder,
@@ -428,21 +428,15 @@ def _peek_cl_ord_id(data: bytes) -> str:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, serve_until_stopped, service_context
+    from ops.runtime import serve_worker
 
-    topology = load_topology(args.topology)
-    async with service_context("gateway", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(args.nats_url, name=f"gateway-{args.region}", metrics=ctx.metrics)
-        gw = Gateway(
-            nc,
-            topology,
-            args.region,
-            on_result=ctx.record_entry_result,
-            tracer=ctx.tracing.tracer if ctx.tracing else None,
-        )
-        await gw.start()
-        log.info("gateway %s ready", args.region)
-        await serve_until_stopped(gw, nc)
+    await serve_worker(
+        "gateway",
+        args,
+        lambda nc, topology, ctx: Gateway(
+            nc, topology, args.region, on_result=ctx.record_entry_result, tracer=ctx.tracer
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

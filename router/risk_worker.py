@@ -46,7 +46,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
-from regions.topology import Topology, load_topology
+from regions.topology import Topology
 from router import contract, subjects
 from router.book import Cancel
 from router.commands import encode_command
@@ -882,31 +882,27 @@ def _ext_from(raw: Any) -> Externals:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from ops.runtime import connect_worker, serve_until_stopped, service_context
+    from ops.runtime import serve_worker
 
-    topology = load_topology(args.topology)
-    async with service_context("risk", args.region, args.metrics_port) as ctx:
-        nc = await connect_worker(args.nats_url, name=f"risk-{args.region}", metrics=ctx.metrics)
-        r = aioredis.from_url(args.redis_url)
-        w = RiskWorker(
-            nc,
-            topology,
-            args.region,
-            r,
-            metrics=ctx.metrics,
-            tracer=ctx.tracing.tracer if ctx.tracing else None,
-            snapshot_every=args.snapshot_every,
+    r = aioredis.from_url(args.redis_url)
+    try:
+        await serve_worker(
+            "risk",
+            args,
+            lambda nc, topology, ctx: RiskWorker(
+                nc,
+                topology,
+                args.region,
+                r,
+                metrics=ctx.metrics,
+                tracer=ctx.tracer,
+                snapshot_every=args.snapshot_every,
+            ),
+            describe=lambda w: (
+                f"snapshot at RISKLOG {w.restored_from}, then {w.stats['rebuilt']} records"
+            ),
         )
-        t0 = time.monotonic()
-        await w.start()
-        log.info(
-            "risk %s ready (snapshot at RISKLOG %d, then %d records, in %.2f s)",
-            args.region,
-            w.restored_from,
-            w.stats["rebuilt"],
-            time.monotonic() - t0,
-        )
-        await serve_until_stopped(w, nc)
+    finally:
         await r.aclose()
 
 
