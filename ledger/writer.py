@@ -2,7 +2,8 @@
 
 Flow of one batch::
 
-    fetch(<= batch_max) -> decode + validate each fill (bad ones: log, count, term)
+    fetch(<= batch_max), topped up once after --linger-ms if short
+        -> decode + validate each fill (bad ones: log, count, term)
         -> post_transfers() in ONE transaction (retried whole) -> commit -> ack every message
 
 At-least-once delivery plus deterministic transfer ids give an exactly-once effect: a message
