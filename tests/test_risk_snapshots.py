@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,15 +29,20 @@ pytestmark = pytest.mark.integration
 ACCOUNTS = ("LON-HF-01", "LON-BANK-02")
 
 
-def test_restart_restores_snapshot_then_replays_the_rest() -> None:
+def _on_a_mesh(scenario: Callable[[Devstack], Awaitable[None]], timeout_s: float) -> None:
+    """A private mesh with Redis and a seeded top of book, no workers: the test drives one."""
     run_dir = Path(tempfile.mkdtemp(prefix="meridian-risksnap-", dir="/tmp"))
     ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
     ds.up(with_pg=False, with_redis=True)
     try:
         seed_top_of_book(ds.redis_url, ds.topology)
-        asyncio.run(asyncio.wait_for(_scenario(ds), 120))
+        asyncio.run(asyncio.wait_for(scenario(ds), timeout_s))
     finally:
         ds.down()
+
+
+def test_restart_restores_snapshot_then_replays_the_rest() -> None:
+    _on_a_mesh(_scenario, 120)
 
 
 def _new(i: int) -> NewOrder:
@@ -51,11 +58,13 @@ def _new(i: int) -> NewOrder:
     )
 
 
-async def _send(js: object, i: int) -> None:
-    msg = _new(i)
+async def _send(js: object, i: int, msg: NewOrder | None = None) -> Any:
+    """Store order request ``i`` (or ``msg``) in ORDERS as the gateway would; returns what
+    the publisher's ``publish`` returns (a PubAck, or its future for an AsyncPublisher)."""
+    msg = msg or _new(i)
     acct, cl = msg.account, msg.cl_ord_id
     key = subjects.request_key(acct, cl)
-    await js.publish(  # type: ignore[attr-defined]
+    return await js.publish(  # type: ignore[attr-defined]
         subjects.orders("lon", acct, key),
         contract.encode(msg),
         headers={
@@ -175,14 +184,7 @@ def test_kill_switch_over_thousands_of_open_orders() -> None:
     """A kill cancels every open order it halts. Ten thousand cancels do not fit one
     RISKLOG message (max_payload 1 MiB): the record leaves them out and a replay recomputes
     the same cancels from the state it is replayed on."""
-    run_dir = Path(tempfile.mkdtemp(prefix="meridian-riskkill-", dir="/tmp"))
-    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
-    ds.up(with_pg=False, with_redis=True)
-    try:
-        seed_top_of_book(ds.redis_url, ds.topology)
-        asyncio.run(asyncio.wait_for(_kill_scenario(ds), 180))
-    finally:
-        ds.down()
+    _on_a_mesh(_kill_scenario, 180)
 
 
 async def _kill_scenario(ds: Devstack) -> None:
@@ -207,21 +209,8 @@ async def _kill_scenario(ds: Devstack) -> None:
         pub = AsyncPublisher(nc, max_pending=2_000)
         futs = []
         for i in range(n):
-            cl = f"k-{i}"
-            msg = replace(_new(i), account="LON-HF-01", cl_ord_id=cl, qty=1_000)
-            key = subjects.request_key("LON-HF-01", cl)
-            futs.append(
-                await pub.publish(
-                    subjects.orders("lon", "LON-HF-01", key),
-                    contract.encode(msg),
-                    headers={
-                        H_MSG_ID: f"new:{key}",
-                        H_OP: "new",
-                        H_ORDER_ID: ids.order_id("LON-HF-01", cl),
-                        H_ACCEPTED_NS: str(time.time_ns()),
-                    },
-                )
-            )
+            msg = replace(_new(i), account="LON-HF-01", cl_ord_id=f"k-{i}", qty=1_000)
+            futs.append(await _send(pub, i, msg))
         await asyncio.gather(*futs)
         await _decided(w1, n, tries=600)
         assert len(w1.engine.state("LON-HF-01").orders) == n
