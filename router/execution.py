@@ -47,12 +47,14 @@ from router.contract import CancelReject, ExecType, ExecutionReport, Fill
 from router.natsutil import (
     H_KIND,
     H_MSG_ID,
+    WAKE,
     AsyncPublisher,
     PullLoop,
     RebuildError,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
+    wake_every,
 )
 
 log = logging.getLogger("meridian.execution")
@@ -138,7 +140,7 @@ class ExecutionWorker:
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
         self.pub = AsyncPublisher(nc, max_pending=20000)
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.books: dict[str, OrderBook] = {}
         self.loop: PullLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -180,6 +182,9 @@ class ExecutionWorker:
             f"mrd.v1.book.{self.region}.*", cb=self._on_book_request
         )
         self._tasks.append(asyncio.create_task(self._run()))
+        self._tasks.append(
+            asyncio.create_task(wake_every(self.queue, max(1.0, self.snapshot_every_s / 4)))
+        )
 
     async def stop(self) -> None:
         if self.loop is not None:
@@ -347,6 +352,10 @@ class ExecutionWorker:
                 batch = [first]
                 while len(batch) < 1024 and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
+                batch = [m for m in batch if m is not WAKE]
+                if not batch:
+                    await self._maybe_snapshot()  # idle: snapshot the last commands
+                    continue
                 try:
                     await self._process(batch)
                 except Exception:

@@ -387,3 +387,16 @@ class SnapshotStore:
     async def delete(self) -> None:
         store = await asyncio.wait_for(self._store(), 10)
         await asyncio.wait_for(store.delete(self.key), self.timeout_s)
+
+
+WAKE = object()
+"""Queue item that only wakes a worker's batch loop (see :func:`wake_every`)."""
+
+
+async def wake_every(queue: asyncio.Queue[Any], seconds: float) -> None:
+    """Put :data:`WAKE` into a single writer's input queue every ``seconds``, so an idle
+    worker still runs what it does between batches (a snapshot of its last inputs, before
+    the stream's max_age could take them). The batch loop drops WAKE items."""
+    while True:
+        await asyncio.sleep(seconds)
+        queue.put_nowait(WAKE)

@@ -66,12 +66,14 @@ from router.natsutil import (
     H_OP,
     H_ORDER_ID,
     TRACEPARENT,
+    WAKE,
     AsyncPublisher,
     PullLoop,
     RebuildError,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
+    wake_every,
 )
 from router.refprice import read_ref_prices
 from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
@@ -218,7 +220,9 @@ class RiskWorker:
             asyncio.create_task(self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg"))
         )
         self._tasks.append(asyncio.create_task(self._run()))
-        self._tasks.append(asyncio.create_task(self._tick()))
+        self._tasks.append(
+            asyncio.create_task(wake_every(self.queue, max(1.0, self.snapshot_every_s / 4)))
+        )
 
     async def stop(self) -> None:
         for lp in self.loops:
@@ -466,7 +470,7 @@ class RiskWorker:
                 batch = [first]
                 while len(batch) < 1024 and not self.queue.empty():
                     batch.append(self.queue.get_nowait())
-                batch = [x for x in batch if x is not _TICK]
+                batch = [x for x in batch if x is not WAKE]
                 if batch:
                     try:
                         await self._process(batch)
@@ -482,13 +486,6 @@ class RiskWorker:
             log.critical("risk %s: stopped deciding: %r", self.region, e)
             if not self.fatal.done():
                 self.fatal.set_result(e)
-
-    async def _tick(self) -> None:
-        """Wake the batch loop now and then, so an idle worker still snapshots its last
-        records before RISKLOG's max_age could take them."""
-        while True:
-            await asyncio.sleep(max(1.0, self.snapshot_every_s / 4))
-            self.queue.put_nowait(_TICK)
 
     async def _retry_batch(self, batch: list[Any]) -> None:
         """Rebuild the exact state, then process the same batch again, until it goes through.
@@ -841,8 +838,6 @@ class RiskWorker:
 
 RETRY_ATTEMPTS = 10
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
-_TICK = object()
-"""Queue item that only wakes the batch loop (idle snapshots)."""
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""

@@ -78,6 +78,23 @@ async def _scenario(ds: Devstack) -> None:
         finally:
             await w2.stop()
 
+        # an idle worker still snapshots its last commands (woken between batches)
+        w_idle = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=1.0)
+        await w_idle.start()
+        await js.publish(subjects.exec_in("sgp", "USDJPY"), _submit(70, Side.BUY, 149000))
+        for _ in range(50):
+            if w_idle.applied >= 71:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.5)  # idle for more than snapshot_every_s
+        await w_idle.stop()
+        w_after = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
+        await w_after.start()
+        try:
+            assert w_after.restored_from == 71, "the idle worker's last command was not snapshot"
+        finally:
+            await w_after.stop()
+
         # the commands age out of EXEC and the snapshot is lost: the books cannot be rebuilt,
         # and execution refuses to start rather than run with books missing resting orders
         await js.purge_stream("EXEC")
