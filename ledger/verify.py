@@ -156,7 +156,6 @@ def _verify(conn: psycopg.Connection[Any], only: tuple[str, ...] | None) -> Veri
             )
         )
 
-    transfers_checked = 0
     for region, tid, n in conn.execute(
         "SELECT t.region, t.id, count(p.id) FROM transfers t LEFT JOIN postings p "
         "ON p.region = t.region AND p.transfer_id = t.id WHERE t.region = ANY(%s) "
@@ -174,7 +173,6 @@ def _verify(conn: psycopg.Connection[Any], only: tuple[str, ...] | None) -> Veri
     row = conn.execute("SELECT count(*) FROM transfers WHERE region = ANY(%s)", (rg,)).fetchone()
     transfers_checked = int(row[0]) if row else 0
 
-    balances_checked = 0
     for region, account, ccy, bal, total in conn.execute(
         "WITH s AS (SELECT region, account, currency, sum(amount) AS total FROM postings "
         "WHERE region = ANY(%s) GROUP BY region, account, currency), "
