@@ -429,20 +429,17 @@ class ExecutionWorker:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
-        data = await self.snapshots.load()
-        if data is None:
-            return  # no snapshot yet
         try:
-            snap = msgpack.unpackb(data, raw=False)
+            snap = await self.snapshots.load_for(self.region, "applied", max_seq)
+            if snap is None:
+                return  # no snapshot yet
             seq = int(snap["applied"])
-            if snap.get("region") != self.region or seq > max_seq:
-                raise ValueError(
-                    f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})"
-                )
             books = {
                 sym: OrderBook.restore(data, self.topology.instrument(sym), self.region)
                 for sym, data in snap["books"].items()
             }
+        except RebuildError:
+            raise  # the store could not be read: not the same as an unusable snapshot
         except Exception as e:
             log.error("exec %s: unusable snapshot (%s); replaying the whole stream", self.region, e)
             return

@@ -378,6 +378,24 @@ class SnapshotStore:
             raise RebuildError(f"snapshot store {self.bucket} unreadable: {e!r}") from e
         return bytes(res.data or b"")
 
+    async def load_for(self, region: str, seq_field: str, max_seq: int) -> dict[str, Any] | None:
+        """The latest snapshot as a map, or None if there is none. Raises ValueError when it
+        is unusable here: not msgpack, another region's, or past the stream's last sequence
+        ``max_seq`` (``snap[seq_field]``): the caller then replays its whole stream, which
+        is exact as long as the stream still starts at 1."""
+        import msgpack
+
+        data = await self.load()
+        if data is None:
+            return None
+        snap = msgpack.unpackb(data, raw=False)
+        if not isinstance(snap, dict):
+            raise ValueError("not a snapshot map")
+        seq = int(snap[seq_field])
+        if snap.get("region") != region or seq > max_seq:
+            raise ValueError(f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})")
+        return snap
+
     async def save(self, body: bytes) -> None:
         """Store ``body`` as the latest snapshot; raises on failure (callers log and go on:
         a missed snapshot only means a longer replay)."""

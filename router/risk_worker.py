@@ -378,17 +378,14 @@ class RiskWorker:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
-        data = await self.snapshots.load()
-        if data is None:
-            return  # no snapshot yet
         try:
-            snap = msgpack.unpackb(data, raw=False)
+            snap = await self.snapshots.load_for(self.region, "risklog_seq", max_seq)
+            if snap is None:
+                return  # no snapshot yet
             seq = int(snap["risklog_seq"])
-            if snap.get("region") != self.region or seq > max_seq:
-                raise ValueError(
-                    f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})"
-                )
             engine = RiskEngine.restore(snap["engine"], self.topology, self.region)
+        except RebuildError:
+            raise  # the store could not be read: not the same as an unusable snapshot
         except Exception as e:
             log.error("risk %s: unusable snapshot (%s); replaying all of RISKLOG", self.region, e)
             return

@@ -104,3 +104,43 @@ async def _scenario(ds: Devstack) -> None:
             await w3.start()
         await w3.stop()
         await nc.close()
+
+
+class _FakeJs:
+    """Just enough of a JetStream context for SnapshotStore: one object store."""
+
+    def __init__(self, get: object) -> None:
+        self._get = get
+
+    async def object_store(self, bucket: str) -> object:
+        js = self
+
+        class Store:
+            async def get(self, key: str) -> object:
+                if isinstance(js._get, BaseException):
+                    raise js._get
+                return type("Res", (), {"data": js._get})()
+
+        return Store()
+
+
+def test_snapshot_store_tells_missing_unreadable_and_unusable_apart() -> None:
+    import msgpack
+    from nats.js.errors import ObjectNotFoundError
+
+    from router.natsutil import SnapshotStore
+
+    def load(get: object, max_seq: int = 10) -> object:
+        store = SnapshotStore(_FakeJs(get), "EXECSNAP_sgp", "books")
+        return asyncio.run(store.load_for("sgp", "applied", max_seq))
+
+    assert load(ObjectNotFoundError()) is None  # none yet: replay the stream
+    with pytest.raises(RebuildError, match="unreadable"):
+        load(TimeoutError())  # cannot tell: never mistake it for "none yet"
+    with pytest.raises(ValueError):
+        load(b"\xc1 not msgpack")
+    with pytest.raises(ValueError, match="snapshot for lon"):
+        load(msgpack.packb({"region": "lon", "applied": 3}))
+    with pytest.raises(ValueError, match="stream at 10"):
+        load(msgpack.packb({"region": "sgp", "applied": 11}))
+    assert load(msgpack.packb({"region": "sgp", "applied": 7})) == {"region": "sgp", "applied": 7}
