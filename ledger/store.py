@@ -77,6 +77,24 @@ POSTING_COLUMNS = (
     "prev_hash",
     "hash",
 )
+
+
+def posting_row(p: Posting) -> tuple[object, ...]:
+    """A posting as a row of :data:`POSTING_COLUMNS`, in that order."""
+    return (
+        p.region,
+        p.id,
+        p.transfer_id,
+        p.account,
+        p.currency,
+        p.amount,
+        p.transact_ns,
+        p.recorded_ns,
+        p.prev_hash,
+        p.hash,
+    )
+
+
 _UPSERT_BALANCES = (
     "INSERT INTO balances (region, account, currency, balance, last_posting_id, updated_ns) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], "
@@ -182,20 +200,7 @@ async def _copy_postings(conn: psycopg.AsyncConnection[object], rows: list[Posti
     cur = conn.cursor()
     async with cur.copy(f"COPY postings ({', '.join(POSTING_COLUMNS)}) FROM STDIN") as copy:
         for p in rows:
-            await copy.write_row(
-                (
-                    p.region,
-                    p.id,
-                    p.transfer_id,
-                    p.account,
-                    p.currency,
-                    p.amount,
-                    p.transact_ns,
-                    p.recorded_ns,
-                    p.prev_hash,
-                    p.hash,
-                )
-            )
+            await copy.write_row(posting_row(p))
 
 
 async def _apply_balances(

@@ -22,7 +22,7 @@ from ledger.export import ExportRequest, export_ledger
 from ledger.migrations import applied_versions, migrate
 from ledger.model import Posting, chain_postings, transfers_for_fill
 from ledger.roles import COMPLIANCE_ROLE
-from ledger.store import post_transfers
+from ledger.store import POSTING_COLUMNS, post_transfers, posting_row
 from ledger.testing import make_fill, random_fills
 from ledger.verify import ProblemKind, check_chain_rows, verify
 from ops.cli_ledger import register
@@ -269,19 +269,9 @@ def test_verify_detects_an_inserted_posting(fresh_db: str) -> None:
             recorded_ns=1,
         )[0]
         c.execute(
-            "INSERT INTO postings VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (
-                p.region,
-                p.id,
-                p.transfer_id,
-                p.account,
-                p.currency,
-                p.amount,
-                p.transact_ns,
-                p.recorded_ns,
-                p.prev_hash,
-                p.hash,
-            ),
+            f"INSERT INTO postings ({', '.join(POSTING_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(POSTING_COLUMNS))})",
+            posting_row(p),
         )
     report = verify(fresh_db)
     named = {(p.kind, p.region, p.posting_id) for p in report.problems}
