@@ -7,20 +7,22 @@ Inputs, merged into one queue and handled by one task (single writer per account
   (durable ``fb_<home>_at_<region>``, over the leaf links): fills release exposure;
 * the ``KILL_<home>`` and ``RISKCFG_<home>`` KV buckets of the home domain (watched).
 
-For each batch it fetches the non-deterministic inputs in one Redis pipeline (token-bucket
-rate limit per account, top of book per symbol), runs the engine, then writes, in this order:
-one RISKLOG record per input (the input, its recorded externals and its outputs), the outputs
-(commands to the executing region's ``EXEC`` stream, risk rejects to the account's report
-subject), and only then acks the inputs. A restart restores the latest engine snapshot (object
-store ``RISKSNAP_<region>``, built between batches every 200,000 records or 5 minutes, stored
-beside the next batches) and replays the RISKLOG records after it through the engine, so the
-state is rebuilt exactly, and RISKLOG's max_age never takes state with it; an input
-redelivered after a crash finds its record (or, if older than the snapshot, its id in the
-snapshot) and has its recorded outputs re-published (Nats-Msg-Id dedup drops what was
-already stored). A state that cannot be rebuilt exactly stops the worker (:class:`RebuildError`):
-it fails closed.
+For each batch it takes the non-deterministic inputs (token-bucket rate limit per account, top
+of book per symbol) from Redis through :class:`router.externals.RedisExternals`, which asks
+Redis only when its short-lived price cache and token leases fall short, runs the engine, then
+writes, in this order: one RISKLOG record per input (the input, its recorded externals and its
+outputs), the outputs (commands to the executing region's ``EXEC`` stream, risk rejects to the
+account's report subject), and only then acks the inputs. A restart restores the latest engine
+snapshot (object store ``RISKSNAP_<region>``, built between batches every 200,000 records or 5
+minutes, stored beside the next batches) and replays the RISKLOG records after it through the
+engine, so the state is rebuilt exactly, and RISKLOG's max_age never takes state with it; an
+input redelivered after a crash finds its record (or, if older than the snapshot, its id in the
+snapshot) and has its recorded outputs re-published (Nats-Msg-Id dedup drops what was already
+stored). A state that cannot be rebuilt exactly stops the worker (:class:`RebuildError`): it
+fails closed.
 
-Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE).
+Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE) once
+the cached prices and leased tokens run out (at most 50 ms).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from router.contract import (
     NewOrder,
     ReplaceOrder,
 )
+from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
     H_KIND,
@@ -75,25 +78,10 @@ from router.natsutil import (
     stream_position,
     wake_every,
 )
-from router.refprice import read_ref_prices
 from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
 
 log = logging.getLogger("meridian.risk")
 
-RATE_LUA = """
-local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2]); local want = tonumber(ARGV[3])
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local v = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(v[1]) or burst; local ts = tonumber(v[2]) or now
-tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-local granted = math.min(want, math.floor(tokens))
-tokens = tokens - granted
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], 60000)
-return granted
-"""
-"""Token bucket per account: takes up to ARGV[3] tokens at once, returns how many it granted
-(one call per account per batch; the first ``granted`` new orders of the batch pass)."""
 PUB_TIMEOUT_S = 10.0
 DONE_MEMORY = 1_000_000
 
@@ -175,7 +163,7 @@ class RiskWorker:
         every full collection walk millions of them: pauses of tens of ms, growing)."""
         self.loops: list[PullLoop] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._rate_sha: str | None = None
+        self.externals = RedisExternals(redis_client, region)
         self._terms: set[asyncio.Task[None]] = set()
         self.stats = {"orders": 0, "approved": 0, "rejected": 0, "reports": 0, "rebuilt": 0}
 
@@ -667,46 +655,24 @@ class RiskWorker:
         raise ValueError(f"unknown input kind {it.kind}")
 
     async def _externals(self, items: list[Item]) -> dict[str, Externals]:
-        """Rate-limit verdicts and reference prices for this batch: one Redis round trip."""
-        wants = [
-            it
-            for it in items
-            if it.kind == "order" and isinstance(it.decoded, NewOrder | ReplaceOrder)
-        ]
+        """Rate-limit verdicts and reference prices for this batch (router.externals: Redis is
+        asked only for what the short-lived cache and token leases do not cover)."""
+        wants: list[tuple[str, str | None, str]] = []
+        wanted: dict[str, int] = {}
+        for it in items:
+            d = it.decoded
+            if it.kind != "order" or not isinstance(d, NewOrder | ReplaceOrder):
+                continue
+            acct = d.account if isinstance(d, NewOrder) else None  # a replace takes no token
+            if acct is not None:
+                wanted[acct] = wanted.get(acct, 0) + 1
+            wants.append((it.input_id, acct, d.symbol))
         if not wants:
             return {}
-        lim = self.engine.limits
-        symbols = sorted({it.decoded.symbol for it in wants})
-        wanted: dict[str, int] = {}
-        for it in wants:
-            if isinstance(it.decoded, NewOrder):
-                wanted[it.decoded.account] = wanted.get(it.decoded.account, 0) + 1
-        accounts = sorted(wanted)
-        try:
-            if self._rate_sha is None:
-                self._rate_sha = await self.redis.script_load(RATE_LUA)
-            pipe = self.redis.pipeline(transaction=False)
-            for acct in accounts:
-                pipe.evalsha(
-                    self._rate_sha, 1, f"rl:{acct}", lim.rate_per_s, lim.burst, wanted[acct]
-                )
-            refs_fut = read_ref_prices(pipe, self.region, symbols)
-            res = await pipe.execute()
-        except Exception as e:
-            log.warning("risk %s: Redis unavailable (%s): failing closed", self.region, e)
-            self._rate_sha = None
-            return {it.input_id: Externals(rate_ok=False, ref=None) for it in wants}
-        granted = {acct: int(res[i]) for i, acct in enumerate(accounts)}
-        refs = refs_fut(res[len(accounts) :])
-        out: dict[str, Externals] = {}
-        for it in wants:
-            ok = True
-            if isinstance(it.decoded, NewOrder):
-                acct = it.decoded.account
-                ok = granted[acct] > 0
-                granted[acct] -= 1
-            out[it.input_id] = Externals(rate_ok=ok, ref=refs.get(it.decoded.symbol))
-        return out
+        granted, refs = await self.externals.fetch(
+            wanted, {w[2] for w in wants}, self.engine.limits, time.monotonic()
+        )
+        return externals_for(wants, granted, refs)
 
     def _decide(self, it: Item, ext: Externals) -> list[Out]:
         d = it.decoded

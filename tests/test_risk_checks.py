@@ -42,6 +42,7 @@ from router.contract import (
     RejectReason,
     Side,
 )
+from router.externals import REF_MAX_AGE_S
 from router.risk import DEFAULT_LIMITS
 from tests.conftest import Mesh
 
@@ -225,6 +226,7 @@ async def test_no_reference_price_rejects(order_path: Mesh) -> None:
     try:
         async with desks(order_path, ("nyc", "LON-HF-01")) as (c,):
             await r.delete("tob:lon:EURCHF")  # risk-lon reads lon's view only
+            await asyncio.sleep(2 * REF_MAX_AGE_S)  # past risk's price cache
             ack = await c.new_order("EURCHF", SELL, 10_000, deep("EURCHF", SELL))
             await expect_reject(c, ack, RejectReason.NO_REFERENCE_PRICE)
             seed_top_of_book(order_path.redis_url, order_path.topology)
