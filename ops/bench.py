@@ -123,6 +123,38 @@ async def raw_request_reply(tmp: Path, *, n: int) -> dict[str, Any]:
         srv.stop()
 
 
+def raw_python_book(*, pairs: int) -> dict[str, Any]:
+    """Single-core Python speed of this machine today: crossing pairs through the pure order
+    book (no I/O). Every worker's own code scales with it, so runs on differently loaded or
+    differently fast machines (a shared VM varies by 2-3x between days) compare through it."""
+    from regions.topology import load_topology
+    from router.book import OrderBook, Submit
+    from router.contract import OrdType, Side, TimeInForce
+
+    book = OrderBook(load_topology().instrument("EURUSD"), "lon")
+    cmds = []
+    for i in range(pairs):
+        for side, acct in ((Side.BUY, "A"), (Side.SELL, "B")):
+            cmds.append(
+                Submit(
+                    order_id=f"o{i}{side}",
+                    cl_ord_id=f"c{i}{side}",
+                    account=acct,
+                    home_region="lon",
+                    side=side,
+                    ord_type=OrdType.LIMIT,
+                    tif=TimeInForce.GTC,
+                    qty=1_000_000,
+                    price_ticks=108450,
+                )
+            )
+    t0 = time.perf_counter()
+    for seq, cmd in enumerate(cmds, 1):
+        book.apply(cmd, seq=seq, ts_ns=seq)
+    dt = time.perf_counter() - t0
+    return {"commands": len(cmds), "seconds": round(dt, 3), "commands_per_s": int(len(cmds) / dt)}
+
+
 def raw_pg_copy(tmp: Path, *, rows: int) -> dict[str, Any]:
     (port,) = free_ports(1)
     d = tmp / "pgraw"
@@ -459,8 +491,13 @@ def markdown(r: dict[str, Any]) -> str:
         f" p99 {raw['request_reply']['p99_ms']:.3f} ms |",
         f"| PostgreSQL binary COPY, 1,000 posting rows/txn, fsync on | "
         f"{raw['pg_copy']['rows_per_s']:,} rows/s |",
-        "",
     ]
+    if "python_book" in raw:
+        lines.append(
+            "| Python, one core: crossing orders through the pure book (no I/O) | "
+            f"{raw['python_book']['commands_per_s']:,} commands/s |"
+        )
+    lines.append("")
     if mesh:
         lines += [
             "### Order path (lon desk, lon symbols; crossing pairs, so every pair trades)",
@@ -544,8 +581,14 @@ def ratios(r: dict[str, Any]) -> dict[str, str]:
     three = mesh["max_three_regions"]["completed_per_s"]
     rr = raw["request_reply"]["p50_ms"]
     ack = mesh["tracing_off"]["latency_1000"]["submit_to_ack"].get("p50_ms", 0)
+    book = raw.get("python_book", {}).get("commands_per_s")
     return {
         "one-region orders/s / raw JetStream publishes/s": f"{one / js:.3f}",
+        **(
+            {"one-region orders/s / pure-book commands/s (Python speed)": f"{one / book:.4f}"}
+            if book
+            else {}
+        ),
         "three-region orders/s / raw JetStream publishes/s": f"{three / js:.3f}",
         "submit->ack p50 / raw request-reply p50": f"{ack / rr:.1f}x" if rr else "-",
         "JetStream writes per executed order": "about 4.5 (ORDERS, EXEC, 2.5 on EXECOUT, "
@@ -572,6 +615,8 @@ async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     r["raw"] = {"js_publish": await raw_js_publish(tmp, n=n, sync_always=False)}
     say("raw ceilings: JetStream publish (fsync every write)")
     r["raw"]["js_publish_fsync"] = await raw_js_publish(tmp, n=n // 4, sync_always=True)
+    say("raw ceilings: Python speed (the pure order book, one core)")
+    r["raw"]["python_book"] = raw_python_book(pairs=5_000 if quick else 20_000)
     say("raw ceilings: core request/reply round trip")
     r["raw"]["request_reply"] = await raw_request_reply(tmp, n=500 if quick else 5000)
     say("raw ceilings: PostgreSQL COPY")
