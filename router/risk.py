@@ -183,11 +183,18 @@ class OpenOrder:
     """While a replace is in flight: the larger of old and new leaves is reserved."""
 
 
+DEFAULT_CL_ID_MEMORY = 200_000
+"""cl_ord_ids remembered per account, beyond those of its open orders: bounds risk's memory
+and snapshot size in a market that trades all week (at 1,000 orders/s an account used to add
+86 million a day)."""
+
+
 @dataclass(slots=True)
 class AccountState:
     orders: dict[str, OpenOrder] = field(default_factory=dict)
     cl_ids: dict[str, str] = field(default_factory=dict)
-    """Every cl_ord_id the account's orders have been known by -> order_id."""
+    """cl_ord_id -> order_id for every id the account's open orders are known by, and for the
+    latest ids of its closed ones (oldest first: :meth:`note_cl` forgets beyond a bound)."""
     positions: dict[str, int] = field(default_factory=dict)
     """Net filled base-currency units per symbol."""
     reserved: dict[str, list[int]] = field(default_factory=dict)
@@ -201,6 +208,29 @@ class AccountState:
     def add(self, o: OpenOrder) -> None:
         self.orders[o.order_id] = o
         self._adjust(o, +1)
+
+    def note_cl(self, cl_ord_id: str, order_id: str, memory: int, *, keep: bool = False) -> None:
+        """Remember that ``cl_ord_id`` names ``order_id`` (``keep``: unless it already names
+        one), then forget the oldest ids of closed orders beyond ``memory`` ids.
+
+        Ids of open orders are never forgotten (an old one that comes up is moved to the back),
+        so cancel and replace always find a live order. A forgotten id of a closed order makes
+        a late cancel or replace UNKNOWN_ORDER instead of TOO_LATE_TO_CANCEL, as the book's
+        terminal memory does; a new order re-using one is still refused at entry while ORDERS
+        holds its request (decision 0002). The order of ``cl_ids`` is part of the snapshot, so
+        a restored engine forgets exactly what the original would.
+        """
+        if keep:
+            self.cl_ids.setdefault(cl_ord_id, order_id)
+        else:
+            self.cl_ids[cl_ord_id] = order_id
+        looked = 0
+        while len(self.cl_ids) > memory and looked < 4:
+            oldest = next(iter(self.cl_ids))
+            oid = self.cl_ids.pop(oldest)
+            if oid in self.orders:
+                self.cl_ids[oldest] = oid  # still open: to the back
+            looked += 1
 
     def remove(self, order_id: str) -> None:
         o = self.orders.pop(order_id, None)
@@ -250,10 +280,19 @@ class Decision:
 class RiskEngine:
     """Pure pre-trade risk of the accounts homed in ``region``."""
 
-    def __init__(self, topology: Topology, region: str, limits: RiskLimits) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        region: str,
+        limits: RiskLimits,
+        *,
+        cl_id_memory: int = DEFAULT_CL_ID_MEMORY,
+    ) -> None:
         self.topology = topology
         self.region = region
         self.limits = limits
+        self.cl_id_memory = cl_id_memory
+        """cl_ord_ids remembered per account (:meth:`AccountState.note_cl`)."""
         self.accounts: dict[str, AccountState] = {}
         self.kills: set[str] = set()
         """Engaged kill keys: 'global', 'account.<id>', 'desk.<id>'."""
@@ -307,7 +346,7 @@ class RiskEngine:
 
         if msg.cl_ord_id in st.cl_ids:
             return rej(RejectReason.DUPLICATE_CL_ORD_ID, "cl_ord_id already used")
-        st.cl_ids[msg.cl_ord_id] = order_id
+        st.note_cl(msg.cl_ord_id, order_id, self.cl_id_memory)
         if self.killed(acct):
             return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
         if (
@@ -391,7 +430,7 @@ class RiskEngine:
             home_region=self.region,
             reason=reason,
         )
-        st.cl_ids.setdefault(msg.cl_ord_id, oid)
+        st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory, keep=True)
         return Decision(
             command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
         )
@@ -431,7 +470,7 @@ class RiskEngine:
                 )
         # leaves after the replace is at most qty - cum; reserve the larger until confirmed
         st.update(o, pending=max(o.pending_qty, msg.qty))
-        st.cl_ids[msg.cl_ord_id] = oid
+        st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory)
         cmd = Replace(
             order_id=oid,
             cl_ord_id=msg.cl_ord_id,
@@ -466,7 +505,7 @@ class RiskEngine:
             o.cl_ord_id = er.cl_ord_id
             o.price_ticks = er.price_ticks
             st.update(o, leaves=er.leaves_qty, pending=0)
-            st.cl_ids[er.cl_ord_id] = er.order_id
+            st.note_cl(er.cl_ord_id, er.order_id, self.cl_id_memory)
         else:
             st.update(o, leaves=er.leaves_qty)
 
@@ -527,14 +566,23 @@ class RiskEngine:
         }
 
     @classmethod
-    def restore(cls, snap: Mapping[str, Any], topology: Topology, region: str) -> RiskEngine:
+    def restore(
+        cls,
+        snap: Mapping[str, Any],
+        topology: Topology,
+        region: str,
+        *,
+        cl_id_memory: int = DEFAULT_CL_ID_MEMORY,
+    ) -> RiskEngine:
         """The engine :meth:`snapshot` described. Raises ValueError on a foreign snapshot."""
         if snap.get("v") != cls.SNAPSHOT_VERSION or snap.get("region") != region:
             raise ValueError(
                 f"risk snapshot v{snap.get('v')} for {snap.get('region')!r}, "
                 f"expected v{cls.SNAPSHOT_VERSION} for {region!r}"
             )
-        eng = cls(topology, region, RiskLimits.from_mapping(snap["limits"]))
+        eng = cls(
+            topology, region, RiskLimits.from_mapping(snap["limits"]), cl_id_memory=cl_id_memory
+        )
         eng.kills = set(snap["kills"])
         for acct, raw in snap["accounts"].items():
             st = eng.state(acct)

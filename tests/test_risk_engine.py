@@ -33,6 +33,7 @@ from router.contract import (
     TimeInForce,
 )
 from router.risk import (
+    DEFAULT_CL_ID_MEMORY,
     AccountLimits,
     Decision,
     Externals,
@@ -69,9 +70,10 @@ class Rig:
     pending: list[ExecutionReport | CancelReject] = field(default_factory=list)
     """Reports produced by the books and not yet fed back to the engine."""
     auto_feedback: bool = True
+    cl_id_memory: int = DEFAULT_CL_ID_MEMORY
 
     def __post_init__(self) -> None:
-        self.engine = RiskEngine(TOPO, self.region, self.limits)
+        self.engine = RiskEngine(TOPO, self.region, self.limits, cl_id_memory=self.cl_id_memory)
 
     def book(self, symbol: str) -> OrderBook:
         b = self.books.get(symbol)
@@ -369,6 +371,36 @@ def test_duplicate_cl_ord_id_is_rejected() -> None:
     assert approved(rig.new("LON-BANK-02", "EURUSD", BUY, 1_000, cl="same"))
 
 
+def test_closed_orders_ids_are_forgotten_beyond_the_memory_open_ones_never() -> None:
+    rig = Rig(region="sgp", cl_id_memory=4)
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    assert approved(rig.new(acct, sym, BUY, 1_000_000, 150000, cl="resting"))  # stays open
+    for i in range(8):  # IOCs with nothing to trade against: each closes at once
+        assert approved(rig.new(acct, sym, SELL, 1_000, 152000, tif=TimeInForce.IOC, cl=f"i{i}"))
+    st = rig.engine.state(acct)
+    assert len(st.cl_ids) == 4 and "resting" in st.cl_ids
+    assert set(st.cl_ids) == {"resting", "i5", "i6", "i7"}  # the open one moved to the back
+    # a late cancel of a remembered closed order still goes to execution (which says TOO_LATE),
+    # one of a forgotten id is UNKNOWN_ORDER, as the book answers beyond its terminal memory
+    assert isinstance(rig.cancel(acct, sym, "i7").command, Cancel)
+    d = rig.cancel(acct, sym, "i0")
+    assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.UNKNOWN_ORDER
+    # the open order is always found, however old its id
+    for i in range(20):
+        rig.new(acct, sym, SELL, 1_000, 152000, tif=TimeInForce.IOC, cl=f"j{i}")
+    assert isinstance(rig.cancel(acct, sym, "resting").command, Cancel)
+    assert len(st.cl_ids) <= 4 + 1
+
+
+def test_memory_of_ids_stays_bounded_over_a_long_day() -> None:
+    rig = Rig(region="sgp", cl_id_memory=1_000)
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    for i in range(5_000):
+        rig.new(acct, sym, SELL, 1_000, 152000, tif=TimeInForce.IOC, cl=f"d{i}")
+    assert len(rig.engine.state(acct).cl_ids) == 1_000
+    assert len(_restored(rig.engine, cl_id_memory=1_000).state(acct).cl_ids) == 1_000
+
+
 # ---- feedback from execution ---------------------------------------------------------------------
 
 
@@ -527,11 +559,11 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
 # ---- snapshots (the worker restores one, then replays only later RISKLOG records) --------------
 
 
-def _restored(engine: RiskEngine) -> RiskEngine:
+def _restored(engine: RiskEngine, *, cl_id_memory: int = DEFAULT_CL_ID_MEMORY) -> RiskEngine:
     import msgpack
 
     wire = msgpack.unpackb(msgpack.packb(engine.snapshot(), use_bin_type=True), raw=False)
-    return RiskEngine.restore(wire, TOPO, engine.region)
+    return RiskEngine.restore(wire, TOPO, engine.region, cl_id_memory=cl_id_memory)
 
 
 def test_limits_document_round_trips() -> None:
@@ -545,8 +577,9 @@ def test_restored_engine_decides_like_the_original(
     before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]
 ) -> None:
     """Snapshot after one random history, restore, then feed both engines the same inputs:
-    identical decisions, exposure and snapshots all the way."""
-    rig = Rig()
+    identical decisions, exposure and snapshots all the way (with a memory of 6 cl_ord_ids per
+    account, so forgetting them is part of what must match)."""
+    rig = Rig(cl_id_memory=6)
     rig.engine.set_kill("account.LON-HF-01", True)
     rig.engine.set_limits(replace(rig.limits, collar_bps=200))
 
@@ -582,7 +615,7 @@ def test_restored_engine_decides_like_the_original(
         return out
 
     run(rig.engine, before, "a")
-    twin = _restored(rig.engine)
+    twin = _restored(rig.engine, cl_id_memory=6)
     assert twin.snapshot() == rig.engine.snapshot()
     assert twin.accounts == rig.engine.accounts  # reserved is recomputed from the open orders
     assert twin.kills == rig.engine.kills and twin.limits == rig.engine.limits
