@@ -333,8 +333,19 @@ class RiskEngine:
 
     # ---- decisions ---------------------------------------------------------------------------
     def on_new(
-        self, msg: NewOrder, *, order_id: str, accepted_ns: int, ext: Externals, seq: int
+        self,
+        msg: NewOrder,
+        *,
+        order_id: str,
+        accepted_ns: int,
+        ext: Externals,
+        seq: int,
+        verdict: bool | None = None,
     ) -> Decision:
+        """Decide a new order against the limits in force; or, with ``verdict`` (a replay of a
+        recorded decision: True approved, False rejected), apply that decision to the state
+        without checking again, so the state follows what was decided, whatever the limits
+        (or the code) are now."""
         acct, sym = msg.account, msg.symbol
         st = self.state(acct)
         inst_limits = self.limits.instrument(sym)
@@ -344,9 +355,13 @@ class RiskEngine:
                 report=self._reject_report(msg, order_id, reason, text, accepted_ns, seq)
             )
 
-        if msg.cl_ord_id in st.cl_ids:
+        if msg.cl_ord_id in st.cl_ids and verdict is not True:
             return rej(RejectReason.DUPLICATE_CL_ORD_ID, "cl_ord_id already used")
         st.note_cl(msg.cl_ord_id, order_id, self.cl_id_memory)
+        if verdict is False:
+            return Decision()  # replayed reject: its recorded report stands
+        if verdict is True:
+            return self._accept_new(msg, order_id, accepted_ns, ext)
         if self.killed(acct):
             return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
         if (
@@ -389,7 +404,18 @@ class RiskEngine:
                 RejectReason.CREDIT_LIMIT,
                 f"net open exposure would be {after} USD > limit {limit} USD",
             )
-        st.add(
+        return self._accept_new(msg, order_id, accepted_ns, ext)
+
+    def _accept_new(
+        self, msg: NewOrder, order_id: str, accepted_ns: int, ext: Externals
+    ) -> Decision:
+        acct, sym = msg.account, msg.symbol
+        price = msg.price_ticks
+        if msg.ord_type is not OrdType.LIMIT:
+            assert ext.ref is not None  # a market order without a reference is rejected
+            price = ext.ref.ask_ticks if msg.side is Side.BUY else ext.ref.bid_ticks
+        assert price is not None
+        self.state(acct).add(
             OpenOrder(
                 order_id=order_id,
                 cl_ord_id=msg.cl_ord_id,
@@ -435,7 +461,10 @@ class RiskEngine:
             command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
         )
 
-    def on_replace(self, msg: ReplaceOrder, *, ext: Externals, seq: int) -> Decision:
+    def on_replace(
+        self, msg: ReplaceOrder, *, ext: Externals, seq: int, verdict: bool | None = None
+    ) -> Decision:
+        """Decide a replace; ``verdict`` replays a recorded decision (see :meth:`on_new`)."""
         acct = msg.account
         st = self.state(acct)
         oid = st.cl_ids.get(msg.orig_cl_ord_id)
@@ -446,6 +475,11 @@ class RiskEngine:
 
         def rej(reason: RejectReason, text: str) -> Decision:
             return Decision(report=self._cancel_reject(msg, oid, reason, "replace", seq, text))
+
+        if verdict is False:
+            return Decision()  # replayed reject: its recorded report stands
+        if verdict is True:
+            return self._accept_replace(msg, oid, o)
 
         inst_limits = self.limits.instrument(msg.symbol)
         grows = msg.qty > o.leaves
@@ -468,6 +502,11 @@ class RiskEngine:
                     RejectReason.CREDIT_LIMIT,
                     f"net open exposure would be {after} USD > limit {limit} USD",
                 )
+        return self._accept_replace(msg, oid, o)
+
+    def _accept_replace(self, msg: ReplaceOrder, oid: str, o: OpenOrder) -> Decision:
+        acct = msg.account
+        st = self.state(acct)
         # leaves after the replace is at most qty - cum; reserve the larger until confirmed
         st.update(o, pending=max(o.pending_qty, msg.qty))
         st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory)

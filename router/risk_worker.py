@@ -444,7 +444,13 @@ class RiskWorker:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
         item.decoded = self._decode(item)
         ext = _ext_from(rec.get("x"))
-        produced = self._decide(item, ext)  # recomputed; the recorded ones are authoritative
+        # an order is applied as it was decided (approved iff it sent a command to EXEC), not
+        # checked again: limits.toml, or the checks themselves, may have changed since, and
+        # the state must hold what execution holds
+        verdict = None
+        if item.kind == "order" and not rec.get("oc"):
+            verdict = any(".exe." in o[0] for o in rec["o"])
+        produced = self._decide(item, ext, verdict=verdict)  # the recorded outputs stand
         self._remember(item.input_id, produced if rec.get("oc") else [Out(*o) for o in rec["o"]])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -674,7 +680,7 @@ class RiskWorker:
         )
         return externals_for(wants, granted, refs)
 
-    def _decide(self, it: Item, ext: Externals) -> list[Out]:
+    def _decide(self, it: Item, ext: Externals, *, verdict: bool | None = None) -> list[Out]:
         d = it.decoded
         eng = self.engine
         seq = int(it.headers.get("seq", "0"))
@@ -687,11 +693,14 @@ class RiskWorker:
                     accepted_ns=int(it.headers.get(H_ACCEPTED_NS, "0")),
                     ext=ext,
                     seq=seq,
+                    verdict=verdict,
                 )
             elif isinstance(d, CancelOrder):
                 dec = eng.on_cancel(d, seq=seq)
             else:
-                dec = eng.on_replace(d, ext=ext, seq=seq)
+                dec = eng.on_replace(d, ext=ext, seq=seq, verdict=verdict)
+            if dec.command is None and dec.report is None:
+                return []  # a replayed reject
             return self._outputs(dec, it)
         if it.kind == "report":
             self.stats["reports"] += 1

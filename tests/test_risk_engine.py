@@ -623,6 +623,51 @@ def test_restored_engine_decides_like_the_original(
     assert twin.snapshot() == rig.engine.snapshot()
 
 
+def test_replaying_recorded_verdicts_rebuilds_the_state_whatever_the_limits_now() -> None:
+    """A replay applies each order as it was decided: an engine under limits that reject
+    everything ends with the original's open orders, and one that would approve everything
+    does not pick up the original's rejects."""
+    loose, tight = Rig(region="sgp"), Rig(region="sgp")
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    inputs = []
+    for i in range(12):
+        qty = 30_000_000 if i % 4 == 3 else 1_000_000  # every 4th is over the credit limit
+        msg = NewOrder(
+            account=acct,
+            cl_ord_id=f"v{i}",
+            symbol=sym,
+            side=BUY,
+            ord_type=OrdType.MARKET if i % 5 == 0 else OrdType.LIMIT,
+            tif=TimeInForce.GTC,
+            qty=qty,
+            price_ticks=None if i % 5 == 0 else 150000,
+        )
+        d = loose.engine.on_new(msg, order_id=f"O-v{i}", accepted_ns=i, ext=ext(sym), seq=i)
+        inputs.append((msg, d.command is not None))
+    assert [ok for _, ok in inputs].count(False) >= 2
+    tight.engine.set_limits(replace(tight.limits, collar_bps=0, rate_per_s=0))
+    tight.engine.set_kill("global", True)
+    for i, (msg, ok) in enumerate(inputs):
+        tight.engine.on_new(msg, order_id=f"O-v{i}", accepted_ns=i, ext=ext(sym), seq=i, verdict=ok)
+    assert tight.engine.accounts == loose.engine.accounts
+    assert tight.engine.exposure_usd(acct) == loose.engine.exposure_usd(acct)
+    # a replace, replayed approved under limits that would refuse it
+    orig = next(m.cl_ord_id for m, ok in inputs if ok and m.ord_type is OrdType.LIMIT)
+    rep = ReplaceOrder(
+        account=acct,
+        cl_ord_id="v-r",
+        orig_cl_ord_id=orig,
+        symbol=sym,
+        qty=2_000_000,
+        price_ticks=150001,
+    )
+    assert loose.engine.on_replace(rep, ext=ext(sym), seq=99).command is not None
+    assert tight.engine.on_replace(rep, ext=ext(sym), seq=99).command is None
+    # the live refusal above changed nothing; now the recorded approval
+    assert tight.engine.on_replace(rep, ext=ext(sym), seq=99, verdict=True).command is not None
+    assert tight.engine.accounts == loose.engine.accounts
+
+
 def test_foreign_snapshot_is_refused() -> None:
     snap = RiskEngine(TOPO, "lon", RiskLimits.load()).snapshot()
     with pytest.raises(ValueError, match="expected v1 for 'nyc'"):

@@ -180,6 +180,52 @@ async def _scenario(ds: Devstack) -> None:
         await nc.close()
 
 
+def test_a_replay_without_snapshot_applies_the_decisions_as_recorded() -> None:
+    """No snapshot (first start after an upgrade, or snapshots lost) and limits.toml edited
+    while risk was down: the replay still ends in the state that was decided, because each
+    order is applied as recorded (approved or rejected), not checked against today's file."""
+    _on_a_mesh(_verdict_scenario, 90)
+
+
+async def _verdict_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+
+    def worker(limits: RiskLimits | None = None) -> RiskWorker:
+        return RiskWorker(nc, ds.topology, "lon", r, limits, snapshot_every=0)
+
+    try:
+        w1 = worker()
+        await w1.start()
+        for i in range(20):
+            msg = _new(i)
+            if i % 5 == 4:  # far outside the collar: rejected
+                msg = replace(msg, price_ticks=REFERENCE_MIDS["EURUSD"] * 2)
+            await _send(js, i, msg)
+        await _decided(w1, 20)
+        await w1.stop()
+        live = w1.engine.snapshot()
+        assert w1.stats["approved"] == 16 and w1.stats["rejected"] == 4
+
+        # now every recorded approval would fail the credit check, every reject pass the collar
+        edited = replace(
+            RiskLimits.load(),
+            collar_bps=1_000_000,
+            default_account=AccountLimits(credit_limit_usd=1),
+        )
+        w2 = worker(edited)
+        await w2.start()
+        try:
+            assert w2.restored_from == 0 and w2.stats["rebuilt"] >= 20
+            assert w2.engine.snapshot()["accounts"] == live["accounts"]
+        finally:
+            await w2.stop()
+    finally:
+        await r.aclose()
+        await nc.close()
+
+
 def test_kill_switch_over_thousands_of_open_orders() -> None:
     """A kill cancels every open order it halts. Ten thousand cancels do not fit one
     RISKLOG message (max_payload 1 MiB): the record leaves them out and a replay recomputes
