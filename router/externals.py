@@ -13,11 +13,15 @@ fifth of the risk worker's CPU at low rates and one more wakeup on the way to ex
   is itself as old as the last quote that reached the region (replication lag, far larger).
 * **Rate tokens are leased.** An account that needs tokens takes what it needs plus a block of
   ``rate_per_s * LEASE_S`` (at most a quarter of the burst) from its Redis bucket in one
-  EVALSHA; later orders within :data:`LEASE_S` use the leased tokens. Tokens are only ever
-  taken from the bucket, never made up here, so an account never gets more than its bucket
-  grants; unused leased tokens expire (and are lost with the process), which can reject an
-  order a few tokens early, never let one through late. An account whose block rounds to
-  zero (rate below 1 / LEASE_S) asks Redis for every batch, exactly as before.
+  EVALSHA, and gives back in the same call what its last lease did not use; orders within
+  :data:`LEASE_S` use the leased tokens. Tokens are only ever taken from the bucket, never made
+  up here. While tokens are given back, the bucket's refill is capped at ``burst - returned``,
+  so unused leased tokens never add to a full bucket. What a lease can add to a plain bucket:
+  tokens of one block that were used while the bucket refilled, so over a window shorter than
+  :data:`LEASE_S` an account can pass at most one block (50 ms of its rate) beyond its burst;
+  over longer windows the bucket's own bound holds. Unused tokens are lost only with the
+  process (at most one block per account). An account whose block rounds to zero (rate below
+  1 / LEASE_S) asks Redis for every batch, exactly a plain bucket.
 
 What each decision used is recorded in RISKLOG with it (:class:`router.risk.Externals`), so a
 replay never asks Redis or this cache. Failing closed is unchanged: when Redis cannot be read,
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from router.refprice import read_ref_prices
 from router.risk import Externals, RefPrice, RiskLimits
@@ -45,18 +50,21 @@ LEASE_S = 0.05
 """Leased rate tokens are usable this long; the block leased is ``rate_per_s * LEASE_S``."""
 
 RATE_LUA = """
-local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2]); local want = tonumber(ARGV[3])
+local rate = tonumber(ARGV[1]); local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3]); local back = tonumber(ARGV[4])
 local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local v = redis.call('HMGET', KEYS[1], 't', 'ts')
 local tokens = tonumber(v[1]) or burst; local ts = tonumber(v[2]) or now
-tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+tokens = math.min(math.max(burst - back, 0), tokens + (now - ts) * rate / 1000)
+tokens = math.min(burst, tokens + back)
 local granted = math.min(want, math.floor(tokens))
 tokens = tokens - granted
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 60000)
 return granted
 """
-"""Token bucket per account: takes up to ARGV[3] tokens at once, returns how many it granted."""
+"""Token bucket per account: takes back ARGV[4] unused leased tokens (the refill meanwhile
+capped so they never overfill it), then takes up to ARGV[3]; returns how many it granted."""
 
 
 def lease_block(limits: RiskLimits) -> int:
@@ -84,11 +92,6 @@ class RedisExternals:
         self.redis_calls = 0
         """Round trips made (for tests and the benchmark's notes)."""
 
-    def clear(self) -> None:
-        """Forget cached prices and leased tokens (a rebuilt worker starts cold)."""
-        self._refs.clear()
-        self._leases.clear()
-
     async def fetch(
         self, wanted: Mapping[str, int], symbols: set[str], limits: RiskLimits, now: float
     ) -> tuple[dict[str, int], dict[str, RefPrice]]:
@@ -104,57 +107,70 @@ class RedisExternals:
             else:
                 stale.append(s)
         have: dict[str, int] = {}
-        asks: dict[str, int] = {}
+        asks: dict[str, tuple[int, int]] = {}  # account -> (tokens wanted, unused given back)
         block = lease_block(limits)
         terms = (limits.rate_per_s, limits.burst)
         for acct in sorted(wanted):
             lease = self._leases.get(acct)
+            held = lease.tokens if lease is not None else 0
             usable = lease is not None and now <= lease.until and lease.terms == terms
-            left = lease.tokens if lease is not None and usable else 0
-            have[acct] = left
-            if left < wanted[acct]:
-                asks[acct] = wanted[acct] - left + block
+            have[acct] = held if usable else 0
+            if have[acct] < wanted[acct]:
+                asks[acct] = (wanted[acct] + block, held)
+        renewed: set[str] = set()
         if asks or stale:
             got, fresh = await self._ask(asks, stale, limits)
             for s, ref in fresh.items():
                 self._refs[s] = (ref, now)
                 refs[s] = ref
-            for acct, n in got.items():
-                have[acct] += n
-            renewed = set(got)
-        else:
-            renewed = set()
+            for acct in asks:
+                if acct in got:  # the old lease went back in the same call
+                    have[acct] = got[acct]
+                    renewed.add(acct)
+                else:  # failed: the call may have taken the old lease back; never use it twice
+                    have[acct] = 0
+                    self._leases.pop(acct, None)
         granted: dict[str, int] = {}
         for acct, n in wanted.items():
             use = min(n, have[acct])
             granted[acct] = use
-            left = have[acct] - use
-            if acct in renewed:  # a new lease (what was left of the old one joins it)
-                self._leases[acct] = _Lease(left, now + LEASE_S, terms)
-            elif acct in self._leases:
-                self._leases[acct].tokens = left
+            if acct in renewed:
+                self._leases[acct] = _Lease(have[acct] - use, now + LEASE_S, terms)
+            elif use:
+                self._leases[acct].tokens -= use
         return granted, refs
 
     async def _ask(
-        self, asks: Mapping[str, int], symbols: list[str], limits: RiskLimits
+        self, asks: Mapping[str, tuple[int, int]], symbols: list[str], limits: RiskLimits
     ) -> tuple[dict[str, int], dict[str, RefPrice]]:
+        """One pipeline: every account's EVALSHA, then every symbol's top of book. On any
+        error nothing is granted and no price found (fail closed); leases are kept."""
         accounts = list(asks)
-        try:
-            if self._rate_sha is None:
-                self._rate_sha = await self.redis.script_load(RATE_LUA)
-            pipe = self.redis.pipeline(transaction=False)
-            for acct in accounts:
-                pipe.evalsha(
-                    self._rate_sha, 1, f"rl:{acct}", limits.rate_per_s, limits.burst, asks[acct]
-                )
-            parse = read_ref_prices(pipe, self.view, symbols)
-            self.redis_calls += 1
-            res: list[Any] = await pipe.execute()
-        except Exception as e:
-            log.warning("risk %s: Redis unavailable (%s): failing closed", self.view, e)
-            self._rate_sha = None
-            return {}, {}
-        return {acct: int(res[i]) for i, acct in enumerate(accounts)}, parse(res[len(accounts) :])
+        for attempt in (1, 2):
+            try:
+                if self._rate_sha is None:
+                    self._rate_sha = await self.redis.script_load(RATE_LUA)
+                pipe = self.redis.pipeline(transaction=False)
+                for acct in accounts:
+                    want, back = asks[acct]
+                    pipe.evalsha(
+                        self._rate_sha, 1, f"rl:{acct}", limits.rate_per_s, limits.burst, want, back
+                    )
+                parse = read_ref_prices(pipe, self.view, symbols)
+                self.redis_calls += 1
+                res: list[Any] = await pipe.execute()
+            except NoScriptError:  # Redis restarted (scripts are not persisted): load it again
+                self._rate_sha = None
+                if attempt == 1:
+                    continue
+                return {}, {}
+            except Exception as e:
+                log.warning("risk %s: Redis unavailable (%s): failing closed", self.view, e)
+                self._rate_sha = None
+                return {}, {}
+            got = {acct: int(res[i]) for i, acct in enumerate(accounts)}
+            return got, parse(res[len(accounts) :])
+        return {}, {}
 
 
 def externals_for(
