@@ -227,6 +227,8 @@ class AccountState:
         looked = 0
         while len(self.cl_ids) > memory and looked < 4:
             oldest = next(iter(self.cl_ids))
+            if oldest == cl_ord_id:
+                break  # every other id is of an open order: keep the one just noted too
             oid = self.cl_ids.pop(oldest)
             if oid in self.orders:
                 self.cl_ids[oldest] = oid  # still open: to the back
@@ -345,7 +347,8 @@ class RiskEngine:
         """Decide a new order against the limits in force; or, with ``verdict`` (a replay of a
         recorded decision: True approved, False rejected), apply that decision to the state
         without checking again, so the state follows what was decided, whatever the limits
-        (or the code) are now."""
+        (or the code) are now. Raises ValueError when a recorded approval cannot be applied
+        (the order is open already: the state diverged)."""
         acct, sym = msg.account, msg.symbol
         st = self.state(acct)
         inst_limits = self.limits.instrument(sym)
@@ -361,6 +364,8 @@ class RiskEngine:
         if verdict is False:
             return Decision()  # replayed reject: its recorded report stands
         if verdict is True:
+            if order_id in st.orders:
+                raise ValueError(f"replayed approval of {order_id}: it is open already")
             return self._accept_new(msg, order_id, accepted_ns, ext)
         if self.killed(acct):
             return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
@@ -464,11 +469,14 @@ class RiskEngine:
     def on_replace(
         self, msg: ReplaceOrder, *, ext: Externals, seq: int, verdict: bool | None = None
     ) -> Decision:
-        """Decide a replace; ``verdict`` replays a recorded decision (see :meth:`on_new`)."""
+        """Decide a replace; ``verdict`` replays a recorded decision (see :meth:`on_new`).
+        Raises ValueError when a recorded approval cannot be applied (the state diverged)."""
         acct = msg.account
         st = self.state(acct)
         oid = st.cl_ids.get(msg.orig_cl_ord_id)
         o = st.orders.get(oid) if oid is not None else None
+        if verdict is True and o is None:
+            raise ValueError(f"replayed approval of replace {msg.cl_ord_id}: no open order")
         if oid is None or o is None:
             reason = RejectReason.UNKNOWN_ORDER if oid is None else RejectReason.TOO_LATE_TO_CANCEL
             return Decision(report=self._cancel_reject(msg, oid or "NONE", reason, "replace", seq))

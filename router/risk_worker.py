@@ -82,6 +82,8 @@ from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
 
 log = logging.getLogger("meridian.risk")
 
+COMMAND_KINDS = frozenset({"Submit", "Cancel", "Replace"})
+"""Output kinds that are commands to an EXEC stream (an order input's approval)."""
 PUB_TIMEOUT_S = 10.0
 DONE_MEMORY = 1_000_000
 
@@ -228,6 +230,11 @@ class RiskWorker:
         RISKLOG that cannot be read, records missing between the snapshot and the stream, a
         replay that stalls): deciding orders on partial exposure is worse than not deciding.
         """
+        if self._snap_put is not None and not self._snap_put.done():
+            # a retried batch rebuilds while this process may still be storing a snapshot: an
+            # object store get racing a put of the same object can wait for chunks the put
+            # purges, time out, and fail the rebuild for good
+            await asyncio.wait({self._snap_put}, timeout=self.snapshots.timeout_s)
         js = self.js
         try:
             info = await js.stream_info("RISKLOG")
@@ -449,8 +456,11 @@ class RiskWorker:
         # the state must hold what execution holds
         verdict = None
         if item.kind == "order" and not rec.get("oc"):
-            verdict = any(".exe." in o[0] for o in rec["o"])
-        produced = self._decide(item, ext, verdict=verdict)  # the recorded outputs stand
+            verdict = any(o[2] in COMMAND_KINDS for o in rec["o"])
+        try:
+            produced = self._decide(item, ext, verdict=verdict)  # the recorded outputs stand
+        except ValueError as e:  # a recorded approval the state cannot take: it diverged
+            raise RebuildError(f"risk {self.region}: replay of {item.input_id}: {e}") from e
         self._remember(item.input_id, produced if rec.get("oc") else [Out(*o) for o in rec["o"]])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -528,7 +538,7 @@ class RiskWorker:
             produced = self._decide(it, ext)
             self._remember(it.input_id, produced)
             if it.kind == "order":
-                approvals.append(any(".exe." in o.subject for o in produced))
+                approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
             rec: dict[str, Any] = {
                 "in": it.input_id,
                 "k": it.kind,
@@ -700,7 +710,8 @@ class RiskWorker:
             else:
                 dec = eng.on_replace(d, ext=ext, seq=seq, verdict=verdict)
             if dec.command is None and dec.report is None:
-                return []  # a replayed reject
+                self.stats["rejected"] += 1
+                return []  # a replayed reject: its recorded report stands
             return self._outputs(dec, it)
         if it.kind == "report":
             self.stats["reports"] += 1

@@ -392,6 +392,16 @@ def test_closed_orders_ids_are_forgotten_beyond_the_memory_open_ones_never() -> 
     assert len(st.cl_ids) <= 4 + 1
 
 
+def test_the_id_just_noted_is_kept_when_every_other_is_open() -> None:
+    rig = Rig(region="sgp", cl_id_memory=3)
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    for i in range(5):  # more open orders than the memory holds: all of them stay
+        assert approved(rig.new(acct, sym, BUY, 100_000, 150000 - i, cl=f"open{i}"))
+    assert set(rig.engine.state(acct).cl_ids) == {f"open{i}" for i in range(5)}
+    for i in range(5):
+        assert isinstance(rig.cancel(acct, sym, f"open{i}").command, Cancel)
+
+
 def test_memory_of_ids_stays_bounded_over_a_long_day() -> None:
     rig = Rig(region="sgp", cl_id_memory=1_000)
     acct, sym = "SGP-CORP-03", "USDJPY"
@@ -666,6 +676,30 @@ def test_replaying_recorded_verdicts_rebuilds_the_state_whatever_the_limits_now(
     # the live refusal above changed nothing; now the recorded approval
     assert tight.engine.on_replace(rep, ext=ext(sym), seq=99, verdict=True).command is not None
     assert tight.engine.accounts == loose.engine.accounts
+
+
+def test_a_recorded_approval_the_state_cannot_take_is_an_error() -> None:
+    """The state diverged from what was decided: the replay must stop, not guess."""
+    rig = Rig(region="sgp")
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    msg = NewOrder(
+        account=acct,
+        cl_ord_id="twice",
+        symbol=sym,
+        side=BUY,
+        ord_type=OrdType.LIMIT,
+        tif=TimeInForce.GTC,
+        qty=1_000_000,
+        price_ticks=150000,
+    )
+    rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=1, verdict=True)
+    with pytest.raises(ValueError, match="open already"):
+        rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=2, verdict=True)
+    rep = ReplaceOrder(
+        account=acct, cl_ord_id="r", orig_cl_ord_id="gone", symbol=sym, qty=1, price_ticks=150000
+    )
+    with pytest.raises(ValueError, match="no open order"):
+        rig.engine.on_replace(rep, ext=ext(sym), seq=3, verdict=True)
 
 
 def test_foreign_snapshot_is_refused() -> None:
