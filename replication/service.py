@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nats-url", action="append", required=True, help="repeat for failover")
     ap.add_argument("--redis-url", required=True)
     ap.add_argument("--rate", type=float, default=100.0, help="quotes/s over all symbols")
+    ap.add_argument(
+        "--burst-ms",
+        type=float,
+        default=100.0,
+        help="publish what fell due every this many ms (one wakeup per burst downstream too)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics-port", type=int, default=0)
     ap.add_argument("--replay", type=Path, default=None, help="tick file instead of simulating")
@@ -107,7 +113,7 @@ async def run(args: argparse.Namespace) -> int:
                     instruments=[topo.instrument(s) for s in region.executes],
                     seed=args.seed,
                 )
-            feed = Feed(nc, source, rate=args.rate)
+            feed = Feed(nc, source, rate=args.rate, tick_s=args.burst_ms / 1000)
             resumed = await feed.resume(region.executes)
             log.info("md feed %s: %.0f quotes/s, resumed after %s", region.code, args.rate, resumed)
             tasks.append(asyncio.create_task(feed.run(stop=stop)))

@@ -377,7 +377,8 @@ class Feed:
         source: The quotes; ``source.region`` picks the subjects and the JetStream domain.
         rate: Quotes per second over all symbols; ``0`` means as fast as acks allow.
         max_in_flight: Unacknowledged publishes allowed before the feed waits.
-        tick_s: Pacing granularity.
+        tick_s: Pacing granularity: the shortest sleep between bursts (below ``1 / rate``
+            the feed sleeps until its next quote is due, so a slow feed wakes once a quote).
     """
 
     def __init__(
@@ -428,8 +429,9 @@ class Feed:
             if self.rate > 0:
                 due = int((time.monotonic() - t0) * self.rate) - sent
                 if due <= 0:
+                    wait = t0 + (sent + 1) / self.rate - time.monotonic()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self._tick_s)
+                        await asyncio.wait_for(stop.wait(), max(self._tick_s, wait))
                     continue
             else:
                 due = self._max_in_flight
