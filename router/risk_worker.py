@@ -21,6 +21,12 @@ snapshot) and has its recorded outputs re-published (Nats-Msg-Id dedup drops wha
 stored). A state that cannot be rebuilt exactly stops the worker (:class:`RebuildError`): it
 fails closed.
 
+The loop does not wait for the outputs' PubAcks before it decides the next batch: a command
+for another region's ``EXEC`` is acknowledged a WAN round trip later (70-230 ms), and local
+orders must not queue behind it. A completion task acks each batch's inputs, in order, once its
+outputs are stored, and re-sends outputs that were not (a region down or cut off) until they
+are. Snapshots are taken only when no batch is waiting for its outputs.
+
 Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE) once
 the cached prices and leased tokens run out (at most 50 ms).
 """
@@ -34,7 +40,7 @@ import itertools
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +117,17 @@ class Out:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A decided batch whose outputs are on their way: acked once every output is stored."""
+
+    outs: list[Out]
+    futs: list[asyncio.Future[Any]]
+    acks: list[Msg]
+    spans: list[Any]
+    approvals: list[bool]
+
+
 class RiskWorker:
     def __init__(
         self,
@@ -165,6 +182,10 @@ class RiskWorker:
         every full collection walk millions of them: pauses of tens of ms, growing)."""
         self.loops: list[PullLoop] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: deque[_Pending] = deque()
+        """Decided batches whose outputs await their PubAcks, oldest first (see _complete)."""
+        self._inflight_added = asyncio.Event()  # wakes _complete
+        self._inflight_done = asyncio.Event()  # wakes the batch loop waiting for room
         self.externals = RedisExternals(redis_client, region)
         self._terms: set[asyncio.Task[None]] = set()
         self.stats = {"orders": 0, "approved": 0, "rejected": 0, "reports": 0, "rebuilt": 0}
@@ -200,6 +221,7 @@ class RiskWorker:
                     ack_all=True,
                 )
             )
+        self._tasks.append(asyncio.create_task(self._complete()))
         await self.recover_inflight()
         for lp in self.loops:
             await lp.start()
@@ -217,6 +239,9 @@ class RiskWorker:
     async def stop(self) -> None:
         for lp in self.loops:
             await lp.stop()
+        deadline = time.monotonic() + 5.0
+        while self._inflight and time.monotonic() < deadline:  # let stored outputs be acked
+            await asyncio.sleep(0.01)
         await cancel_and_wait(self._tasks)
         if self._snap_put is not None and not self._snap_put.done():
             # let a snapshot being stored finish (bounded): the next start replays less
@@ -317,11 +342,20 @@ class RiskWorker:
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
         if (due_n or due_t) and self._snapshots_ok:
+            # a snapshot must not cover decisions whose outputs are not stored: let the batches
+            # in flight complete first (milliseconds here, a WAN round trip at worst); if they
+            # do not (a region down), try again after a later batch
+            deadline = time.monotonic() + SNAPSHOT_DRAIN_S
+            while self._inflight and time.monotonic() < deadline:
+                self._inflight_done.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._inflight_done.wait(), deadline - time.monotonic())
             await self.snapshot()
 
     async def snapshot(self) -> None:
-        """Store the engine as of the last RISKLOG record (taken between batches, so every
-        record up to it is applied and its outputs are stored).
+        """Store the engine as of the last RISKLOG record (taken between batches, and only when
+        no decided batch is waiting for its outputs to be stored, so every record up to it is
+        applied and its outputs are stored).
 
         It also keeps the ids of the latest order and report inputs, so an input redelivered
         after a restart, because its ack was lost, is recognised as decided. Kill switches and
@@ -335,6 +369,8 @@ class RiskWorker:
         """
         if self._snap_put is not None and not self._snap_put.done():
             return  # the last one is still being stored: try again after the next batch
+        if self._inflight:
+            return  # outputs of decided batches not all stored yet: after a later batch
         t0 = time.perf_counter()
         seq = self._risklog_seq
         # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
@@ -576,26 +612,79 @@ class RiskWorker:
             self._risklog_seq = max(self._risklog_seq, *(a.seq for a in acks))
             self._records_since_snap += len(records)
             futs = []
-        for o in outs:
-            futs.append(
-                await self.pub.publish(
-                    o.subject, o.payload, headers={H_MSG_ID: o.msg_id, H_KIND: o.kind, **o.headers}
-                )
-            )
-        if futs:
-            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+        # The outputs go out now, but the loop does not wait for their PubAcks: a command to
+        # another region's EXEC takes a WAN round trip (70-230 ms) to be acknowledged, and
+        # waiting here would hold every later order of this region behind it. _complete()
+        # acks the inputs once the outputs are stored, batch by batch in order.
+        while len(self._inflight) >= MAX_INFLIGHT_BATCHES:
+            self._inflight_done.clear()
+            await self._inflight_done.wait()
         # AckPolicy.ALL on every input consumer: the last message of each consumer in this
         # batch acks everything before it on that consumer (items are handled in order)
         last: dict[str, Msg] = {}
         for it in items:
             if it.msg is not None and it.msg.reply:
                 last[stream_position(it.msg).consumer] = it.msg
-        for m in last.values():
-            await m.ack()
-        for span in spans:
-            span.end()
-        if self.metrics is not None:
-            self._observe(approvals)
+        self._inflight.append(
+            _Pending(outs, await self._publish(outs), list(last.values()), spans, approvals)
+        )
+        self._inflight_added.set()
+
+    async def _publish(self, outs: list[Out]) -> list[asyncio.Future[Any]]:
+        return [
+            await self.pub.publish(
+                o.subject, o.payload, headers={H_MSG_ID: o.msg_id, H_KIND: o.kind, **o.headers}
+            )
+            for o in outs
+        ]
+
+    async def _complete(self) -> None:
+        """Acks each decided batch's inputs once its outputs are stored, oldest batch first.
+
+        An output that was not stored (a timeout, no route to a region that is down or cut
+        off) is published again, with its fixed msg id, until it is: the decision is in
+        RISKLOG already, so re-sending it is always safe (dedup drops what was stored), and
+        the inputs stay unacked meanwhile (redelivered ones find their recorded outputs).
+        Later batches keep being decided; their acks wait for this one (AckPolicy.ALL).
+        """
+        delay = 0.25
+        warned = 0.0
+        while True:
+            if not self._inflight:
+                self._inflight_added.clear()
+                await self._inflight_added.wait()
+                continue
+            p = self._inflight[0]
+            if p.futs:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*p.futs), PUB_TIMEOUT_S)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    if time.monotonic() - warned > 10:
+                        warned = time.monotonic()
+                        log.warning(
+                            "risk %s: %d outputs of a decided batch not stored yet (%r); "
+                            "publishing them again (%d batches waiting)",
+                            self.region,
+                            len(p.outs),
+                            e,
+                            len(self._inflight),
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    p.futs = await self._publish(p.outs)
+                    continue
+            delay = 0.25
+            for m in p.acks:
+                with contextlib.suppress(Exception):  # a lost ack means a redelivery, found done
+                    await m.ack()
+            for span in p.spans:
+                span.end()
+            if self.metrics is not None:
+                self._observe(p.approvals)
+            self._inflight.popleft()
+            self._inflight_done.set()
 
     def _start_spans(self, fresh: list[Item]) -> list[Any]:
         """A CONSUMER span per new order request, child of the gateway's span."""
@@ -820,6 +909,10 @@ class RiskWorker:
 
 
 RETRY_ATTEMPTS = 10
+SNAPSHOT_DRAIN_S = 0.5
+"""How long a due snapshot waits for the batches in flight to complete."""
+MAX_INFLIGHT_BATCHES = 1024
+"""Decided batches whose outputs may await PubAcks at once; the loop waits beyond it."""
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000

@@ -47,11 +47,14 @@ from tests.conftest import Mesh
 from tests.test_risk_checks import (
     BUY,
     SELL,
+    cancel_all,
     cl,
+    deep,
     desks,
     expect_new,
     is_outcome,
     is_terminal,
+    outcome,
     until,
 )
 
@@ -432,3 +435,47 @@ async def test_valid_order_right_after_garbage_works(order_path: Mesh) -> None:
     for r in mesh.topology.codes:
         for svc in ("gateway", "risk", "execution"):
             assert mesh.procs[f"{svc}-{r}"].alive(), f"{svc}-{r}"
+
+
+async def test_a_region_cut_off_does_not_hold_up_risk_for_the_others(order_path: Mesh) -> None:
+    """Risk-lon approves an order for a symbol sgp executes while sgp is cut off: the command
+    cannot be stored there yet. Orders for lon's own symbols must still be decided at once,
+    not queue behind it (nor stop risk after its retries), and the stuck command must reach
+    sgp, exactly once, when the links are back."""
+    mesh = order_path
+    acct = "LON-BANK-02"
+    links = [mesh.proxy("lon-sgp"), mesh.proxy("nyc-sgp")]
+    async with desks(mesh, ("lon", acct)) as (c,):
+        far_cl, near_cl = cl("cut-far"), cl("cut-near")
+        try:
+            for ln in links:
+                ln.cut()
+            await until(lambda: not any(v["connected"] for _, v in _sgp_links(mesh)), 10)
+            far = await c.new_order("USDJPY", BUY, 1_000_000, deep("USDJPY", BUY), cl_ord_id=far_cl)
+            assert isinstance(far, OrderAck), far  # ORDERS is lon's: the entry is unaffected
+            near = await c.new_order(
+                "GBPUSD", BUY, 1_000_000, deep("GBPUSD", BUY), cl_ord_id=near_cl
+            )
+            await expect_new(c, near)  # decided and executed while sgp is unreachable
+            assert not [r for r in c.reports if getattr(r, "order_id", "") == far.order_id]
+        finally:
+            for ln in links:
+                ln.restore()
+        await until(lambda: any(v["connected"] for _, v in _sgp_links(mesh)), 20)
+        first = await outcome(c, far, timeout_s=30)  # the stuck command went through
+        assert first.exec_type is ExecType.NEW, first
+        await asyncio.sleep(1.0)
+        news = [
+            r
+            for r in c.reports
+            if isinstance(r, ExecutionReport)
+            and r.order_id == far.order_id
+            and r.exec_type is ExecType.NEW
+        ]
+        assert len(news) == 1, news
+        assert isinstance(near, OrderAck)
+        await cancel_all(c, [(far.order_id, far_cl, "USDJPY"), (near.order_id, near_cl, "GBPUSD")])
+
+
+def _sgp_links(mesh: Mesh) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, v) for k, v in mesh.link_health().items() if "sgp" in k]
