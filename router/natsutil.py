@@ -234,9 +234,15 @@ class AsyncPublisher:
     :class:`PublishError` or :class:`NoResponders`. Callers bound waits with their own timeout.
     """
 
-    def __init__(self, nc: NATS, *, max_pending: int = 8192) -> None:
+    def __init__(
+        self, nc: NATS, *, max_pending: int = 8192, ack_timeout_s: float | None = None
+    ) -> None:
         self.nc = nc
         self.max_pending = max_pending
+        self.ack_timeout_s = ack_timeout_s
+        """If set, a publish whose PubAck has not come within it fails with TimeoutError and
+        frees its slot (a blackholed route never answers: without a deadline the slot would
+        be held until the caller gave up on the future)."""
         self._sem = asyncio.Semaphore(max_pending)
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._prefix = ""
@@ -264,9 +270,13 @@ class AsyncPublisher:
         await self._sem.acquire()
         self._n += 1
         token = str(self._n)
-        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Ack] = loop.create_future()
         self._pending[token] = fut
         fut.add_done_callback(lambda _f: self._done(token))
+        if self.ack_timeout_s is not None:
+            timer = loop.call_later(self.ack_timeout_s, _expire, fut)
+            fut.add_done_callback(lambda _f: timer.cancel())
         try:
             await self.nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=headers
@@ -319,6 +329,11 @@ class AsyncPublisher:
         for fut in list(self._pending.values()):
             if not fut.done():
                 fut.cancel()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no PubAck in time"))
 
 
 async def cancel_and_wait(

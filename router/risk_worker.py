@@ -126,6 +126,9 @@ class _Pending:
     acks: list[Msg]
     spans: list[Any]
     approvals: list[bool]
+    ids: list[str]
+    since: float = field(default_factory=time.monotonic)
+    retries: int = 0
 
 
 class RiskWorker:
@@ -175,7 +178,7 @@ class RiskWorker:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.js = nc.jetstream(domain=region)
         self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "state")
-        self.pub = AsyncPublisher(nc, max_pending=20000)
+        self.pub = AsyncPublisher(nc, max_pending=20000, ack_timeout_s=PUB_TIMEOUT_S)
         self.done: OrderedDict[str, bytes] = OrderedDict()
         """Input id -> its recorded outputs, msgpack-packed: bytes are not tracked by Python's
         cyclic GC, so up to DONE_MEMORY entries cost no collector time (as objects they made
@@ -184,6 +187,11 @@ class RiskWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: deque[_Pending] = deque()
         """Decided batches whose outputs await their PubAcks, oldest first (see _complete)."""
+        self._inflight_ids: set[str] = set()
+        """Input ids of the batches in flight: a redelivery of one of them (its ack is only
+        waiting for an older batch) needs nothing; acking that batch acks it too."""
+        self._snap_retry_at = 0.0
+        self._stuck_logged = 0.0
         self._inflight_added = asyncio.Event()  # wakes _complete
         self._inflight_done = asyncio.Event()  # wakes the batch loop waiting for room
         self.externals = RedisExternals(redis_client, region)
@@ -341,15 +349,18 @@ class RiskWorker:
             self._records_since_snap > 0
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
-        if (due_n or due_t) and self._snapshots_ok:
+        if (due_n or due_t) and self._snapshots_ok and time.monotonic() >= self._snap_retry_at:
             # a snapshot must not cover decisions whose outputs are not stored: let the batches
             # in flight complete first (milliseconds here, a WAN round trip at worst); if they
-            # do not (a region down), try again after a later batch
+            # do not (a region down), try again in a while, not after every batch
             deadline = time.monotonic() + SNAPSHOT_DRAIN_S
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_done.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._inflight_done.wait(), deadline - time.monotonic())
+            if self._inflight:
+                self._snap_retry_at = time.monotonic() + max(1.0, self.snapshot_every_s / 10)
+                return
             await self.snapshot()
 
     async def snapshot(self) -> None:
@@ -560,6 +571,8 @@ class RiskWorker:
             it = self._classify(raw)
             if it is not None:
                 items.append(it)
+        # a redelivered input whose batch is still in flight: that batch's ack covers it
+        items = [it for it in items if it.input_id not in self._inflight_ids]
         fresh = [it for it in items if it.input_id not in self.done]
         spans = self._start_spans(fresh)
         exts = await self._externals(fresh)
@@ -625,9 +638,11 @@ class RiskWorker:
         for it in items:
             if it.msg is not None and it.msg.reply:
                 last[stream_position(it.msg).consumer] = it.msg
+        ids = [it.input_id for it in items]
         self._inflight.append(
-            _Pending(outs, await self._publish(outs), list(last.values()), spans, approvals)
+            _Pending(outs, await self._publish(outs), list(last.values()), spans, approvals, ids)
         )
+        self._inflight_ids.update(ids)
         self._inflight_added.set()
 
     async def _publish(self, outs: list[Out]) -> list[asyncio.Future[Any]]:
@@ -641,50 +656,74 @@ class RiskWorker:
     async def _complete(self) -> None:
         """Acks each decided batch's inputs once its outputs are stored, oldest batch first.
 
-        An output that was not stored (a timeout, no route to a region that is down or cut
-        off) is published again, with its fixed msg id, until it is: the decision is in
-        RISKLOG already, so re-sending it is always safe (dedup drops what was stored), and
-        the inputs stay unacked meanwhile (redelivered ones find their recorded outputs).
-        Later batches keep being decided; their acks wait for this one (AckPolicy.ALL).
+        An output that was not stored (no PubAck within PUB_TIMEOUT_S, or no route to a region
+        that is down or cut off) is published again, with its fixed msg id, until it is: the
+        decision is in RISKLOG already, so re-sending it is safe while the stream's dedup
+        window (EXEC: 1 h) still holds the first attempt, and the inputs stay unacked
+        meanwhile. Later batches keep being decided; their acks wait for this one
+        (AckPolicy.ALL). If this task fails, the worker stops deciding (``fatal``).
         """
-        delay = 0.25
-        warned = 0.0
-        while True:
-            if not self._inflight:
-                self._inflight_added.clear()
-                await self._inflight_added.wait()
-                continue
-            p = self._inflight[0]
-            if p.futs:
-                try:
-                    await asyncio.wait_for(asyncio.gather(*p.futs), PUB_TIMEOUT_S)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    if time.monotonic() - warned > 10:
-                        warned = time.monotonic()
-                        log.warning(
-                            "risk %s: %d outputs of a decided batch not stored yet (%r); "
-                            "publishing them again (%d batches waiting)",
-                            self.region,
-                            len(p.outs),
-                            e,
-                            len(self._inflight),
-                        )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    p.futs = await self._publish(p.outs)
+        try:
+            while True:
+                if not self._inflight:
+                    self._inflight_added.clear()
+                    await self._inflight_added.wait()
                     continue
-            delay = 0.25
-            for m in p.acks:
-                with contextlib.suppress(Exception):  # a lost ack means a redelivery, found done
-                    await m.ack()
-            for span in p.spans:
-                span.end()
-            if self.metrics is not None:
-                self._observe(p.approvals)
-            self._inflight.popleft()
-            self._inflight_done.set()
+                p = self._inflight[0]
+                failed = await self._stored(p)
+                if failed:
+                    self._warn_stuck(p, failed)
+                    await asyncio.sleep(min(5.0, 0.25 * 2 ** min(p.retries, 5)))
+                    p.retries += 1
+                    p.outs = failed
+                    p.futs = await self._publish(failed)
+                    continue
+                for m in p.acks:
+                    with contextlib.suppress(Exception):  # lost: a redelivery, found done
+                        await m.ack()
+                for span in p.spans:
+                    span.end()
+                if self.metrics is not None:
+                    self._observe(p.approvals)
+                self._inflight.popleft()
+                self._inflight_ids.difference_update(p.ids)
+                self._inflight_done.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # fail closed, and loudly: see _run
+            log.critical("risk %s: output completion failed: %r", self.region, e)
+            if not self.fatal.done():
+                self.fatal.set_result(e)
+
+    async def _stored(self, p: _Pending) -> list[Out]:
+        """Waits (bounded) for the batch's PubAcks; returns the outputs that were not stored."""
+        if not p.futs:
+            return []
+        _, pending = await asyncio.wait(p.futs, timeout=PUB_TIMEOUT_S + 1.0)
+        for f in pending:
+            f.cancel()
+        return [
+            o
+            for o, f in zip(p.outs, p.futs, strict=True)
+            if f in pending or f.cancelled() or f.exception() is not None
+        ]
+
+    def _warn_stuck(self, p: _Pending, failed: list[Out]) -> None:
+        now = time.monotonic()
+        if now - self._stuck_logged < 10.0:
+            return
+        self._stuck_logged = now
+        errs = [f.exception() for f in p.futs if f.done() and not f.cancelled() and f.exception()]
+        log.warning(
+            "risk %s: %d outputs of a decided batch not stored for %.0f s (%r, first to %s); "
+            "publishing them again; %d batches wait behind it",
+            self.region,
+            len(failed),
+            now - p.since,
+            errs[0] if errs else "no PubAck",
+            failed[0].subject,
+            len(self._inflight) - 1,
+        )
 
     def _start_spans(self, fresh: list[Item]) -> list[Any]:
         """A CONSUMER span per new order request, child of the gateway's span."""
@@ -911,7 +950,7 @@ class RiskWorker:
 RETRY_ATTEMPTS = 10
 SNAPSHOT_DRAIN_S = 0.5
 """How long a due snapshot waits for the batches in flight to complete."""
-MAX_INFLIGHT_BATCHES = 1024
+MAX_INFLIGHT_BATCHES = 100_000
 """Decided batches whose outputs may await PubAcks at once; the loop waits beyond it."""
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
 MAX_RECORD_BYTES = 512 * 1024

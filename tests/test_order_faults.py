@@ -437,20 +437,25 @@ async def test_valid_order_right_after_garbage_works(order_path: Mesh) -> None:
             assert mesh.procs[f"{svc}-{r}"].alive(), f"{svc}-{r}"
 
 
-async def test_a_region_cut_off_does_not_hold_up_risk_for_the_others(order_path: Mesh) -> None:
-    """Risk-lon approves an order for a symbol sgp executes while sgp is cut off: the command
-    cannot be stored there yet. Orders for lon's own symbols must still be decided at once,
-    not queue behind it (nor stop risk after its retries), and the stuck command must reach
-    sgp, exactly once, when the links are back."""
+@pytest.mark.parametrize("how", ["cut", "blackhole"])
+async def test_a_region_cut_off_does_not_hold_up_risk_for_the_others(
+    order_path: Mesh, how: str
+) -> None:
+    """Risk-lon approves an order for a symbol sgp executes while sgp is unreachable (links
+    cut: no route, the publish fails at once; blackholed: no answer, the PubAck times out).
+    Orders for lon's own symbols must still be decided at once, not queue behind it (nor stop
+    risk after its retries), and the stuck command must reach sgp, exactly once, when the
+    links are back."""
     mesh = order_path
     acct = "LON-BANK-02"
     links = [mesh.proxy("lon-sgp"), mesh.proxy("nyc-sgp")]
     async with desks(mesh, ("lon", acct)) as (c,):
-        far_cl, near_cl = cl("cut-far"), cl("cut-near")
+        far_cl, near_cl = cl(f"{how}-far"), cl(f"{how}-near")
         try:
             for ln in links:
-                ln.cut()
-            await until(lambda: not any(v["connected"] for _, v in _sgp_links(mesh)), 10)
+                getattr(ln, how)()
+            if how == "cut":
+                await until(lambda: not any(v["connected"] for _, v in _sgp_links(mesh)), 10)
             far = await c.new_order("USDJPY", BUY, 1_000_000, deep("USDJPY", BUY), cl_ord_id=far_cl)
             assert isinstance(far, OrderAck), far  # ORDERS is lon's: the entry is unaffected
             near = await c.new_order(
@@ -461,7 +466,8 @@ async def test_a_region_cut_off_does_not_hold_up_risk_for_the_others(order_path:
         finally:
             for ln in links:
                 ln.restore()
-        await until(lambda: any(v["connected"] for _, v in _sgp_links(mesh)), 20)
+        # every link healthy again before the next test on this mesh
+        await until(lambda: all(v["healthy"] for v in mesh.status()["links"].values()), 30)
         first = await outcome(c, far, timeout_s=30)  # the stuck command went through
         assert first.exec_type is ExecType.NEW, first
         await asyncio.sleep(1.0)
