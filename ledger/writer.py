@@ -53,7 +53,7 @@ from router.subjects import durable_ledger, fills_filter
 log = logging.getLogger("ledger.writer")
 
 STREAM = "EXECOUT"
-DEFAULT_LINGER_S = 0.01
+DEFAULT_LINGER_S = 0.05
 _SUB_MS_BUCKETS = (
     0.0001,
     0.00025,
