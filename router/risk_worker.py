@@ -190,7 +190,6 @@ class RiskWorker:
         self._inflight_ids: set[str] = set()
         """Input ids of the batches in flight: a redelivery of one of them (its ack is only
         waiting for an older batch) needs nothing; acking that batch acks it too."""
-        self._snap_retry_at = 0.0
         self._stuck_logged = 0.0
         self._inflight_added = asyncio.Event()  # wakes _complete
         self._inflight_done = asyncio.Event()  # wakes the batch loop waiting for room
@@ -349,39 +348,27 @@ class RiskWorker:
             self._records_since_snap > 0
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
-        if (due_n or due_t) and self._snapshots_ok and time.monotonic() >= self._snap_retry_at:
-            # a snapshot must not cover decisions whose outputs are not stored: let the batches
-            # in flight complete first (milliseconds here, a WAN round trip at worst); if they
-            # do not (a region down), try again in a while, not after every batch
-            deadline = time.monotonic() + SNAPSHOT_DRAIN_S
-            while self._inflight and time.monotonic() < deadline:
-                self._inflight_done.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._inflight_done.wait(), deadline - time.monotonic())
-            if self._inflight:
-                self._snap_retry_at = time.monotonic() + max(1.0, self.snapshot_every_s / 10)
-                return
+        if (due_n or due_t) and self._snapshots_ok:
             await self.snapshot()
 
     async def snapshot(self) -> None:
-        """Store the engine as of the last RISKLOG record (taken between batches, and only when
-        no decided batch is waiting for its outputs to be stored, so every record up to it is
-        applied and its outputs are stored).
+        """Store the engine as of the last RISKLOG record (taken between batches, so every
+        record up to it is applied).
 
         It also keeps the ids of the latest order and report inputs, so an input redelivered
         after a restart, because its ack was lost, is recognised as decided. Kill switches and
         limits are not among them: their watchers re-deliver the current entries at start, and
         applying one again changes nothing (a kill re-sends cancels, which dedup or execution
         drops). Limits taken from limits.toml (no RISKCFG entry) are re-read from the file.
-        Their outputs are stored: every batch of this worker was, and at start-up
-        :meth:`recover_inflight` re-published the outputs of every decided but unacked request
-        (if it could not, this worker takes no snapshot). Best effort: a failed snapshot only
-        means a longer replay.
+        Their outputs are stored, except those of the batches still in flight (a region cut
+        off): those inputs are kept with their outputs (``pending``), so their redelivery
+        after a restart re-publishes them. At start-up :meth:`recover_inflight` re-published
+        the outputs of every decided but unacked request of the last process (if it could
+        not, this worker takes no snapshot). Best effort: a failed snapshot only means a
+        longer replay.
         """
         if self._snap_put is not None and not self._snap_put.done():
             return  # the last one is still being stored: try again after the next batch
-        if self._inflight:
-            return  # outputs of decided batches not all stored yet: after a later batch
         t0 = time.perf_counter()
         seq = self._risklog_seq
         # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
@@ -390,6 +377,11 @@ class RiskWorker:
             for i in itertools.islice(reversed(self.done), SNAPSHOT_RECENT_INPUTS)
             if not i.startswith(("kill:", "cfg:"))
         ]
+        pending = {  # decided, outputs maybe not stored yet: re-published on redelivery
+            i: self.done[i]
+            for i in self._inflight_ids
+            if i in self.done and not i.startswith(("kill:", "cfg:"))
+        }
         body = msgpack.packb(
             {
                 "v": 1,
@@ -398,6 +390,7 @@ class RiskWorker:
                 "engine": self.engine.snapshot(),
                 "limits_from_cfg": self._limits_from_cfg,
                 "decided": decided,
+                "pending": pending,
             },
             use_bin_type=True,
         )
@@ -439,6 +432,8 @@ class RiskWorker:
         for input_id in snap.get("decided", []):
             # decided before the snapshot, outputs stored: a redelivery is only acked
             self.done[input_id] = empty
+        for input_id, packed in snap.get("pending", {}).items():
+            self.done[input_id] = packed  # its outputs may not have been stored
         self.restored_from = seq
 
     async def recover_inflight(self) -> int:
@@ -948,8 +943,6 @@ class RiskWorker:
 
 
 RETRY_ATTEMPTS = 10
-SNAPSHOT_DRAIN_S = 0.5
-"""How long a due snapshot waits for the batches in flight to complete."""
 MAX_INFLIGHT_BATCHES = 100_000
 """Decided batches whose outputs may await PubAcks at once; the loop waits beyond it."""
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""

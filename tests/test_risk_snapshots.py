@@ -226,6 +226,56 @@ async def _verdict_scenario(ds: Devstack) -> None:
         await nc.close()
 
 
+def test_a_snapshot_taken_while_outputs_wait_keeps_them() -> None:
+    """With sgp cut off, a command for it waits in flight. A snapshot taken then must not
+    pass the order off as fully done: it keeps the order's outputs, so a restart re-sends
+    them when the order is redelivered."""
+    _on_a_mesh(_pending_scenario, 90)
+
+
+async def _pending_scenario(ds: Devstack) -> None:
+    import msgpack
+
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+
+    def worker() -> RiskWorker:
+        return RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+
+    far = replace(_new(0), symbol="USDJPY", price_ticks=REFERENCE_MIDS["USDJPY"] - 50)
+    input_id = f"o:{subjects.request_key(far.account, far.cl_ord_id)}"
+    links = ("lon-sgp", "nyc-sgp")
+    try:
+        w1 = worker()
+        await w1.start()
+        try:
+            for ln in links:
+                ds.links.cut(ln)
+            await _send(js, 0, far)
+            await _decided(w1, 1)
+            assert input_id in w1._inflight_ids, "the command to sgp was stored: not cut off?"
+            await w1.snapshot()
+            assert w1._snap_put is not None
+            await asyncio.wait_for(w1._snap_put, 30)
+            body = await w1.snapshots.load()
+            assert body is not None
+            snap = msgpack.unpackb(body, raw=False)
+            outs = msgpack.unpackb(snap["pending"][input_id], raw=False)
+            assert [o[0] for o in outs] == [subjects.exec_in("sgp", "USDJPY")]
+        finally:
+            for ln in links:
+                ds.links.restore(ln)
+            await w1.stop()
+        w2 = worker()  # what a restart rebuilds: the order is decided, its outputs known
+        await w2.rebuild()
+        assert w2.restored_from > 0
+        assert [o.subject for o in w2._recorded(input_id)] == [subjects.exec_in("sgp", "USDJPY")]
+    finally:
+        await r.aclose()
+        await nc.close()
+
+
 def test_kill_switch_over_thousands_of_open_orders() -> None:
     """A kill cancels every open order it halts. Ten thousand cancels do not fit one
     RISKLOG message (max_payload 1 MiB): the record leaves them out and a replay recomputes
