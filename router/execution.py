@@ -47,13 +47,13 @@ from router.contract import CancelReject, ExecType, ExecutionReport, Fill
 from router.natsutil import (
     H_KIND,
     H_MSG_ID,
-    WAKE,
     AsyncPublisher,
     PullLoop,
     RebuildError,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
+    take_batch,
     wake_every,
 )
 
@@ -348,11 +348,7 @@ class ExecutionWorker:
     async def _run(self) -> None:
         try:
             while True:
-                first = await self.queue.get()
-                batch = [first]
-                while len(batch) < 1024 and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                batch = [m for m in batch if m is not WAKE]
+                batch = await take_batch(self.queue)
                 if not batch:
                     await self._maybe_snapshot()  # idle: snapshot the last commands
                     continue

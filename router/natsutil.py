@@ -422,6 +422,15 @@ class SnapshotStore:
         await asyncio.wait_for(store.delete(self.key), self.timeout_s)
 
 
+async def take_batch(queue: asyncio.Queue[Any], limit: int = 1024) -> list[Any]:
+    """A single writer's next batch: waits for one item, then takes what else is queued (up
+    to ``limit``), without the :data:`WAKE` items (an empty batch: only woken)."""
+    batch = [await queue.get()]
+    while len(batch) < limit and not queue.empty():
+        batch.append(queue.get_nowait())
+    return [x for x in batch if x is not WAKE]
+
+
 WAKE = object()
 """Queue item that only wakes a worker's batch loop (see :func:`wake_every`)."""
 

@@ -75,13 +75,13 @@ from router.natsutil import (
     H_OP,
     H_ORDER_ID,
     TRACEPARENT,
-    WAKE,
     AsyncPublisher,
     PullLoop,
     RebuildError,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
+    take_batch,
     wake_every,
 )
 from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
@@ -170,7 +170,6 @@ class RiskWorker:
         self.tracer = (
             tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
         )
-        self.redis = redis_client
         self.default_limits = limits or RiskLimits.load()
         """Limits in force while the RISKCFG bucket has no ``limits`` key (or it is deleted)."""
         self.engine = RiskEngine(topology, region, self.default_limits)
@@ -509,11 +508,7 @@ class RiskWorker:
     async def _run(self) -> None:
         try:
             while True:
-                first = await self.queue.get()
-                batch = [first]
-                while len(batch) < 1024 and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                batch = [x for x in batch if x is not WAKE]
+                batch = await take_batch(self.queue)
                 if batch:
                     try:
                         await self._process(batch)
