@@ -25,7 +25,9 @@ The loop does not wait for the outputs' PubAcks before it decides the next batch
 for another region's ``EXEC`` is acknowledged a WAN round trip later (70-230 ms), and local
 orders must not queue behind it. A completion task acks each batch's inputs, in order, once its
 outputs are stored, and re-sends outputs that were not (a region down or cut off) until they
-are. Snapshots are taken only when no batch is waiting for its outputs.
+are, for at most :data:`STUCK_LIMIT_S`: past it a re-send could outlive the stream's dedup
+window and store a command twice, so the worker stops instead (an operator reconciles). A
+snapshot taken while outputs wait keeps them with their inputs.
 
 Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE) once
 the cached prices and leased tokens run out (at most 50 ms).
@@ -190,6 +192,8 @@ class RiskWorker:
         """Input ids of the batches in flight: a redelivery of one of them (its ack is only
         waiting for an older batch) needs nothing; acking that batch acks it too."""
         self._stuck_logged = 0.0
+        self.stuck_limit_s = STUCK_LIMIT_S
+        """How long a decided batch's outputs may go unstored before the worker stops."""
         self._inflight_added = asyncio.Event()  # wakes _complete
         self._inflight_done = asyncio.Event()  # wakes the batch loop waiting for room
         self.externals = RedisExternals(redis_client, region)
@@ -249,6 +253,9 @@ class RiskWorker:
         while self._inflight and time.monotonic() < deadline:  # let stored outputs be acked
             await asyncio.sleep(0.01)
         await cancel_and_wait(self._tasks)
+        for p in self._inflight:  # unacked: redelivered to the next process
+            for span in p.spans:
+                span.end()
         if self._snap_put is not None and not self._snap_put.done():
             # let a snapshot being stored finish (bounded): the next start replays less
             await asyncio.wait({self._snap_put}, timeout=10)
@@ -651,7 +658,8 @@ class RiskWorker:
         decision is in RISKLOG already, so re-sending it is safe while the stream's dedup
         window (EXEC: 1 h) still holds the first attempt, and the inputs stay unacked
         meanwhile. Later batches keep being decided; their acks wait for this one
-        (AckPolicy.ALL). If this task fails, the worker stops deciding (``fatal``).
+        (AckPolicy.ALL). Past ``stuck_limit_s``, or if this task fails, the worker stops
+        deciding (``fatal``).
         """
         try:
             while True:
@@ -663,6 +671,12 @@ class RiskWorker:
                 failed = await self._stored(p)
                 if failed:
                     self._warn_stuck(p, failed)
+                    if time.monotonic() - p.since > self.stuck_limit_s:
+                        raise RuntimeError(
+                            f"{len(failed)} outputs (first to {failed[0].subject}) not stored "
+                            f"for {self.stuck_limit_s:.0f} s; re-sending any later could outlive "
+                            "the dedup window and store them twice: stopping to be reconciled"
+                        )
                     await asyncio.sleep(min(5.0, 0.25 * 2 ** min(p.retries, 5)))
                     p.retries += 1
                     p.outs = failed
@@ -938,6 +952,8 @@ class RiskWorker:
 
 
 RETRY_ATTEMPTS = 10
+STUCK_LIMIT_S = 1800.0
+"""Half of EXEC's and RISKLOG's 1 h dedup window (router.subjects.region_streams)."""
 MAX_INFLIGHT_BATCHES = 100_000
 """Decided batches whose outputs may await PubAcks at once; the loop waits beyond it."""
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""

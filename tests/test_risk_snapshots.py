@@ -229,7 +229,8 @@ async def _verdict_scenario(ds: Devstack) -> None:
 def test_a_snapshot_taken_while_outputs_wait_keeps_them() -> None:
     """With sgp cut off, a command for it waits in flight. A snapshot taken then must not
     pass the order off as fully done: it keeps the order's outputs, so a restart re-sends
-    them when the order is redelivered."""
+    them when the order is redelivered. And the worker does not re-send them for ever: past
+    its stuck limit it stops (fail closed) rather than outlive the stream's dedup window."""
     _on_a_mesh(_pending_scenario, 90)
 
 
@@ -263,6 +264,10 @@ async def _pending_scenario(ds: Devstack) -> None:
             snap = msgpack.unpackb(body, raw=False)
             outs = msgpack.unpackb(snap["pending"][input_id], raw=False)
             assert [o[0] for o in outs] == [subjects.exec_in("sgp", "USDJPY")]
+            # re-sending for longer could outlive EXEC's dedup window: the worker stops
+            w1.stuck_limit_s = 0.5
+            stopped = await asyncio.wait_for(w1.fatal, 20)
+            assert isinstance(stopped, RuntimeError) and "reconciled" in str(stopped)
         finally:
             for ln in links:
                 ds.links.restore(ln)
