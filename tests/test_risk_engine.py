@@ -59,6 +59,28 @@ def ext(symbol: str, *, rate_ok: bool = True) -> Externals:
 _seq = itertools.count(1)
 
 
+def new_order(
+    account: str,
+    cl: str,
+    symbol: str,
+    side: Side,
+    qty: int,
+    price: int | None,
+    tif: TimeInForce = TimeInForce.GTC,
+) -> NewOrder:
+    """A NewOrder: LIMIT at ``price`` ticks, or MARKET when ``price`` is None."""
+    return NewOrder(
+        account=account,
+        cl_ord_id=cl,
+        symbol=symbol,
+        side=side,
+        ord_type=OrdType.LIMIT if price is not None else OrdType.MARKET,
+        tif=tif,
+        qty=qty,
+        price_ticks=price,
+    )
+
+
 @dataclass
 class Rig:
     """A risk engine of one home region wired to real books (instant execution)."""
@@ -528,16 +550,7 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
             tif = TimeInForce.IOC if kind == "ioc" else TimeInForce.GTC
             before = rig.engine.exposure_usd(ACCT)
             s = next(_seq)
-            msg = NewOrder(
-                account=ACCT,
-                cl_ord_id=f"P{s}",
-                symbol=sym,
-                side=side,
-                ord_type=OrdType.LIMIT,
-                tif=tif,
-                qty=qty,
-                price_ticks=MIDS[sym] + off,
-            )
+            msg = new_order(ACCT, f"P{s}", sym, side, qty, MIDS[sym] + off, tif)
             d = rig.engine.on_new(msg, order_id=f"O{s}", accepted_ns=s, ext=ext(sym), seq=s)
             after = rig.engine.exposure_usd(ACCT)
             if d.command is not None:
@@ -600,16 +613,8 @@ def test_restored_engine_decides_like_the_original(
             if kind in ("new", "ioc", "cp"):
                 _, sym, side, qty, off = op
                 acct = ACCT if kind != "cp" else "LON-BANK-02"
-                msg = NewOrder(
-                    account=acct,
-                    cl_ord_id=f"{tag}{i}",
-                    symbol=sym,
-                    side=side,
-                    ord_type=OrdType.LIMIT,
-                    tif=TimeInForce.IOC if kind == "ioc" else TimeInForce.GTC,
-                    qty=qty,
-                    price_ticks=MIDS[sym] + off,
-                )
+                tif = TimeInForce.IOC if kind == "ioc" else TimeInForce.GTC
+                msg = new_order(acct, f"{tag}{i}", sym, side, qty, MIDS[sym] + off, tif)
                 d = eng.on_new(msg, order_id=f"O{tag}{i}", accepted_ns=i, ext=ext(sym), seq=i)
                 out.append((d.command, d.report))
             elif kind == "cancel":
@@ -642,16 +647,7 @@ def test_replaying_recorded_verdicts_rebuilds_the_state_whatever_the_limits_now(
     inputs = []
     for i in range(12):
         qty = 30_000_000 if i % 4 == 3 else 1_000_000  # every 4th is over the credit limit
-        msg = NewOrder(
-            account=acct,
-            cl_ord_id=f"v{i}",
-            symbol=sym,
-            side=BUY,
-            ord_type=OrdType.MARKET if i % 5 == 0 else OrdType.LIMIT,
-            tif=TimeInForce.GTC,
-            qty=qty,
-            price_ticks=None if i % 5 == 0 else 150000,
-        )
+        msg = new_order(acct, f"v{i}", sym, BUY, qty, None if i % 5 == 0 else 150000)
         d = loose.engine.on_new(msg, order_id=f"O-v{i}", accepted_ns=i, ext=ext(sym), seq=i)
         inputs.append((msg, d.command is not None))
     assert [ok for _, ok in inputs].count(False) >= 2
@@ -682,16 +678,7 @@ def test_a_recorded_approval_the_state_cannot_take_is_an_error() -> None:
     """The state diverged from what was decided: the replay must stop, not guess."""
     rig = Rig(region="sgp")
     acct, sym = "SGP-CORP-03", "USDJPY"
-    msg = NewOrder(
-        account=acct,
-        cl_ord_id="twice",
-        symbol=sym,
-        side=BUY,
-        ord_type=OrdType.LIMIT,
-        tif=TimeInForce.GTC,
-        qty=1_000_000,
-        price_ticks=150000,
-    )
+    msg = new_order(acct, "twice", sym, BUY, 1_000_000, 150000)
     rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=1, verdict=True)
     with pytest.raises(ValueError, match="open already"):
         rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=2, verdict=True)
