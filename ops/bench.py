@@ -3,7 +3,9 @@
 One run measures, on a private mesh (free ports, real WAN latencies, PostgreSQL, Redis):
 
 1. raw ceilings of the machine: JetStream publish with pipelined acks (default flush and
-   fsync-always), core NATS request/reply round trip, PostgreSQL binary COPY of posting rows;
+   fsync-always), core NATS request/reply round trip, PostgreSQL binary COPY of posting rows,
+   single-core Python speed, and the floor of the order path's shape (bare hops with no logic,
+   :mod:`ops.skeleton`);
 2. the order path within one region at 1,000 orders/s offered: submit -> ack and submit ->
    first execution report (order-to-execution), p50/p99/p99.9/max;
 3. an offered-load sweep (where latency bends) and the max sustainable rate, closed loop, for
@@ -36,6 +38,7 @@ from nats.js.api import StreamConfig
 from ops.devstack import Devstack, MeshPlan
 from ops.loadgen import pct, run_load, seed_top_of_book
 from ops.procs import NatsServer, PostgresServer, free_ports, nats_server_binary
+from ops.skeleton import SHAPES, measure_shape
 from regions.topology import load_topology
 from router.natsutil import AsyncPublisher
 
@@ -503,6 +506,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{raw['python_book']['commands_per_s']:,} commands/s |"
         )
     lines.append("")
+    if raw.get("shapes"):
+        lines += _shape_lines(raw["shapes"])
     if mesh:
         lines += [
             "### Order path (lon desk, lon symbols; crossing pairs, so every pair trades)",
@@ -577,6 +582,38 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SHAPE_NAMES = {
+    "today": "today's shape: desk -> gateway -> ORDERS -> risk -> RISKLOG, EXEC -> execution "
+    "-> OUT -> desk",
+    "entry": "risk at the entry: desk -> entry -> RISKLOG, EXEC -> execution -> OUT -> desk",
+}
+
+
+def _shape_lines(shapes: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Floor of the order path's shape (bare hops, no logic)",
+        "",
+        "Each hop a Python process that only moves a 200-byte payload on, with the same "
+        "messages, PubAcks and acks as Meridian's workers (`ops/skeleton.py`): what the "
+        "shape itself costs on this machine.",
+        "",
+        "| shape | at 1,000/s: order->report ms p50/p99/p99.9 | submit->ack ms p50/p99 | "
+        "CPU per order, whole path | max orders/s (256 in flight) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sh in shapes.items():
+        at, cl = sh["at_rate"], sh["closed_loop"]
+        rep, ack = at["order_to_report"], at["submit_to_ack"]
+        lines.append(
+            f"| {SHAPE_NAMES.get(name, name)} | {rep.get('p50_ms', 0):.2f} / "
+            f"{rep.get('p99_ms', 0):.2f} / {rep.get('p99_9_ms', 0):.2f} | "
+            f"{ack.get('p50_ms', 0):.2f} / {ack.get('p99_ms', 0):.2f} | "
+            f"{at.get('cpu_us_per_order', 0):,} us | {cl['reported_per_s']:,} |"
+        )
+    lines.append("")
+    return lines
+
+
 def ratios(r: dict[str, Any]) -> dict[str, str]:
     raw, mesh = r["raw"], r.get("mesh")
     if not mesh:
@@ -587,6 +624,18 @@ def ratios(r: dict[str, Any]) -> dict[str, str]:
     rr = raw["request_reply"]["p50_ms"]
     ack = mesh["tracing_off"]["latency_1000"]["submit_to_ack"].get("p50_ms", 0)
     book = raw.get("python_book", {}).get("commands_per_s")
+    floor = raw.get("shapes", {}).get("today")
+    shape: dict[str, str] = {}
+    if floor:
+        p50 = mesh["tracing_off"]["latency_1000"]["order_to_execution"].get("p50_ms", 0)
+        fp50 = floor["at_rate"]["order_to_report"].get("p50_ms", 0)
+        fmax = floor["closed_loop"]["reported_per_s"]
+        shape = {
+            "order->execution p50 at 1,000/s / its bare shape's": f"{p50 / fp50:.1f}x"
+            if fp50
+            else "-",
+            "one-region orders/s / its bare shape's max": f"{one / fmax:.3f}" if fmax else "-",
+        }
     return {
         "one-region orders/s / raw JetStream publishes/s": f"{one / js:.3f}",
         **(
@@ -596,6 +645,7 @@ def ratios(r: dict[str, Any]) -> dict[str, str]:
         ),
         "three-region orders/s / raw JetStream publishes/s": f"{three / js:.3f}",
         "submit->ack p50 / raw request-reply p50": f"{ack / rr:.1f}x" if rr else "-",
+        **shape,
         "JetStream writes per executed order": "about 4.5 (ORDERS, EXEC, 2.5 on EXECOUT, "
         "a share of a RISKLOG batch)",
     }
@@ -628,6 +678,12 @@ async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     r["raw"]["pg_copy"] = await asyncio.to_thread(
         raw_pg_copy, tmp, rows=50_000 if quick else 200_000
     )
+    say("raw ceilings: the order path's shape, bare hops with no logic")
+    # quick: today's shape only (the bench must stay under 2 minutes on a slow day)
+    r["raw"]["shapes"] = {
+        shape: await measure_shape(shape, tmp, seconds=2.0 if quick else 6.0)
+        for shape in (("today",) if quick else tuple(SHAPES))
+    }
     say("starting a private 3-region mesh for the order path")
     ds = await asyncio.to_thread(start_bench_mesh, tmp)
     try:

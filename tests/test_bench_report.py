@@ -45,3 +45,40 @@ def test_ratios_divide_by_the_raw_ceilings() -> None:
     assert out["one-region orders/s / raw JetStream publishes/s"] == "0.020"
     assert out["one-region orders/s / pure-book commands/s (Python speed)"] == "0.0500"
     assert out["submit->ack p50 / raw request-reply p50"] == "5.0x"
+
+
+def _shape(p50: float, max_per_s: float) -> dict[str, Any]:
+    lat = {"p50_ms": p50, "p99_ms": 2 * p50, "p99_9_ms": 3 * p50}
+    return {
+        "hops": ["gateway", "risk", "execution"],
+        "at_rate": {"order_to_report": lat, "submit_to_ack": lat, "cpu_us_per_order": 900},
+        "closed_loop": {"reported_per_s": max_per_s},
+    }
+
+
+def test_the_path_is_compared_with_its_bare_shape() -> None:
+    raw = _raw()
+    raw["shapes"] = {"today": _shape(1.25, 10_000.0), "entry": _shape(1.0, 15_000.0)}
+    point = {
+        "completed_per_s": 4_000,
+        "submit_to_ack": {"p50_ms": 2.0},
+        "order_to_execution": {"p50_ms": 5.0},
+    }
+    mesh = {
+        "tracing_off": {"max_one_region": point, "latency_1000": point},
+        "max_three_regions": {"completed_per_s": 3_000},
+    }
+    out = ratios({"raw": raw, "mesh": mesh})
+    assert out["order->execution p50 at 1,000/s / its bare shape's"] == "4.0x"
+    assert out["one-region orders/s / its bare shape's max"] == "0.400"
+    text = markdown(
+        {
+            "started": "now",
+            "quick": False,
+            "command": "meridian bench",
+            "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
+            "raw": raw,
+        }
+    )
+    assert "Floor of the order path's shape" in text
+    assert "risk at the entry" in text and "| 1.25 / 2.50 / 3.75 |" in text
