@@ -35,6 +35,7 @@ import psycopg
 from hdrh.histogram import HdrHistogram
 from nats.js.api import StreamConfig
 
+from ops import hopsplit
 from ops.devstack import Devstack, MeshPlan
 from ops.loadgen import pct, run_load, seed_top_of_book
 from ops.procs import NatsServer, PostgresServer, free_ports, nats_server_binary
@@ -334,6 +335,7 @@ async def _in_process(
     rate: float | None,
     run_id: str,
     inflight: int = 256,
+    timeline: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> dict[str, Any]:
     return await run_load(
         ds.urls(region, "desk"),
@@ -343,7 +345,31 @@ async def _in_process(
         seconds=seconds,
         rate=rate,
         inflight=inflight,
+        timeline=timeline,
     )
+
+
+async def _stream_seqs(ds: Devstack, region: str) -> dict[str, int]:
+    nc = await ds.connect(region)
+    try:
+        return await hopsplit.last_seqs(nc.jetstream(domain=region))
+    finally:
+        await nc.close()
+
+
+async def _hop_split(
+    ds: Devstack,
+    region: str,
+    after: dict[str, int],
+    timeline: dict[str, tuple[int, int, int, int]],
+) -> dict[str, Any]:
+    nc = await ds.connect(region)
+    try:
+        js = nc.jetstream(domain=region)
+        stored = {s: await hopsplit.stored_ns(js, s, seq) for s, seq in after.items()}
+    finally:
+        await nc.close()
+    return hopsplit.split(timeline, stored)
 
 
 async def _backlog(ds: Devstack) -> int:
@@ -395,9 +421,13 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
         asyncio.run(_set_limits(ds))
         wait_idle(ds)
         say(f"tracing {tag}: lon, 1,000 orders/s offered for {dur:.0f} s")
+        seqs = asyncio.run(_stream_seqs(ds, "lon"))
+        timeline: dict[str, tuple[int, int, int, int]] = {}
         c0, me0, t0_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
         s0, b0 = context_switches(ds), machine_busy_s()
-        lat = asyncio.run(_in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"l1k{tag}"))
+        lat = asyncio.run(
+            _in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"l1k{tag}", timeline=timeline)
+        )
         c1, me1, t1_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
         s1, b1 = context_switches(ds), machine_busy_s()
         n = max(1, lat["completed"])
@@ -413,6 +443,7 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
             "machine_busy_cores_1000": round((b1 - b0) / ((t1_ns - t0_ns) / 1e9), 2),
             "switches_per_order_1000": dict(sorted(switches.items(), key=lambda kv: -kv[1])),
             "fill_to_ledger_1000": ledger_lag(ds, t0_ns, t1_ns),
+            "hop_split_1000": asyncio.run(_hop_split(ds, "lon", seqs, timeline)),
         }
         say(f"tracing {tag}: max sustainable, one region (closed loop) for {dur:.0f} s")
         point["max_one_region"] = subprocess_load(
@@ -558,6 +589,10 @@ def markdown(r: dict[str, Any]) -> str:
                 f"p99 {fl.get('p99_ms', 0):.1f} ms.",
                 "",
             ]
+    for tag in ("off", "on"):
+        hs = mesh.get("tracing_" + tag, {}).get("hop_split_1000")
+        if hs and hs.get("orders"):
+            lines += _split_lines(hs, tag)
     if r.get("ratios"):
         lines += ["### Ratios to the raw ceilings", ""]
         lines += [f"- {k}: {v}" for k, v in r["ratios"].items()]
@@ -580,6 +615,25 @@ def markdown(r: dict[str, Any]) -> str:
                     )
         lines.append("")
     return "\n".join(lines)
+
+
+def _split_lines(hs: dict[str, Any], tag: str) -> list[str]:
+    lines = [
+        f"### Where an order's time goes at 1,000 orders/s (lon, tracing {tag})",
+        "",
+        f"From the timestamps the mesh records ({hs['orders']:,} orders; `ops/hopsplit.py`): "
+        "the desk's send, the gateway's accept, JetStream's stored time of each write, "
+        "the desk's receipt of the first report.",
+        "",
+        "| stage | p50 ms | p90 ms | p99 ms | mean ms |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, v in hs["stages"].items():
+        lines.append(
+            f"| {stage} | {v['p50_ms']:.2f} | {v['p90_ms']:.2f} | {v['p99_ms']:.2f} | "
+            f"{v['mean_ms']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 SHAPE_NAMES = {

@@ -126,8 +126,13 @@ class Loader:
         symbols: list[str] | None = None,
         accounts: tuple[str, str] | None = None,
         qty: int = 1_000_000,
+        timeline: dict[str, tuple[int, int, int, int]] | None = None,
     ) -> None:
         self.nc = nc
+        self.timeline = timeline
+        """If given, filled with cl_ord_id -> (desk send, gateway accept, matching time, desk
+        receive of the first report), UTC ns: the input of :mod:`ops.hopsplit`."""
+        self._sent_wall: dict[str, int] = {}
         self.topology = topology
         self.region = region
         self.run_id = run_id
@@ -157,6 +162,7 @@ class Loader:
         sym = self.symbols[pair % len(self.symbols)]
         acct = self.buyer if leg == 0 else self.seller
         cl = f"B{self.run_id}-{i}"
+        now = time.time_ns()
         body = {
             "v": 1,
             "account": acct,
@@ -167,8 +173,10 @@ class Loader:
             "tif": "GTC",
             "qty": self.qty,
             "price_ticks": REFERENCE_MIDS[sym],
-            "sent_ns": time.time_ns(),
+            "sent_ns": now,
         }
+        if self.timeline is not None:
+            self._sent_wall[cl] = now
         return subjects.entry(self.region, acct, "new"), msgpack.packb(body), cl
 
     async def send_one(self) -> None:
@@ -218,6 +226,13 @@ class Loader:
         if t0 is None:
             return
         self.first_seen.add(cl)
+        if self.timeline is not None and cl in self._sent_wall:
+            self.timeline[cl] = (
+                self._sent_wall.pop(cl),
+                int(raw.get("entry_ns") or 0),
+                int(raw.get("transact_ns") or 0),
+                time.time_ns(),
+            )
         res.completed += 1
         res.first_report.record_value(max(1, (time.perf_counter_ns() - t0) // 1000))
         if raw.get("exec_type") == "REJECTED":
@@ -273,12 +288,13 @@ async def run_load(
     seconds: float,
     rate: float | None,
     inflight: int = 256,
+    timeline: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> dict[str, Any]:
     from ops.devstack import connect
 
     nc = await connect(urls, name=f"loadgen-{region}")
     try:
-        ld = Loader(nc, topology, region, run_id=run_id)
+        ld = Loader(nc, topology, region, run_id=run_id, timeline=timeline)
         await ld.start()
         res = await ld.run(seconds=seconds, rate=rate, inflight=inflight)
         return res.to_dict()
