@@ -65,6 +65,9 @@ from router.contract import (
 from router.errors import SnapshotError
 from router.lifecycle import transition
 
+_packb = msgpack.Packer(use_bin_type=True).pack
+"""Encode one value (a Packer resets after each pack: the bytes of that value alone)."""
+
 __all__ = [
     "DEFAULT_TERMINAL_MEMORY",
     "Cancel",
@@ -379,6 +382,13 @@ class OrderBook:
         self._orders: dict[str, _Order] = {}  # live and remembered terminal orders
         self._by_clid: dict[tuple[str, str], str] = {}  # (account, cl_ord_id) -> order_id
         self._terminal: deque[str] = deque()  # remembered terminal order ids, oldest first
+        # The snapshot's encoding of what the two above hold, kept as they change: a terminal
+        # order never changes again and an index entry only comes and goes, so a snapshot
+        # splices bytes instead of encoding up to 100,000 orders while the book waits
+        # (300 ms at full memory, measured; the execution worker snapshots every 20,000
+        # commands). Same order as _terminal, and as _by_clid (insertion order).
+        self._terminal_packed: deque[bytes] = deque()
+        self._index_packed: dict[tuple[str, str], bytes] = {}
         # per-command scratch (reset by apply)
         self._out: list[Output] = []
         self._seq = 0
@@ -460,7 +470,7 @@ class OrderBook:
             )
             self._remember(o)
             return
-        self._by_clid[key] = o.order_id
+        self._index(key, o.order_id)
         self._report(o, ExecType.NEW, OrdStatus.NEW)
         if c.tif is TimeInForce.FOK:
             got, blocked = self._available(o)
@@ -522,8 +532,8 @@ class OrderBook:
             o.qty = c.qty
             o.price_ticks = c.price_ticks
         old = o.cl_ord_id
-        del self._by_clid[(o.account, old)]
-        self._by_clid[new_key] = o.order_id
+        self._unindex((o.account, old))
+        self._index(new_key, o.order_id)
         o.cl_ord_id = c.cl_ord_id
         status = OrdStatus.NEW if o.cum_qty == 0 else OrdStatus.PARTIALLY_FILLED
         self._report(o, ExecType.REPLACED, status, orig_cl_ord_id=old)
@@ -747,11 +757,21 @@ class OrderBook:
     def _remember(self, o: _Order) -> None:
         """``o`` became terminal: keep it for late cancels, forget the oldest beyond the cap."""
         self._terminal.append(o.order_id)
+        self._terminal_packed.append(_packb(o.pack()))
         while len(self._terminal) > self.terminal_memory:
             old = self._orders.pop(self._terminal.popleft())
+            self._terminal_packed.popleft()
             key = (old.account, old.cl_ord_id)
             if self._by_clid.get(key) == old.order_id:
-                del self._by_clid[key]
+                self._unindex(key)
+
+    def _index(self, key: tuple[str, str], order_id: str) -> None:
+        self._by_clid[key] = order_id
+        self._index_packed[key] = _packb([key[0], key[1], order_id])
+
+    def _unindex(self, key: tuple[str, str]) -> None:
+        del self._by_clid[key]
+        del self._index_packed[key]
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -828,20 +848,26 @@ class OrderBook:
         """msgpack of the whole state: resting orders in priority, remembered terminal
         orders, the (account, cl_ord_id) index and ``last_seq``."""
         bids, asks = self._resting_rows()
-        return msgpack.packb(  # type: ignore[no-any-return]
-            {
-                "v": SNAPSHOT_VERSION,
-                "symbol": self.symbol,
-                "exec_region": self.exec_region,
-                "last_seq": self.last_seq,
-                "terminal_memory": self.terminal_memory,
-                "bids": bids,
-                "asks": asks,
-                "terminal": [self._orders[oid].pack() for oid in self._terminal],
-                "index": sorted([a, c, oid] for (a, c), oid in self._by_clid.items()),
-            },
-            use_bin_type=True,
-        )
+        head = {
+            "v": SNAPSHOT_VERSION,
+            "symbol": self.symbol,
+            "exec_region": self.exec_region,
+            "last_seq": self.last_seq,
+            "terminal_memory": self.terminal_memory,
+            "bids": bids,
+            "asks": asks,
+        }
+        p = msgpack.Packer(use_bin_type=True)
+        parts = [p.pack_map_header(len(head) + 2)]
+        for k, v in head.items():
+            parts += (p.pack(k), p.pack(v))
+        # msgpack is compositional: an array header followed by N encoded items is the
+        # encoding of the N-item array, so the kept encodings splice in as they are
+        parts += (p.pack("terminal"), p.pack_array_header(len(self._terminal_packed)))
+        parts += self._terminal_packed
+        parts += (p.pack("index"), p.pack_array_header(len(self._index_packed)))
+        parts += self._index_packed.values()
+        return b"".join(parts)
 
     @classmethod
     def restore(cls, data: bytes, instrument: Instrument, exec_region: str) -> OrderBook:
@@ -873,8 +899,9 @@ class OrderBook:
                 o = _Order.unpack(row)
                 book._orders[o.order_id] = o
                 book._terminal.append(o.order_id)
+                book._terminal_packed.append(_packb(o.pack()))
             for account, clid, oid in raw["index"]:
-                book._by_clid[(account, clid)] = oid
+                book._index((account, clid), oid)
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"corrupt snapshot: {type(e).__name__}: {e}") from e
         return book

@@ -920,3 +920,13 @@ def test_replay_and_snapshot_restore_are_deterministic(
     assert restored == live
     assert restored.snapshot() == live.snapshot()
     assert restored.last_seq == live.last_seq == len(run.commands)
+    # the snapshot splices encodings kept as orders end: they must be what the orders are now
+    # (a terminal order changed after it was remembered would show here), with and without
+    # orders being forgotten
+    small = OrderBook(INST, REGION, terminal_memory=3)
+    for i, cmd in enumerate(run.commands, start=1):
+        small.apply(cmd, seq=i, ts_ns=i * 10)
+    for b in (live, small):
+        raw = msgpack.unpackb(b.snapshot(), raw=False)
+        assert raw["terminal"] == [b._orders[oid].pack() for oid in b._terminal]
+        assert raw["index"] == [[a, c, oid] for (a, c), oid in b._by_clid.items()]
