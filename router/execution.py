@@ -128,6 +128,7 @@ class ExecutionWorker:
         """... or this long after the last snapshot if any command was applied since."""
         self._snap_seq = 0
         self._snap_at = 0.0
+        self._saving: asyncio.Task[None] | None = None
         self.restored_from = 0
         """EXEC sequence of the snapshot the books were restored from at start (0: none)."""
         self.nc = nc
@@ -190,6 +191,8 @@ class ExecutionWorker:
         if self.loop is not None:
             await self.loop.stop()
         await cancel_and_wait(self._tasks)
+        if self._saving is not None:
+            await cancel_and_wait([self._saving])
 
     async def rebuild(self) -> None:
         """Books = every stored EXEC command replayed in stream order.
@@ -399,14 +402,22 @@ class ExecutionWorker:
             self.applied > self._snap_seq
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
-        if due_n or due_t:
-            await self.snapshot()
+        if (due_n or due_t) and (self._saving is None or self._saving.done()):
+            # The books are encoded here, between batches (~25 ms for 100,000 remembered
+            # orders); the put, megabytes in object-store chunks, goes on beside the next
+            # commands instead of holding them (it held them for hundreds of ms).
+            self._saving = asyncio.create_task(self._save(*self._snapshot_body()))
 
     async def snapshot(self) -> None:
         """Store every book at the current sequence (a restart replays only what follows).
 
         Best effort: a failed snapshot only means a longer replay; it never stops the worker.
         """
+        await self._save(*self._snapshot_body())
+
+    def _snapshot_body(self) -> tuple[int, bytes]:
+        """Every book at :attr:`applied`: call only between batches, when every output up to
+        it is stored."""
         seq = self.applied
         body = msgpack.packb(
             {
@@ -418,6 +429,9 @@ class ExecutionWorker:
             use_bin_type=True,
         )
         self._snap_seq, self._snap_at = seq, time.monotonic()
+        return seq, body
+
+    async def _save(self, seq: int, body: bytes) -> None:
         try:
             await self.snapshots.save(body)
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
