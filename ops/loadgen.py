@@ -61,6 +61,7 @@ def seed_top_of_book(redis_url: str, topology: Topology, spread_ticks: int = 4) 
                         "src": topology.exec_region(sym),
                         "seq": 1,
                         "src_ns": 0,
+                        "recv_ns": 0,  # seeded, never received: a view's update replaces it
                     },
                 )
     finally:
