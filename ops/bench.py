@@ -735,7 +735,9 @@ async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     say("raw ceilings: the order path's shape, bare hops with no logic")
     # quick: today's shape only (the bench must stay under 2 minutes on a slow day)
     r["raw"]["shapes"] = {
-        shape: await measure_shape(shape, tmp, seconds=2.0 if quick else 6.0)
+        shape: await measure_shape(
+            shape, tmp, seconds=1.5 if quick else 6.0, warmup_s=0.5 if quick else 1.0
+        )
         for shape in (("today",) if quick else tuple(SHAPES))
     }
     say("starting a private 3-region mesh for the order path")

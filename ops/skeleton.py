@@ -274,7 +274,7 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 async def measure_shape(
-    shape: str, tmp: Path, *, seconds: float = 5.0, rate: float = 1000.0
+    shape: str, tmp: Path, *, seconds: float = 5.0, rate: float = 1000.0, warmup_s: float = 1.0
 ) -> dict[str, Any]:
     """Start a server and the shape's hops, then measure: ``rate`` orders/s offered (latency,
     CPU per order of every process) and a closed loop of 256 in flight (max orders/s)."""
@@ -308,7 +308,7 @@ async def measure_shape(
             hops.append(p)
         desk = Desk(nc)
         await desk.start()
-        await desk.run(seconds=1.0, rate=rate, inflight=0)  # warm up
+        await desk.run(seconds=warmup_s, rate=rate, inflight=0)
         pids = [p.pid for p in hops] + ([srv.pid] if srv.pid else [])
         c0, me0 = _cpu_s(pids), time.process_time()
         at_rate = await desk.run(seconds=seconds, rate=rate, inflight=0)
