@@ -191,8 +191,16 @@ class ExecutionWorker:
         if self.loop is not None:
             await self.loop.stop()
         await cancel_and_wait(self._tasks)
-        if self._saving is not None:
-            await cancel_and_wait([self._saving])
+        await self._saved()
+
+    async def _saved(self, timeout_s: float = 10.0) -> None:
+        """Wait for the snapshot being stored, if any (bounded; a put cancelled half way
+        leaves its chunks behind, and a stop without it means a longer replay next time)."""
+        if self._saving is not None and not self._saving.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._saving), timeout_s)
+            if not self._saving.done():
+                await cancel_and_wait([self._saving])
 
     async def rebuild(self) -> None:
         """Books = every stored EXEC command replayed in stream order.
@@ -204,6 +212,8 @@ class ExecutionWorker:
         past ``applied + 1`` first fills the gap from the stream (:meth:`_process`), so the
         books never see a command out of stream order, whatever the durable redelivers when.
         """
+        # a put still storing the last snapshot would purge the chunks of the one being read
+        await self._saved(timeout_s=60.0)
         self._fresh_books()
         self.applied = 0
         assert self.loop is not None
@@ -405,14 +415,17 @@ class ExecutionWorker:
         if (due_n or due_t) and (self._saving is None or self._saving.done()):
             # The books are encoded here, between batches (~25 ms for 100,000 remembered
             # orders); the put, megabytes in object-store chunks, goes on beside the next
-            # commands instead of holding them (it held them for hundreds of ms).
+            # commands instead of holding them (it held them for hundreds of ms). While a
+            # put runs, a due snapshot is left for a later batch or wake-up.
             self._saving = asyncio.create_task(self._save(*self._snapshot_body()))
 
     async def snapshot(self) -> None:
         """Store every book at the current sequence (a restart replays only what follows).
 
         Best effort: a failed snapshot only means a longer replay; it never stops the worker.
+        Call it between batches.
         """
+        await self._saved()
         await self._save(*self._snapshot_body())
 
     def _snapshot_body(self) -> tuple[int, bytes]:

@@ -1,0 +1,65 @@
+"""The execution worker stores a snapshot beside the next commands; a rebuild and a stop
+wait for that put (a put finishing during a rebuild's read purges the chunks being read)."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+from regions.topology import load_topology
+from router.execution import ExecutionWorker
+
+
+class _Nc:
+    def jetstream(self, domain: str) -> Any:
+        async def stream_info(name: str) -> Any:
+            return types.SimpleNamespace(state=types.SimpleNamespace(last_seq=0, first_seq=1))
+
+        return types.SimpleNamespace(stream_info=stream_info)
+
+
+async def _worker(put_s: float, events: list[str]) -> ExecutionWorker:
+    w = ExecutionWorker(_Nc(), load_topology(), "sgp", snapshot_every=1)  # type: ignore[arg-type]
+
+    async def save(body: bytes) -> None:
+        events.append("put started")
+        await asyncio.sleep(put_s)
+        events.append("put done")
+
+    async def consumer_info() -> Any:
+        return types.SimpleNamespace(ack_floor=None)
+
+    async def loop_stop() -> None:
+        return None
+
+    async def restore(*, max_seq: int) -> None:
+        events.append("snapshot read")
+
+    w.snapshots = types.SimpleNamespace(save=save)  # type: ignore[assignment]
+    w.loop = types.SimpleNamespace(consumer_info=consumer_info, stop=loop_stop)  # type: ignore[assignment]
+    w._restore_snapshot = restore  # type: ignore[method-assign]
+    return w
+
+
+async def test_the_put_runs_beside_the_next_commands_and_a_rebuild_waits_for_it() -> None:
+    events: list[str] = []
+    w = await _worker(0.3, events)
+    w.applied = 5
+    await w._maybe_snapshot()  # after a batch: encoded now, stored in the background
+    await asyncio.sleep(0)
+    assert events == ["put started"] and w._saving is not None and not w._saving.done()
+    w.applied = 6
+    await w._maybe_snapshot()  # a put is running: no second one
+    await w.rebuild()
+    assert events == ["put started", "put done", "snapshot read"]
+
+
+async def test_a_stop_lets_a_running_put_finish() -> None:
+    events: list[str] = []
+    w = await _worker(0.2, events)
+    w.applied = 5
+    await w._maybe_snapshot()
+    await asyncio.sleep(0)
+    await w.stop()
+    assert events == ["put started", "put done"]
