@@ -81,7 +81,10 @@ __all__ = [
     "avg_px",
 ]
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""2: the index in insertion order (1: sorted). Restore takes both; a book restored from a v1
+snapshot decides exactly alike but does not snapshot byte for byte like one replayed from
+scratch (its index order differs)."""
 DEFAULT_TERMINAL_MEMORY = 100_000
 """Terminal orders remembered for TOO_LATE_TO_CANCEL answers (older ones: UNKNOWN_ORDER)."""
 
@@ -767,8 +770,9 @@ class OrderBook:
     def _remember(self, o: _Order) -> None:
         """``o`` became terminal (its last change): keep its encoding for late cancels and
         forget the oldest beyond the cap."""
+        row = _packb(o.pack())  # first: an order never half leaves the book
         del self._orders[o.order_id]
-        self._terminal[o.order_id] = _packb(o.pack())
+        self._terminal[o.order_id] = row
         self._terminal_fifo.append((o.order_id, o.account, o.cl_ord_id))
         while len(self._terminal_fifo) > self.terminal_memory:
             oid, account, cl_ord_id = self._terminal_fifo.popleft()
@@ -892,8 +896,8 @@ class OrderBook:
             raw = msgpack.unpackb(data, raw=False)
         except Exception as e:  # msgpack raises several unrelated types on garbage
             raise SnapshotError(f"not msgpack: {type(e).__name__}") from e
-        if not isinstance(raw, dict) or raw.get("v") != SNAPSHOT_VERSION:
-            raise SnapshotError(f"unsupported snapshot (expected v{SNAPSHOT_VERSION} map)")
+        if not isinstance(raw, dict) or raw.get("v") not in (1, SNAPSHOT_VERSION):
+            raise SnapshotError(f"unsupported snapshot (expected a v1-v{SNAPSHOT_VERSION} map)")
         if raw.get("symbol") != instrument.symbol or raw.get("exec_region") != exec_region:
             raise SnapshotError(
                 f"snapshot of {raw.get('exec_region')}/{raw.get('symbol')}, "

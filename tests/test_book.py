@@ -937,3 +937,21 @@ def test_replay_and_snapshot_restore_are_deterministic(
         raw = msgpack.unpackb(b.snapshot(), raw=False)
         assert raw["index"] == [[a, c, oid] for (a, c), oid in b._by_clid.items()]
         assert len(raw["terminal"]) == len(b._terminal) <= b.terminal_memory
+
+
+def test_a_v1_snapshot_with_its_sorted_index_restores_and_decides_alike() -> None:
+    book = OrderBook(INST, REGION)
+    book.apply(sub("b2", BUY, 10, 99, acct="Z"), seq=1, ts_ns=1)
+    book.apply(sub("b1", BUY, 10, 98, acct="A"), seq=2, ts_ns=2)
+    book.apply(cxl("b2", acct="Z"), seq=3, ts_ns=3)
+    raw = msgpack.unpackb(book.snapshot(), raw=False)
+    assert raw["v"] == 2
+    raw["v"], raw["index"] = 1, sorted(raw["index"])  # as the v1 code wrote it
+    old = OrderBook.restore(msgpack.packb(raw, use_bin_type=True), INST, REGION)
+    for k, cmd in enumerate([cxl("b2", acct="Z"), cxl("b1", acct="A")], start=4):
+        assert [encode(x) for x in old.apply(cmd, seq=k, ts_ns=k)] == [
+            encode(x) for x in book.apply(cmd, seq=k, ts_ns=k)
+        ]
+    raw["v"] = 3
+    with pytest.raises(SnapshotError):
+        OrderBook.restore(msgpack.packb(raw, use_bin_type=True), INST, REGION)
