@@ -464,6 +464,8 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
                 "past the knee, stopping"
             )
             break
+    if not quick:
+        res["steady"] = steady_state(ds, fill_s=30.0, seconds=60.0)
     say(f"max sustainable, three regions at once (tracing off) for {dur:.0f} s")
     three = subprocess_load(ds, list(ds.topology.codes), seconds=dur, inflight=128, run_id="m3")
     res["max_three_regions"] = {
@@ -473,6 +475,61 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
     }
     wait_idle(ds)
     return res
+
+
+def gc_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
+    """service -> {count, sum_s} of full (generation 2) cyclic-GC collections so far, from
+    each order-path worker's ``meridian_gc_pause_seconds``."""
+    import urllib.request
+
+    from ops.services import metrics_port
+
+    out: dict[str, dict[str, float]] = {}
+    for svc in ("gateway", "risk", "execution"):
+        got: dict[str, float] = {}
+        with contextlib.suppress(OSError, ValueError):
+            url = f"http://127.0.0.1:{metrics_port(ds, region, svc)}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("meridian_gc_pause_seconds_") and 'generation="2"' in line:
+                        name = line.split("{", 1)[0].rsplit("_", 1)[1]  # count, sum, ...
+                        if name in ("count", "sum"):
+                            got["sum_s" if name == "sum" else name] = float(line.rsplit(" ", 1)[1])
+        out[svc] = got
+    return out
+
+
+def steady_state(ds: Devstack, *, fill_s: float, seconds: float) -> dict[str, Any]:
+    """The tail a long session sees: the books and risk's memory filled by a closed loop,
+    then ``seconds`` at 1,000 orders/s, long enough to hold the snapshots and full GC
+    collections that the short points may miss (lon, tracing off)."""
+    say(f"steady state: filling books and risk memory (closed loop, {fill_s:.0f} s)")
+    fill = subprocess_load(ds, ["lon"], seconds=fill_s, inflight=256, run_id="fill")[0]
+    wait_idle(ds)
+    say(f"steady state: 1,000 orders/s for {seconds:.0f} s")
+    seqs = asyncio.run(_stream_seqs(ds, "lon"))
+    timeline: dict[str, tuple[int, int, int, int]] = {}
+    gc0 = gc_pauses(ds, "lon")
+    lat = asyncio.run(
+        _in_process(ds, "lon", seconds=seconds, rate=1000, run_id="steady", timeline=timeline)
+    )
+    gc1 = gc_pauses(ds, "lon")
+    wait_idle(ds)
+    full_gc = {
+        svc: {
+            "collections": int(gc1[svc].get("count", 0) - gc0[svc].get("count", 0)),
+            "total_ms": round(1000 * (gc1[svc].get("sum_s", 0) - gc0[svc].get("sum_s", 0)), 1),
+        }
+        for svc in gc1
+        if svc in gc0
+    }
+    return {
+        "seconds": seconds,
+        "filled_with_orders": fill["completed"],
+        "latency": lat,
+        "hop_split": asyncio.run(_hop_split(ds, "lon", seqs, timeline)),
+        "full_gc": full_gc,
+    }
 
 
 def md_bench(ds: Devstack, quick: bool) -> dict[str, Any]:
@@ -593,6 +650,8 @@ def markdown(r: dict[str, Any]) -> str:
         hs = mesh.get("tracing_" + tag, {}).get("hop_split_1000")
         if hs and hs.get("orders"):
             lines += _split_lines(hs, tag)
+    if mesh.get("steady"):
+        lines += _steady_lines(mesh["steady"])
     if r.get("ratios"):
         lines += ["### Ratios to the raw ceilings", ""]
         lines += [f"- {k}: {v}" for k, v in r["ratios"].items()]
@@ -617,6 +676,45 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _steady_lines(st: dict[str, Any]) -> list[str]:
+    lat = st["latency"]
+    gc_txt = ", ".join(
+        f"{svc} {v['collections']} ({v['total_ms']:,.0f} ms in all)"
+        for svc, v in st.get("full_gc", {}).items()
+    )
+    lines = [
+        f"### Steady state: {st.get('seconds', 60):.0f} s at 1,000 orders/s with full books "
+        "(lon, tracing off)",
+        "",
+        f"After a closed loop of {st['filled_with_orders']:,} orders filled the books and "
+        "risk's memory, so the window holds the snapshots and full GC collections of a long "
+        f"session. Full GC collections in the window: {gc_txt}.",
+        "",
+        "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
+        " order->execution ms p50/p99/p99.9/max |",
+        "|---|---|---|---|---|---|",
+        _row(f"{st.get('seconds', 60):.0f} s at 1,000/s, full books", lat),
+        "",
+    ]
+    hs = st.get("hop_split", {})
+    if hs.get("orders"):
+        lines += [*_stage_rows(hs), ""]
+    return lines
+
+
+def _stage_rows(hs: dict[str, Any]) -> list[str]:
+    """The per-stage table of an :mod:`ops.hopsplit` result."""
+    return [
+        "| stage | p50 ms | p90 ms | p99 ms | mean ms |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {stage} | {v['p50_ms']:.2f} | {v['p90_ms']:.2f} | {v['p99_ms']:.2f} | "
+            f"{v['mean_ms']:.2f} |"
+            for stage, v in hs["stages"].items()
+        ),
+    ]
+
+
 def _split_lines(hs: dict[str, Any], tag: str) -> list[str]:
     lines = [
         f"### Where an order's time goes at 1,000 orders/s (lon, tracing {tag})",
@@ -625,14 +723,8 @@ def _split_lines(hs: dict[str, Any], tag: str) -> list[str]:
         "the desk's send, the gateway's accept, JetStream's stored time of each write, "
         "the desk's receipt of the first report.",
         "",
-        "| stage | p50 ms | p90 ms | p99 ms | mean ms |",
-        "|---|---|---|---|---|",
+        *_stage_rows(hs),
     ]
-    for stage, v in hs["stages"].items():
-        lines.append(
-            f"| {stage} | {v['p50_ms']:.2f} | {v['p90_ms']:.2f} | {v['p99_ms']:.2f} | "
-            f"{v['mean_ms']:.2f} |"
-        )
     return [*lines, ""]
 
 

@@ -82,3 +82,40 @@ def test_the_path_is_compared_with_its_bare_shape() -> None:
     )
     assert "Floor of the order path's shape" in text
     assert "risk at the entry" in text and "| 1.25 / 2.50 / 3.75 |" in text
+
+
+def test_the_steady_state_point_is_reported_with_its_full_collections() -> None:
+    lat = {"p50_ms": 6.0, "p99_ms": 40.0, "p99_9_ms": 90.0, "max_ms": 120.0}
+    point = {"offered_per_s": 1000, "acked_per_s": 999.0, "completed_per_s": 999.0}
+    steady = {
+        "filled_with_orders": 80_000,
+        "latency": {**point, "submit_to_ack": lat, "order_to_execution": lat},
+        "hop_split": {
+            "orders": 60_000,
+            "stages": {
+                "EXEC -> EXECOUT": {"p50_ms": 1.5, "p90_ms": 4.0, "p99_ms": 30.0, "mean_ms": 2.5}
+            },
+        },
+        "full_gc": {"execution": {"collections": 12, "total_ms": 300.0}},
+    }
+    text = markdown(
+        {
+            "started": "now",
+            "quick": False,
+            "command": "meridian bench",
+            "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
+            "raw": _raw(),
+            "mesh": {
+                "sweep": [],
+                "max_three_regions": {"per_region": [], "completed_per_s": 1.0},
+                "steady": steady,
+            },
+        }
+    )
+    assert "### Steady state: 60 s at 1,000 orders/s with full books" in text
+    assert "closed loop of 80,000 orders" in text and "execution 12 (300 ms in all)" in text
+    assert (
+        "| 60 s at 1,000/s, full books | 1000 | 999.0 | 999.0 | 6.00 / 40.00 / 90.00 / 120.00"
+        in text
+    )
+    assert "| EXEC -> EXECOUT | 1.50 | 4.00 | 30.00 | 2.50 |" in text
