@@ -60,6 +60,8 @@ from router.natsutil import (
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
+REBUILD_ATTEMPTS = 10
+"""Rebuilds tried after a failed batch before the worker stops (about 40 s in all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +353,28 @@ class ExecutionWorker:
                 self._observe(out)
         return futs
 
+    async def _rebuild_with_retries(self) -> None:
+        """Rebuild after a failed batch, again after a failure that is not the state's (a
+        dropped connection, a request that timed out: measured here when an overloaded
+        machine kept the worker from answering the server's pings), with a growing pause.
+        A rebuild starts from nothing each time, so a retry is exact. A state that cannot be
+        rebuilt (:class:`RebuildError`), or no success in :data:`REBUILD_ATTEMPTS`, stops the
+        worker."""
+        delay = 0.5
+        for attempt in range(1, REBUILD_ATTEMPTS + 1):
+            await asyncio.sleep(delay)
+            try:
+                await self.rebuild()
+                return
+            except RebuildError:
+                raise
+            except Exception:
+                log.exception(
+                    "exec %s: rebuild %d/%d failed", self.region, attempt, REBUILD_ATTEMPTS
+                )
+                delay = min(delay * 2, 5.0)
+        raise RuntimeError(f"books not rebuilt in {REBUILD_ATTEMPTS} attempts")
+
     async def _fetch(self, seq: int) -> Cmd | None:
         try:
             raw = await self.js.get_msg("EXEC", seq, direct=True)
@@ -370,8 +394,7 @@ class ExecutionWorker:
                 except Exception:
                     # unacked: the durable redelivers the batch, applied ones are only acked
                     log.exception("exec %s: batch failed; rebuilding books", self.region)
-                    await asyncio.sleep(0.5)
-                    await self.rebuild()
+                    await self._rebuild_with_retries()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # fail closed, and loudly: the process stops applying
@@ -457,10 +480,12 @@ class ExecutionWorker:
             if snap is None:
                 return  # no snapshot yet
             seq = int(snap["applied"])
-            books = {
-                sym: OrderBook.restore(data, self.topology.instrument(sym), self.region)
-                for sym, data in snap["books"].items()
-            }
+            books = {}
+            for sym, data in snap["books"].items():
+                books[sym] = OrderBook.restore(data, self.topology.instrument(sym), self.region)
+                # ~0.8 s per book at full terminal memory: let the connection answer the
+                # server's pings between books (it drops a client silent for ~2 s)
+                await asyncio.sleep(0)
         except RebuildError:
             raise  # the store could not be read: not the same as an unusable snapshot
         except Exception as e:

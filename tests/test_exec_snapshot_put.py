@@ -7,8 +7,11 @@ import asyncio
 import types
 from typing import Any
 
+import pytest
+
 from regions.topology import load_topology
 from router.execution import ExecutionWorker
+from router.natsutil import RebuildError
 
 
 class _Nc:
@@ -63,3 +66,36 @@ async def test_a_stop_lets_a_running_put_finish() -> None:
     await asyncio.sleep(0)
     await w.stop()
     assert events == ["put started", "put done"]
+
+
+async def test_a_rebuild_that_fails_on_the_connection_is_tried_again() -> None:
+    """Seen in the full bench: an overloaded machine kept execution from answering the
+    server's pings, the server dropped it, and the rebuild after the failed batch timed out;
+    the worker stopped for good. A failure that is not the state's is now retried."""
+    events: list[str] = []
+    w = await _worker(0.0, events)
+    calls = {"n": 0}
+
+    async def flaky_consumer_info() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError
+        return types.SimpleNamespace(ack_floor=None)
+
+    w.loop.consumer_info = flaky_consumer_info  # type: ignore[union-attr]
+    await w._rebuild_with_retries()
+    assert calls["n"] == 2 and events == ["snapshot read"]
+
+
+async def test_a_state_that_cannot_be_rebuilt_is_not_tried_again() -> None:
+    events: list[str] = []
+    w = await _worker(0.0, events)
+
+    async def unreadable(*, max_seq: int) -> None:
+        events.append("snapshot read")
+        raise RebuildError("snapshot store unreadable")
+
+    w._restore_snapshot = unreadable  # type: ignore[method-assign]
+    with pytest.raises(RebuildError):
+        await w._rebuild_with_retries()
+    assert events == ["snapshot read"]
