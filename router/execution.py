@@ -60,6 +60,10 @@ from router.natsutil import (
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
+RESEND_WAITS_S = (2.0, 4.0, 8.0)
+"""How long a batch waits for its outputs' PubAcks before sending the missing ones again (same
+msg ids: the stream's dedup drops what was stored), then the next wait; after the last, the
+batch fails and the books are rebuilt."""
 REBUILD_ATTEMPTS = 10
 """Rebuilds tried after a failed batch before the worker stops (about 40 s in all)."""
 
@@ -131,6 +135,8 @@ class ExecutionWorker:
         self._snap_seq = 0
         self._snap_at = 0.0
         self._saving: asyncio.Task[None] | None = None
+        self._sent: list[tuple[str, bytes, dict[str, str]]] = []
+        """This batch's outputs as sent, in the order of their PubAck futures."""
         self.restored_from = 0
         """EXEC sequence of the snapshot the books were restored from at start (0: none)."""
         self.nc = nc
@@ -218,6 +224,7 @@ class ExecutionWorker:
         await self._saved(timeout_s=60.0)
         self._fresh_books()
         self.applied = 0
+        self._sent = []
         assert self.loop is not None
         info = await self.loop.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
@@ -258,6 +265,7 @@ class ExecutionWorker:
             await sub.unsubscribe()
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+        self._sent = []
         self.stats["replayed"] = n
         log.info(
             "exec %s rebuilt %d books from %d commands (ack floor %d, last %d); "
@@ -349,9 +357,43 @@ class ExecutionWorker:
             for subject, msg_id, kind, payload, out in outs:
                 headers = {H_MSG_ID: msg_id, H_KIND: kind}
                 with send_span(tracer, subject, headers, order_id=order_id):
-                    futs.append(await self.pub.publish(subject, payload, headers=headers))
+                    futs.append(await self._send(subject, payload, headers))
                 self._observe(out)
         return futs
+
+    async def _send(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[Any]:
+        self._sent.append((subject, payload, headers))
+        return await self.pub.publish(subject, payload, headers=headers)
+
+    async def _all_stored(self, futs: list[asyncio.Future[Any]]) -> None:
+        """Until every output of the batch is stored. What was not (a PubAck lost with a
+        dropped connection, measured here under overload) is sent again with its msg id
+        instead of rebuilding the books, which takes seconds at full memory: the books
+        already hold the batch, and its outputs are the same bytes. Raises after the last
+        of :data:`RESEND_WAITS_S` (the caller then rebuilds)."""
+        sent = list(self._sent)
+        assert len(sent) == len(futs), (len(sent), len(futs))
+        for attempt, wait_s in enumerate(RESEND_WAITS_S, start=1):
+            _, pending = await asyncio.wait(futs, timeout=wait_s)
+            for f in pending:
+                f.cancel()
+            missing = [i for i, f in enumerate(futs) if f.cancelled() or f.exception() is not None]
+            if not missing:
+                return
+            if attempt == len(RESEND_WAITS_S):
+                break
+            log.warning(
+                "exec %s: %d of %d outputs not stored after %.0f s; sending them again",
+                self.region,
+                len(missing),
+                len(futs),
+                wait_s,
+            )
+            sent = [sent[i] for i in missing]
+            futs = [await self.pub.publish(sub, data, headers=h) for sub, data, h in sent]
+        raise TimeoutError(f"{len(missing)} outputs not stored after {len(RESEND_WAITS_S)} tries")
 
     async def _rebuild_with_retries(self) -> None:
         """Rebuild after a failed batch, again after a failure that is not the state's (a
@@ -404,6 +446,7 @@ class ExecutionWorker:
 
     async def _process(self, batch: list[Msg]) -> None:
         futs: list[asyncio.Future[Any]] = []
+        self._sent = []
         for m in batch:
             cmd = Cmd.of(m)
             if cmd.seq <= self.applied:
@@ -417,7 +460,8 @@ class ExecutionWorker:
                 self.applied = max(self.applied, missing)
             futs += await self._handle(cmd, publish=True)
         if futs:
-            await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
+            await self._all_stored(futs)
+        self._sent = []
         # AckPolicy.ALL: acking the batch's last message acks everything before it, including
         # redeliveries and bad commands (skipped, never retried): one ack per batch
         await batch[-1].ack()

@@ -99,3 +99,48 @@ async def test_a_state_that_cannot_be_rebuilt_is_not_tried_again() -> None:
     with pytest.raises(RebuildError):
         await w._rebuild_with_retries()
     assert events == ["snapshot read"]
+
+
+class _Pub:
+    """A publisher whose first ``lost`` publishes never get a PubAck (a dropped connection)."""
+
+    def __init__(self, lost: int) -> None:
+        self.lost = lost
+        self.sent: list[tuple[str, bytes, str]] = []
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        self.sent.append((subject, payload, headers["Nats-Msg-Id"]))
+        fut = asyncio.get_running_loop().create_future()
+        if len(self.sent) > self.lost:
+            fut.set_result("ack")
+        return fut
+
+
+async def test_outputs_whose_pubacks_were_lost_are_sent_again_not_rebuilt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen in the full bench: a dropped connection lost a batch's PubAcks, and the worker
+    rebuilt four full books (15 s) to send the same outputs again. It now sends just those."""
+    import router.execution as execution
+
+    monkeypatch.setattr(execution, "RESEND_WAITS_S", (0.05, 0.05, 0.05))
+    w = await _worker(0.0, [])
+    pub = _Pub(lost=2)
+    w.pub = pub  # type: ignore[assignment]
+    futs = [
+        await w._send(f"mrd.lon.er.t.{i}", b"report", {"Nats-Msg-Id": f"id{i}"}) for i in range(3)
+    ]
+    await w._all_stored(futs)
+    # the two without a PubAck went again, with the same ids (the stream's dedup drops a copy)
+    assert [x[2] for x in pub.sent] == ["id0", "id1", "id2", "id0", "id1"]
+
+
+async def test_outputs_never_stored_fail_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.execution as execution
+
+    monkeypatch.setattr(execution, "RESEND_WAITS_S", (0.05, 0.05))
+    w = await _worker(0.0, [])
+    w.pub = _Pub(lost=100)  # type: ignore[assignment]
+    futs = [await w._send("mrd.lon.er.t.0", b"report", {"Nats-Msg-Id": "id0"})]
+    with pytest.raises(TimeoutError):
+        await w._all_stored(futs)
