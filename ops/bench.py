@@ -38,7 +38,13 @@ from nats.js.api import StreamConfig
 from ops import hopsplit
 from ops.devstack import Devstack, MeshPlan
 from ops.loadgen import pct, run_load, seed_top_of_book
-from ops.procs import NatsServer, PostgresServer, free_ports, nats_server_binary
+from ops.procs import (
+    NatsServer,
+    PostgresServer,
+    free_ports,
+    nats_server_binary,
+    standalone_jetstream,
+)
 from ops.skeleton import SHAPES, measure_shape
 from regions.topology import load_topology
 from router.natsutil import AsyncPublisher
@@ -60,18 +66,10 @@ def say(msg: str) -> None:
 
 
 async def raw_js_publish(tmp: Path, *, n: int, sync_always: bool) -> dict[str, Any]:
-    port, mon = free_ports(2)
     d = tmp / ("js-sync" if sync_always else "js")
-    d.mkdir(parents=True, exist_ok=True)
-    conf = d / "js.conf"
-    sync = "sync_interval: always" if sync_always else ""
-    conf.write_text(
-        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
-        f'jetstream {{ store_dir: "{d / "store"}"\n {sync} }}\n'
-    )
-    srv = NatsServer("bench-js", conf, mon, d / "nats.log").start()
+    srv, url = standalone_jetstream("bench-js", d, sync_always=sync_always)
     try:
-        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        nc = await nats.connect(url)
         await nc.jetstream().add_stream(StreamConfig(name="RAW", subjects=["raw.>"]))
         pub = await AsyncPublisher(nc, max_pending=1024).start()
         payload = b"x" * 200

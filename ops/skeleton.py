@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from ops.loadgen import hist, pct
-from ops.procs import NatsServer, free_ports
+from ops.procs import standalone_jetstream
 from router.natsutil import H_MSG_ID, AsyncPublisher, take_batch
 
 SHAPES: dict[str, tuple[str, ...]] = {
@@ -280,16 +280,7 @@ async def measure_shape(
     CPU per order of every process) and a closed loop of 256 in flight (max orders/s)."""
     import nats
 
-    port, mon = free_ports(2)
-    d = tmp / f"skeleton-{shape}"
-    d.mkdir(parents=True, exist_ok=True)
-    conf = d / "nats.conf"
-    conf.write_text(
-        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
-        f'jetstream {{ store_dir: "{d / "store"}" }}\n'
-    )
-    srv = NatsServer(f"skeleton-{shape}", conf, mon, d / "nats.log", gomaxprocs=1).start()
-    url = f"nats://127.0.0.1:{port}"
+    srv, url = standalone_jetstream(f"skeleton-{shape}", tmp / f"skeleton-{shape}", gomaxprocs=1)
     hops: list[subprocess.Popen[str]] = []
     try:
         nc = await nats.connect(url, pending_size=64 * 1024 * 1024)

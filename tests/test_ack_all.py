@@ -16,21 +16,15 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from ops.procs import NatsServer, free_ports
+from ops.procs import standalone_jetstream
 
 pytestmark = pytest.mark.integration
 
 
 async def test_ack_all_works_by_stream_sequence_across_redeliveries(tmp_path: Path) -> None:
-    port, mon = free_ports(2)
-    conf = tmp_path / "n.conf"
-    conf.write_text(
-        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
-        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
-    )
-    srv = NatsServer("ackall", conf, mon, tmp_path / "nats.log").start()
+    srv, url = standalone_jetstream("ackall", tmp_path)
     try:
-        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        nc = await nats.connect(url)
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
         for i in range(6):
