@@ -119,17 +119,28 @@ async def _decide_and_command(
     ]
 
 
-async def risk(nc: NATS) -> None:
+Outputs = Callable[[AsyncPublisher, list[Msg]], Awaitable[list[asyncio.Future[Any]]]]
+
+
+async def _single_writer(nc: NATS, stream: str, durable: str, outputs: Outputs) -> None:
+    """Consume ``stream`` in batches, publish each batch's outputs, ack it once they are
+    stored (as Meridian's risk and execution workers do)."""
     pub = await AsyncPublisher(nc).start()
     q: asyncio.Queue[Msg] = asyncio.Queue()
     done: Done = asyncio.Queue()
-    await _consume(nc, "ORD", "risk", q)
+    await _consume(nc, stream, durable, q)
     completer = asyncio.ensure_future(_ack_when_stored(done))
     while True:
         batch = await take_batch(q)
-        futs = await _decide_and_command(nc, pub, [m.data for m in batch])
-        done.put_nowait((futs, batch[-1]))
+        done.put_nowait((await outputs(pub, batch), batch[-1]))
     completer.cancel()  # pragma: no cover - the loop runs until the process is stopped
+
+
+async def risk(nc: NATS) -> None:
+    async def decide(pub: AsyncPublisher, batch: list[Msg]) -> list[asyncio.Future[Any]]:
+        return await _decide_and_command(nc, pub, [m.data for m in batch])
+
+    await _single_writer(nc, "ORD", "risk", decide)
 
 
 async def entry(nc: NATS) -> None:
@@ -152,19 +163,13 @@ async def entry(nc: NATS) -> None:
 
 
 async def execution(nc: NATS) -> None:
-    pub = await AsyncPublisher(nc).start()
-    q: asyncio.Queue[Msg] = asyncio.Queue()
-    done: Done = asyncio.Queue()
-    await _consume(nc, "EXE", "execution", q)
-    completer = asyncio.ensure_future(_ack_when_stored(done))
-    while True:
-        batch = await take_batch(q)
-        futs = [
+    async def report(pub: AsyncPublisher, batch: list[Msg]) -> list[asyncio.Future[Any]]:
+        return [
             await pub.publish(f"{STREAMS['OUT']}.x", m.data, headers=_msg_id(m.data, "r"))
             for m in batch
         ]
-        done.put_nowait((futs, batch[-1]))
-    completer.cancel()  # pragma: no cover
+
+    await _single_writer(nc, "EXE", "execution", report)
 
 
 ROLES: dict[str, Role] = {
