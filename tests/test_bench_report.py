@@ -17,18 +17,25 @@ def _raw() -> dict[str, Any]:
     }
 
 
+def _report(raw: dict[str, Any], mesh: dict[str, Any] | None = None) -> str:
+    """The markdown of a run with these raw ceilings (and mesh results, if any)."""
+    r: dict[str, Any] = {
+        "started": "now",
+        "quick": mesh is None,
+        "command": "meridian bench",
+        "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
+        "raw": raw,
+    }
+    if mesh is not None:
+        r["mesh"] = mesh
+    return markdown(r)
+
+
 def test_python_speed_is_measured_and_reported() -> None:
     raw = _raw()
     assert raw["python_book"]["commands"] == 100
     assert raw["python_book"]["commands_per_s"] > 0
-    r = {
-        "started": "now",
-        "quick": True,
-        "command": "meridian bench --quick",
-        "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
-        "raw": raw,
-    }
-    text = markdown(r)
+    text = _report(raw)
     assert "pure book (no I/O)" in text
     assert f"{raw['python_book']['commands_per_s']:,} commands/s" in text
 
@@ -71,15 +78,7 @@ def test_the_path_is_compared_with_its_bare_shape() -> None:
     out = ratios({"raw": raw, "mesh": mesh})
     assert out["order->execution p50 at 1,000/s / its bare shape's"] == "4.0x"
     assert out["one-region orders/s / its bare shape's max"] == "0.400"
-    text = markdown(
-        {
-            "started": "now",
-            "quick": False,
-            "command": "meridian bench",
-            "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
-            "raw": raw,
-        }
-    )
+    text = _report(raw)
     assert "Floor of the order path's shape" in text
     assert "risk at the entry" in text and "| 1.25 / 2.50 / 3.75 |" in text
 
@@ -98,19 +97,13 @@ def test_the_steady_state_point_is_reported_with_its_full_collections() -> None:
         },
         "full_gc": {"execution": {"collections": 12, "total_ms": 300.0}},
     }
-    text = markdown(
+    text = _report(
+        _raw(),
         {
-            "started": "now",
-            "quick": False,
-            "command": "meridian bench",
-            "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
-            "raw": _raw(),
-            "mesh": {
-                "sweep": [],
-                "max_three_regions": {"per_region": [], "completed_per_s": 1.0},
-                "steady": steady,
-            },
-        }
+            "sweep": [],
+            "max_three_regions": {"per_region": [], "completed_per_s": 1.0},
+            "steady": steady,
+        },
     )
     assert "### Steady state: 60 s at 1,000 orders/s with full books" in text
     assert "closed loop of 80,000 orders" in text and "execution 12 (300 ms in all)" in text
