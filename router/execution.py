@@ -54,6 +54,7 @@ from router.natsutil import (
     cancel_and_wait,
     stream_position,
     take_batch,
+    unstored,
     wake_every,
 )
 
@@ -376,10 +377,7 @@ class ExecutionWorker:
         sent = list(self._sent)
         assert len(sent) == len(futs), (len(sent), len(futs))
         for attempt, wait_s in enumerate(RESEND_WAITS_S, start=1):
-            _, pending = await asyncio.wait(futs, timeout=wait_s)
-            for f in pending:
-                f.cancel()
-            missing = [i for i, f in enumerate(futs) if f.cancelled() or f.exception() is not None]
+            missing = await unstored(futs, wait_s)
             if not missing:
                 return
             if attempt == len(RESEND_WAITS_S):

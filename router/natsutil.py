@@ -354,6 +354,19 @@ async def cancel_and_wait(
             log.warning("task %s ignored its cancel; leaving it", t.get_name())
 
 
+async def unstored(futs: list[asyncio.Future[Any]], timeout_s: float) -> list[int]:
+    """Wait (at most ``timeout_s``) for these PubAck futures; the indexes of the writes that
+    were not stored: no PubAck in time (those futures are cancelled, freeing their
+    publisher slots) or a failed one. The single writers send those again with their msg
+    ids, which the stream's dedup makes exact."""
+    if not futs:
+        return []
+    _, pending = await asyncio.wait(futs, timeout=timeout_s)
+    for f in pending:
+        f.cancel()
+    return [i for i, f in enumerate(futs) if f.cancelled() or f.exception() is not None]
+
+
 class RebuildError(RuntimeError):
     """A single writer could not rebuild its exact state; it must not act until it can."""
 

@@ -84,6 +84,7 @@ from router.natsutil import (
     cancel_and_wait,
     stream_position,
     take_batch,
+    unstored,
     wake_every,
 )
 from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
@@ -701,16 +702,8 @@ class RiskWorker:
 
     async def _stored(self, p: _Pending) -> list[Out]:
         """Waits (bounded) for the batch's PubAcks; returns the outputs that were not stored."""
-        if not p.futs:
-            return []
-        _, pending = await asyncio.wait(p.futs, timeout=PUB_TIMEOUT_S + 1.0)
-        for f in pending:
-            f.cancel()
-        return [
-            o
-            for o, f in zip(p.outs, p.futs, strict=True)
-            if f in pending or f.cancelled() or f.exception() is not None
-        ]
+        assert len(p.outs) == len(p.futs)
+        return [p.outs[i] for i in await unstored(p.futs, PUB_TIMEOUT_S + 1.0)]
 
     def _warn_stuck(self, p: _Pending, failed: list[Out]) -> None:
         now = time.monotonic()
