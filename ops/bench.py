@@ -11,8 +11,11 @@ One run measures, on a private mesh (free ports, real WAN latencies, PostgreSQL,
 3. an offered-load sweep (where latency bends) and the max sustainable rate, closed loop, for
    one region and for all three together (one load process per region);
 4. fill -> ledger commit latency (from the ledger's own timestamps);
-5. the same order-path points with tracing off (the overhead of tracing);
-6. market data: quotes/s one region publishes and replicates to the two others, with lag.
+5. the same order-path points with tracing off (the overhead of tracing), each 1,000/s point
+   split by hop from the timestamps the mesh records (:mod:`ops.hopsplit`);
+6. (full run only) a steady state: a closed loop fills the books and risk's memory, then
+   60 s at 1,000/s, with the full GC collections of the workers in that window;
+7. market data: quotes/s one region publishes and replicates to the two others, with lag.
 
 Writes ``<out>/bench-<time>.json`` and ``.md`` and prints the ratios to the raw ceilings.
 """
