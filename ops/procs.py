@@ -336,15 +336,23 @@ class NatsServer(ManagedProcess):
 
 
 def standalone_jetstream(
-    name: str, workdir: Path, *, sync_always: bool = False, gomaxprocs: int | None = None
+    name: str,
+    workdir: Path,
+    *,
+    sync_always: bool = False,
+    gomaxprocs: int | None = None,
+    domain: str | None = None,
 ) -> tuple[NatsServer, str]:
     """One nats-server with JetStream on free ports, outside any mesh (benchmarks' raw
     ceilings, the bare-shape floor, server-behaviour tests): the started server and its URL.
-    ``sync_always``: fsync every write (``sync_interval: always``)."""
+    ``sync_always``: fsync every write (``sync_interval: always``); ``domain``: the
+    JetStream domain (the mesh's servers each have one, and their PubAcks name it)."""
     port, mon = free_ports(2)
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nats.conf"
     sync = "\n sync_interval: always" if sync_always else ""
+    if domain:
+        sync += f'\n domain: "{domain}"'
     conf.write_text(
         f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
         f'jetstream {{ store_dir: "{workdir / "store"}"{sync} }}\n'

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -243,8 +246,13 @@ class AsyncPublisher:
         """If set, a publish whose PubAck has not come within it fails with TimeoutError and
         frees its slot (a blackholed route never answers: without a deadline the slot would
         be held until the caller gave up on the future)."""
-        self._sem = asyncio.Semaphore(max_pending)
         self._pending: dict[str, asyncio.Future[Ack]] = {}
+        """Token -> PubAck future, oldest first (publish order)."""
+        self._deadlines: collections.deque[tuple[float, str]] = collections.deque()
+        """(monotonic deadline, token) in publish order, when ``ack_timeout_s`` is set: one
+        sweep expires the overdue ones (a timer per publish cost ~3 us of ~21, measured)."""
+        self._sweep: asyncio.TimerHandle | None = None
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._prefix = ""
         self._n = 0
         self._sub: Subscription | None = None
@@ -267,16 +275,18 @@ class AsyncPublisher:
     ) -> asyncio.Future[Ack]:
         if self._sub is None:
             await self.start()
-        await self._sem.acquire()
+        if self._slot_waiters or len(self._pending) >= self.max_pending:
+            await self._wait_for_slot()
         self._n += 1
         token = str(self._n)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Ack] = loop.create_future()
         self._pending[token] = fut
-        fut.add_done_callback(lambda _f: self._done(token))
+        fut.add_done_callback(functools.partial(self._done, token))
         if self.ack_timeout_s is not None:
-            timer = loop.call_later(self.ack_timeout_s, _expire, fut)
-            fut.add_done_callback(lambda _f: timer.cancel())
+            self._deadlines.append((time.monotonic() + self.ack_timeout_s, token))
+            if self._sweep is None:
+                self._sweep = loop.call_later(self.ack_timeout_s, self._expire_overdue)
         try:
             await self.nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=headers
@@ -286,9 +296,41 @@ class AsyncPublisher:
                 fut.set_exception(e)
         return fut
 
-    def _done(self, token: str) -> None:
+    async def _wait_for_slot(self) -> None:
+        """Wait, in arrival order, until fewer than ``max_pending`` PubAcks are awaited (the
+        common case, a free slot and nobody waiting, never gets here)."""
+        while self._slot_waiters or len(self._pending) >= self.max_pending:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(waiter)
+            if len(self._pending) < self.max_pending:
+                return
+
+    def _done(self, token: str, _fut: asyncio.Future[Ack]) -> None:
         if self._pending.pop(token, None) is not None:
-            self._sem.release()
+            for w in self._slot_waiters:
+                if not w.done():
+                    w.set_result(None)
+                    break
+
+    def _expire_overdue(self) -> None:
+        """Fail every publish whose PubAck is overdue; come back for the next deadline."""
+        self._sweep = None
+        now = time.monotonic()
+        dl = self._deadlines
+        while dl and (dl[0][0] <= now or dl[0][1] not in self._pending):
+            _, token = dl.popleft()
+            fut = self._pending.get(token)
+            if fut is not None and not fut.done():
+                fut.set_exception(TimeoutError("no PubAck in time"))
+        if dl:
+            self._sweep = asyncio.get_running_loop().call_later(
+                max(0.0, dl[0][0] - now), self._expire_overdue
+            )
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[1]
@@ -297,6 +339,10 @@ class AsyncPublisher:
             return
         if msg.headers and msg.headers.get("Status") == "503":
             fut.set_exception(NoResponders())
+            return
+        ack = _fast_puback(msg.data)
+        if ack is not None:
+            fut.set_result(ack)
             return
         try:
             resp = json.loads(msg.data)
@@ -326,14 +372,28 @@ class AsyncPublisher:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for fut in list(self._pending.values()):
             if not fut.done():
                 fut.cancel()
 
 
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError("no PubAck in time"))
+_PUBACK = re.compile(
+    rb'\{"stream":"([^"\\]*)",(?:"domain":"([^"\\]*)",)?"seq":(\d+)(,"duplicate": ?true)?\}\Z'
+)
+
+
+def _fast_puback(data: bytes) -> Ack | None:
+    """The success PubAck in the exact shape nats-server writes it, without ``json.loads``
+    (0.3 vs 1.7 us, measured); anything else (errors, new fields) returns None and is parsed
+    as JSON."""
+    m = _PUBACK.match(data)
+    if m is None:
+        return None
+    stream, domain, seq, dup = m.groups()
+    return Ack(stream.decode(), int(seq), (domain or b"").decode(), dup is not None)
 
 
 async def cancel_and_wait(
