@@ -319,19 +319,32 @@ class RiskEngine:
         return qty * self._usd_rate[self.topology.instrument(symbol).base] // 1_000_000
 
     def exposure_usd(self, account: str, *, extra: tuple[str, Side, int] | None = None) -> int:
+        """Net open exposure of ``account`` in USD: per symbol, the larger of the long and the
+        short side if every open order filled; ``extra`` adds one more open order."""
+        return self.exposure_change(account, extra)[1] if extra else self._exposure(account)
+
+    def exposure_change(self, account: str, extra: tuple[str, Side, int]) -> tuple[int, int]:
+        """(exposure now, exposure with ``extra``): only ``extra``'s symbol's term changes,
+        so one pass over the account's symbols instead of two and no copy of its orders."""
+        sym, side, q = extra
         st = self.state(account)
-        per = st.reserved
-        if extra is not None:
-            sym, side, q = extra
-            per = {k: list(v) for k, v in per.items()}
-            b = per.setdefault(sym, [0, 0])
-            b[0 if side is Side.BUY else 1] += q
+        before = self._exposure(account)
+        buy, sell = st.reserved.get(sym, (0, 0))
+        with_extra = (buy + q, sell) if side is Side.BUY else (buy, sell + q)
+        after = before - self._term(st, sym, buy, sell) + self._term(st, sym, *with_extra)
+        return before, after
+
+    def _exposure(self, account: str) -> int:
+        st = self.state(account)
         total = 0
-        for sym in set(per) | set(st.positions):
-            buy, sell = per.get(sym, [0, 0])
-            pos = st.positions.get(sym, 0)
-            total += self.base_usd(sym, max(abs(pos + buy), abs(pos - sell)))
+        for sym in set(st.reserved) | set(st.positions):
+            buy, sell = st.reserved.get(sym, (0, 0))
+            total += self._term(st, sym, buy, sell)
         return total
+
+    def _term(self, st: AccountState, sym: str, buy: int, sell: int) -> int:
+        pos = st.positions.get(sym, 0)
+        return self.base_usd(sym, max(abs(pos + buy), abs(pos - sell)))
 
     # ---- decisions ---------------------------------------------------------------------------
     def on_new(
@@ -401,8 +414,7 @@ class RiskEngine:
                 )
         else:
             price = ext.ref.ask_ticks if msg.side is Side.BUY else ext.ref.bid_ticks
-        before = self.exposure_usd(acct)
-        after = self.exposure_usd(acct, extra=(sym, msg.side, msg.qty))
+        before, after = self.exposure_change(acct, (sym, msg.side, msg.qty))
         limit = self.limits.account(acct).credit_limit_usd
         if after > limit and after > before:
             return rej(
@@ -502,8 +514,7 @@ class RiskEngine:
         if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
             return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
         if grows:
-            before = self.exposure_usd(acct)
-            after = self.exposure_usd(acct, extra=(msg.symbol, o.side, msg.qty - o.leaves))
+            before, after = self.exposure_change(acct, (msg.symbol, o.side, msg.qty - o.leaves))
             limit = self.limits.account(acct).credit_limit_usd
             if after > limit and after > before:
                 return rej(

@@ -693,3 +693,46 @@ def test_foreign_snapshot_is_refused() -> None:
     snap = RiskEngine(TOPO, "lon", RiskLimits.load()).snapshot()
     with pytest.raises(ValueError, match="expected v1 for 'nyc'"):
         RiskEngine.restore(snap, TOPO, "nyc")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(MIDS)),
+        st.tuples(
+            st.integers(0, 10**9),
+            st.integers(0, 10**9),
+            st.integers(-(10**9), 10**9),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(sorted(MIDS)),
+    st.sampled_from([Side.BUY, Side.SELL]),
+    st.integers(1, 10**9),
+)
+def test_exposure_change_is_the_two_full_passes(
+    state: dict[str, tuple[int, int, int]], sym: str, side: Side, qty: int
+) -> None:
+    """The one-pass exposure_change equals the definition: every symbol's larger side,
+    summed, without and with the extra order."""
+    engine = Rig().engine
+    acct = "LON-HF-01"
+    st_ = engine.state(acct)
+    st_.reserved = {s: [b, sl] for s, (b, sl, _p) in state.items()}
+    st_.positions = {s: p for s, (_b, _sl, p) in state.items()}
+
+    def full(extra: tuple[str, Side, int] | None) -> int:
+        per = {k: list(v) for k, v in st_.reserved.items()}
+        if extra is not None:
+            b = per.setdefault(extra[0], [0, 0])
+            b[0 if extra[1] is Side.BUY else 1] += extra[2]
+        return sum(
+            engine.base_usd(
+                s, max(abs(st_.positions.get(s, 0) + bs[0]), abs(st_.positions.get(s, 0) - bs[1]))
+            )
+            for s, bs in ((s, per.get(s, [0, 0])) for s in set(per) | set(st_.positions))
+        )
+
+    assert engine.exposure_change(acct, (sym, side, qty)) == (full(None), full((sym, side, qty)))
+    assert engine.exposure_usd(acct) == full(None)
+    assert engine.exposure_usd(acct, extra=(sym, side, qty)) == full((sym, side, qty))
