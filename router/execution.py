@@ -37,6 +37,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry import trace
 
 from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
 from regions.topology import Topology
@@ -145,6 +146,7 @@ class ExecutionWorker:
         self.region = region
         self.metrics = metrics
         self.tracer = tracer if tracer is not None else NOOP_TRACER
+        self._traced = not isinstance(self.tracer, trace.NoOpTracer)
         self.js = nc.jetstream(domain=region)
         self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "books")
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
@@ -328,38 +330,49 @@ class ExecutionWorker:
         self, cmd: Cmd, *, publish: bool, trace: bool = True
     ) -> list[asyncio.Future[Any]]:
         """Apply one command (in stream order); publish its outputs; returns their PubAcks."""
-        futs: list[asyncio.Future[Any]] = []
         self.applied = max(self.applied, cmd.seq)
-        order_id = _peek_order_id(cmd.data) if trace else None
-        tracer = self.tracer if trace else NOOP_TRACER
+        if not (trace and self._traced):
+            # tracing off: no order-id peek (a full decode) and no span context managers,
+            # ~8 % of this worker's CPU at saturation (py-spy)
+            return await self._apply_and_send(cmd, publish, None, None)
+        order_id = _peek_order_id(cmd.data)
         with process_span(
-            tracer,
+            self.tracer,
             "EXEC",
             cmd.headers,
             subject=cmd.subject,
             order_id=order_id,
             consumer=self.loop.durable if self.loop else "",
         ):
-            try:
-                outs = self._apply(cmd)
-            except Exception as e:  # a bad command must never block the stream
-                self.stats["bad"] += 1
-                log.error(
-                    "exec %s: bad command %d on %s: %s; skipped",
-                    self.region,
-                    cmd.seq,
-                    cmd.subject,
-                    e,
-                )
-                return futs
-            self.stats["commands"] += 1
-            if not publish:
-                return futs
-            for subject, msg_id, kind, payload, out in outs:
-                headers = {H_MSG_ID: msg_id, H_KIND: kind}
+            return await self._apply_and_send(cmd, publish, self.tracer, order_id)
+
+    async def _apply_and_send(
+        self, cmd: Cmd, publish: bool, tracer: trace.Tracer | None, order_id: str | None
+    ) -> list[asyncio.Future[Any]]:
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            outs = self._apply(cmd)
+        except Exception as e:  # a bad command must never block the stream
+            self.stats["bad"] += 1
+            log.error(
+                "exec %s: bad command %d on %s: %s; skipped",
+                self.region,
+                cmd.seq,
+                cmd.subject,
+                e,
+            )
+            return futs
+        self.stats["commands"] += 1
+        if not publish:
+            return futs
+        for subject, msg_id, kind, payload, out in outs:
+            headers = {H_MSG_ID: msg_id, H_KIND: kind}
+            if tracer is None:
+                futs.append(await self._send(subject, payload, headers))
+            else:
                 with send_span(tracer, subject, headers, order_id=order_id):
                     futs.append(await self._send(subject, payload, headers))
-                self._observe(out)
+            self._observe(out)
         return futs
 
     async def _send(
