@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
 from ops.devstack import connect
+from ops.telemetry.stalls import StallWatch
 from router.contract import Message, OrderAck, OrderReject
 
 log = logging.getLogger("meridian.runtime")
@@ -83,6 +84,7 @@ async def serve_worker(
         nc = await connect_worker(
             args.nats_url, name=f"{service}-{args.region}", metrics=ctx.metrics
         )
+        watch = StallWatch(getattr(ctx.metrics, "event_loop_lag", None)).start()
         worker = build(nc, topology, ctx)
         t0 = time.monotonic()
         await worker.start()
@@ -94,7 +96,10 @@ async def serve_worker(
             time.monotonic() - t0,
             f" ({detail})" if detail else "",
         )
-        await serve_until_stopped(worker, nc)
+        try:
+            await serve_until_stopped(worker, nc)
+        finally:
+            await watch.stop()
 
 
 def freeze_startup_objects() -> None:

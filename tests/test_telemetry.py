@@ -532,3 +532,39 @@ def test_head_sampling_keeps_whole_traces(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert child.get_span_context().trace_flags.sampled
     child.end()
     t.shutdown()
+
+
+def test_a_stalled_event_loop_is_measured_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    """The heartbeat observes how late it woke; while the loop is held, the watchdog thread
+    logs the stack that holds it (here a blocking call inside a named function)."""
+    import asyncio
+    import time
+
+    from ops.telemetry.stalls import StallWatch
+
+    lags: list[float] = []
+
+    class Lag:
+        def observe(self, v: float) -> None:
+            lags.append(v)
+
+    def hold_the_loop_for_a_while() -> None:
+        time.sleep(0.9)
+
+    async def go() -> StallWatch:
+        w = StallWatch(Lag(), beat_s=0.05, stall_s=0.3).start()
+        await asyncio.sleep(0.2)
+        hold_the_loop_for_a_while()
+        await asyncio.sleep(0.2)
+        await w.stop()
+        return w
+
+    with caplog.at_level("WARNING", logger="meridian.stalls"):
+        w = asyncio.run(go())
+    assert w.stalls == 1
+    assert max(lags) >= 0.8 and sorted(lags)[len(lags) // 2] < 0.05
+    assert len(w.stacks) == 1 and "hold_the_loop_for_a_while" in w.stacks[0]
+    assert any("held for" in r.message and "hold_the_loop" in r.message for r in caplog.records)
+    assert any(
+        "stalled for 0.8" in r.message or "stalled for 0.9" in r.message for r in caplog.records
+    )

@@ -129,6 +129,11 @@ class MeridianMetrics:
             lat,
             "generation",
         )
+        self._event_loop_lag = histogram(
+            "meridian_event_loop_lag_seconds",
+            "How late the event loop woke a 250 ms heartbeat: time no message could be handled.",
+            lat,
+        )
         self._submit_to_ack = histogram(
             "meridian_submit_to_ack_seconds", "Client submit to ack, seen by the gateway.", lat
         )
@@ -186,6 +191,8 @@ class MeridianMetrics:
         """Gauge: fills not yet in the ledger."""
         self.reconnects = self._reconnects.labels(*base)
         """Counter: NATS reconnections."""
+        self.event_loop_lag = self._event_loop_lag.labels(*base)
+        """Histogram (seconds): lateness of the event loop's heartbeat (ops.telemetry.stalls)."""
         # Closed sets are initialised at 0 so rate() and absent() work from the first scrape.
         for d in RISK_DECISIONS:
             self.risk_decisions(d)
