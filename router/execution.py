@@ -39,7 +39,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
-from ops.telemetry.tracing import NOOP_TRACER, process_span, send_span
+from ops.telemetry.tracing import NOOP_TRACER, inject, process_span
 from regions.topology import Topology
 from router import contract, subjects
 from router.book import OrderBook
@@ -336,7 +336,7 @@ class ExecutionWorker:
         if not (trace and self._traced):
             # tracing off: no order-id peek (a full decode) and no span context managers,
             # ~8 % of this worker's CPU at saturation (py-spy)
-            return await self._apply_and_send(cmd, publish, None, None)
+            return await self._apply_and_send(cmd, publish, None)
         order_id = _peek_order_id(cmd.data)
         with process_span(
             self.tracer,
@@ -345,12 +345,19 @@ class ExecutionWorker:
             subject=cmd.subject,
             order_id=order_id,
             consumer=self.loop.durable if self.loop else "",
-        ):
-            return await self._apply_and_send(cmd, publish, self.tracer, order_id)
+        ) as span:
+            futs = await self._apply_and_send(cmd, publish, inject({}))
+            span.set_attribute("meridian.outputs", len(futs))
+            return futs
 
     async def _apply_and_send(
-        self, cmd: Cmd, publish: bool, tracer: trace.Tracer | None, order_id: str | None
+        self, cmd: Cmd, publish: bool, trace_headers: dict[str, str] | None
     ) -> list[asyncio.Future[Any]]:
+        """Apply ``cmd`` and publish its outputs. ``trace_headers`` (the command's span
+        context) go on every output, so the consumers' spans are children of the command's:
+        one span per command instead of one more per output (with a send span per output,
+        execution took 474 us of CPU per order at 1,000/s traced, without them 350; the
+        few microseconds of a buffered publish said nothing)."""
         futs: list[asyncio.Future[Any]] = []
         try:
             outs = self._apply(cmd)
@@ -369,11 +376,9 @@ class ExecutionWorker:
             return futs
         for subject, msg_id, kind, payload, out in outs:
             headers = {H_MSG_ID: msg_id, H_KIND: kind}
-            if tracer is None:
-                futs.append(await self._send(subject, payload, headers))
-            else:
-                with send_span(tracer, subject, headers, order_id=order_id):
-                    futs.append(await self._send(subject, payload, headers))
+            if trace_headers:
+                headers.update(trace_headers)
+            futs.append(await self._send(subject, payload, headers))
             self._observe(out)
         return futs
 
