@@ -863,6 +863,11 @@ class OrderBook:
     def snapshot(self) -> bytes:
         """msgpack of the whole state: resting orders in priority, remembered terminal
         orders, the (account, cl_ord_id) index and ``last_seq``."""
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> list[bytes]:
+        """:meth:`snapshot` as the pieces whose concatenation it is, so that a caller
+        embedding several books copies their bytes once (at full memory a book is ~14 MB)."""
         bids, asks = self._resting_rows()
         head = {
             "v": SNAPSHOT_VERSION,
@@ -883,7 +888,7 @@ class OrderBook:
         parts += self._terminal.values()
         parts += (p.pack("index"), p.pack_array_header(len(self._index_packed)))
         parts += self._index_packed.values()
-        return b"".join(parts)
+        return parts
 
     @classmethod
     def restore(cls, data: bytes, instrument: Instrument, exec_region: str) -> OrderBook:

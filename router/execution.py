@@ -116,6 +116,32 @@ def _peek_order_id(data: bytes) -> str | None:
         return None
 
 
+def snapshot_body(region: str, applied: int, books: dict[str, OrderBook]) -> bytes:
+    """The execution snapshot: ``{"v": 1, "applied", "region", "books": {symbol: bin}}``
+    with each book's :meth:`~router.book.OrderBook.snapshot` as a bin, spliced rather than
+    packed: one copy of up to 55 MB instead of three (measured at full memory: 4 x 30 ms of
+    joins plus 80 ms of ``packb``, down to one join)."""
+    p = msgpack.Packer(use_bin_type=True)
+    parts = [p.pack_map_header(4)]
+    for k, v in (("v", 1), ("applied", applied), ("region", region)):
+        parts += (p.pack(k), p.pack(v))
+    parts += (p.pack("books"), p.pack_map_header(len(books)))
+    for sym, book in books.items():
+        book_parts = book.snapshot_parts()
+        parts += (p.pack(sym), _bin_header(sum(map(len, book_parts))))
+        parts += book_parts
+    return b"".join(parts)
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack header of a bin of ``n`` bytes (what ``packb(bytes)`` writes first)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def book_subject(region: str, symbol: str) -> str:
     return f"mrd.v1.book.{region}.{symbol}"
 
@@ -526,15 +552,7 @@ class ExecutionWorker:
         """Every book at :attr:`applied`: call only between batches, when every output up to
         it is stored."""
         seq = self.applied
-        body = msgpack.packb(
-            {
-                "v": 1,
-                "applied": seq,
-                "region": self.region,
-                "books": {sym: b.snapshot() for sym, b in self.books.items()},
-            },
-            use_bin_type=True,
-        )
+        body = snapshot_body(self.region, seq, self.books)
         self._snap_seq, self._snap_at = seq, time.monotonic()
         return seq, body
 

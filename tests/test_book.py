@@ -955,3 +955,42 @@ def test_a_v1_snapshot_with_its_sorted_index_restores_and_decides_alike() -> Non
     raw["v"] = 3
     with pytest.raises(SnapshotError):
         OrderBook.restore(msgpack.packb(raw, use_bin_type=True), INST, REGION)
+
+
+def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
+    """The spliced snapshot body is exactly what msgpack would write for the same map (so
+    every restore path reads it unchanged), including a book past 64 KiB (bin 32)."""
+    from router.execution import snapshot_body
+
+    topo = load_topology()
+    books = {s: OrderBook(topo.instrument(s), "lon") for s in ("EURUSD", "GBPUSD")}
+    seq = 0
+    for i in range(600):  # EURUSD past 64 KiB of ended orders; GBPUSD empty
+        for side in (Side.BUY, Side.SELL):
+            seq += 1
+            books["EURUSD"].apply(
+                Submit(
+                    order_id=f"O{i}{side.value}",
+                    cl_ord_id=f"c{i}{side.value}",
+                    account="LON-HF-01" if side is Side.BUY else "LON-BANK-02",
+                    home_region="lon",
+                    side=side,
+                    ord_type=OrdType.LIMIT,
+                    tif=TimeInForce.GTC,
+                    qty=1_000_000,
+                    price_ticks=108450,
+                ),
+                seq=seq,
+                ts_ns=seq,
+            )
+    assert len(books["EURUSD"].snapshot()) > 1 << 16
+    expected = msgpack.packb(
+        {
+            "v": 1,
+            "applied": seq,
+            "region": "lon",
+            "books": {s: b.snapshot() for s, b in books.items()},
+        },
+        use_bin_type=True,
+    )
+    assert snapshot_body("lon", seq, books) == expected
