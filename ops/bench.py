@@ -479,8 +479,9 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
 
 
 def gc_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
-    """service -> {count, sum_s} of full (generation 2) cyclic-GC collections so far, from
-    each order-path worker's ``meridian_gc_pause_seconds``."""
+    """service -> {count, sum_s, stalls} so far, from each order-path worker's metrics:
+    full (generation 2) cyclic-GC collections (``meridian_gc_pause_seconds``), and stalls,
+    heartbeats that woke 0.5 s or more late (``meridian_event_loop_lag_seconds``)."""
     import urllib.request
 
     from ops.services import metrics_port
@@ -491,11 +492,20 @@ def gc_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
         with contextlib.suppress(OSError, ValueError):
             url = f"http://127.0.0.1:{metrics_port(ds, region, svc)}/metrics"
             with urllib.request.urlopen(url, timeout=2) as r:
+                lag_n = lag_fast = 0.0
                 for line in r.read().decode().splitlines():
+                    value = line.rsplit(" ", 1)[-1]
                     if line.startswith("meridian_gc_pause_seconds_") and 'generation="2"' in line:
                         name = line.split("{", 1)[0].rsplit("_", 1)[1]  # count, sum, ...
                         if name in ("count", "sum"):
-                            got["sum_s" if name == "sum" else name] = float(line.rsplit(" ", 1)[1])
+                            got["sum_s" if name == "sum" else name] = float(value)
+                    elif line.startswith("meridian_event_loop_lag_seconds_count"):
+                        lag_n = float(value)
+                    elif line.startswith("meridian_event_loop_lag_seconds_bucket") and (
+                        'le="0.5"' in line
+                    ):
+                        lag_fast = float(value)  # cumulative: woke less than 0.5 s late
+                got["stalls"] = lag_n - lag_fast
         out[svc] = got
     return out
 
@@ -520,6 +530,7 @@ def steady_state(ds: Devstack, *, fill_s: float, seconds: float) -> dict[str, An
         svc: {
             "collections": int(gc1[svc].get("count", 0) - gc0[svc].get("count", 0)),
             "total_ms": round(1000 * (gc1[svc].get("sum_s", 0) - gc0[svc].get("sum_s", 0)), 1),
+            "stalls": int(gc1[svc].get("stalls", 0) - gc0[svc].get("stalls", 0)),
         }
         for svc in gc1
         if svc in gc0
@@ -683,13 +694,15 @@ def _steady_lines(st: dict[str, Any]) -> list[str]:
         f"{svc} {v['collections']} ({v['total_ms']:,.0f} ms in all)"
         for svc, v in st.get("full_gc", {}).items()
     )
+    stall_txt = ", ".join(f"{svc} {v.get('stalls', 0)}" for svc, v in st.get("full_gc", {}).items())
     lines = [
         f"### Steady state: {st.get('seconds', 60):.0f} s at 1,000 orders/s with full books "
         "(lon, tracing off)",
         "",
         f"After a closed loop of {st['filled_with_orders']:,} orders filled the books and "
         "risk's memory, so the window holds the snapshots and full GC collections of a long "
-        f"session. Full GC collections in the window: {gc_txt}.",
+        f"session. Full GC collections in the window: {gc_txt}. Event-loop stalls (a "
+        f"heartbeat 0.5 s or more late, `ops/telemetry/stalls.py`): {stall_txt}.",
         "",
         "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
         " order->execution ms p50/p99/p99.9/max |",

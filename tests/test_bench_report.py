@@ -95,7 +95,7 @@ def test_the_steady_state_point_is_reported_with_its_full_collections() -> None:
                 "EXEC -> EXECOUT": {"p50_ms": 1.5, "p90_ms": 4.0, "p99_ms": 30.0, "mean_ms": 2.5}
             },
         },
-        "full_gc": {"execution": {"collections": 12, "total_ms": 300.0}},
+        "full_gc": {"execution": {"collections": 12, "total_ms": 300.0, "stalls": 1}},
     }
     text = _report(
         _raw(),
@@ -107,6 +107,7 @@ def test_the_steady_state_point_is_reported_with_its_full_collections() -> None:
     )
     assert "### Steady state: 60 s at 1,000 orders/s with full books" in text
     assert "closed loop of 80,000 orders" in text and "execution 12 (300 ms in all)" in text
+    assert "Event-loop stalls (a heartbeat 0.5 s or more late" in text and ": execution 1." in text
     assert (
         "| 60 s at 1,000/s, full books | 1000 | 999.0 | 999.0 | 6.00 / 40.00 / 90.00 / 120.00"
         in text
