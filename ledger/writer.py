@@ -157,6 +157,15 @@ class WriterMetrics:
         self.db_up = Gauge(
             "meridian_ledger_db_up", "1 while the database answers", lb, registry=registry
         ).labels(region)
+        from ops.telemetry.metrics import LATENCY_BUCKETS_S
+
+        self.loop_lag = Histogram(
+            "meridian_event_loop_lag_seconds",
+            "How late the event loop woke a 250 ms heartbeat: time no message could be handled.",
+            ("region", "service"),  # as the order-path workers' series, for one alert
+            registry=registry,
+            buckets=LATENCY_BUCKETS_S,
+        ).labels(region, "ledger")
         self.region = region
 
 
@@ -461,6 +470,9 @@ async def _amain(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from ops.telemetry.stalls import StallWatch
+
+    watch = StallWatch(writer.metrics.loop_lag).start()
     task = asyncio.create_task(writer.run(stop))
     ready = asyncio.create_task(writer.ready.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -469,7 +481,10 @@ async def _amain(args: argparse.Namespace) -> None:
         from ops.runtime import freeze_startup_objects
 
         freeze_startup_objects()
-    await task
+    try:
+        await task
+    finally:
+        await watch.stop()
 
 
 def _aggressor_order(data: bytes) -> str:
