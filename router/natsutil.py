@@ -283,44 +283,73 @@ class AsyncPublisher:
         fut: asyncio.Future[Ack] = loop.create_future()
         self._pending[token] = fut
         fut.add_done_callback(functools.partial(self._done, token))
+        if self._slot_waiters:
+            self._wake_waiters()  # another slot may be free for the next in line
         if self.ack_timeout_s is not None:
-            self._deadlines.append((time.monotonic() + self.ack_timeout_s, token))
+            # the loop's clock, as the timer's: uvloop rounds timers to milliseconds, and a
+            # deadline on another clock made the sweep fire early and re-arm in a busy loop
+            self._deadlines.append((loop.time() + self.ack_timeout_s, token))
             if self._sweep is None:
                 self._sweep = loop.call_later(self.ack_timeout_s, self._expire_overdue)
         try:
             await self.nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=headers
             )
-        except Exception as e:
+        except BaseException as e:  # a cancelled publish must free its slot too
             if not fut.done():
-                fut.set_exception(e)
+                if isinstance(e, Exception):
+                    fut.set_exception(e)
+                else:
+                    fut.cancel()
+            if not isinstance(e, Exception):
+                raise
         return fut
 
     async def _wait_for_slot(self) -> None:
-        """Wait, in arrival order, until fewer than ``max_pending`` PubAcks are awaited (the
-        common case, a free slot and nobody waiting, never gets here)."""
-        while self._slot_waiters or len(self._pending) >= self.max_pending:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._slot_waiters.append(waiter)
-            try:
+        """Wait, in arrival order, until a slot is free (the common case, a free slot and
+        nobody waiting, never gets here). A waiter woken but cancelled before it ran passes
+        the wake on, so a free slot is never left unused while someone waits."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        self._wake_waiters()
+        try:
+            while True:
                 await waiter
-            finally:
-                with contextlib.suppress(ValueError):
+                if len(self._pending) < self.max_pending:
                     self._slot_waiters.remove(waiter)
-            if len(self._pending) < self.max_pending:
+                    return
+                # woken, but the slot is taken: wait again, keeping this place in line
+                fresh: asyncio.Future[None] = loop.create_future()
+                self._slot_waiters[self._slot_waiters.index(waiter)] = fresh
+                waiter = fresh
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                self._slot_waiters.remove(waiter)
+            self._wake_waiters()
+            raise
+
+    def _wake_waiters(self) -> None:
+        """Wake the first waiters, as many as there are free slots; a waiter woken and not
+        yet run holds one of them."""
+        free = self.max_pending - len(self._pending)
+        for w in self._slot_waiters:
+            if free <= 0:
                 return
+            if not w.done():
+                w.set_result(None)
+            free -= 1
 
     def _done(self, token: str, _fut: asyncio.Future[Ack]) -> None:
-        if self._pending.pop(token, None) is not None:
-            for w in self._slot_waiters:
-                if not w.done():
-                    w.set_result(None)
-                    break
+        if self._pending.pop(token, None) is not None and self._slot_waiters:
+            self._wake_waiters()
 
     def _expire_overdue(self) -> None:
-        """Fail every publish whose PubAck is overdue; come back for the next deadline."""
+        """Fail every publish whose PubAck is overdue (or due within a millisecond, the
+        timer's resolution); come back for the next deadline."""
         self._sweep = None
-        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001
         dl = self._deadlines
         while dl and (dl[0][0] <= now or dl[0][1] not in self._pending):
             _, token = dl.popleft()
@@ -328,9 +357,7 @@ class AsyncPublisher:
             if fut is not None and not fut.done():
                 fut.set_exception(TimeoutError("no PubAck in time"))
         if dl:
-            self._sweep = asyncio.get_running_loop().call_later(
-                max(0.0, dl[0][0] - now), self._expire_overdue
-            )
+            self._sweep = loop.call_later(max(0.001, dl[0][0] - now), self._expire_overdue)
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[1]

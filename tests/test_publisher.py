@@ -93,3 +93,114 @@ def test_errors_timeouts_and_slots(tmp_path: Path) -> None:
         asyncio.run(go())
     finally:
         srv.stop()
+
+
+class _FakeNats:
+    """Just enough of a nats-py client for AsyncPublisher: publishes are recorded, and the
+    test answers them itself (so waits, wakes and cancels happen in an order it controls)."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = []
+
+    def new_inbox(self) -> str:
+        return "_INBOX.t"
+
+    async def subscribe(self, subject: str, **_kw: object) -> object:
+        return self
+
+    async def unsubscribe(self) -> None:
+        pass
+
+    async def publish(self, subject: str, payload: bytes, **kw: object) -> None:
+        self.replies.append(str(kw["reply"]))
+
+
+class _Reply:
+    def __init__(self, subject: str, seq: int) -> None:
+        self.subject, self.headers = subject, None
+        self.data = b'{"stream":"T","seq":%d}' % seq
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_a_waiter_cancelled_after_its_wake_passes_the_slot_on() -> None:
+    async def go() -> None:
+        nc = _FakeNats()
+        pub = await AsyncPublisher(nc, max_pending=1).start()  # type: ignore[arg-type]
+        first = await pub.publish("t.a", b"1")
+        a = asyncio.create_task(pub.publish("t.a", b"2"))
+        b = asyncio.create_task(pub.publish("t.a", b"3"))
+        await _turns()
+        assert not a.done() and not b.done()
+        await pub._on_reply(_Reply(nc.replies[0], 1))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the PubAck's done-callback frees the slot and wakes A
+        a.cancel()  # woken, cancelled before it ran
+        await _turns()
+        assert (await first).seq == 1
+        assert a.cancelled() and b.done(), "the slot freed for A went to nobody"
+        assert len(pub._pending) == 1 and not pub._slot_waiters
+
+    asyncio.run(go())
+
+
+def test_a_slot_freed_while_a_woken_waiter_has_not_run_goes_to_the_next() -> None:
+    async def go() -> None:
+        nc = _FakeNats()
+        pub = await AsyncPublisher(nc, max_pending=2).start()  # type: ignore[arg-type]
+        for i in range(2):
+            await pub.publish("t.a", b"%d" % i)
+        w0 = asyncio.create_task(pub.publish("t.a", b"w0"))
+        await _turns()
+        for i, reply in enumerate(nc.replies[:2], start=1):  # both PubAcks, no turn between
+            await pub._on_reply(_Reply(reply, i))  # type: ignore[arg-type]
+        # runs after the PubAcks' callbacks have freed both slots and woken w0, before w0
+        late = asyncio.create_task(pub.publish("t.a", b"late"))
+        await _turns()
+        assert w0.done() and late.done(), "a free slot was left unused while someone waited"
+        assert len(pub._pending) == 2 and not pub._slot_waiters
+
+    asyncio.run(go())
+
+
+def test_overdue_pubacks_are_swept_without_spinning_on_uvloop() -> None:
+    """Deadlines on the loop's own clock: uvloop's millisecond timers once made the sweep
+    fire early and re-arm itself hundreds of times."""
+    import uvloop
+
+    async def go() -> int:
+        nc = _FakeNats()
+        pub = await AsyncPublisher(nc, max_pending=100, ack_timeout_s=0.05).start()  # type: ignore[arg-type]
+        sweeps = 0
+        sweep = pub._expire_overdue
+
+        def counted() -> None:
+            nonlocal sweeps
+            sweeps += 1
+            sweep()
+
+        pub._expire_overdue = counted  # type: ignore[method-assign]
+        futs = []
+        for i in range(20):
+            futs.append(await pub.publish("t.a", b"%d" % i))
+            await asyncio.sleep(0.0137)
+        await asyncio.sleep(0.2)
+        for f in futs:
+            with pytest.raises(TimeoutError):
+                await f
+        assert not pub._pending
+        return sweeps
+
+    assert uvloop.run(go()) <= 40  # one per deadline at most, plus a few re-arms
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 1 << 20])
+def test_bin_header_is_msgpacks(n: int) -> None:
+    import msgpack
+
+    from router.execution import _bin_header
+
+    packed = msgpack.packb(b"x" * n, use_bin_type=True)
+    assert packed == _bin_header(n) + b"x" * n
