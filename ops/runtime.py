@@ -85,18 +85,18 @@ async def serve_worker(
             args.nats_url, name=f"{service}-{args.region}", metrics=ctx.metrics
         )
         watch = StallWatch(getattr(ctx.metrics, "event_loop_lag", None)).start()
-        worker = build(nc, topology, ctx)
-        t0 = time.monotonic()
-        await worker.start()
-        detail = describe(worker)
-        log.info(
-            "%s %s ready in %.2f s%s",
-            service,
-            args.region,
-            time.monotonic() - t0,
-            f" ({detail})" if detail else "",
-        )
         try:
+            worker = build(nc, topology, ctx)
+            t0 = time.monotonic()
+            await worker.start()
+            detail = describe(worker)
+            log.info(
+                "%s %s ready in %.2f s%s",
+                service,
+                args.region,
+                time.monotonic() - t0,
+                f" ({detail})" if detail else "",
+            )
             await serve_until_stopped(worker, nc)
         finally:
             await watch.stop()

@@ -71,8 +71,8 @@ class StallWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._thread is not None:
-            self._thread.join(timeout=2 * self.beat_s)
+        # the watchdog thread (a daemon) sees the stop within one beat; no join here, which
+        # would block the event loop
 
     async def _beat(self) -> None:
         while True:
