@@ -960,7 +960,9 @@ def test_a_v1_snapshot_with_its_sorted_index_restores_and_decides_alike() -> Non
 def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
     """The spliced snapshot body is exactly what msgpack would write for the same map (so
     every restore path reads it unchanged), including a book past 64 KiB (bin 32)."""
-    from router.execution import snapshot_body
+    import asyncio
+
+    from router.execution import join_yielding, snapshot_body, snapshot_parts
 
     topo = load_topology()
     books = {s: OrderBook(topo.instrument(s), "lon") for s in ("EURUSD", "GBPUSD")}
@@ -994,3 +996,6 @@ def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
         use_bin_type=True,
     )
     assert snapshot_body("lon", seq, books) == expected
+    # joined in slices beside the next commands (what the worker stores), the same bytes
+    parts = snapshot_parts("lon", seq, books)
+    assert asyncio.run(join_yielding(parts, slice_len=7)) == expected

@@ -45,12 +45,18 @@ async def _worker(put_s: float, events: list[str]) -> ExecutionWorker:
     return w
 
 
+async def _turns(n: int = 10) -> None:
+    """A few turns of the loop: the body is joined in slices, a yield between each."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 async def test_the_put_runs_beside_the_next_commands_and_a_rebuild_waits_for_it() -> None:
     events: list[str] = []
     w = await _worker(0.3, events)
     w.applied = 5
-    await w._maybe_snapshot()  # after a batch: encoded now, stored in the background
-    await asyncio.sleep(0)
+    await w._maybe_snapshot()  # after a batch: captured now, joined and stored beside
+    await _turns()
     assert events == ["put started"] and w._saving is not None and not w._saving.done()
     w.applied = 6
     await w._maybe_snapshot()  # a put is running: no second one
@@ -63,7 +69,7 @@ async def test_a_stop_lets_a_running_put_finish() -> None:
     w = await _worker(0.2, events)
     w.applied = 5
     await w._maybe_snapshot()
-    await asyncio.sleep(0)
+    await _turns()
     await w.stop()
     assert events == ["put started", "put done"]
 
