@@ -962,7 +962,8 @@ def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
     every restore path reads it unchanged), including a book past 64 KiB (bin 32)."""
     import asyncio
 
-    from router.execution import join_yielding, snapshot_body, snapshot_parts
+    from router.execution import snapshot_body, snapshot_parts
+    from router.yielding import join_yielding
 
     topo = load_topology()
     books = {s: OrderBook(topo.instrument(s), "lon") for s in ("EURUSD", "GBPUSD")}
