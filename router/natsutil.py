@@ -295,7 +295,10 @@ class AsyncPublisher:
             await self.nc.publish(
                 subject, payload, reply=f"{self._prefix}.{token}", headers=headers
             )
-        except BaseException as e:  # a cancelled publish must free its slot too
+        except BaseException as e:
+            # a publish cancelled here frees its slot too; nats-py may have buffered the
+            # message already, so it can still be stored, its PubAck then unheard (the
+            # caller gave up on it: at shutdown, or a caller's own timeout)
             if not fut.done():
                 if isinstance(e, Exception):
                     fut.set_exception(e)
