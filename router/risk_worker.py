@@ -162,7 +162,9 @@ class RiskWorker:
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
         self._in_batch = False
-        """True while the batch loop is inside a batch (a snapshot then waits for the next)."""
+        """True while the batch loop is inside a batch (a snapshot then waits for its end)."""
+        self._between_batches = asyncio.Event()
+        self._between_batches.set()
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped deciding for good (the process should exit)."""
         self._epoch = f"{time.time_ns():x}"
@@ -379,11 +381,13 @@ class RiskWorker:
         """
         if self._snap_put is not None and not self._snap_put.done():
             return  # the last one is still being stored: try again after the next batch
-        if self._in_batch:
-            # mid-batch (the batch loop yields, and awaits its RISKLOG record): the state
-            # would hold decisions with no record yet, and a restart after that batch failed
-            # would take them as decided. The next snapshot between batches is due anyway.
-            return
+        while self._in_batch:
+            # mid-batch (the batch loop yields, and awaits its RISKLOG record), the state
+            # could hold decisions with no record yet, which a restart after that batch
+            # failed would take as decided: wait for the batch to end
+            await self._between_batches.wait()
+        if not self._snapshots_ok:
+            return  # in-flight recovery incomplete, or a batch that never completed
         t0 = time.perf_counter()
         seq = self._risklog_seq
         # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
@@ -526,16 +530,23 @@ class RiskWorker:
             while True:
                 batch = await take_batch(self.queue)
                 if batch:
-                    self._in_batch = True
+                    self._in_batch, decided = True, False
+                    self._between_batches.clear()
                     try:
-                        await self._process(batch)
-                    except Exception:
-                        log.exception(
-                            "risk %s: batch failed; rebuilding, then retrying it", self.region
-                        )
-                        await self._retry_batch(batch)
+                        try:
+                            await self._process(batch)
+                        except Exception:
+                            log.exception(
+                                "risk %s: batch failed; rebuilding, then retrying it",
+                                self.region,
+                            )
+                            await self._retry_batch(batch)
+                        decided = True
                     finally:
                         self._in_batch = False
+                        if not decided:  # the state may hold unrecorded decisions
+                            self._snapshots_ok = False
+                        self._between_batches.set()
                 await self._maybe_snapshot()
         except asyncio.CancelledError:
             raise

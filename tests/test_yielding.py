@@ -106,3 +106,40 @@ def test_execution_parts_captured_then_book_changed_join_as_captured() -> None:
     for i in range(40, 80):  # the next commands trade against the resting ones
         submit(i, Side.SELL)
     assert asyncio.run(join_yielding(parts, 5)) == expected
+
+
+def test_many_accounts_with_open_orders_are_walked_not_packed_whole() -> None:
+    """A real region has hundreds of accounts, each a short map holding long ones: the
+    encoder walks into them (and into long lists of order rows) instead of packing the
+    whole engine in one call, and still writes packb's bytes."""
+    accounts = {
+        f"ACCT-{a:03d}": {
+            "orders": [
+                [f"O{a}-{i}", f"c{i}", "EURUSD", "BUY", 108450, 1_000_000, 0] for i in range(300)
+            ],
+            "cl_ids": {f"c{a}-{i}": f"O{a}-{i}" for i in range(300)},
+            "positions": {"EURUSD": a},
+        }
+        for a in range(200)
+    }
+    state = {"v": 1, "engine": {"accounts": accounts, "kills": []}, "decided": ["o:1"]}
+
+    async def go() -> tuple[bytes, int]:
+        turns = 0
+        done = False
+
+        async def tick() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(tick())
+        body = await packb_yielding(state, 1_000)
+        done = True
+        await t
+        return body, turns
+
+    body, turns = asyncio.run(go())
+    assert body == msgpack.packb(state, use_bin_type=True)
+    assert turns >= 100  # 200 accounts x 900 entries, a turn every 1,000 entries or so
