@@ -197,6 +197,9 @@ class AccountState:
     latest ids of its closed ones (oldest first: :meth:`note_cl` forgets beyond a bound)."""
     positions: dict[str, int] = field(default_factory=dict)
     """Net filled base-currency units per symbol."""
+    closed: dict[str, str] = field(default_factory=dict)
+    """order_id -> final OrdStatus of the latest closed orders (oldest first, as many as
+    ``cl_ids`` keeps ids): what a late replace's reject reports as the order's status."""
     reserved: dict[str, list[int]] = field(default_factory=dict)
     """symbol -> [open buy, open sell] base units (max of leaves and pending replace), kept
     incrementally so a credit check costs O(symbols), not O(open orders)."""
@@ -238,6 +241,12 @@ class AccountState:
         o = self.orders.pop(order_id, None)
         if o is not None:
             self._adjust(o, -1)
+
+    def note_closed(self, order_id: str, status: OrdStatus, memory: int) -> None:
+        """Remember how ``order_id`` ended, forgetting the oldest beyond ``memory``."""
+        self.closed[order_id] = status.value
+        while len(self.closed) > memory:
+            del self.closed[next(iter(self.closed))]
 
     def update(
         self, o: OpenOrder, *, leaves: int | None = None, pending: int | None = None
@@ -490,8 +499,25 @@ class RiskEngine:
         if verdict is True and o is None:
             raise ValueError(f"replayed approval of replace {msg.cl_ord_id}: no open order")
         if oid is None or o is None:
-            reason = RejectReason.UNKNOWN_ORDER if oid is None else RejectReason.TOO_LATE_TO_CANCEL
-            return Decision(report=self._cancel_reject(msg, oid or "NONE", reason, "replace", seq))
+            ended = st.closed.get(oid) if oid is not None else None
+            if oid is None or ended is None:  # never known, or closed too long ago to say how
+                return Decision(
+                    report=self._cancel_reject(
+                        msg, "NONE", RejectReason.UNKNOWN_ORDER, "replace", seq
+                    )
+                )
+            # the order's real status, as FIX wants it on a cancel reject: a desk must not
+            # read a filled order as live again
+            return Decision(
+                report=self._cancel_reject(
+                    msg,
+                    oid,
+                    RejectReason.TOO_LATE_TO_CANCEL,
+                    "replace",
+                    seq,
+                    ord_status=OrdStatus(ended),
+                )
+            )
 
         def rej(reason: RejectReason, text: str) -> Decision:
             return Decision(report=self._cancel_reject(msg, oid, reason, "replace", seq, text))
@@ -558,6 +584,7 @@ class RiskEngine:
             OrdStatus.REJECTED,
         ):
             st.remove(er.order_id)
+            st.note_closed(er.order_id, er.ord_status, self.cl_id_memory)
             return
         if er.exec_type is ExecType.REPLACED:
             o.cl_ord_id = er.cl_ord_id
@@ -618,6 +645,7 @@ class RiskEngine:
                     ],
                     "cl_ids": dict(st.cl_ids),
                     "positions": dict(st.positions),
+                    "closed": dict(st.closed),
                 }
                 for acct, st in sorted(self.accounts.items())
             },
@@ -648,6 +676,7 @@ class RiskEngine:
                 st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
+            st.closed = dict(raw.get("closed", {}))  # absent in snapshots before stop 14
         return eng
 
     # ---- reports -------------------------------------------------------------------------------
@@ -695,14 +724,18 @@ class RiskEngine:
         response_to: str,
         seq: int,
         text: str = "",
+        *,
+        ord_status: OrdStatus | None = None,
     ) -> CancelReject:
+        if ord_status is None:
+            ord_status = OrdStatus.REJECTED if order_id == "NONE" else OrdStatus.NEW
         return CancelReject(
             order_id=order_id,
             cl_ord_id=msg.cl_ord_id,
             orig_cl_ord_id=msg.orig_cl_ord_id,
             account=msg.account,
             symbol=msg.symbol,
-            ord_status=OrdStatus.REJECTED if order_id == "NONE" else OrdStatus.NEW,
+            ord_status=ord_status,
             response_to=response_to,
             reason=reason,
             text=(text or reason.value)[:256],

@@ -736,3 +736,36 @@ def test_exposure_change_is_the_two_full_passes(
     assert engine.exposure_change(acct, (sym, side, qty)) == (full(None), full((sym, side, qty)))
     assert engine.exposure_usd(acct) == full(None)
     assert engine.exposure_usd(acct, extra=(sym, side, qty)) == full((sym, side, qty))
+
+
+def test_a_late_replace_reports_how_the_order_ended_not_new() -> None:
+    """FIX wants the order's current status on a cancel reject: a late replace of a filled
+    order said NEW, which a desk's OMS could take for a live order again. Risk now keeps how
+    its latest closed orders ended (as many as their client order ids), through a snapshot;
+    one closed too long ago is UNKNOWN_ORDER, as a forgotten id already was."""
+    rig = Rig(region="sgp", cl_id_memory=3)
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    assert approved(rig.new(acct, sym, BUY, 1_000_000, 150000, cl="filled"))
+    rig.counterparty(sym, SELL, 1_000_000, 150000)  # fills it
+    rig.deliver()
+    assert approved(rig.new(acct, sym, BUY, 1_000_000, 149000, cl="canceled"))
+    assert isinstance(rig.cancel(acct, sym, "canceled").command, Cancel)
+    rig.deliver()
+
+    for cl, status in (("filled", OrdStatus.FILLED), ("canceled", OrdStatus.CANCELED)):
+        d = rig.replace(acct, sym, cl, 2_000_000, 150000)
+        assert d.command is None and isinstance(d.report, CancelReject), d
+        assert d.report.reason is RejectReason.TOO_LATE_TO_CANCEL
+        assert d.report.ord_status is status and d.report.order_id == f"O-{cl}"
+
+    restored = RiskEngine.restore(rig.engine.snapshot(), TOPO, "sgp", cl_id_memory=3)
+    assert restored.state(acct).closed == rig.engine.state(acct).closed
+    assert restored.snapshot() == rig.engine.snapshot()
+
+    for i in range(4):  # IOCs that close at once push "filled" out of the memory
+        rig.new(acct, sym, SELL, 1_000, 152000, tif=TimeInForce.IOC, cl=f"i{i}")
+    rig.deliver()
+    rig.engine.state(acct).cl_ids["filled"] = "O-filled"  # still named, end forgotten
+    d = rig.replace(acct, sym, "filled", 2_000_000, 150000)
+    assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.UNKNOWN_ORDER
+    assert d.report.ord_status is OrdStatus.REJECTED
