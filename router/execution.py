@@ -58,13 +58,11 @@ from router.natsutil import (
     unstored,
     wake_every,
 )
-from router.yielding import join_yielding
+from router.yielding import Turn, join_yielding
 
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
-TURN_S = 0.02
-"""Longest stretch of a batch between two yields to the event loop."""
 RESEND_WAITS_S = (2.0, 4.0, 8.0)
 """How long a batch waits for its outputs' PubAcks before sending the missing ones again (same
 msg ids: the stream's dedup drops what was stored), then the next wait; after the last, the
@@ -498,16 +496,9 @@ class ExecutionWorker:
     async def _process(self, batch: list[Msg]) -> None:
         futs: list[asyncio.Future[Any]] = []
         self._sent = []
-        turn_ends = time.monotonic() + TURN_S
+        turn = Turn()  # the books have one writer, this task: a yield changes nothing they see
         for m in batch:
-            if time.monotonic() >= turn_ends:
-                # publishing only buffers, so nothing in this loop suspends on its own: without
-                # this a batch of 1,024 commands held the event loop ~1 s on a starved core
-                # (ops.telemetry.stalls), PubAcks and the server's pings went unread, and the
-                # outputs were sent again as if lost. The books have one writer (this task),
-                # so yielding between commands changes nothing they see.
-                await asyncio.sleep(0)
-                turn_ends = time.monotonic() + TURN_S
+            await turn.check()
             cmd = Cmd.of(m)
             if cmd.seq <= self.applied:
                 continue  # a redelivery of something applied (replay or gap fill)

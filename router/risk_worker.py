@@ -88,7 +88,7 @@ from router.natsutil import (
     wake_every,
 )
 from router.risk import Decision, Externals, RefPrice, RiskEngine, RiskLimits
-from router.yielding import packb_yielding
+from router.yielding import Turn, packb_yielding
 
 log = logging.getLogger("meridian.risk")
 
@@ -599,14 +599,9 @@ class RiskWorker:
         records: list[dict[str, Any]] = []
         outs: list[Out] = []
         approvals: list[bool] = []  # per new order decision, for the metrics
-        turn_ends = time.monotonic() + TURN_S
+        turn = Turn()  # the engine's only writer is this task; _complete only acks, re-sends
         for it in items:
-            if time.monotonic() >= turn_ends:
-                # as execution does: up to 1,024 decisions must not hold the loop (PubAcks
-                # and the server's pings wait meanwhile). This task is the engine's only
-                # writer; _complete only acks, re-sends and ends spans.
-                await asyncio.sleep(0)
-                turn_ends = time.monotonic() + TURN_S
+            await turn.check()
             if it.input_id in self.done:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
@@ -982,8 +977,6 @@ MAX_INFLIGHT_BATCHES = 100_000
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
-TURN_S = 0.02
-"""Longest stretch of a batch's decisions between two yields to the event loop."""
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -14,7 +14,7 @@ from router.book import OrderBook, Submit
 from router.contract import OrdType, Side, TimeInForce
 from router.execution import snapshot_body, snapshot_parts
 from router.risk import RiskEngine, RiskLimits
-from router.yielding import join_yielding, packb_yielding
+from router.yielding import Turn, join_yielding, packb_yielding
 
 
 def _risk_like(n: int) -> dict[str, Any]:
@@ -143,3 +143,30 @@ def test_many_accounts_with_open_orders_are_walked_not_packed_whole() -> None:
     body, turns = asyncio.run(go())
     assert body == msgpack.packb(state, use_bin_type=True)
     assert turns >= 100  # 200 accounts x 900 entries, a turn every 1,000 entries or so
+
+
+def test_a_turn_yields_only_once_its_time_is_up() -> None:
+    """The single writers' batch loops call Turn.check() between commands; it must let the
+    loop run (PubAcks, the server's pings) once the turn is over, and cost nothing before."""
+
+    async def ticks_during(turn: Turn, checks: int) -> int:
+        ticks = 0
+        done = False
+
+        async def tick() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        ticks = 0
+        for _ in range(checks):
+            await turn.check()
+        done = True
+        await t
+        return ticks
+
+    assert asyncio.run(ticks_during(Turn(3600.0), 100)) == 0
+    assert asyncio.run(ticks_during(Turn(0.0), 100)) >= 99
