@@ -157,15 +157,9 @@ class WriterMetrics:
         self.db_up = Gauge(
             "meridian_ledger_db_up", "1 while the database answers", lb, registry=registry
         ).labels(region)
-        from ops.telemetry.metrics import LATENCY_BUCKETS_S
+        from ops.telemetry.metrics import event_loop_lag_histogram
 
-        self.loop_lag = Histogram(
-            "meridian_event_loop_lag_seconds",
-            "How late the event loop woke a 250 ms heartbeat: time no message could be handled.",
-            ("region", "service"),  # as the order-path workers' series, for one alert
-            registry=registry,
-            buckets=LATENCY_BUCKETS_S,
-        ).labels(region, "ledger")
+        self.loop_lag = event_loop_lag_histogram(registry).labels(region, "ledger")
         self.region = region
 
 

@@ -62,6 +62,19 @@ _BASE = ("region", "service")
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
+def event_loop_lag_histogram(registry: CollectorRegistry) -> Histogram:
+    """``meridian_event_loop_lag_seconds`` by region and service (:mod:`ops.telemetry.stalls`):
+    one definition for every long-running process, the ledger writer's own metrics included,
+    so one alert covers them all."""
+    return Histogram(
+        "meridian_event_loop_lag_seconds",
+        "How late the event loop woke a 250 ms heartbeat: time no message could be handled.",
+        _BASE,
+        buckets=LATENCY_BUCKETS_S,
+        registry=registry,
+    )
+
+
 class MeridianMetrics:
     """All application series of one process, bound to its ``region`` and ``service``.
 
@@ -129,11 +142,7 @@ class MeridianMetrics:
             lat,
             "generation",
         )
-        self._event_loop_lag = histogram(
-            "meridian_event_loop_lag_seconds",
-            "How late the event loop woke a 250 ms heartbeat: time no message could be handled.",
-            lat,
-        )
+        self._event_loop_lag = event_loop_lag_histogram(registry)
         self._submit_to_ack = histogram(
             "meridian_submit_to_ack_seconds", "Client submit to ack, seen by the gateway.", lat
         )
