@@ -478,7 +478,7 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
     return res
 
 
-def gc_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
+def worker_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
     """service -> {count, sum_s, stalls} so far, from each order-path worker's metrics:
     full (generation 2) cyclic-GC collections (``meridian_gc_pause_seconds``), and stalls,
     heartbeats that woke 0.5 s or more late (``meridian_event_loop_lag_seconds``)."""
@@ -520,11 +520,11 @@ def steady_state(ds: Devstack, *, fill_s: float, seconds: float) -> dict[str, An
     say(f"steady state: 1,000 orders/s for {seconds:.0f} s")
     seqs = asyncio.run(_stream_seqs(ds, "lon"))
     timeline: dict[str, tuple[int, int, int, int]] = {}
-    gc0 = gc_pauses(ds, "lon")
+    gc0 = worker_pauses(ds, "lon")
     lat = asyncio.run(
         _in_process(ds, "lon", seconds=seconds, rate=1000, run_id="steady", timeline=timeline)
     )
-    gc1 = gc_pauses(ds, "lon")
+    gc1 = worker_pauses(ds, "lon")
     wait_idle(ds)
     full_gc = {
         svc: {

@@ -350,12 +350,12 @@ def standalone_jetstream(
     port, mon = free_ports(2)
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nats.conf"
-    sync = "\n sync_interval: always" if sync_always else ""
+    js_opts = "\n sync_interval: always" if sync_always else ""
     if domain:
-        sync += f'\n domain: "{domain}"'
+        js_opts += f'\n domain: "{domain}"'
     conf.write_text(
         f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
-        f'jetstream {{ store_dir: "{workdir / "store"}"{sync} }}\n'
+        f'jetstream {{ store_dir: "{workdir / "store"}"{js_opts} }}\n'
     )
     srv = NatsServer(name, conf, mon, workdir / "nats.log", gomaxprocs=gomaxprocs)
     srv.start()

@@ -676,7 +676,8 @@ class RiskEngine:
                 st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
-            st.closed = dict(raw.get("closed", {}))  # absent in snapshots before stop 14
+            # absent in snapshots before stop 14; a status that is not one fails the restore
+            st.closed = {oid: OrdStatus(v).value for oid, v in raw.get("closed", {}).items()}
         return eng
 
     # ---- reports -------------------------------------------------------------------------------

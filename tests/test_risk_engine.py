@@ -761,6 +761,10 @@ def test_a_late_replace_reports_how_the_order_ended_not_new() -> None:
     restored = RiskEngine.restore(rig.engine.snapshot(), TOPO, "sgp", cl_id_memory=3)
     assert restored.state(acct).closed == rig.engine.state(acct).closed
     assert restored.snapshot() == rig.engine.snapshot()
+    bad = rig.engine.snapshot()
+    bad["accounts"][acct]["closed"]["O-filled"] = "DONE"  # not an OrdStatus: unusable
+    with pytest.raises(ValueError):
+        RiskEngine.restore(bad, TOPO, "sgp", cl_id_memory=3)
 
     for i in range(4):  # IOCs that close at once push "filled" out of the memory
         rig.new(acct, sym, SELL, 1_000, 152000, tif=TimeInForce.IOC, cl=f"i{i}")
