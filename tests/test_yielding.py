@@ -1,20 +1,53 @@
-"""Snapshots encoded in slices: the same bytes as msgpack, the loop turning meanwhile, and
-the captured state unaffected by what the worker does after the capture."""
+"""Long work on a writer's loop without holding it: snapshots encoded in slices are the same
+bytes as msgpack, the loop turns meanwhile, the captured state is unaffected by what the
+worker does after the capture, and a Turn yields once its time is up."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import msgpack
 import pytest
 
 from regions.topology import load_topology
-from router.book import OrderBook, Submit
-from router.contract import OrdType, Side, TimeInForce
+from router.book import OrderBook
+from router.contract import Side
 from router.execution import snapshot_body, snapshot_parts
 from router.risk import RiskEngine, RiskLimits
 from router.yielding import Turn, join_yielding, packb_yielding
+from tests.test_book import sub
+
+
+async def _ticks_during(work: Awaitable[Any]) -> tuple[Any, int]:
+    """``work``'s result, and how many times another task ran meanwhile."""
+    ticks = 0
+    done = False
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    ticks = 0
+    try:
+        return await work, ticks
+    finally:
+        done = True
+        await t
+
+
+def _trade(book: OrderBook, first: int, n: int, side: Side, px: int = 108450) -> None:
+    """``n`` orders of one side at ``px`` (accounts A buy, B sell: never a self-trade)."""
+    for i in range(first, first + n):
+        acct = "A" if side is Side.BUY else "B"
+        book.apply(
+            sub(f"O{i}{side.value}", side, 1_000_000, px, acct=acct), seq=book.last_seq + 1, ts_ns=1
+        )
 
 
 def _risk_like(n: int) -> dict[str, Any]:
@@ -46,23 +79,9 @@ def test_long_maps_and_arrays_take_32_bit_headers_in_slices() -> None:
 
 
 def test_the_loop_turns_between_slices() -> None:
-    async def go() -> int:
-        turns = 0
-        done = False
-
-        async def tick() -> None:
-            nonlocal turns
-            while not done:
-                turns += 1
-                await asyncio.sleep(0)
-
-        t = asyncio.create_task(tick())
-        await packb_yielding({"cl_ids": {f"c{i}": f"O{i}" for i in range(200_000)}}, 20_000)
-        done = True
-        await t
-        return turns
-
-    assert asyncio.run(go()) >= 10  # one turn per slice at least
+    state = {"cl_ids": {f"c{i}": f"O{i}" for i in range(200_000)}}
+    _, ticks = asyncio.run(_ticks_during(packb_yielding(state, 20_000)))
+    assert ticks >= 10  # one turn per slice at least
 
 
 def test_risk_state_captured_then_changed_encodes_as_captured() -> None:
@@ -78,33 +97,37 @@ def test_risk_state_captured_then_changed_encodes_as_captured() -> None:
     assert asyncio.run(packb_yielding(captured, 7)) == expected
 
 
-def test_execution_parts_captured_then_book_changed_join_as_captured() -> None:
+def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
+    """The spliced snapshot body is exactly what msgpack would write for the same map (so
+    every restore path reads it unchanged), including a book past 64 KiB (bin 32)."""
     topo = load_topology()
-    book = OrderBook(topo.instrument("EURUSD"), "lon")
+    books = {s: OrderBook(topo.instrument(s), "lon") for s in ("EURUSD", "GBPUSD")}
+    for i in range(600):  # EURUSD past 64 KiB of ended orders; GBPUSD empty
+        _trade(books["EURUSD"], i, 1, Side.BUY)
+        _trade(books["EURUSD"], i, 1, Side.SELL)
+    seq = books["EURUSD"].last_seq
+    assert len(books["EURUSD"].snapshot()) > 1 << 16
+    expected = msgpack.packb(
+        {
+            "v": 1,
+            "applied": seq,
+            "region": "lon",
+            "books": {s: b.snapshot() for s, b in books.items()},
+        },
+        use_bin_type=True,
+    )
+    assert snapshot_body("lon", seq, books) == expected
+    # joined in slices beside the next commands (what the worker stores), the same bytes
+    parts = snapshot_parts("lon", seq, books)
+    assert asyncio.run(join_yielding(parts, slice_len=7)) == expected
 
-    def submit(i: int, side: Side) -> None:
-        book.apply(
-            Submit(
-                order_id=f"O{i}{side.value}",
-                cl_ord_id=f"c{i}{side.value}",
-                account="LON-HF-01" if side is Side.BUY else "LON-BANK-02",
-                home_region="lon",
-                side=side,
-                ord_type=OrdType.LIMIT,
-                tif=TimeInForce.GTC,
-                qty=1_000_000,
-                price_ticks=108450 - (i % 3),
-            ),
-            seq=book.last_seq + 1,
-            ts_ns=1,
-        )
 
-    for i in range(40):
-        submit(i, Side.BUY)
+def test_execution_parts_captured_then_book_changed_join_as_captured() -> None:
+    book = OrderBook(load_topology().instrument("EURUSD"), "lon")
+    _trade(book, 0, 40, Side.BUY)
     expected = snapshot_body("lon", 40, {"EURUSD": book})
     parts = snapshot_parts("lon", 40, {"EURUSD": book})
-    for i in range(40, 80):  # the next commands trade against the resting ones
-        submit(i, Side.SELL)
+    _trade(book, 40, 40, Side.SELL)  # the next commands trade against the resting ones
     assert asyncio.run(join_yielding(parts, 5)) == expected
 
 
@@ -124,23 +147,7 @@ def test_many_accounts_with_open_orders_are_walked_not_packed_whole() -> None:
     }
     state = {"v": 1, "engine": {"accounts": accounts, "kills": []}, "decided": ["o:1"]}
 
-    async def go() -> tuple[bytes, int]:
-        turns = 0
-        done = False
-
-        async def tick() -> None:
-            nonlocal turns
-            while not done:
-                turns += 1
-                await asyncio.sleep(0)
-
-        t = asyncio.create_task(tick())
-        body = await packb_yielding(state, 1_000)
-        done = True
-        await t
-        return body, turns
-
-    body, turns = asyncio.run(go())
+    body, turns = asyncio.run(_ticks_during(packb_yielding(state, 1_000)))
     assert body == msgpack.packb(state, use_bin_type=True)
     assert turns >= 100  # 200 accounts x 900 entries, a turn every 1,000 entries or so
 
@@ -149,24 +156,9 @@ def test_a_turn_yields_only_once_its_time_is_up() -> None:
     """The single writers' batch loops call Turn.check() between commands; it must let the
     loop run (PubAcks, the server's pings) once the turn is over, and cost nothing before."""
 
-    async def ticks_during(turn: Turn, checks: int) -> int:
-        ticks = 0
-        done = False
-
-        async def tick() -> None:
-            nonlocal ticks
-            while not done:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        t = asyncio.create_task(tick())
-        await asyncio.sleep(0)
-        ticks = 0
-        for _ in range(checks):
+    async def checks(turn: Turn, n: int) -> None:
+        for _ in range(n):
             await turn.check()
-        done = True
-        await t
-        return ticks
 
-    assert asyncio.run(ticks_during(Turn(3600.0), 100)) == 0
-    assert asyncio.run(ticks_during(Turn(0.0), 100)) >= 99
+    assert asyncio.run(_ticks_during(checks(Turn(3600.0), 100)))[1] == 0
+    assert asyncio.run(_ticks_during(checks(Turn(0.0), 100)))[1] >= 99
