@@ -537,15 +537,6 @@ class ExecutionWorker:
             # While a put runs, a due snapshot is left for a later batch or wake-up.
             self._saving = asyncio.create_task(self._save(*self._snapshot_body()))
 
-    async def snapshot(self) -> None:
-        """Store every book at the current sequence (a restart replays only what follows).
-
-        Best effort: a failed snapshot only means a longer replay; it never stops the worker.
-        Call it between batches.
-        """
-        await self._saved()
-        await self._save(*self._snapshot_body())
-
     def _snapshot_body(self) -> tuple[int, list[bytes]]:
         """Every book at :attr:`applied`, as immutable pieces (:func:`snapshot_parts`): call
         only between batches, when every output up to it is stored."""
