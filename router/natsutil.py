@@ -312,20 +312,14 @@ class AsyncPublisher:
         """Wait, in arrival order, until a slot is free (the common case, a free slot and
         nobody waiting, never gets here). A waiter woken but cancelled before it ran passes
         the wake on, so a free slot is never left unused while someone waits."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._slot_waiters.append(waiter)
         self._wake_waiters()
         try:
-            while True:
-                await waiter
-                if len(self._pending) < self.max_pending:
-                    self._slot_waiters.remove(waiter)
-                    return
-                # woken, but the slot is taken: wait again, keeping this place in line
-                fresh: asyncio.Future[None] = loop.create_future()
-                self._slot_waiters[self._slot_waiters.index(waiter)] = fresh
-                waiter = fresh
+            # woken only with a slot free for it: a woken waiter counts as holding one, and
+            # newcomers queue behind it until it has run
+            await waiter
+            self._slot_waiters.remove(waiter)
         except BaseException:
             with contextlib.suppress(ValueError):
                 self._slot_waiters.remove(waiter)

@@ -161,9 +161,8 @@ class RiskWorker:
         self._limits_from_cfg = False
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
-        self._in_batch = False
-        """True while the batch loop is inside a batch (a snapshot then waits for its end)."""
         self._between_batches = asyncio.Event()
+        """Clear while the batch loop is inside a batch (a snapshot then waits for its end)."""
         self._between_batches.set()
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped deciding for good (the process should exit)."""
@@ -381,7 +380,7 @@ class RiskWorker:
         """
         if self._snap_put is not None and not self._snap_put.done():
             return  # the last one is still being stored: try again after the next batch
-        while self._in_batch:
+        while not self._between_batches.is_set():
             # mid-batch (the batch loop yields, and awaits its RISKLOG record), the state
             # could hold decisions with no record yet, which a restart after that batch
             # failed would take as decided: wait for the batch to end
@@ -530,7 +529,7 @@ class RiskWorker:
             while True:
                 batch = await take_batch(self.queue)
                 if batch:
-                    self._in_batch, decided = True, False
+                    decided = False
                     self._between_batches.clear()
                     try:
                         try:
@@ -543,7 +542,6 @@ class RiskWorker:
                             await self._retry_batch(batch)
                         decided = True
                     finally:
-                        self._in_batch = False
                         if not decided:  # the state may hold unrecorded decisions
                             self._snapshots_ok = False
                         self._between_batches.set()
