@@ -181,6 +181,14 @@ class OpenOrder:
     leaves: int
     pending_qty: int = 0
     """While a replace is in flight: the larger of old and new leaves is reserved."""
+    cum: int = 0
+    """Filled so far (the latest report's ``cum_qty``): a reject of a live order's replace
+    says PARTIALLY_FILLED rather than NEW once this is above zero."""
+
+    @property
+    def status(self) -> OrdStatus:
+        """The live order's FIX status as risk knows it (the book's reports are the truth)."""
+        return OrdStatus.PARTIALLY_FILLED if self.cum > 0 else OrdStatus.NEW
 
 
 DEFAULT_CL_ID_MEMORY = 200_000
@@ -249,13 +257,20 @@ class AccountState:
             del self.closed[next(iter(self.closed))]
 
     def update(
-        self, o: OpenOrder, *, leaves: int | None = None, pending: int | None = None
+        self,
+        o: OpenOrder,
+        *,
+        leaves: int | None = None,
+        pending: int | None = None,
+        cum: int | None = None,
     ) -> None:
         self._adjust(o, -1)
         if leaves is not None:
             o.leaves = leaves
         if pending is not None:
             o.pending_qty = pending
+        if cum is not None:
+            o.cum = max(o.cum, cum)  # reports of one order arrive in order; never go back
         self._adjust(o, +1)
 
 
@@ -520,7 +535,11 @@ class RiskEngine:
             )
 
         def rej(reason: RejectReason, text: str) -> Decision:
-            return Decision(report=self._cancel_reject(msg, oid, reason, "replace", seq, text))
+            return Decision(
+                report=self._cancel_reject(
+                    msg, oid, reason, "replace", seq, text, ord_status=o.status
+                )
+            )
 
         if verdict is False:
             return Decision()  # replayed reject: its recorded report stands
@@ -589,10 +608,10 @@ class RiskEngine:
         if er.exec_type is ExecType.REPLACED:
             o.cl_ord_id = er.cl_ord_id
             o.price_ticks = er.price_ticks
-            st.update(o, leaves=er.leaves_qty, pending=0)
+            st.update(o, leaves=er.leaves_qty, pending=0, cum=er.cum_qty)
             st.note_cl(er.cl_ord_id, er.order_id, self.cl_id_memory)
         else:
-            st.update(o, leaves=er.leaves_qty)
+            st.update(o, leaves=er.leaves_qty, cum=er.cum_qty)
 
     def on_cancel_reject(self, cr: CancelReject) -> None:
         st = self.state(cr.account)
@@ -640,6 +659,7 @@ class RiskEngine:
                             o.price_ticks,
                             o.leaves,
                             o.pending_qty,
+                            o.cum,
                         ]
                         for o in st.orders.values()
                     ],
@@ -672,8 +692,10 @@ class RiskEngine:
         eng.kills = set(snap["kills"])
         for acct, raw in snap["accounts"].items():
             st = eng.state(acct)
-            for oid, cl, sym, side, px, leaves, pending in raw["orders"]:
-                st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
+            for oid, cl, sym, side, px, leaves, pending, *cum in raw["orders"]:
+                # ``cum`` is absent in snapshots before stop 15: such an order says NEW on a
+                # replace reject until its next report
+                st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending, *cum))
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
             # absent in snapshots before stop 14; a status that is not one fails the restore

@@ -773,3 +773,36 @@ def test_a_late_replace_reports_how_the_order_ended_not_new() -> None:
     d = rig.replace(acct, sym, "filled", 2_000_000, 150000)
     assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.UNKNOWN_ORDER
     assert d.report.ord_status is OrdStatus.REJECTED
+
+
+def test_a_refused_replace_of_a_partly_filled_order_says_partially_filled() -> None:
+    """Risk's reject of a live order's replace said NEW even after a fill, so a desk's OMS
+    would show a partly filled order as untouched. Risk now keeps each open order's filled
+    quantity from its reports (and in its snapshot)."""
+    rig = Rig(region="sgp")
+    acct, sym = "SGP-CORP-03", "USDJPY"
+    assert approved(rig.new(acct, sym, BUY, 3_000_000, 150000, cl="p"))
+    too_big = rig.engine.limits.instrument(sym).max_qty + 1
+    d = rig.replace(acct, sym, "p", too_big, 150000)
+    assert rejected(d) is RejectReason.MAX_QTY
+    assert isinstance(d.report, CancelReject) and d.report.ord_status is OrdStatus.NEW
+
+    rig.counterparty(sym, SELL, 1_000_000, 150000)  # fills a third of it
+    rig.deliver()
+    d = rig.replace(acct, sym, "p", too_big, 150000)
+    assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.MAX_QTY
+    assert d.report.ord_status is OrdStatus.PARTIALLY_FILLED and d.report.order_id == "O-p"
+
+    snap = rig.engine.snapshot()
+    restored = RiskEngine.restore(snap, TOPO, "sgp")
+    assert restored.snapshot() == snap
+    assert restored.state(acct).orders["O-p"].status is OrdStatus.PARTIALLY_FILLED
+    # a snapshot from before the filled quantity was kept still restores (as NEW until the
+    # order's next report); a row with more fields than known is refused
+    for row in snap["accounts"][acct]["orders"]:
+        del row[7:]
+    old = RiskEngine.restore(snap, TOPO, "sgp")
+    assert old.state(acct).orders["O-p"].status is OrdStatus.NEW
+    snap["accounts"][acct]["orders"][0] += [1, 2]
+    with pytest.raises((ValueError, TypeError)):
+        RiskEngine.restore(snap, TOPO, "sgp")
