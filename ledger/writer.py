@@ -33,7 +33,7 @@ import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -54,25 +54,6 @@ log = logging.getLogger("ledger.writer")
 
 STREAM = "EXECOUT"
 DEFAULT_LINGER_S = 0.05
-_SUB_MS_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.00075,
-    0.001,
-    0.0025,
-    0.005,
-    0.0075,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,62 +86,65 @@ class WriterConfig:
         return self.durable or durable_ledger(self.region)
 
 
+SERVICE = "ledger"
+"""Value of the ``service`` label of the writer's series."""
+
+
 class WriterMetrics:
-    """Prometheus metrics of one writer, registered in the registry passed in."""
+    """Prometheus metrics of one writer, registered in the registry passed in.
+
+    Every series is labelled ``region`` and ``service`` (``ledger``) like the other Meridian
+    processes' series. ``meridian_ledger_batch_size``, ``meridian_ledger_commit_seconds`` and
+    ``meridian_ledger_backlog`` are the families of :mod:`ops.telemetry.metrics` (defined
+    there only); the rest exist only in the writer.
+    """
 
     def __init__(self, registry: CollectorRegistry, region: str) -> None:
-        lb = ("region",)
-        self.batch_size = Histogram(
-            "meridian_ledger_batch_size",
-            "Fills per committed batch",
-            lb,
-            registry=registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
-        ).labels(region)
-        self.commit_latency = Histogram(
-            "meridian_ledger_commit_seconds",
-            "Batch transaction time incl. commit",
-            lb,
-            registry=registry,
-            buckets=_SUB_MS_BUCKETS,
-        ).labels(region)
+        from ops.telemetry.metrics import event_loop_lag_histogram, ledger_families
+
+        lb = ("region", "service")
+        base = (region, SERVICE)
+        shared = ledger_families(registry)
+        self.batch_size = shared.batch_size.labels(*base)
+        self.commit_latency = shared.commit_seconds.labels(*base)
+        self.backlog = shared.backlog.labels(*base)
         self.postings = Counter(
             "meridian_ledger_postings", "Postings written", lb, registry=registry
-        ).labels(region)
+        ).labels(*base)
         self.transfers = Counter(
             "meridian_ledger_transfers", "Transfers written", lb, registry=registry
-        ).labels(region)
+        ).labels(*base)
         self.replays = Counter(
             "meridian_ledger_transfers_replayed",
             "Transfers already posted (no-op)",
             lb,
             registry=registry,
-        ).labels(region)
-        self.rejected = Counter(
+        ).labels(*base)
+        self._rejected = Counter(
             "meridian_ledger_fills_rejected",
             "Malformed fills terminated",
             (*lb, "field"),
             registry=registry,
         )
-        self.retries = Counter(
+        self._retries = Counter(
             "meridian_ledger_db_retries",
             "Whole-transaction retries",
             (*lb, "kind"),
             registry=registry,
         )
-        self.backlog = Gauge(
-            "meridian_ledger_backlog",
-            "Fills in JetStream not yet committed (pending + held)",
-            lb,
-            registry=registry,
-        ).labels(region)
         self.db_up = Gauge(
             "meridian_ledger_db_up", "1 while the database answers", lb, registry=registry
-        ).labels(region)
-        from ops.telemetry.metrics import event_loop_lag_histogram
-
-        self.loop_lag = event_loop_lag_histogram(registry).labels(region, "ledger")
+        ).labels(*base)
+        self.loop_lag = event_loop_lag_histogram(registry).labels(*base)
         self.region = region
+
+    def rejected(self, field: str) -> Counter:
+        """Counter: malformed fills terminated, by the offending ``field``."""
+        return self._rejected.labels(self.region, SERVICE, field)
+
+    def retries(self, kind: str) -> Counter:
+        """Counter: whole-transaction retries, by ``kind`` (serialization, connection)."""
+        return self._retries.labels(self.region, SERVICE, kind)
 
 
 class LedgerWriter:
@@ -311,7 +295,7 @@ class LedgerWriter:
                 log.warning(
                     "ledger %s: terminating malformed fill on %s: %s", self.region, m.subject, e
                 )
-                self.metrics.rejected.labels(self.region, field).inc()
+                self.metrics.rejected(field).inc()
                 with contextlib.suppress(Exception):
                     await m.term()
                 continue
@@ -376,7 +360,7 @@ class LedgerWriter:
             exc = state.outcome.exception() if state.outcome else None
             sqlstate = getattr(exc, "sqlstate", None)
             kind = "serialization" if sqlstate in RETRY_SQLSTATES else "connection"
-            self.metrics.retries.labels(self.region, kind).inc()
+            self.metrics.retries(kind).inc()
             if kind == "connection":
                 self.metrics.db_up.set(0)
                 await self._close_db()

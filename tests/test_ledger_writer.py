@@ -46,7 +46,8 @@ class Running:
         self.writer, self.stop, self.task = writer, stop, task
 
     def metric(self, name: str, **labels: str) -> float:
-        v = self.writer.registry.get_sample_value(name, {"region": self.writer.region, **labels})
+        base = {"region": self.writer.region, "service": "ledger"}
+        v = self.writer.registry.get_sample_value(name, {**base, **labels})
         return v or 0.0
 
     async def shutdown(self) -> None:

@@ -87,6 +87,40 @@ def test_every_series_of_the_issue_is_registered() -> None:
     assert metric_names() >= ISSUE_SERIES
 
 
+def test_ledger_writer_exports_the_same_ledger_families_as_every_process() -> None:
+    from ledger.writer import WriterMetrics
+
+    shared = {
+        "meridian_ledger_batch_size",
+        "meridian_ledger_commit_seconds",
+        "meridian_ledger_backlog",
+    }
+    app, led = CollectorRegistry(), CollectorRegistry()
+    MeridianMetrics(app, region="lon", service="ledger")
+    w = WriterMetrics(led, "lon")
+    w.rejected("payload").inc()
+    w.retries("connection").inc()
+
+    def shape(reg: CollectorRegistry) -> set[tuple[str, tuple[str, ...], str | None]]:
+        """(sample, label names, bucket) of the shared families: one definition, one shape."""
+        return {
+            (s.name, tuple(sorted(k for k in s.labels if k != "le")), s.labels.get("le"))
+            for fam in reg.collect()
+            if fam.name in shared
+            for s in fam.samples
+        }
+
+    assert shape(led) == shape(app)
+    assert ("meridian_ledger_backlog", ("region", "service"), None) in shape(led)
+    names = set()
+    for fam in led.collect():
+        for s in fam.samples:
+            if s.name.startswith("meridian_"):
+                assert (s.labels["region"], s.labels["service"]) == ("lon", "ledger"), s.name
+                names.add(fam.name)
+    assert names >= shared | {"meridian_ledger_fills_rejected", "meridian_ledger_db_retries"}
+
+
 def test_gc_pauses_are_observed_per_generation(topo: Topology) -> None:
     import gc
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -49,7 +49,7 @@ LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (
 BATCH_SIZE_BUCKETS: Final[tuple[float, ...]] = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
 )  # fmt: skip
-"""Histogram bounds for ledger batch sizes (rows per commit)."""
+"""Histogram bounds for ledger batch sizes (fills per commit)."""
 
 RISK_DECISIONS: Final[tuple[str, ...]] = ("accept", "reject")
 """Values of the ``decision`` label of ``meridian_risk_decisions_total``."""
@@ -72,6 +72,44 @@ def event_loop_lag_histogram(registry: CollectorRegistry) -> Histogram:
         _BASE,
         buckets=LATENCY_BUCKETS_S,
         registry=registry,
+    )
+
+
+class LedgerFamilies(NamedTuple):
+    """The ``meridian_ledger_*`` families shared by :class:`MeridianMetrics` and the ledger
+    writer (:class:`ledger.writer.WriterMetrics`), labelled by region and service."""
+
+    batch_size: Histogram
+    commit_seconds: Histogram
+    backlog: Gauge
+
+
+def ledger_families(registry: CollectorRegistry) -> LedgerFamilies:
+    """``meridian_ledger_batch_size``, ``meridian_ledger_commit_seconds`` and
+    ``meridian_ledger_backlog`` by region and service: the one definition of these names, so the
+    ledger writer (which has no :class:`MeridianMetrics`) exports the same series as the
+    dashboards and alerts expect."""
+    return LedgerFamilies(
+        batch_size=Histogram(
+            "meridian_ledger_batch_size",
+            "Fills per committed ledger batch (one database transaction).",
+            _BASE,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        ),
+        commit_seconds=Histogram(
+            "meridian_ledger_commit_seconds",
+            "Ledger batch transaction time, commit included.",
+            _BASE,
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        ),
+        backlog=Gauge(
+            "meridian_ledger_backlog",
+            "Fills in JetStream not yet committed to the ledger (pending + held).",
+            _BASE,
+            registry=registry,
+        ),
     )
 
 
@@ -164,15 +202,7 @@ class MeridianMetrics:
             "stream",
             "consumer",
         )
-        self._ledger_batch_size = histogram(
-            "meridian_ledger_batch_size", "Postings per ledger commit.", BATCH_SIZE_BUCKETS
-        )
-        self._ledger_commit = histogram(
-            "meridian_ledger_commit_seconds", "Ledger batch commit latency.", lat
-        )
-        self._ledger_backlog = gauge(
-            "meridian_ledger_backlog", "Fills received but not yet committed to the ledger."
-        )
+        self._ledger = ledger_families(registry)
         self._replication_lag = gauge(
             "meridian_replication_lag_p99_seconds",
             "Market-data replication lag p99 (source timestamp to arrival), per directed link;"
@@ -192,11 +222,11 @@ class MeridianMetrics:
         """Counter: order requests acknowledged."""
         self.submit_to_ack = self._submit_to_ack.labels(*base)
         """Histogram (seconds): submit to ack."""
-        self.ledger_batch_size = self._ledger_batch_size.labels(*base)
-        """Histogram (postings): size of each ledger commit."""
-        self.ledger_commit_seconds = self._ledger_commit.labels(*base)
+        self.ledger_batch_size = self._ledger.batch_size.labels(*base)
+        """Histogram (fills): size of each ledger commit."""
+        self.ledger_commit_seconds = self._ledger.commit_seconds.labels(*base)
         """Histogram (seconds): ledger commit latency."""
-        self.ledger_backlog = self._ledger_backlog.labels(*base)
+        self.ledger_backlog = self._ledger.backlog.labels(*base)
         """Gauge: fills not yet in the ledger."""
         self.reconnects = self._reconnects.labels(*base)
         """Counter: NATS reconnections."""
