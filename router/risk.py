@@ -488,6 +488,20 @@ class RiskEngine:
                 report=self._cancel_reject(msg, "NONE", RejectReason.UNKNOWN_ORDER, "cancel", seq)
             )
         o = st.orders.get(oid)
+        if o is None and (ended := st.closed.get(oid)) is not None:
+            # how it ended is known here: answer at once, as for a late replace, rather than
+            # send the cancel to the book (a WAN round trip when another region executes)
+            st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory, keep=True)
+            return Decision(
+                report=self._cancel_reject(
+                    msg,
+                    oid,
+                    RejectReason.TOO_LATE_TO_CANCEL,
+                    "cancel",
+                    seq,
+                    ord_status=OrdStatus(ended),
+                )
+            )
         cur_cl = o.cl_ord_id if o is not None else msg.orig_cl_ord_id
         cmd = Cancel(
             order_id=oid,

@@ -402,9 +402,17 @@ def test_closed_orders_ids_are_forgotten_beyond_the_memory_open_ones_never() -> 
     st = rig.engine.state(acct)
     assert len(st.cl_ids) == 4 and "resting" in st.cl_ids
     assert set(st.cl_ids) == {"resting", "i5", "i6", "i7"}  # the open one moved to the back
-    # a late cancel of a remembered closed order still goes to execution (which says TOO_LATE),
-    # one of a forgotten id is UNKNOWN_ORDER, as the book answers beyond its terminal memory
-    assert isinstance(rig.cancel(acct, sym, "i7").command, Cancel)
+    # a late cancel of a remembered closed order is answered by risk with how it ended (as
+    # the book would, without the trip to it); one of a forgotten id is UNKNOWN_ORDER, as the
+    # book answers beyond its terminal memory
+    d = rig.cancel(acct, sym, "i7")
+    assert d.command is None and isinstance(d.report, CancelReject)
+    assert d.report.reason is RejectReason.TOO_LATE_TO_CANCEL and d.report.response_to == "cancel"
+    assert d.report.ord_status is OrdStatus.CANCELED and d.report.order_id == "O-i7"
+    # a closed order whose end risk forgot (ids outlive ends only by the memory's order) still
+    # goes to the book, which answers from its own memory
+    del st.closed["O-i6"]
+    assert isinstance(rig.cancel(acct, sym, "i6").command, Cancel)
     d = rig.cancel(acct, sym, "i0")
     assert isinstance(d.report, CancelReject) and d.report.reason is RejectReason.UNKNOWN_ORDER
     # the open order is always found, however old its id
