@@ -117,6 +117,10 @@ async def _scenario(ds: Devstack) -> None:
         try:
             assert w2.restored_from > 0, "no snapshot was used"
             assert 5 <= w2.stats["rebuilt"] < 55, "replayed more than the records after it"
+            # every input decided is known as decided (its redelivery is only acked), in
+            # the same order: the snapshot's ids, then the replayed records'
+            assert list(w2._recent) == list(w1._recent) and len(w1._recent) == 55
+            assert set(w1._recent) <= set(w2.done)
             assert w2.engine.limits == edited
             w2.engine.set_limits(RiskLimits.from_mapping(live["limits"]))
             assert w2.engine.snapshot() == live
