@@ -395,6 +395,10 @@ class OrderBook:
         self._terminal_fifo: deque[tuple[str, str, str]] = deque()
         # the index's snapshot encoding, kept beside it in the same (insertion) order
         self._index_packed: dict[tuple[str, str], bytes] = {}
+        # bytes of the kept encodings, kept as they change, so a snapshot knows its length
+        # without reading 200,000 of them (~5 ms per full book, on the worker's loop)
+        self._terminal_bytes = 0
+        self._index_bytes = 0
         # per-command scratch (reset by apply)
         self._out: list[Output] = []
         self._seq = 0
@@ -772,22 +776,34 @@ class OrderBook:
         forget the oldest beyond the cap."""
         row = _packb(o.pack())  # first: an order never half leaves the book
         del self._orders[o.order_id]
-        self._terminal[o.order_id] = row
-        self._terminal_fifo.append((o.order_id, o.account, o.cl_ord_id))
+        self._keep_terminal(o, row)
         while len(self._terminal_fifo) > self.terminal_memory:
             oid, account, cl_ord_id = self._terminal_fifo.popleft()
-            del self._terminal[oid]
+            self._terminal_bytes -= len(self._terminal.pop(oid))
             key = (account, cl_ord_id)
             if self._by_clid.get(key) == oid:
                 self._unindex(key)
 
+    def _keep_terminal(self, o: _Order, row: bytes) -> None:
+        prev = self._terminal.get(o.order_id)
+        if prev is not None:  # never, as an order ends once; kept exact all the same
+            self._terminal_bytes -= len(prev)
+        self._terminal[o.order_id] = row
+        self._terminal_bytes += len(row)
+        self._terminal_fifo.append((o.order_id, o.account, o.cl_ord_id))
+
     def _index(self, key: tuple[str, str], order_id: str) -> None:
         self._by_clid[key] = order_id
-        self._index_packed[key] = _packb([key[0], key[1], order_id])
+        row = _packb([key[0], key[1], order_id])
+        prev = self._index_packed.get(key)
+        if prev is not None:
+            self._index_bytes -= len(prev)
+        self._index_packed[key] = row
+        self._index_bytes += len(row)
 
     def _unindex(self, key: tuple[str, str]) -> None:
         del self._by_clid[key]
-        del self._index_packed[key]
+        self._index_bytes -= len(self._index_packed.pop(key))
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -868,6 +884,14 @@ class OrderBook:
     def snapshot_parts(self) -> list[bytes]:
         """:meth:`snapshot` as the pieces whose concatenation it is, so that a caller
         embedding several books copies their bytes once (at full memory a book is ~14 MB)."""
+        groups, _ = self.snapshot_groups()
+        return [piece for g in groups for piece in g]
+
+    def snapshot_groups(self) -> tuple[list[list[bytes]], int]:
+        """:meth:`snapshot_parts` as a few lists (copies: the book may change once this
+        returns) and the length of their concatenation, taken from kept totals. This is
+        what the execution worker captures between batches: at full memory ~1-2 ms per
+        book, where listing the pieces one by one and summing their lengths took ~10."""
         bids, asks = self._resting_rows()
         head = {
             "v": SNAPSHOT_VERSION,
@@ -879,16 +903,16 @@ class OrderBook:
             "asks": asks,
         }
         p = msgpack.Packer(use_bin_type=True)
-        parts = [p.pack_map_header(len(head) + 2)]
+        first = [p.pack_map_header(len(head) + 2)]
         for k, v in head.items():
-            parts += (p.pack(k), p.pack(v))
+            first += (p.pack(k), p.pack(v))
         # msgpack is compositional: an array header followed by N encoded items is the
         # encoding of the N-item array, so the kept encodings splice in as they are
-        parts += (p.pack("terminal"), p.pack_array_header(len(self._terminal)))
-        parts += self._terminal.values()
-        parts += (p.pack("index"), p.pack_array_header(len(self._index_packed)))
-        parts += self._index_packed.values()
-        return parts
+        first += (p.pack("terminal"), p.pack_array_header(len(self._terminal)))
+        mid = [p.pack("index"), p.pack_array_header(len(self._index_packed))]
+        n = sum(map(len, first)) + sum(map(len, mid)) + self._terminal_bytes + self._index_bytes
+        groups = [first, list(self._terminal.values()), mid, list(self._index_packed.values())]
+        return groups, n
 
     @classmethod
     def restore(cls, data: bytes, instrument: Instrument, exec_region: str) -> OrderBook:
@@ -918,8 +942,7 @@ class OrderBook:
                     book._side(o).add(o)
             for row in raw["terminal"]:
                 o = _Order.unpack(row)
-                book._terminal[o.order_id] = _packb(o.pack())
-                book._terminal_fifo.append((o.order_id, o.account, o.cl_ord_id))
+                book._keep_terminal(o, _packb(o.pack()))
             for account, clid, oid in raw["index"]:
                 book._index((account, clid), oid)
         except (KeyError, TypeError, ValueError) as e:

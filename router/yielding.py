@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -51,7 +52,7 @@ SLICE = 20_000
 """Pieces, map entries or array items per slice (a few milliseconds of work each)."""
 
 
-async def join_yielding(parts: list[bytes], slice_len: int = SLICE) -> bytes:
+async def join_yielding(parts: Iterable[bytes], slice_len: int = SLICE) -> bytes:
     """``b"".join(parts)`` without holding the loop: small pieces are joined on the loop in
     runs of at most ``slice_len`` pieces or 1 MiB, with a yield between runs; the last join,
     of those runs and the large pieces, runs in a thread, where CPython copies large bytes

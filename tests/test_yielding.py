@@ -17,7 +17,7 @@ from router.contract import Side
 from router.execution import snapshot_body, snapshot_parts
 from router.risk import RiskEngine, RiskLimits
 from router.yielding import Turn, join_yielding, packb_yielding
-from tests.test_book import sub
+from tests.test_book import cxl, rpl, sub
 
 
 async def _ticks_during(work: Awaitable[Any]) -> tuple[Any, int]:
@@ -120,6 +120,43 @@ def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
     # joined in slices beside the next commands (what the worker stores), the same bytes
     parts = snapshot_parts("lon", seq, books)
     assert asyncio.run(join_yielding(parts, slice_len=7)) == expected
+
+
+def test_a_book_keeps_the_length_of_its_snapshot_through_evictions_and_replaces() -> None:
+    """The bin header of each book in the execution snapshot comes from totals the book
+    keeps as orders end, are forgotten (terminal memory) and change ids (replace); a wrong
+    total would make the snapshot unreadable, so check it against the bytes themselves."""
+    topo = load_topology()
+    book = OrderBook(topo.instrument("EURUSD"), "lon", terminal_memory=50)
+    for i in range(120):  # many more ended orders than remembered: the oldest are forgotten
+        _trade(book, i, 1, Side.BUY)
+        _trade(book, i, 1, Side.SELL)
+    assert len(book._terminal) == 50
+    seq = book.last_seq
+    for i in range(10):  # resting orders re-indexed under new ids, some cancelled
+        seq += 1
+        book.apply(sub(f"R{i}", Side.BUY, 1_000_000, 108000 - i), seq=seq, ts_ns=1)
+        seq += 1
+        book.apply(rpl(f"R{i}", 2_000_000, 107900 - i, new=f"n-R{i}"), seq=seq, ts_ns=1)
+        if i % 3 == 0:
+            seq += 1
+            book.apply(cxl(f"R{i}", orig=f"n-R{i}"), seq=seq, ts_ns=1)
+
+    def exact(b: OrderBook) -> None:
+        groups, n = b.snapshot_groups()
+        assert n == len(b.snapshot()) == sum(len(x) for g in groups for x in g)
+        assert b._terminal_bytes == sum(map(len, b._terminal.values()))
+        assert b._index_bytes == sum(map(len, b._index_packed.values()))
+
+    exact(book)
+    again = OrderBook.restore(book.snapshot(), topo.instrument("EURUSD"), "lon")
+    exact(again)
+    assert again.snapshot() == book.snapshot()
+    expected = msgpack.packb(
+        {"v": 1, "applied": seq, "region": "lon", "books": {"EURUSD": book.snapshot()}},
+        use_bin_type=True,
+    )
+    assert asyncio.run(join_yielding(snapshot_parts("lon", seq, {"EURUSD": book}), 3)) == expected
 
 
 def test_execution_parts_captured_then_book_changed_join_as_captured() -> None:
