@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import io
 import json
 import logging
 import re
@@ -455,6 +456,39 @@ class RebuildError(RuntimeError):
     """A single writer could not rebuild its exact state; it must not act until it can."""
 
 
+SNAPSHOT_PUT_BYTES_PER_S = 16 * 1024 * 1024
+"""How fast a snapshot is written (:meth:`SnapshotStore.save`). At full speed a 25-55 MB
+snapshot of execution's books went into the region's nats-server within about a second,
+beside the orders, and the order path's p99 in that second rose from ~25 ms to 85-180 ms
+(a steady state of 1,000 orders/s on the bench mesh)."""
+
+
+class _PacedReader(io.RawIOBase):
+    """``body`` as a reader no faster than ``bytes_per_s``. nats-py's object store reads a
+    reader in its executor thread, so the waits sleep there, not on the event loop."""
+
+    def __init__(self, body: bytes, bytes_per_s: float) -> None:
+        super().__init__()
+        self._view = memoryview(body)
+        self._pos = 0
+        self._rate = bytes_per_s
+        self._t0 = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        if n <= 0:
+            return 0
+        delay = self._t0 + self._pos / self._rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
 class SnapshotStore:
     """The latest snapshot of a single writer (risk, execution): one entry of a JetStream
     object store of its own domain, created on first use.
@@ -508,11 +542,14 @@ class SnapshotStore:
             raise ValueError(f"snapshot for {snap.get('region')} at {seq} (stream at {max_seq})")
         return snap
 
-    async def save(self, body: bytes) -> None:
-        """Store ``body`` as the latest snapshot; raises on failure (callers log and go on:
-        a missed snapshot only means a longer replay)."""
+    async def save(self, body: bytes, *, bytes_per_s: float = SNAPSHOT_PUT_BYTES_PER_S) -> None:
+        """Store ``body`` as the latest snapshot, written at ``bytes_per_s`` at most (0: at
+        full speed); raises on failure (callers log and go on: a missed snapshot only means
+        a longer replay)."""
         store = await asyncio.wait_for(self._store(), 10)
-        await asyncio.wait_for(store.put(self.key, body), self.timeout_s)
+        data: Any = _PacedReader(body, bytes_per_s) if bytes_per_s > 0 else body
+        timeout_s = self.timeout_s + (len(body) / bytes_per_s if bytes_per_s > 0 else 0.0)
+        await asyncio.wait_for(store.put(self.key, data), timeout_s)
 
     async def delete(self) -> None:
         store = await asyncio.wait_for(self._store(), 10)

@@ -144,3 +144,26 @@ def test_snapshot_store_tells_missing_unreadable_and_unusable_apart() -> None:
     with pytest.raises(ValueError, match="stream at 10"):
         load(msgpack.packb({"region": "sgp", "applied": 11}))
     assert load(msgpack.packb({"region": "sgp", "applied": 7})) == {"region": "sgp", "applied": 7}
+
+
+def test_a_snapshot_is_written_no_faster_than_its_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SnapshotStore.save hands nats-py's object store a reader that waits (in the store's
+    executor thread) so the chunks go out at the pace: the bytes are the body's, and the
+    last chunk is read no sooner than its offset / pace after the first (a fake clock)."""
+    from router import natsutil
+
+    now = [100.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    monkeypatch.setattr(natsutil.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(natsutil.time, "sleep", sleep)
+    body = bytes(range(256)) * 4096  # 1 MiB
+    reader = natsutil._PacedReader(body, bytes_per_s=256 * 1024)
+    chunk, out = bytearray(128 * 1024), bytearray()
+    while n := reader.readinto(chunk):
+        out += chunk[:n]
+    assert bytes(out) == body
+    assert now[0] - 100.0 == pytest.approx(3.5)  # the 8th chunk starts at 7/8 MiB
+    assert reader.readinto(chunk) == 0
