@@ -166,8 +166,8 @@ class ExecutionWorker:
         *,
         metrics: Any = None,
         tracer: Any = None,
-        snapshot_every: int = 20_000,
-        snapshot_every_s: float = 60.0,
+        snapshot_every: int = 50_000,
+        snapshot_every_s: float = 300.0,
     ) -> None:
         self.snapshot_every = snapshot_every
         """Snapshot the books after this many commands (0: never) ..."""
@@ -679,8 +679,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--snapshot-every",
         type=int,
-        default=20_000,
-        help="snapshot the books every N commands (and every 60 s); 0: never",
+        default=50_000,
+        help="snapshot the books every N commands (and every 300 s); 0: never",
     )
     args = ap.parse_args(argv)
     from ops.runtime import run
