@@ -53,20 +53,30 @@ SLICE = 20_000
 
 
 async def join_yielding(parts: Iterable[bytes], slice_len: int = SLICE) -> bytes:
-    """``b"".join(parts)`` without holding the loop: the pieces are joined on the loop in
-    slices of ``slice_len``, with a yield between slices (a slice of a few large pieces is
-    left whole), and the slices are joined in a thread, where CPython copies large bytes
-    without the GIL (a 55 MB join of 800,000 pieces measured 38-59 ms on the loop in one
-    call; in slices, ~1 ms per slice and 112 ms of CPU in all, 157 ms when each piece was
-    looked at in Python)."""
-    it = iter(parts)
+    """``b"".join(parts)`` without holding the loop: small pieces are joined on the loop in
+    runs of at most ``slice_len`` pieces or 1 MiB, with a yield between runs; the last join,
+    of those runs and the large pieces, runs in a thread, where CPython copies large bytes
+    without the GIL (a 55 MB join measured 38-59 ms on the loop, 5 ms of loop time from a
+    thread)."""
     runs: list[bytes] = []
-    while chunk := list(itertools.islice(it, slice_len)):
-        if len(chunk) < SHORT and sum(map(len, chunk)) >= 1 << 20:
-            runs += chunk  # large pieces: no copy on the loop
-        else:
-            runs.append(b"".join(chunk))
-        await asyncio.sleep(0)
+    run: list[bytes] = []
+    size = 0
+    for part in parts:
+        if len(part) >= 1 << 20:  # large: no copy here
+            if run:
+                runs.append(b"".join(run))
+                run, size = [], 0
+            runs.append(part)
+            await asyncio.sleep(0)
+            continue
+        run.append(part)
+        size += len(part)
+        if len(run) >= slice_len or size >= 1 << 20:
+            runs.append(b"".join(run))
+            run, size = [], 0
+            await asyncio.sleep(0)
+    if run:
+        runs.append(b"".join(run))
     return await asyncio.to_thread(b"".join, runs)
 
 
