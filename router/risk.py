@@ -673,10 +673,12 @@ class RiskEngine:
                             o.price_ticks,
                             o.leaves,
                             o.pending_qty,
-                            o.cum,
                         ]
                         for o in st.orders.values()
                     ],
+                    # filled quantity of the partly filled open orders: a map of its own,
+                    # which a build without it ignores (a rollback keeps its snapshot)
+                    "cum": {o.order_id: o.cum for o in st.orders.values() if o.cum},
                     "cl_ids": dict(st.cl_ids),
                     "positions": dict(st.positions),
                     "closed": dict(st.closed),
@@ -706,10 +708,12 @@ class RiskEngine:
         eng.kills = set(snap["kills"])
         for acct, raw in snap["accounts"].items():
             st = eng.state(acct)
-            for oid, cl, sym, side, px, leaves, pending, *cum in raw["orders"]:
-                # ``cum`` is absent in snapshots before stop 15: such an order says NEW on a
-                # replace reject until its next report
-                st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending, *cum))
+            for oid, cl, sym, side, px, leaves, pending in raw["orders"]:
+                st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
+            # absent before stop 15: such an order says NEW on a replace reject until its
+            # next report; a filled quantity of no open order fails the restore
+            for oid, cum in raw.get("cum", {}).items():
+                st.orders[oid].cum = int(cum)
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
             # absent in snapshots before stop 14; a status that is not one fails the restore
