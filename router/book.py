@@ -785,9 +785,7 @@ class OrderBook:
                 self._unindex(key)
 
     def _keep_terminal(self, o: _Order, row: bytes) -> None:
-        prev = self._terminal.get(o.order_id)
-        if prev is not None:  # never, as an order ends once; kept exact all the same
-            self._terminal_bytes -= len(prev)
+        """Remember ended ``o`` (an order ends once: it is not among the remembered)."""
         self._terminal[o.order_id] = row
         self._terminal_bytes += len(row)
         self._terminal_fifo.append((o.order_id, o.account, o.cl_ord_id))

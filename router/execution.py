@@ -64,9 +64,9 @@ from router.yielding import Turn, join_yielding
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
-RESEND_WAITS_S = (2.0, 4.0, 8.0)
 REPLAY_BATCH = 1024
-"""Replayed commands applied per turn of the loop (the connection's reads run between)."""
+"""Replayed commands taken from the queue at a time."""
+RESEND_WAITS_S = (2.0, 4.0, 8.0)
 """How long a batch waits for its outputs' PubAcks before sending the missing ones again (same
 msg ids: the stream's dedup drops what was stored), then the next wait; after the last, the
 batch fails and the books are rebuilt."""
@@ -247,6 +247,7 @@ class ExecutionWorker:
         """Wait for the snapshot being stored, if any (bounded; a put cancelled half way
         leaves its chunks behind, and a stop without it means a longer replay next time)."""
         if self._saving is not None and not self._saving.done():
+            self.snapshots.hurry()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._saving), timeout_s)
             if not self._saving.done():
@@ -284,10 +285,13 @@ class ExecutionWorker:
         # deliveries go to a queue from the subscription's callback and are applied in
         # batches: 113,000 deliveries/s here, against 36,000 with a next_msg() per message,
         # which made a replay of 80,000 commands take 6.4 s (ordered, so in stream order)
-        replay: asyncio.Queue[Msg] = asyncio.Queue()
+        # bounded: a full queue holds the subscription's callback, so nats-py's own pending
+        # limits and the consumer's flow control bound what waits in memory (a replay with
+        # no usable snapshot reads the whole stream)
+        replay: asyncio.Queue[Msg] = asyncio.Queue(maxsize=4 * REPLAY_BATCH)
 
         async def deliver(m: Msg) -> None:
-            replay.put_nowait(m)
+            await replay.put(m)
 
         sub = await self.js.subscribe(
             f"mrd.{self.region}.exe.>",
@@ -311,7 +315,9 @@ class ExecutionWorker:
                 batch = [m]
                 while len(batch) < REPLAY_BATCH and not replay.empty():
                     batch.append(replay.get_nowait())
+                turn = Turn()
                 for m in batch:
+                    await turn.check()  # the connection's pings and PubAcks are read
                     pos = stream_position(m)
                     cmd = Cmd(m.subject, m.data, pos.seq, pos.ts_ns, m.headers)
                     futs += await self._handle(cmd, publish=cmd.seq > floor, trace=False)

@@ -477,6 +477,10 @@ class _PacedReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def hurry(self) -> None:
+        """No more waiting: the rest goes as fast as the store takes it."""
+        self._rate = float("inf")
+
     def readinto(self, b: Any) -> int:
         n = min(len(b), len(self._view) - self._pos)
         if n <= 0:
@@ -500,6 +504,13 @@ class SnapshotStore:
 
     def __init__(self, js: Any, bucket: str, key: str, *, timeout_s: float = 30.0) -> None:
         self.js, self.bucket, self.key, self.timeout_s = js, bucket, key, timeout_s
+        self._reader: _PacedReader | None = None
+
+    def hurry(self) -> None:
+        """Let a paced put still running go at full speed (a stop or a rebuild waits for it:
+        one cancelled half way leaves its chunks in the store)."""
+        if self._reader is not None:
+            self._reader.hurry()
 
     async def _store(self) -> Any:
         try:
@@ -547,9 +558,15 @@ class SnapshotStore:
         full speed); raises on failure (callers log and go on: a missed snapshot only means
         a longer replay)."""
         store = await asyncio.wait_for(self._store(), 10)
-        data: Any = _PacedReader(body, bytes_per_s) if bytes_per_s > 0 else body
-        timeout_s = self.timeout_s + (len(body) / bytes_per_s if bytes_per_s > 0 else 0.0)
-        await asyncio.wait_for(store.put(self.key, data), timeout_s)
+        data: Any = body
+        timeout_s = self.timeout_s
+        if bytes_per_s > 0:
+            data = self._reader = _PacedReader(body, bytes_per_s)
+            timeout_s += len(body) / bytes_per_s
+        try:
+            await asyncio.wait_for(store.put(self.key, data), timeout_s)
+        finally:
+            self._reader = None
 
     async def delete(self) -> None:
         store = await asyncio.wait_for(self._store(), 10)

@@ -266,6 +266,7 @@ class RiskWorker:
                 span.end()
         if self._snap_put is not None and not self._snap_put.done():
             # let a snapshot being stored finish (bounded): the next start replays less
+            self.snapshots.hurry()
             await asyncio.wait({self._snap_put}, timeout=10)
 
     async def rebuild(self) -> None:
@@ -279,8 +280,9 @@ class RiskWorker:
         if self._snap_put is not None and not self._snap_put.done():
             # a retried batch rebuilds while this process may still be storing a snapshot: an
             # object store get racing a put of the same object can wait for chunks the put
-            # purges, time out, and fail the rebuild for good
-            await asyncio.wait({self._snap_put}, timeout=self.snapshots.timeout_s)
+            # purges, time out, and fail the rebuild for good (the put has its own timeout)
+            self.snapshots.hurry()
+            await asyncio.wait({self._snap_put})
         js = self.js
         try:
             info = await js.stream_info("RISKLOG")
@@ -446,12 +448,12 @@ class RiskWorker:
         self._limits_from_cfg = bool(snap.get("limits_from_cfg"))
         self.engine = engine
         empty = msgpack.packb([])
-        decided = snap.get("decided", [])
-        for input_id in decided:
+        oldest_first = list(reversed(snap.get("decided", [])))  # stored newest first
+        for input_id in oldest_first:
             # decided before the snapshot, outputs stored: a redelivery is only acked
             self.done[input_id] = empty
         self._recent.clear()
-        self._recent.extend(reversed(decided))
+        self._recent.extend(oldest_first)
         for input_id, packed in snap.get("pending", {}).items():
             if input_id not in self.done:  # pending ids are among the decided ones
                 self._recent.append(input_id)

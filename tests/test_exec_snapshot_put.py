@@ -39,7 +39,10 @@ async def _worker(put_s: float, events: list[str]) -> ExecutionWorker:
     async def restore(*, max_seq: int) -> None:
         events.append("snapshot read")
 
-    w.snapshots = types.SimpleNamespace(save=save)  # type: ignore[assignment]
+    def hurry() -> None:
+        events.append("put hurried")
+
+    w.snapshots = types.SimpleNamespace(save=save, hurry=hurry)  # type: ignore[assignment]
     w.loop = types.SimpleNamespace(consumer_info=consumer_info, stop=loop_stop)  # type: ignore[assignment]
     w._restore_snapshot = restore  # type: ignore[method-assign]
     return w
@@ -60,8 +63,8 @@ async def test_the_put_runs_beside_the_next_commands_and_a_rebuild_waits_for_it(
     assert events == ["put started"] and w._saving is not None and not w._saving.done()
     w.applied = 6
     await w._maybe_snapshot()  # a put is running: no second one
-    await w.rebuild()
-    assert events == ["put started", "put done", "snapshot read"]
+    await w.rebuild()  # it hurries the paced put, waits for it, then reads
+    assert events == ["put started", "put hurried", "put done", "snapshot read"]
 
 
 async def test_a_stop_lets_a_running_put_finish() -> None:
@@ -71,7 +74,7 @@ async def test_a_stop_lets_a_running_put_finish() -> None:
     await w._maybe_snapshot()
     await _turns()
     await w.stop()
-    assert events == ["put started", "put done"]
+    assert events == ["put started", "put hurried", "put done"]
 
 
 async def test_a_rebuild_that_fails_on_the_connection_is_tried_again() -> None:

@@ -167,3 +167,12 @@ def test_a_snapshot_is_written_no_faster_than_its_pace(monkeypatch: pytest.Monke
     assert bytes(out) == body
     assert now[0] - 100.0 == pytest.approx(3.5)  # the 8th chunk starts at 7/8 MiB
     assert reader.readinto(chunk) == 0
+    # a stop or a rebuild hurries a put still running: the rest is read without waiting
+    now[0] = 100.0
+    reader = natsutil._PacedReader(body, bytes_per_s=256 * 1024)
+    for _ in range(4):
+        reader.readinto(chunk)
+    reader.hurry()
+    while reader.readinto(chunk):
+        pass
+    assert now[0] - 100.0 == pytest.approx(1.5)  # the 4th chunk's wait, then none
