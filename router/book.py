@@ -90,8 +90,8 @@ DEFAULT_TERMINAL_MEMORY = 100_000
 
 
 def _clid_key(account: str, cl_ord_id: str) -> str:
-    """One string for (account, cl_ord_id): NUL is in neither (account ids come from the
-    topology, client order ids are validated printable text), so keys never collide."""
+    """One string for (account, cl_ord_id): the contract's patterns keep NUL out of both
+    (``router.contract._ACCOUNT``, ``_ID``), so keys never collide."""
     return f"{account}\x00{cl_ord_id}"
 
 
@@ -491,7 +491,7 @@ class OrderBook:
             )
             self._remember(o)
             return
-        self._index(key, c.account, c.cl_ord_id, o.order_id)
+        self._index(c.account, c.cl_ord_id, o.order_id)
         self._report(o, ExecType.NEW, OrdStatus.NEW)
         if c.tif is TimeInForce.FOK:
             got, blocked = self._available(o)
@@ -554,7 +554,7 @@ class OrderBook:
             o.price_ticks = c.price_ticks
         old = o.cl_ord_id
         self._unindex(_clid_key(o.account, old))
-        self._index(new_key, c.account, c.cl_ord_id, o.order_id)
+        self._index(c.account, c.cl_ord_id, o.order_id)
         o.cl_ord_id = c.cl_ord_id
         status = OrdStatus.NEW if o.cum_qty == 0 else OrdStatus.PARTIALLY_FILLED
         self._report(o, ExecType.REPLACED, status, orig_cl_ord_id=old)
@@ -802,8 +802,8 @@ class OrderBook:
         self._terminal_fifo.append(o.order_id)
         self._terminal_keys.append(_clid_key(o.account, o.cl_ord_id))
 
-    def _index(self, key: str, account: str, cl_ord_id: str, order_id: str) -> None:
-        """``key`` is ``_clid_key(account, cl_ord_id)``."""
+    def _index(self, account: str, cl_ord_id: str, order_id: str) -> None:
+        key = _clid_key(account, cl_ord_id)
         self._by_clid[key] = order_id
         row = _packb([account, cl_ord_id, order_id])
         prev = self._index_packed.get(key)
@@ -949,13 +949,20 @@ class OrderBook:
             for key in ("bids", "asks"):
                 for row in raw[key]:
                     o = _Order.unpack(row)
+                    if o.order_id in book._orders:
+                        raise ValueError(f"order {o.order_id} is in the snapshot twice")
                     book._orders[o.order_id] = o
                     book._side(o).add(o)
             for row in raw["terminal"]:
                 o = _Order.unpack(row)
+                if o.order_id in book._orders or o.order_id in book._terminal:
+                    raise ValueError(f"order {o.order_id} is in the snapshot twice")
                 book._keep_terminal(o, _packb(o.pack()))
             for account, clid, oid in raw["index"]:
-                book._index(_clid_key(account, clid), account, clid, oid)
+                for v in (account, clid, oid):  # a key is both parts with a NUL between
+                    if not isinstance(v, str) or "\x00" in v:
+                        raise ValueError(f"index entry {[account, clid, oid]!r}")
+                book._index(account, clid, oid)
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"corrupt snapshot: {type(e).__name__}: {e}") from e
         return book

@@ -566,6 +566,21 @@ def test_restore_refuses_bad_snapshots() -> None:
     del raw["bids"]
     with pytest.raises(SnapshotError):
         OrderBook.restore(msgpack.packb(raw), INST, REGION)
+    # an order twice (resting and ended, or ended twice) would break the kept byte totals
+    # and the FIFO; an index entry that is not text, or holds the keys' NUL, could collide
+    book.apply(sub("i1", SELL, 5, 120, tif=IOC), seq=2, ts_ns=2)  # ends at once
+    good = msgpack.unpackb(book.snapshot())
+    assert good["terminal"] and good["bids"]
+    for bad in (
+        {**good, "terminal": good["terminal"] * 2},
+        {**good, "terminal": good["terminal"] + good["bids"]},
+        {**good, "bids": good["bids"] * 2},
+        {**good, "index": [*good["index"], ["A", ["x"], "o9"]]},
+        {**good, "index": [*good["index"], ["A\x00c", "d", "o9"]]},
+    ):
+        with pytest.raises(SnapshotError):
+            OrderBook.restore(msgpack.packb(bad), INST, REGION)
+    OrderBook.restore(msgpack.packb(good), INST, REGION)
 
 
 def test_book_checks_the_lifecycle_on_every_event() -> None:
