@@ -679,9 +679,9 @@ class RiskEngine:
                     # filled quantity of the partly filled open orders: a map of its own,
                     # which a build without it ignores (a rollback keeps its snapshot)
                     "cum": {o.order_id: o.cum for o in st.orders.values() if o.cum},
-                    "cl_ids": dict(st.cl_ids),
-                    "positions": dict(st.positions),
-                    "closed": dict(st.closed),
+                    "cl_ids": st.cl_ids.copy(),
+                    "positions": st.positions.copy(),
+                    "closed": st.closed.copy(),
                 }
                 for acct, st in sorted(self.accounts.items())
             },
