@@ -27,6 +27,7 @@ currency's reference USD rate: ``sum(max(|pos + open_buy|, |pos - open_sell|) * 
 from __future__ import annotations
 
 import tomllib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -211,6 +212,17 @@ class AccountState:
     reserved: dict[str, list[int]] = field(default_factory=dict)
     """symbol -> [open buy, open sell] base units (max of leaves and pending replace), kept
     incrementally so a credit check costs O(symbols), not O(open orders)."""
+    cl_order: deque[str] = field(default_factory=deque, compare=False, repr=False)
+    closed_order: deque[str] = field(default_factory=deque, compare=False, repr=False)
+    """The keys of ``cl_ids`` and ``closed`` in their maps' order, oldest first, so the
+    oldest is found in O(1). ``next(iter(d))`` scans the deleted slots a forgetting map
+    leaves at its front: at 200,000 ids it cost 32-144 us per order, growing, instead of ~1.
+    (The maps stay plain dicts: copying one for a snapshot is 5-13 ms, an OrderedDict 80.)"""
+
+    def restore_order(self) -> None:
+        """Rebuild the key orders from the maps' own (after a restore)."""
+        self.cl_order = deque(self.cl_ids)
+        self.closed_order = deque(self.closed)
 
     def _adjust(self, o: OpenOrder, sign: int) -> None:
         b = self.reserved.setdefault(o.symbol, [0, 0])
@@ -231,18 +243,23 @@ class AccountState:
         holds its request (decision 0002). The order of ``cl_ids`` is part of the snapshot, so
         a restored engine forgets exactly what the original would.
         """
-        if keep:
-            self.cl_ids.setdefault(cl_ord_id, order_id)
-        else:
+        if cl_ord_id not in self.cl_ids:
             self.cl_ids[cl_ord_id] = order_id
+            self.cl_order.append(cl_ord_id)
+        elif not keep:
+            self.cl_ids[cl_ord_id] = order_id  # keeps its place, in the map and the order
         looked = 0
-        while len(self.cl_ids) > memory and looked < 4:
-            oldest = next(iter(self.cl_ids))
+        while len(self.cl_ids) > memory and looked < 4 and self.cl_order:
+            oldest = self.cl_order[0]
             if oldest == cl_ord_id:
                 break  # every other id is of an open order: keep the one just noted too
-            oid = self.cl_ids.pop(oldest)
+            self.cl_order.popleft()
+            oid = self.cl_ids.pop(oldest, None)
+            if oid is None:
+                continue  # no longer in the map
             if oid in self.orders:
                 self.cl_ids[oldest] = oid  # still open: to the back
+                self.cl_order.append(oldest)
             looked += 1
 
     def remove(self, order_id: str) -> None:
@@ -252,9 +269,11 @@ class AccountState:
 
     def note_closed(self, order_id: str, status: OrdStatus, memory: int) -> None:
         """Remember how ``order_id`` ended, forgetting the oldest beyond ``memory``."""
+        if order_id not in self.closed:
+            self.closed_order.append(order_id)
         self.closed[order_id] = status.value
-        while len(self.closed) > memory:
-            del self.closed[next(iter(self.closed))]
+        while len(self.closed) > memory and self.closed_order:
+            self.closed.pop(self.closed_order.popleft(), None)
 
     def update(
         self,
@@ -718,6 +737,7 @@ class RiskEngine:
             st.positions = dict(raw["positions"])
             # absent in snapshots before stop 14; a status that is not one fails the restore
             st.closed = {oid: OrdStatus(v).value for oid, v in raw.get("closed", {}).items()}
+            st.restore_order()
         return eng
 
     # ---- reports -------------------------------------------------------------------------------
