@@ -42,6 +42,7 @@ TOO_LATE_TO_CANCEL; the memory is part of the snapshot, so eviction is determini
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -392,7 +393,7 @@ class OrderBook:
         self._orders: dict[str, _Order] = {}  # live orders
         # _clid_key(account, cl_ord_id) -> order_id; keys are strings, not tuples, so these
         # maps (and the FIFO below) hold no object the cyclic GC tracks: with tuples, the
-        # 128,000 made by 32,000 orders made a full collection cost ~90 ms of CPU, not ~10
+        # 128,000 made by 32,000 orders made a full collection cost ~90 ms of CPU, not ~20
         self._by_clid: dict[str, str] = {}
         # Remembered terminal orders, oldest first, kept as their snapshot encoding only: a
         # terminal order never changes again and is read back only for a late cancel or a
@@ -401,8 +402,8 @@ class OrderBook:
         # collector does not see them, and a snapshot splices them in instead of encoding
         # them (320 ms per full book before, measured).
         self._terminal: dict[str, bytes] = {}  # in the order they ended
-        # the same orders as (order_id, account, cl_ord_id), to forget the oldest
-        self._terminal_fifo: deque[str] = deque()  # order ids, oldest first
+        # the same orders' ids and index keys, oldest first, to forget the oldest
+        self._terminal_fifo: deque[str] = deque()
         self._terminal_keys: deque[str] = deque()  # their _clid_key, in the same order
         # the index's snapshot encoding, kept beside it in the same (insertion) order
         self._index_packed: dict[str, bytes] = {}
@@ -890,19 +891,16 @@ class OrderBook:
     def snapshot(self) -> bytes:
         """msgpack of the whole state: resting orders in priority, remembered terminal
         orders, the (account, cl_ord_id) index and ``last_seq``."""
-        return b"".join(self.snapshot_parts())
-
-    def snapshot_parts(self) -> list[bytes]:
-        """:meth:`snapshot` as the pieces whose concatenation it is, so that a caller
-        embedding several books copies their bytes once (at full memory a book is ~14 MB)."""
         groups, _ = self.snapshot_groups()
-        return [piece for g in groups for piece in g]
+        return b"".join(itertools.chain.from_iterable(groups))
 
     def snapshot_groups(self) -> tuple[list[list[bytes]], int]:
-        """:meth:`snapshot_parts` as a few lists (copies: the book may change once this
-        returns) and the length of their concatenation, taken from kept totals. This is
-        what the execution worker captures between batches: at full memory ~1-2 ms per
-        book, where listing the pieces one by one and summing their lengths took ~10."""
+        """:meth:`snapshot` as a few lists of pieces whose concatenation it is (copies: the
+        book may change once this returns) and that length, taken from kept totals, so a
+        caller embedding several books copies their bytes once (at full memory a book is
+        ~14 MB). The execution worker captures this between batches: at full memory ~1-2
+        ms per book, where listing the pieces one by one and summing their lengths took
+        ~10."""
         bids, asks = self._resting_rows()
         head = {
             "v": SNAPSHOT_VERSION,
