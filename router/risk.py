@@ -622,9 +622,25 @@ class RiskEngine:
 
     # ---- feedback from execution -----------------------------------------------------------------
     def on_report(self, er: ExecutionReport) -> None:
+        """Apply one execution report of an account homed here.
+
+        A report can come twice: the worker drops a redelivered input it remembers
+        (``done``), but that memory is bounded, and a report whose ack was lost in a link cut
+        comes back when the link does, maybe after more inputs than the worker remembers
+        (1,000,000 inputs is about 8 minutes at 1,000 orders/s; a snapshot keeps the last
+        100,000). The redelivery is the whole unacked suffix of that region's reports, in
+        order (AckPolicy.ALL). Setting leaves, price or status again in that order ends where
+        the first pass ended; only the position is added to, so a fill is added only if its
+        ``cum_qty`` is above what the open order has filled, and a report of an order already
+        closed changes nothing. (A duplicate of an order closed so long ago that ``closed``
+        forgot it too would be added again: a cut of more than ``cl_id_memory`` closed
+        orders of the account.)
+        """
         st = self.state(er.account)
         o = st.orders.get(er.order_id)
-        if er.exec_type is ExecType.TRADE:
+        if o is None and er.order_id in st.closed:
+            return  # applied before: the report that closed it came already
+        if er.exec_type is ExecType.TRADE and (o is None or er.cum_qty > o.cum):
             sign = 1 if er.side is Side.BUY else -1
             st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * er.last_qty
         if o is None:
