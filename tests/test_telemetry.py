@@ -96,7 +96,8 @@ def test_ledger_writer_exports_the_same_ledger_families_as_every_process() -> No
         "meridian_ledger_backlog",
     }
     app, led = CollectorRegistry(), CollectorRegistry()
-    MeridianMetrics(app, region="lon", service="ledger")
+    m = MeridianMetrics(app, region="lon", service="ledger")
+    _ = (m.ledger_batch_size, m.ledger_commit_seconds, m.ledger_backlog)  # series exist once used
     w = WriterMetrics(led, "lon")
     w.rejected("payload").inc()
     w.retries("connection").inc()
@@ -119,6 +120,18 @@ def test_ledger_writer_exports_the_same_ledger_families_as_every_process() -> No
                 assert (s.labels["region"], s.labels["service"]) == ("lon", "ledger"), s.name
                 names.add(fam.name)
     assert names >= shared | {"meridian_ledger_fills_rejected", "meridian_ledger_db_retries"}
+
+
+def test_only_the_ledger_exports_ledger_series(topo: Topology) -> None:
+    """Every process registers the ledger families (one definition), but a gateway, risk or
+    execution worker, which never observes them, exports no empty series of them."""
+    reg = CollectorRegistry()
+    MeridianMetrics(reg, region="lon", service="gateway", topology=topo)
+    families = {fam.name: fam for fam in reg.collect()}
+    assert "meridian_ledger_batch_size" in families
+    for name, fam in families.items():
+        if name.startswith("meridian_ledger_"):
+            assert fam.samples == [], name
 
 
 def test_gc_pauses_are_observed_per_generation(topo: Topology) -> None:

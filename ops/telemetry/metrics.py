@@ -222,12 +222,7 @@ class MeridianMetrics:
         """Counter: order requests acknowledged."""
         self.submit_to_ack = self._submit_to_ack.labels(*base)
         """Histogram (seconds): submit to ack."""
-        self.ledger_batch_size = self._ledger.batch_size.labels(*base)
-        """Histogram (fills): size of each ledger commit."""
-        self.ledger_commit_seconds = self._ledger.commit_seconds.labels(*base)
-        """Histogram (seconds): ledger commit latency."""
-        self.ledger_backlog = self._ledger.backlog.labels(*base)
-        """Gauge: fills not yet in the ledger."""
+        self._base = base
         self.reconnects = self._reconnects.labels(*base)
         """Counter: NATS reconnections."""
         self.event_loop_lag = self._event_loop_lag.labels(*base)
@@ -237,6 +232,25 @@ class MeridianMetrics:
             self.risk_decisions(d)
         for s in KILL_SCOPES:
             self.kill_switch_engaged(s)
+
+    # The ledger families are registered in every process (one definition: every scrape
+    # describes them alike), but a series exists only once something observes through it, so
+    # the gateway, risk and execution do not export empty ledger series (the ledger writer
+    # observes through the same families, :class:`ledger.writer.WriterMetrics`).
+    @property
+    def ledger_batch_size(self) -> Histogram:
+        """Histogram (fills): size of each ledger commit."""
+        return self._ledger.batch_size.labels(*self._base)
+
+    @property
+    def ledger_commit_seconds(self) -> Histogram:
+        """Histogram (seconds): ledger commit latency."""
+        return self._ledger.commit_seconds.labels(*self._base)
+
+    @property
+    def ledger_backlog(self) -> Gauge:
+        """Gauge: fills not yet in the ledger."""
+        return self._ledger.backlog.labels(*self._base)
 
     # ---- labelled series -------------------------------------------------------------------
 
