@@ -183,8 +183,9 @@ class OpenOrder:
     pending_qty: int = 0
     """While a replace is in flight: the larger of old and new leaves is reserved."""
     cum: int = 0
-    """Filled so far (the latest report's ``cum_qty``): a reject of a live order's replace
-    says PARTIALLY_FILLED rather than NEW once this is above zero."""
+    """Filled so far (the highest ``cum_qty`` of its reports): what the position holds of
+    it, and a reject of a live order's replace says PARTIALLY_FILLED once it is above zero.
+    -1: not known (restored from a snapshot that did not keep it)."""
 
     @property
     def status(self) -> OrdStatus:
@@ -289,7 +290,7 @@ class AccountState:
         if pending is not None:
             o.pending_qty = pending
         if cum is not None:
-            o.cum = max(o.cum, cum)  # reports of one order arrive in order; never go back
+            o.cum = max(o.cum, cum)  # a late report never takes it back
         self._adjust(o, +1)
 
 
@@ -624,27 +625,36 @@ class RiskEngine:
     def on_report(self, er: ExecutionReport) -> None:
         """Apply one execution report of an account homed here.
 
-        A report can come twice: the worker drops a redelivered input it remembers
-        (``done``), but that memory is bounded, and a report whose ack was lost in a link cut
-        comes back when the link does, maybe after more inputs than the worker remembers
-        (1,000,000 inputs is about 8 minutes at 1,000 orders/s; a snapshot keeps the last
-        100,000). The redelivery is the whole unacked suffix of that region's reports, in
-        order (AckPolicy.ALL). Setting leaves, price or status again in that order ends where
-        the first pass ended; only the position is added to, so a fill is added only if its
-        ``cum_qty`` is above what the open order has filled, and a report of an order already
-        closed changes nothing. (A duplicate of an order closed so long ago that ``closed``
-        forgot it too would be added again: a cut of more than ``cl_id_memory`` closed
-        orders of the account.)
+        A report can come twice, or after a later one of the same order: the worker drops a
+        redelivered input it remembers (``done``), but that memory is bounded, and a report
+        whose ack was lost in a link cut comes back when the link does, maybe after more
+        inputs than the worker remembers (1,000,000 inputs is about 8 minutes at 1,000
+        orders/s; a snapshot keeps the last 100,000); and execution re-sends a report whose
+        PubAck it lost, which JetStream may store after a later report of the same order.
+        So the position moves by what the order's ``cum_qty`` adds to what was applied, not
+        by ``last_qty``: a fill counts once, in whatever order its reports come. A report of
+        an order already closed, or older than one applied (a lower ``cum_qty``), changes
+        nothing. (A duplicate of an order closed so long ago that ``closed`` forgot it too
+        would count again: more than ``cl_id_memory`` closed orders of the account later.)
         """
         st = self.state(er.account)
         o = st.orders.get(er.order_id)
-        if o is None and er.order_id in st.closed:
-            return  # applied before: the report that closed it came already
-        if er.exec_type is ExecType.TRADE and (o is None or er.cum_qty > o.cum):
-            sign = 1 if er.side is Side.BUY else -1
-            st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * er.last_qty
+        sign = 1 if er.side is Side.BUY else -1
         if o is None:
+            if er.order_id in st.closed:
+                return  # its closing report came already: this one is a duplicate, or late
+            if er.exec_type is ExecType.TRADE:  # an order this engine does not hold
+                st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * er.last_qty
             return
+        # older than a report applied already (a lower cum_qty): its fills are counted and its
+        # leaves are out of date (an order's last report is never older than another)
+        stale = 0 <= er.cum_qty < o.cum
+        if o.cum >= 0:
+            filled = max(0, er.cum_qty - o.cum)
+        else:  # restored from a snapshot that did not keep it: count fills as they come
+            filled = er.last_qty if er.exec_type is ExecType.TRADE else 0
+        if filled:
+            st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * filled
         if er.ord_status in (
             OrdStatus.FILLED,
             OrdStatus.CANCELED,
@@ -655,11 +665,12 @@ class RiskEngine:
             st.note_closed(er.order_id, er.ord_status, self.cl_id_memory)
             return
         if er.exec_type is ExecType.REPLACED:
+            # even late, it says the replace is done: its reservation ends
             o.cl_ord_id = er.cl_ord_id
             o.price_ticks = er.price_ticks
-            st.update(o, leaves=er.leaves_qty, pending=0, cum=er.cum_qty)
+            st.update(o, leaves=None if stale else er.leaves_qty, pending=0, cum=er.cum_qty)
             st.note_cl(er.cl_ord_id, er.order_id, self.cl_id_memory)
-        else:
+        elif not stale:
             st.update(o, leaves=er.leaves_qty, cum=er.cum_qty)
 
     def on_cancel_reject(self, cr: CancelReject) -> None:
@@ -745,8 +756,12 @@ class RiskEngine:
             st = eng.state(acct)
             for oid, cl, sym, side, px, leaves, pending in raw["orders"]:
                 st.add(OpenOrder(oid, cl, sym, Side(side), px, leaves, pending))
-            # absent before stop 15: such an order says NEW on a replace reject until its
-            # next report; a filled quantity of no open order fails the restore
+            # absent before stop 15: such an order's filled quantity is not known (-1) until
+            # its next report, and it says NEW on a replace reject meanwhile; a filled
+            # quantity of no open order fails the restore
+            if "cum" not in raw:
+                for o in st.orders.values():
+                    o.cum = -1
             for oid, cum in raw.get("cum", {}).items():
                 st.orders[oid].cum = int(cum)
             st.cl_ids = dict(raw["cl_ids"])

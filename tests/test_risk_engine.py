@@ -122,6 +122,13 @@ class Rig:
         self.delivered.extend(take)
         self._feed(take)
 
+    def swap(self, i: int) -> None:
+        """Two reports not yet fed back change places: execution re-sent the first (its
+        PubAck was lost) and JetStream stored it after the second."""
+        if len(self.pending) >= 2:
+            j = i % (len(self.pending) - 1)
+            self.pending[j], self.pending[j + 1] = self.pending[j + 1], self.pending[j]
+
     def redeliver(self, n: int) -> None:
         """The last ``n`` delivered reports again, in order: what a consumer with AckPolicy.ALL
         sends when the ack that covered them was lost."""
@@ -494,6 +501,52 @@ def test_a_redelivered_fill_is_not_added_to_the_position_twice() -> None:
         assert rig.engine.exposure_usd(acct) == exposure
 
 
+@pytest.mark.parametrize("closing", [False, True])
+def test_fills_count_once_whatever_order_their_reports_come_in(closing: bool) -> None:
+    """Execution re-sends a report whose PubAck it lost; JetStream may store it after a later
+    report of the same order. The position counts each fill once either way, and a late
+    report's leaves do not overwrite a newer one's."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    rig.auto_feedback = False
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 151000, cl="b1"))
+    rig.counterparty("USDJPY", SELL, 4_000_000, 151000)
+    rig.counterparty("USDJPY", SELL, 6_000_000 if closing else 3_000_000, 151000)
+    i, j = [k for k, r in enumerate(rig.pending) if getattr(r, "last_qty", 0)]
+    # the second fill's report is stored first
+    rig.pending[i], rig.pending[j] = rig.pending[j], rig.pending[i]
+    rig.deliver()
+    st = rig.engine.state(acct)
+    assert st.positions["USDJPY"] == (10_000_000 if closing else 7_000_000)
+    if closing:
+        assert st.orders == {}
+    else:
+        (o,) = st.orders.values()
+        assert (o.leaves, o.cum) == (3_000_000, 7_000_000)
+    assert rig.engine.exposure_usd(acct) == 10_000_000
+
+
+def test_an_order_restored_without_its_filled_quantity_counts_fills_as_they_come() -> None:
+    """A snapshot from before stop 15 has no filled quantity per open order: the engine does
+    not know what the position already holds of it, so it adds each fill as reported (not
+    the whole cum_qty), until a report tells it the order's cum_qty."""
+    import msgpack
+
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 151000, cl="b1"))
+    rig.counterparty("USDJPY", SELL, 4_000_000, 151000)
+    snap = msgpack.unpackb(msgpack.packb(rig.engine.snapshot(), use_bin_type=True), raw=False)
+    del snap["accounts"][acct]["cum"]
+    rig.engine = RiskEngine.restore(snap, TOPO, "sgp")
+    st = rig.engine.state(acct)
+    rig.counterparty("USDJPY", SELL, 1_000_000, 151000)
+    rig.counterparty("USDJPY", SELL, 2_000_000, 151000)
+    assert st.positions["USDJPY"] == 7_000_000
+    (o,) = st.orders.values()
+    assert (o.leaves, o.cum) == (3_000_000, 7_000_000)
+
+
 def test_a_redelivered_suffix_ends_where_the_first_pass_did() -> None:
     """Within the suffix an older report sets leaves again (over-reserving for a moment,
     never under); by its end the open order is as the first pass left it."""
@@ -573,6 +626,7 @@ ops = st.one_of(
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("deliver"), st.integers(0, 6)),
     st.tuples(st.just("redeliver"), st.integers(0, 12)),
+    st.tuples(st.just("swap"), st.integers(0, 12)),
 )
 
 
@@ -630,6 +684,8 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
                     track(rig.execute(sym, d.command))
         elif kind == "redeliver":
             rig.redeliver(op[1])
+        elif kind == "swap":
+            rig.swap(op[1])
         else:
             rig.deliver(op[1])
         # reports in flight only ever release exposure: the engine is conservative
@@ -637,7 +693,8 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
         assert true_exposure(rig, positions) <= LIMIT
     rig.deliver()
     assert rig.engine.exposure_usd(ACCT) == true_exposure(rig, positions)
-    assert rig.engine.state(ACCT).positions.get("EURUSD", 0) == positions.get("EURUSD", 0)
+    for sym in SYMS:
+        assert rig.engine.state(ACCT).positions.get(sym, 0) == positions.get(sym, 0)
 
 
 # ---- snapshots (the worker restores one, then replays only later RISKLOG records) --------------
