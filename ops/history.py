@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import nats
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -81,7 +80,7 @@ async def _read_subject(
         while len(out) < total:
             try:
                 out.extend(await sub.fetch(min(256, total - len(out)), timeout=timeout_s))
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own, or a bare asyncio one under load
                 break
     finally:
         with contextlib.suppress(Exception):

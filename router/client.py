@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -259,7 +258,7 @@ class DeskClient:
                     while True:
                         try:
                             msgs = await sub.fetch(256, timeout=min(timeout_s, 1.0))
-                        except nats.errors.TimeoutError:
+                        except TimeoutError:  # nats-py may raise a bare asyncio one
                             break
                         for m in msgs:
                             with contextlib.suppress(Exception):

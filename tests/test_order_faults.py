@@ -79,7 +79,7 @@ async def read_stream(nc: NATS, domain: str, subject: str) -> list[Msg]:
         while True:
             try:
                 msgs = await sub.fetch(512, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own, or a bare asyncio one under load
                 break
             out.extend(msgs)
             if msgs[-1].metadata.num_pending == 0:
