@@ -51,6 +51,8 @@ class StreamPos:
     ts_ns: int
     delivered: int
     pending: int
+    cseq: int = 0
+    """The consumer's delivery sequence: one more for every delivery, redeliveries included."""
 
 
 def stream_position(msg: Msg) -> StreamPos:
@@ -63,7 +65,7 @@ def stream_position(msg: Msg) -> StreamPos:
         raise ValueError(f"not a JetStream delivery: reply={msg.reply!r}")
     # v2 (12+ tokens) carries domain and account hash
     tokens = tokens[4:] if len(tokens) >= 12 else tokens[2:]
-    stream, consumer, delivered, sseq, _cseq, ts, pending = tokens[:7]
+    stream, consumer, delivered, sseq, cseq, ts, pending = tokens[:7]
     return StreamPos(
         stream=stream,
         consumer=consumer,
@@ -71,7 +73,19 @@ def stream_position(msg: Msg) -> StreamPos:
         ts_ns=int(ts),
         delivered=int(delivered),
         pending=int(pending),
+        cseq=int(cseq),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A message read back from the stream to fill a gap in a consumer's deliveries
+    (:class:`PullLoop` with ``fill_gaps``): it was delivered, to a process that died or on a
+    connection that dropped it, and never handed on. The durable redelivers it only after its
+    ack wait; the worker takes it now, in order, and must not ack it (its reply subject is the
+    reading consumer's): a later ack, or its redelivery found decided, covers it."""
+
+    msg: Msg
 
 
 def now_ns() -> int:
@@ -101,6 +115,7 @@ class PullLoop:
         ack_wait_s: float = 30.0,
         tag: str = "",
         ack_all: bool = False,
+        fill_gaps: bool = False,
     ) -> None:
         self.nc = nc
         self.domain = domain
@@ -116,6 +131,17 @@ class PullLoop:
         self.tag = tag
         self.ack_all = ack_all
         """AckPolicy.ALL: acking a message acks every earlier one (one ack per batch)."""
+        self.fill_gaps = fill_gaps
+        """Hand on every delivered message, in order (AckPolicy.ALL needs it): see
+        :meth:`_on_msg`."""
+        self._cseq = 0
+        self._sseq = 0
+        """Consumer and stream sequence of the last delivery handed on (``fill_gaps``)."""
+        self._held: collections.deque[Msg] | None = None
+        """Deliveries that came while a gap is filled, handed on after it (``fill_gaps``)."""
+        self._filler: asyncio.Task[None] | None = None
+        self.gaps_filled = 0
+        """Messages read back from the stream to fill gaps (for tests and logs)."""
         self._sub: Subscription | None = None
         self._inbox = ""
         self._remaining = 0
@@ -141,13 +167,31 @@ class PullLoop:
         js = self.nc.jetstream(domain=self.domain)
         return await js.consumer_info(self.stream, self.durable)
 
-    async def start(self) -> None:
+    async def start(self, *, resume: tuple[int, int] | None = None) -> None:
+        """Create or update the consumer and start pulling.
+
+        With ``fill_gaps``, first hand on what the consumer delivered and nobody acked (to a
+        predecessor that died): from its ack floor, or from ``resume`` (consumer and stream
+        sequence of the last delivery the caller took already), up to the last delivery.
+        """
         await self.ensure_consumer()
+        if self.fill_gaps:
+            ci = await self.consumer_info()
+            if resume is not None:
+                self._cseq, self._sseq = resume
+            else:
+                self._cseq = ci.ack_floor.consumer_seq or 0
+                self._sseq = ci.ack_floor.stream_seq or 0
+            if (ci.delivered.consumer_seq or 0) > self._cseq:
+                self._held = collections.deque()
+                await self._fill_gaps()
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         self._task = asyncio.create_task(self._pump(), name=f"pull-{self.stream}-{self.tag}")
 
     async def stop(self) -> None:
+        if self._filler is not None:
+            await cancel_and_wait([self._filler])
         if self._task is not None:
             await cancel_and_wait([self._task])
         if self._sub is not None:
@@ -199,7 +243,112 @@ class PullLoop:
         self._remaining -= 1
         if self._remaining <= 0:
             self._kick.set()
+        if not self.fill_gaps:
+            self.queue.put_nowait(msg)
+            return
+        # With AckPolicy.ALL, acking a message acks every one before it, handed on or not. A
+        # delivery that never reached the worker (a connection or leaf link that dropped
+        # it) would be acked unseen by the next ack; the server would redeliver it only
+        # after its ack wait, and by then it is acked. Deliveries are numbered one by one:
+        # a jump means some never came, and they are read back from the stream first.
+        if self._held is not None:
+            self._held.append(msg)
+            return
+        pos = stream_position(msg)
+        if pos.cseq > self._cseq + 1:
+            self._held = collections.deque([msg])
+            self._filler = asyncio.create_task(
+                self._fill_gaps(), name=f"fill-{self.stream}-{self.tag}"
+            )
+            return
+        self._hand_on(msg, pos)
+
+    def _hand_on(self, msg: Msg, pos: StreamPos) -> None:
+        self._cseq = max(self._cseq, pos.cseq)
+        self._sseq = max(self._sseq, pos.seq)
         self.queue.put_nowait(msg)
+
+    async def _fill_gaps(self) -> None:
+        """Read back every message delivered since the last one handed on, then hand on the
+        deliveries held meanwhile, up to the next gap (if any: fill it too)."""
+        held = self._held
+        assert held is not None
+        backoff = 0.5
+        while True:
+            try:
+                await self._read_back()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the stream's domain unreachable: later ones wait
+                log.warning(
+                    "pull loop %s/%s: filling a gap in the deliveries failed (%r); retrying",
+                    self.stream,
+                    self.durable,
+                    e,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            while held:
+                pos = stream_position(held[0])
+                if pos.cseq > self._cseq + 1:
+                    break  # another gap, after the last read: fill it as well
+                self._hand_on(held.popleft(), pos)
+            if not held:
+                self._held = None
+                return
+
+    async def _read_back(self) -> None:
+        """Hand on, as :class:`Recovered`, the stream's messages of this consumer's filter
+        after the last one handed on, up to the consumer's last delivery."""
+        ci = await self.consumer_info()
+        upto_c = ci.delivered.consumer_seq or 0
+        upto_s = ci.delivered.stream_seq or 0
+        n = 0
+        js = self.nc.jetstream(domain=self.domain)
+        first = 0
+        if upto_s > self._sseq:
+            # the first one, if the stream still holds any (max_age may have taken them)
+            with contextlib.suppress(NotFoundError):
+                first = (
+                    await js.get_msg(
+                        self.stream, seq=self._sseq + 1, subject=self.filter_subject, next=True
+                    )
+                ).seq or 0
+        if 0 < first <= upto_s:
+            cfg = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=first,
+                filter_subject=self.filter_subject,
+            )
+            sub = await js.subscribe(
+                self.filter_subject, stream=self.stream, ordered_consumer=True, config=cfg
+            )
+            try:
+                while True:
+                    m = await sub.next_msg(timeout=5)
+                    seq = m.metadata.sequence.stream
+                    if seq > upto_s:
+                        break
+                    self.queue.put_nowait(Recovered(m))  # type: ignore[arg-type]
+                    n += 1
+                    self._sseq = seq
+                    if seq >= upto_s or m.metadata.num_pending == 0:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._cseq = max(self._cseq, upto_c)
+        self._sseq = max(self._sseq, upto_s)
+        self.gaps_filled += n
+        log.warning(
+            "pull loop %s/%s: %d delivered messages never handed on were read back from the "
+            "stream (up to stream seq %d)",
+            self.stream,
+            self.durable,
+            n,
+            upto_s,
+        )
 
 
 async def ensure_gone(nc: NATS, domain: str, stream: str, durable: str) -> None:

@@ -29,6 +29,11 @@ are, for at most :data:`STUCK_LIMIT_S`: past it a re-send could outlive the stre
 window and store a command twice, so the worker stops instead (an operator reconciles). A
 snapshot taken while outputs wait keeps them with their inputs.
 
+Every delivered input is handed on, in order, before a later one is acked (AckPolicy.ALL acks
+everything before it): deliveries a killed predecessor held, or that a dropped connection or
+leaf link lost, are read back from the stream first (:class:`router.natsutil.PullLoop`'s
+``fill_gaps``; decision 0002).
+
 Risk fails closed: with Redis down, orders are rejected (RATE_LIMIT / NO_REFERENCE_PRICE) once
 the cached prices and leased tokens run out (at most 50 ms).
 """
@@ -79,6 +84,7 @@ from router.natsutil import (
     AsyncPublisher,
     PullLoop,
     RebuildError,
+    Recovered,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
@@ -223,6 +229,7 @@ class RiskWorker:
                 batch=512,
                 tag="orders",
                 ack_all=True,
+                fill_gaps=True,
             )
         ]
         for x in self.topology.codes:
@@ -237,12 +244,15 @@ class RiskWorker:
                     batch=512,
                     tag=f"fb-{x}",
                     ack_all=True,
+                    fill_gaps=True,
                 )
             )
         self._tasks.append(asyncio.create_task(self._complete()))
-        await self.recover_inflight()
+        resume = await self.recover_inflight()
         for lp in self.loops:
-            await lp.start()
+            # every loop first hands on what its consumer delivered to a predecessor and
+            # nobody acked (ORDERS: after what recover_inflight decided already)
+            await lp.start(resume=resume if lp.stream == "ORDERS" else None)
         self._tasks.append(
             asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill"))
         )
@@ -460,22 +470,27 @@ class RiskWorker:
             self.done[input_id] = packed  # its outputs may not have been stored
         self.restored_from = seq
 
-    async def recover_inflight(self) -> int:
-        """Decide now the requests a killed predecessor had received but not acked.
+    async def recover_inflight(self) -> tuple[int, int] | None:
+        """Decide now the requests a killed predecessor had received but not acked; returns
+        the ORDERS consumer's position (consumer and stream sequence) decided up to, or None
+        if there was nothing to do or it stopped early (the pull loop reads back the rest).
 
         The ORDERS durable redelivers them only after its ack wait (30 s), and meanwhile hands
-        out later requests: taking them here, in stream order and before the pull loops start,
-        keeps acked orders from stalling after a restart. Their redelivery later finds them in
-        ``done``: the recorded outputs are re-published (dropped by dedup) and acked.
+        out later requests, whose ack (AckPolicy.ALL) would ack these unseen. Taking them
+        here, in stream order and before the pull loops and the batch loop start, also keeps
+        a snapshot from being taken while their outputs may be unstored (see
+        :meth:`snapshot`). Their redelivery later finds them in ``done``: the recorded
+        outputs are re-published (dropped by dedup) and acked.
         """
         try:
             ci = await self.js.consumer_info("ORDERS", subjects.durable_risk(self.region))
         except NotFoundError:
-            return 0
+            return None
         floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
         upto = ci.delivered.stream_seq if ci.delivered else 0
         if upto <= floor:
-            return 0
+            return None
+        complete = True
         cfg = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=floor + 1,
@@ -500,6 +515,7 @@ class RiskWorker:
                 self.region,
             )
             self._snapshots_ok = False
+            complete = False
         finally:
             await sub.unsubscribe()
         if items:
@@ -511,7 +527,7 @@ class RiskWorker:
             floor + 1,
             upto,
         )
-        return len(items)
+        return (ci.delivered.consumer_seq, upto) if complete else None
 
     def _replay(self, rec: dict[str, Any]) -> None:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
@@ -783,6 +799,11 @@ class RiskWorker:
     def _classify(self, raw: Any) -> Item | None:
         if isinstance(raw, Item):  # KV updates arrive pre-classified
             return raw
+        if isinstance(raw, Recovered):  # read back to fill a gap: decided now, never acked
+            it = self._classify(raw.msg)
+            if it is not None:
+                it.msg = None
+            return it
         msg: Msg = raw
         hdrs = dict(msg.headers or {})
         if msg.subject.startswith(f"mrd.{self.region}.ord."):

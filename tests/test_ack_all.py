@@ -53,3 +53,109 @@ async def test_ack_all_works_by_stream_sequence_across_redeliveries(tmp_path: Pa
         await nc.close()
     finally:
         srv.stop()
+
+
+# ---- deliveries that never reached the worker (PullLoop(fill_gaps=True)) ----------------------
+
+
+def _seqs(items: list[object]) -> list[tuple[int, bool]]:
+    """(stream seq, read back?) of what a PullLoop handed on, in order."""
+    from router.natsutil import Recovered, stream_position
+
+    out = []
+    for x in items:
+        m = x.msg if isinstance(x, Recovered) else x
+        out.append((stream_position(m).seq, isinstance(x, Recovered)))  # type: ignore[arg-type]
+    return out
+
+
+async def _drain(q: asyncio.Queue[object], n: int, timeout: float = 10.0) -> list[object]:
+    got: list[object] = []
+    async with asyncio.timeout(timeout):
+        while len({s for s, _ in _seqs(got)}) < n:
+            got.append(await q.get())
+    await asyncio.sleep(0.3)  # anything handed on twice comes now
+    while not q.empty():
+        got.append(q.get_nowait())
+    return got
+
+
+async def test_a_restart_hands_on_what_the_dead_predecessor_was_delivered(tmp_path: Path) -> None:
+    """A worker stopped with deliveries it never handled: the next one's first ack
+    (AckPolicy.ALL) would ack them unseen, and the server redelivers only after ack_wait. The
+    pull loop reads them back first, in order, marked so that nobody acks them."""
+    from router.natsutil import PullLoop
+
+    srv, url = standalone_jetstream("fillstart", tmp_path, domain="lon")
+    try:
+        nc = await nats.connect(url)
+        js = nc.jetstream(domain="lon")
+        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        for i in range(10):
+            await js.publish(f"s.{i}", b"x")
+        q: asyncio.Queue[object] = asyncio.Queue()
+        kw = dict(domain="lon", stream="S", durable="w", filter_subject="s.>", ack_all=True)
+        await PullLoop(nc, queue=q, **kw).ensure_consumer()  # type: ignore[arg-type]
+        dead = await js.pull_subscribe("s.>", durable="w", stream="S")
+        took = await dead.fetch(6, timeout=2)  # the predecessor's deliveries: 1..6
+        await took[1].ack()  # it acked 1..2, then died holding 3..6
+        await dead.unsubscribe()
+
+        lp = PullLoop(nc, queue=q, batch=64, fill_gaps=True, **kw)  # type: ignore[arg-type]
+        await lp.start()
+        got = _seqs(await _drain(q, 8))
+        await lp.stop()
+        assert got[:4] == [(3, True), (4, True), (5, True), (6, True)]
+        assert [s for s, _ in got[4:]] == [7, 8, 9, 10]
+        assert lp.gaps_filled == 4
+        await nc.close()
+    finally:
+        srv.stop()
+
+
+async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_path: Path) -> None:
+    """Deliveries a dropped connection or leaf link lost never reach the worker; the next
+    ones come with a jump in the consumer's delivery numbers. Those in between are read back
+    from the stream and handed on first, so no ack covers a message the worker never had."""
+    from router.natsutil import PullLoop, stream_position
+
+    srv, url = standalone_jetstream("fillgap", tmp_path, domain="lon")
+    try:
+        nc = await nats.connect(url)
+        js = nc.jetstream(domain="lon")
+        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        q: asyncio.Queue[object] = asyncio.Queue()
+        lp = PullLoop(
+            nc, domain="lon", stream="S", durable="w", filter_subject="s.>",
+            queue=q, batch=64, ack_all=True, fill_gaps=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+        handle = lp._on_msg
+
+        async def lossy(msg: object) -> None:  # 5 and 6 are lost on the way
+            reply = getattr(msg, "reply", "") or ""
+            if reply.startswith("$JS.ACK") and stream_position(msg).seq in (5, 6):  # type: ignore[arg-type]
+                return
+            await handle(msg)  # type: ignore[arg-type]
+
+        lp._on_msg = lossy  # type: ignore[method-assign]
+        await lp.start()
+        for i in range(1, 9):
+            await js.publish(f"s.{i}", b"x")
+            await asyncio.sleep(0.05)
+        handed = await _drain(q, 8)
+        got = _seqs(handed)
+        await lp.stop()
+        firsts: dict[int, bool] = {}
+        for s, recovered in got:
+            firsts.setdefault(s, recovered)
+        assert list(firsts) == list(range(1, 9))  # every one, in order, 5 and 6 before 7
+        assert firsts[5] and firsts[6] and not firsts[4]
+        assert lp.gaps_filled >= 2
+        last = [x for x in handed if not hasattr(x, "msg")][-1]
+        await last.ack()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.3)
+        ci = await js.consumer_info("S", "w")
+        assert ci.ack_floor.stream_seq == 8
+        await nc.close()
+    finally:
+        srv.stop()
