@@ -54,6 +54,9 @@ log = logging.getLogger("ledger.writer")
 
 STREAM = "EXECOUT"
 DEFAULT_LINGER_S = 0.05
+HOLD_S = 30.0
+"""A fill this writer cannot post (unknown account, instrument or currency) comes back this
+long after it was held."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +129,13 @@ class WriterMetrics:
             (*lb, "field"),
             registry=registry,
         )
+        self._held = Counter(
+            "meridian_ledger_fills_held",
+            "Well-formed fills that could not be posted (unknown to this writer's topology), "
+            "held for redelivery: each redelivery counts",
+            (*lb, "field"),
+            registry=registry,
+        )
         self._retries = Counter(
             "meridian_ledger_db_retries",
             "Whole-transaction retries",
@@ -141,6 +151,10 @@ class WriterMetrics:
     def rejected(self, field: str) -> Counter:
         """Counter: malformed fills terminated, by the offending ``field``."""
         return self._rejected.labels(self.region, SERVICE, field)
+
+    def held(self, field: str) -> Counter:
+        """Counter: fills held (not posted, not acked), by the ``field`` it could not post."""
+        return self._held.labels(self.region, SERVICE, field)
 
     def retries(self, kind: str) -> Counter:
         """Counter: whole-transaction retries, by ``kind`` (serialization, connection)."""
@@ -290,7 +304,7 @@ class LedgerWriter:
         for m in msgs:
             try:
                 transfers.extend(self.parse(m))
-            except (ContractError, FillRejected) as e:
+            except ContractError as e:
                 field = getattr(e, "field", "") or "payload"
                 log.warning(
                     "ledger %s: terminating malformed fill on %s: %s", self.region, m.subject, e
@@ -298,6 +312,23 @@ class LedgerWriter:
                 self.metrics.rejected(field).inc()
                 with contextlib.suppress(Exception):
                     await m.term()
+                continue
+            except FillRejected as e:
+                # A well-formed fill this writer cannot post: a trade that happened, against a
+                # topology (account, instrument, currency) it does not know, most likely its
+                # own, older than execution's. Terminating it would drop a trade from the
+                # books of record; it is held instead (redelivered every HOLD_S, not acked),
+                # counted and logged, and posts once the writer runs with the topology.
+                log.error(
+                    "ledger %s: cannot post fill on %s (%s); holding it, again in %.0f s",
+                    self.region,
+                    m.subject,
+                    e,
+                    HOLD_S,
+                )
+                self.metrics.held(e.field).inc()
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=HOLD_S)
                 continue
             good.append(m)
         with contextlib.suppress(Exception):

@@ -42,7 +42,13 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def known_series() -> set[str]:
-    names = set(metric_names()) | set(NATS_METRIC_NAMES)
+    from prometheus_client import CollectorRegistry
+
+    from ledger.writer import WriterMetrics
+
+    ledger = CollectorRegistry()
+    WriterMetrics(ledger, "lon")  # the ledger writer's own series (it has no MeridianMetrics)
+    names = set(metric_names()) | set(NATS_METRIC_NAMES) | set(metric_names(ledger))
     return names | {"up"}
 
 
