@@ -52,6 +52,7 @@ from router.natsutil import (
     AsyncPublisher,
     PullLoop,
     RebuildError,
+    RebuildUnavailable,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
@@ -309,7 +310,7 @@ class ExecutionWorker:
                 try:
                     m = await asyncio.wait_for(replay.get(), 5)
                 except TimeoutError:
-                    raise RebuildError(
+                    raise RebuildUnavailable(
                         f"replay stalled after {n} commands (at {self.applied}, last {last})"
                     ) from None
                 batch = [m]
@@ -489,6 +490,12 @@ class ExecutionWorker:
             try:
                 await self.rebuild()
                 return
+            except RebuildUnavailable:  # the store or the replay did not answer: try again
+                log.exception(
+                    "exec %s: rebuild %d/%d could not read its state", self.region, attempt,
+                    REBUILD_ATTEMPTS,
+                )  # fmt: skip
+                delay = min(delay * 2, 5.0)
             except RebuildError:
                 raise
             except Exception:

@@ -605,6 +605,30 @@ class RebuildError(RuntimeError):
     """A single writer could not rebuild its exact state; it must not act until it can."""
 
 
+class RebuildUnavailable(RebuildError):
+    """What a rebuild reads did not answer in time (the snapshot store, the stream's replay):
+    a dropped connection or an overloaded server, not a state that cannot be rebuilt. The
+    worker still must not act on what it has, but a later rebuild from nothing may work, so
+    the rebuild is tried again (a bounded number of times) rather than the worker stopped."""
+
+
+def transient(e: BaseException) -> bool:
+    """A failure of the connection or of a server's answer, not of the data."""
+    import nats.errors
+    import nats.js.errors
+
+    return isinstance(
+        e,
+        TimeoutError
+        | ConnectionError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.NoRespondersError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.ServiceUnavailableError,
+    )
+
+
 SNAPSHOT_PUT_BYTES_PER_S = 16 * 1024 * 1024
 """How fast a snapshot is written (:meth:`SnapshotStore.save`). At full speed a 25-55 MB
 snapshot of execution's books went into the region's nats-server within about a second,
@@ -681,7 +705,8 @@ class SnapshotStore:
         except ObjectNotFoundError:
             return None
         except Exception as e:
-            raise RebuildError(f"snapshot store {self.bucket} unreadable: {e!r}") from e
+            cls = RebuildUnavailable if transient(e) else RebuildError
+            raise cls(f"snapshot store {self.bucket} unreadable: {e!r}") from e
         return bytes(res.data or b"")
 
     async def load_for(self, region: str, seq_field: str, max_seq: int) -> dict[str, Any] | None:

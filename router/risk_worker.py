@@ -84,11 +84,13 @@ from router.natsutil import (
     AsyncPublisher,
     PullLoop,
     RebuildError,
+    RebuildUnavailable,
     Recovered,
     SnapshotStore,
     cancel_and_wait,
     stream_position,
     take_batch,
+    transient,
     unstored,
     wake_every,
 )
@@ -300,7 +302,8 @@ class RiskWorker:
             self._log_rebuilt(0)  # a region that never recorded anything
             return
         except Exception as e:
-            raise RebuildError(f"RISKLOG unreadable: {e!r}") from e
+            cls = RebuildUnavailable if transient(e) else RebuildError
+            raise cls(f"RISKLOG unreadable: {e!r}") from e
         self._snap_at = time.monotonic()
         await self._restore_snapshot(max_seq=info.state.last_seq)
         self._risklog_seq = self.restored_from
@@ -315,7 +318,8 @@ class RiskWorker:
         except NotFoundError:
             last = 0
         except Exception as e:
-            raise RebuildError(f"RISKLOG unreadable: {e!r}") from e
+            cls = RebuildUnavailable if transient(e) else RebuildError
+            raise cls(f"RISKLOG unreadable: {e!r}") from e
         if last is None or last < start:
             self._apply_file_limits()
             self._log_rebuilt(0)
@@ -333,7 +337,7 @@ class RiskWorker:
                 try:
                     m = await sub.next_msg(timeout=5)
                 except nats.errors.TimeoutError:
-                    raise RebuildError(
+                    raise RebuildUnavailable(
                         f"replay stalled after RISKLOG {self._risklog_seq} (last record {last})"
                     ) from None
                 body = msgpack.unpackb(m.data, raw=False)
@@ -594,6 +598,14 @@ class RiskWorker:
                 await self.rebuild()
                 await self._process(batch)
                 return
+            except RebuildUnavailable:  # its state did not answer in time: try again
+                log.exception(
+                    "risk %s: retry %d/%d could not read its state",
+                    self.region,
+                    attempt,
+                    RETRY_ATTEMPTS,
+                )
+                delay = min(delay * 2, 5.0)
             except RebuildError:
                 raise  # fail closed: see _run
             except Exception:

@@ -96,6 +96,27 @@ async def test_a_rebuild_that_fails_on_the_connection_is_tried_again() -> None:
     assert calls["n"] == 2 and events == ["snapshot read"]
 
 
+async def test_a_rebuild_whose_snapshot_store_does_not_answer_is_tried_again() -> None:
+    """A review found the store's timeout raised as RebuildError, which stops the worker at
+    once: the retries above never ran for the commonest failure of an overloaded machine."""
+    from router.natsutil import RebuildUnavailable
+
+    events: list[str] = []
+    w = await _worker(0.0, events)
+    restore = w._restore_snapshot
+    calls = {"n": 0}
+
+    async def slow_store(*, max_seq: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RebuildUnavailable("snapshot store EXECSNAP_sgp unreadable: TimeoutError()")
+        await restore(max_seq=max_seq)
+
+    w._restore_snapshot = slow_store  # type: ignore[method-assign]
+    await w._rebuild_with_retries()
+    assert calls["n"] == 2 and events == ["snapshot read"]
+
+
 async def test_a_state_that_cannot_be_rebuilt_is_not_tried_again() -> None:
     events: list[str] = []
     w = await _worker(0.0, events)

@@ -134,9 +134,14 @@ def test_snapshot_store_tells_missing_unreadable_and_unusable_apart() -> None:
         store = SnapshotStore(_FakeJs(get), "EXECSNAP_sgp", "books")
         return asyncio.run(store.load_for("sgp", "applied", max_seq))
 
+    from router.natsutil import RebuildUnavailable
+
     assert load(ObjectNotFoundError()) is None  # none yet: replay the stream
-    with pytest.raises(RebuildError, match="unreadable"):
-        load(TimeoutError())  # cannot tell: never mistake it for "none yet"
+    with pytest.raises(RebuildUnavailable, match="unreadable"):
+        load(TimeoutError())  # cannot tell: never mistake it for "none yet"; try again later
+    with pytest.raises(RebuildError, match="unreadable") as exc:
+        load(RuntimeError("bad digest"))  # not the connection's: the worker stops
+    assert not isinstance(exc.value, RebuildUnavailable)
     with pytest.raises(ValueError):
         load(b"\xc1 not msgpack")
     with pytest.raises(ValueError, match="snapshot for lon"):
