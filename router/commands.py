@@ -31,8 +31,21 @@ def encode_command(cmd: Command) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+_IDS = frozenset({"order_id", "cl_ord_id", "orig_cl_ord_id", "account", "home_region"})
+"""Fields that name something: non-empty text of at most 64 characters, without NUL (the
+book's index keys join two of them with one)."""
+_INTS = {"qty": (1, 10**12), "price_ticks": (0, 10**12), "entry_ns": (0, 2**63 - 1)}
+"""Integer fields and their ranges (a book rejects a zero LIMIT price itself, with a report)."""
+
+
 def decode_command(data: bytes) -> Command:
-    """Raises ValueError on anything that is not a well-formed command."""
+    """Raises ValueError on anything that is not a well-formed command.
+
+    Only risk publishes commands, and it decodes every order strictly first; this checks
+    again, field by field, so that a command from anywhere else (a bug, a rogue publisher
+    on ``mrd.<region>.exe.>``) can never put a NaN or a string quantity into a book, where
+    the first would rest and absorb flow and the second fail half way through a submit.
+    """
     try:
         raw = msgpack.unpackb(data, raw=False)
     except Exception as e:
@@ -42,11 +55,23 @@ def decode_command(data: bytes) -> Command:
     cls = _OPS.get(raw.pop("op", None))
     if cls is None:
         raise ValueError("unknown op")
-    if cls is Submit:
-        raw["side"] = Side(raw["side"])
-        raw["ord_type"] = OrdType(raw["ord_type"])
-        raw["tif"] = TimeInForce(raw["tif"])
+    for name, v in raw.items():
+        if name in _IDS:
+            if type(v) is not str or not v or len(v) > 64 or "\x00" in v:
+                raise ValueError(f"{name}: must be non-empty text of at most 64 characters")
+        elif name in _INTS:
+            lo, hi = _INTS[name]
+            if name == "price_ticks" and v is None and cls is Submit:
+                continue  # a MARKET order
+            if type(v) is not int or not lo <= v <= hi:
+                raise ValueError(f"{name}: must be an integer in {lo}..{hi}, got {v!r}")
+        elif name == "reason" and type(v) is not str:
+            raise ValueError("reason: must be text")
     try:
+        if cls is Submit:
+            raw["side"] = Side(raw["side"])
+            raw["ord_type"] = OrdType(raw["ord_type"])
+            raw["tif"] = TimeInForce(raw["tif"])
         return cls(**raw)  # type: ignore[no-any-return]
-    except TypeError as e:
-        raise ValueError(str(e)) from e
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from e

@@ -45,7 +45,17 @@ from regions.topology import Topology
 from router import contract, subjects
 from router.book import OrderBook
 from router.commands import decode_command
-from router.contract import CancelReject, ExecType, ExecutionReport, Fill
+from router.contract import (
+    CancelReject,
+    ExecType,
+    ExecutionReport,
+    Fill,
+    OrdStatus,
+    OrdType,
+    RejectReason,
+    Side,
+    TimeInForce,
+)
 from router.natsutil import (
     H_KIND,
     H_MSG_ID,
@@ -73,6 +83,89 @@ msg ids: the stream's dedup drops what was stored), then the next wait; after th
 batch fails and the books are rebuilt."""
 REBUILD_ATTEMPTS = 10
 """Rebuilds tried after a failed batch before the worker stops (about 40 s in all)."""
+
+
+def unapplied_report(
+    cmd: Cmd, region: str, why: str, *, no_book: bool
+) -> ExecutionReport | CancelReject | None:
+    """The answer to a command this region could not apply, or None if it names no order.
+
+    Risk approved it and the desk holds an OrderAck: skipping it in silence would leave the
+    order with no report ever, and its exposure reserved in risk for good. A region that has
+    no book for the symbol (risk routed it here from another topology) or a command that
+    breaks :func:`router.commands.decode_command` (another build) is answered like a book's
+    own refusal: a REJECTED report for a submit, a cancel reject for a cancel or replace.
+    Its id is the command's stream sequence, so a replay sends the same report.
+    """
+    try:
+        raw = msgpack.unpackb(cmd.data, raw=False)
+        if not isinstance(raw, dict):
+            return None
+        symbol = cmd.subject.rsplit(".", 1)[1]
+        reason = RejectReason.UNKNOWN_SYMBOL if no_book else RejectReason.MALFORMED
+        text = (f"not executed in {region}" if no_book else f"not applied: {why}")[:256]
+        rid = f"{region}-{symbol}-{cmd.seq}-x"
+
+        def num(name: str) -> int:
+            v = raw.get(name)
+            return v if type(v) is int and 0 <= v <= 10**12 else 0
+
+        common = {
+            "order_id": raw["order_id"],
+            "cl_ord_id": raw["cl_ord_id"],
+            "account": raw["account"],
+            "symbol": symbol,
+            "home_region": raw["home_region"],
+            "exec_region": region,
+            "transact_ns": cmd.ts_ns,
+        }
+        op = raw.get("op")
+        out: ExecutionReport | CancelReject
+        if op == "submit":
+            out = ExecutionReport(
+                **common,
+                exec_id=rid,
+                side=Side(raw["side"]),
+                ord_type=OrdType(raw["ord_type"]),
+                tif=TimeInForce(raw["tif"]),
+                exec_type=ExecType.REJECTED,
+                ord_status=OrdStatus.REJECTED,
+                qty=num("qty"),
+                price_ticks=num("price_ticks"),
+                cum_qty=0,
+                leaves_qty=0,
+                last_qty=0,
+                last_px=0,
+                cum_notional=0,
+                avg_px="0",
+                reject_reason=reason.value,
+                text=text,
+                entry_ns=num("entry_ns") if type(raw.get("entry_ns")) is int else 0,
+            )
+        elif op in ("cancel", "replace"):
+            out = CancelReject(
+                **common,
+                orig_cl_ord_id=raw["orig_cl_ord_id"],
+                ord_status=OrdStatus.REJECTED,
+                response_to=op,
+                reason=reason,
+                text=text,
+                reject_id=rid,
+            )
+        else:
+            return None
+        # only an answer that keeps the contract (ids, account, symbol patterns) goes out
+        return contract.decode(type(out), contract.encode(out))
+    except Exception:  # names no order, or not well enough to answer for it
+        return None
+
+
+def _report_out(region: str, r: ExecutionReport | CancelReject) -> tuple[str, str, str, bytes, Any]:
+    """(subject, msg id, kind, bytes, output) of a report, as :meth:`ExecutionWorker._apply`
+    gives them."""
+    msg_id = r.exec_id if isinstance(r, ExecutionReport) else r.reject_id
+    subject = subjects.report_exec(region, r.home_region, r.account)
+    return (subject, msg_id, type(r).__name__, contract.encode(r), r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +436,9 @@ class ExecutionWorker:
             len(futs),
         )
 
+    def _no_book(self, cmd: Cmd) -> bool:
+        return cmd.subject.rsplit(".", 1)[1] not in self.books
+
     def _apply(self, cmd: Cmd, *, encode: bool = True) -> list[tuple[str, str, str, bytes, Any]]:
         """Apply ``cmd`` to its book; its outputs as (subject, msg id, kind, bytes, output),
         or none when not ``encode`` (a replayed command whose outputs are stored)."""
@@ -425,17 +521,19 @@ class ExecutionWorker:
         futs: list[asyncio.Future[Any]] = []
         try:
             outs = self._apply(cmd, encode=publish)
+            self.stats["commands"] += 1
         except Exception as e:  # a bad command must never block the stream
             self.stats["bad"] += 1
+            rej = unapplied_report(cmd, self.region, str(e), no_book=self._no_book(cmd))
             log.error(
-                "exec %s: bad command %d on %s: %s; skipped",
+                "exec %s: command %d on %s not applied: %s; %s",
                 self.region,
                 cmd.seq,
                 cmd.subject,
                 e,
+                f"answered with {type(rej).__name__}" if rej else "no order to answer: skipped",
             )
-            return futs
-        self.stats["commands"] += 1
+            outs = [_report_out(self.region, rej)] if rej is not None and publish else []
         if not publish:
             return futs
         for subject, msg_id, kind, payload, out in outs:

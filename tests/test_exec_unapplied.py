@@ -1,0 +1,200 @@
+"""A command execution cannot apply is answered, never skipped in silence.
+
+Risk approved it and the desk holds an OrderAck: with no report the order would hang for
+ever, its exposure reserved in risk. A region without the symbol's book (risk routed it from
+another topology), or a command another build encoded, gets the answer a book gives to what
+it refuses: a REJECTED report for a submit, a cancel reject for a cancel or replace, with an
+id from the command's stream sequence (a replay sends the same one). Commands are also
+checked field by field before they reach a book.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import types
+from typing import Any
+
+import msgpack
+import pytest
+
+from regions.topology import load_topology
+from router import subjects
+from router.book import Cancel, Submit
+from router.commands import decode_command, encode_command
+from router.contract import (
+    CancelReject,
+    ExecType,
+    ExecutionReport,
+    OrdStatus,
+    OrdType,
+    RejectReason,
+    Side,
+    TimeInForce,
+)
+from router.execution import Cmd, ExecutionWorker, unapplied_report
+from router.risk import Externals, RefPrice, RiskEngine, RiskLimits
+
+TOPO = load_topology()
+
+
+def _submit(**over: Any) -> dict[str, Any]:
+    body = msgpack.unpackb(
+        encode_command(
+            Submit(
+                order_id="O-1",
+                cl_ord_id="c1",
+                account="SGP-CORP-03",
+                home_region="sgp",
+                side=Side.BUY,
+                ord_type=OrdType.LIMIT,
+                tif=TimeInForce.GTC,
+                qty=1_000_000,
+                price_ticks=150000,
+                entry_ns=7,
+            )
+        )
+    )
+    body.update(over)
+    return body  # type: ignore[no-any-return]
+
+
+def _cmd(body: dict[str, Any] | bytes, symbol: str = "USDJPY", seq: int = 42) -> Cmd:
+    data = body if isinstance(body, bytes) else msgpack.packb(body)
+    return Cmd(subjects.exec_in("sgp", symbol), data, seq, 1_700_000_000_000_000_000, None)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("qty", math.nan),
+        ("qty", "5"),
+        ("qty", True),
+        ("qty", 0),
+        ("price_ticks", -1),
+        ("price_ticks", 1.5),
+        ("order_id", ""),
+        ("account", "A\x00B"),
+        ("cl_ord_id", 7),
+        ("entry_ns", None),
+    ],
+)
+def test_a_command_with_a_field_of_the_wrong_type_or_range_never_reaches_a_book(
+    field: str, value: Any
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        decode_command(msgpack.packb(_submit(**{field: value})))
+
+
+def test_well_formed_commands_still_decode() -> None:
+    assert decode_command(msgpack.packb(_submit())).qty == 1_000_000  # type: ignore[union-attr]
+    market = decode_command(msgpack.packb(_submit(ord_type="MARKET", price_ticks=None)))
+    assert isinstance(market, Submit) and market.price_ticks is None
+    with pytest.raises(ValueError):
+        decode_command(msgpack.packb(_submit(side="SIDEWAYS")))
+    with pytest.raises(ValueError):
+        decode_command(msgpack.packb({**_submit(), "extra": 1}))
+
+
+def test_a_submit_for_a_symbol_this_region_does_not_execute_is_rejected() -> None:
+    r = unapplied_report(_cmd(_submit()), "sgp", "no book", no_book=True)
+    assert isinstance(r, ExecutionReport)
+    assert (r.exec_type, r.ord_status, r.reject_reason) == (
+        ExecType.REJECTED,
+        OrdStatus.REJECTED,
+        RejectReason.UNKNOWN_SYMBOL.value,
+    )
+    assert (r.order_id, r.cl_ord_id, r.account, r.symbol, r.qty) == (
+        "O-1",
+        "c1",
+        "SGP-CORP-03",
+        "USDJPY",
+        1_000_000,
+    )
+    assert r.exec_id == "sgp-USDJPY-42-x"  # from the stream sequence: a replay sends the same
+    assert r == unapplied_report(_cmd(_submit()), "sgp", "no book", no_book=True)
+
+
+def test_a_malformed_submit_that_names_its_order_is_rejected_as_malformed() -> None:
+    r = unapplied_report(_cmd(_submit(qty=math.nan)), "sgp", "qty: NaN", no_book=False)
+    assert isinstance(r, ExecutionReport) and r.reject_reason == RejectReason.MALFORMED.value
+    assert r.qty == 0 and "qty" in r.text
+
+
+def test_a_cancel_or_replace_gets_a_cancel_reject() -> None:
+    body = msgpack.unpackb(
+        encode_command(
+            Cancel(
+                order_id="O-1",
+                cl_ord_id="k1",
+                orig_cl_ord_id="c1",
+                account="SGP-CORP-03",
+                home_region="sgp",
+            )
+        )
+    )
+    r = unapplied_report(_cmd(body), "sgp", "no book", no_book=True)
+    assert isinstance(r, CancelReject)
+    assert (r.response_to, r.reason, r.order_id) == ("cancel", RejectReason.UNKNOWN_SYMBOL, "O-1")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"op": "expire"}), msgpack.packb({})],
+)
+def test_a_command_that_names_no_order_gets_no_answer(data: bytes) -> None:
+    assert unapplied_report(_cmd(data), "sgp", "bad", no_book=False) is None
+
+
+def test_the_answer_releases_what_risk_reserved() -> None:
+    eng = RiskEngine(TOPO, "sgp", RiskLimits.load())
+    from router.contract import NewOrder
+
+    d = eng.on_new(
+        NewOrder(
+            account="SGP-CORP-03",
+            cl_ord_id="c1",
+            symbol="USDJPY",
+            side=Side.BUY,
+            ord_type=OrdType.LIMIT,
+            tif=TimeInForce.GTC,
+            qty=1_000_000,
+            price_ticks=150000,
+        ),
+        order_id="O-1",
+        accepted_ns=1,
+        ext=Externals(rate_ok=True, ref=RefPrice(bid_ticks=149990, ask_ticks=150010)),
+        seq=1,
+    )
+    assert d.command is not None and eng.exposure_usd("SGP-CORP-03") > 0
+    cmd = _cmd(msgpack.unpackb(encode_command(d.command)))
+    r = unapplied_report(cmd, "sgp", "no book", no_book=True)
+    assert isinstance(r, ExecutionReport)
+    eng.on_report(r)
+    assert eng.exposure_usd("SGP-CORP-03") == 0 and eng.state("SGP-CORP-03").orders == {}
+
+
+async def test_the_worker_publishes_the_answer_and_goes_on() -> None:
+    class _Nc:
+        def jetstream(self, domain: str) -> Any:
+            return types.SimpleNamespace()
+
+    w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        sent.append((subject, headers))
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
+    futs = await w._apply_and_send(_cmd(_submit(), symbol="EURUSD"), True, None)  # lon's
+    assert len(futs) == 1 and w.stats["bad"] == 1
+    assert sent == [
+        (
+            subjects.report_exec("sgp", "sgp", "SGP-CORP-03"),
+            {"Nats-Msg-Id": "sgp-EURUSD-42-x", "Mrd-Kind": "ExecutionReport"},
+        )
+    ]
+    assert await w._apply_and_send(_cmd(b"\xc1garbage"), True, None) == []
