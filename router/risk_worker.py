@@ -202,6 +202,8 @@ class RiskWorker:
         backwards for the same ids held the batch loop ~40 ms (the capture was ~130 ms)."""
         self.loops: list[PullLoop] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._starters: list[asyncio.Task[None]] = []
+        """Start-ups of other regions' report loops still trying (see :meth:`start`)."""
         self._inflight: deque[_Pending] = deque()
         """Decided batches whose outputs await their PubAcks, oldest first (see _complete)."""
         self._inflight_ids: set[str] = set()
@@ -254,7 +256,12 @@ class RiskWorker:
         for lp in self.loops:
             # every loop first hands on what its consumer delivered to a predecessor and
             # nobody acked (ORDERS: after what recover_inflight decided already)
-            await lp.start(resume=resume if lp.stream == "ORDERS" else None)
+            if lp.domain == self.region:
+                await lp.start(resume=resume if lp.stream == "ORDERS" else None)
+            else:
+                # another region's reports: it may be down or cut off now, and deciding this
+                # region's orders must not wait for it (its reports come when it is back)
+                self._starters.append(asyncio.create_task(self._start_remote(lp)))
         self._tasks.append(
             asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill"))
         )
@@ -266,7 +273,33 @@ class RiskWorker:
             asyncio.create_task(wake_every(self.queue, max(1.0, self.snapshot_every_s / 4)))
         )
 
+    async def _start_remote(self, lp: PullLoop) -> None:
+        """Start the loop of another region's reports, trying again until that region
+        answers."""
+        delay, logged = 0.5, 0.0
+        while True:
+            try:
+                await lp.start()
+                if logged:
+                    log.info("risk %s: reading %s's reports again", self.region, lp.domain)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if time.monotonic() - logged > 30.0:
+                    logged = time.monotonic()
+                    log.warning(
+                        "risk %s: cannot read %s's reports yet (%r); deciding without them, "
+                        "trying again",
+                        self.region,
+                        lp.domain,
+                        e,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     async def stop(self) -> None:
+        await cancel_and_wait(self._starters)  # before the loops: none starts after this
         for lp in self.loops:
             await lp.stop()
         deadline = time.monotonic() + 5.0

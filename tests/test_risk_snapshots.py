@@ -353,3 +353,41 @@ async def _kill_scenario(ds: Devstack) -> None:
     finally:
         await r.aclose()
         await nc.close()
+
+
+def test_risk_starts_and_decides_while_another_region_is_cut_off() -> None:
+    """Risk reads every region's execution reports, but deciding its own region's orders must
+    not wait for a region that is down or cut off: before stop 16 a restart of lon's risk
+    while sgp was unreachable failed (creating sgp's consumer got no answer), and lon could
+    not trade until sgp came back. It now starts, decides, and reads sgp's reports once the
+    region answers again."""
+    _on_a_mesh(_cut_off_start_scenario, 120)
+
+
+async def _cut_off_start_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    links = ("lon-sgp", "nyc-sgp")
+    for ln in links:
+        ds.links.cut(ln)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await asyncio.wait_for(w.start(), 30)
+        await _send(js, 0)
+        await _decided(w, 1)
+        sgp = next(lp for lp in w.loops if lp.domain == "sgp")
+        assert sgp._task is None  # not reading sgp's reports: it is cut off
+        for ln in links:
+            ds.links.restore(ln)
+        for _ in range(600):
+            if sgp._task is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert sgp._task is not None, "sgp's reports never read after the links came back"
+    finally:
+        for ln in links:
+            ds.links.restore(ln)
+        await w.stop()
+        await r.aclose()
+        await nc.close()
