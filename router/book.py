@@ -99,6 +99,18 @@ def _clid_key(account: str, cl_ord_id: str) -> str:
 _REASON_CODES = frozenset(r.value for r in RejectReason)
 
 
+def report_position(report_id: str) -> tuple[str, int, int] | None:
+    """Where a book made a report (exec id or cancel-reject id): (exec region, EXEC stream
+    sequence of its command, n-th output of that command). One order's reports come from one
+    book in this order, whatever order they are delivered in. None for an id a book did not
+    make (``OrderBook._next_id``)."""
+    try:
+        head, seq, n = report_id.rsplit("-", 2)
+        return head.split("-", 1)[0], int(seq), int(n)
+    except ValueError:
+        return None
+
+
 # ---- commands -----------------------------------------------------------------------------------
 
 
@@ -680,6 +692,7 @@ class OrderBook:
     # ---- outputs --------------------------------------------------------------------------
 
     def _next_id(self) -> str:
+        """``<exec region>-<symbol>-<EXEC seq>-<n>``: :func:`report_position` reads it."""
         n = self._n
         self._n = n + 1
         return f"{self.exec_region}-{self.symbol}-{self._seq}-{n}"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from regions.topology import Topology
-from router.book import Cancel, Replace, Submit
+from router.book import Cancel, Replace, Submit, report_position
 from router.contract import (
     CancelOrder,
     CancelReject,
@@ -186,6 +186,12 @@ class OpenOrder:
     """Filled so far (the highest ``cum_qty`` of its reports): what the position holds of
     it, and a reject of a live order's replace says PARTIALLY_FILLED once it is above zero.
     -1: not known (restored from a snapshot that did not keep it)."""
+    ver: tuple[str, int, int] = ("", 0, 0)
+    """Where the newest report applied was made (:func:`router.book.report_position`): an
+    older one, delivered late, sets nothing."""
+    pending_cl: str = ""
+    """cl_ord_id of the latest replace approved and not yet done or refused: only its own
+    report ends the reservation (another replace may still be on its way)."""
 
     @property
     def status(self) -> OrdStatus:
@@ -607,6 +613,7 @@ class RiskEngine:
         st = self.state(acct)
         # leaves after the replace is at most qty - cum; reserve the larger until confirmed
         st.update(o, pending=max(o.pending_qty, msg.qty))
+        o.pending_cl = msg.cl_ord_id
         st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory)
         cmd = Replace(
             order_id=oid,
@@ -646,9 +653,10 @@ class RiskEngine:
             if er.exec_type is ExecType.TRADE:  # an order this engine does not hold
                 st.positions[er.symbol] = st.positions.get(er.symbol, 0) + sign * er.last_qty
             return
-        # older than a report applied already (a lower cum_qty): its fills are counted and its
-        # leaves are out of date (an order's last report is never older than another)
-        stale = 0 <= er.cum_qty < o.cum
+        # older than a report applied already: its fills are counted (a lower cum_qty), its
+        # leaves and price are out of date, and its replace may not be the latest
+        pos = report_position(er.exec_id)
+        stale = 0 <= er.cum_qty < o.cum or (pos is not None and pos[0] == o.ver[0] and pos < o.ver)
         if o.cum >= 0:
             filled = max(0, er.cum_qty - o.cum)
         else:  # restored from a snapshot that did not keep it: count fills as they come
@@ -664,19 +672,30 @@ class RiskEngine:
             st.remove(er.order_id)
             st.note_closed(er.order_id, er.ord_status, self.cl_id_memory)
             return
+        if stale:
+            return
+        if pos is not None:
+            o.ver = pos
+        # the order's id and price now (a trade after a replace names the replaced order);
+        # the replace risk approved last is done once a report names its id
+        o.cl_ord_id = er.cl_ord_id
+        o.price_ticks = er.price_ticks
+        done = er.exec_type is ExecType.REPLACED and not o.pending_cl  # from an old snapshot
+        if o.pending_cl and er.cl_ord_id == o.pending_cl:
+            done, o.pending_cl = True, ""
+        st.update(o, leaves=er.leaves_qty, pending=0 if done else None, cum=er.cum_qty)
         if er.exec_type is ExecType.REPLACED:
-            # even late, it says the replace is done: its reservation ends
-            o.cl_ord_id = er.cl_ord_id
-            o.price_ticks = er.price_ticks
-            st.update(o, leaves=None if stale else er.leaves_qty, pending=0, cum=er.cum_qty)
             st.note_cl(er.cl_ord_id, er.order_id, self.cl_id_memory)
-        elif not stale:
-            st.update(o, leaves=er.leaves_qty, cum=er.cum_qty)
 
     def on_cancel_reject(self, cr: CancelReject) -> None:
         st = self.state(cr.account)
         o = st.orders.get(cr.order_id)
-        if o is not None and cr.response_to == "replace":
+        if o is None or cr.response_to != "replace":
+            return
+        # the refused replace ends the reservation only if it is the latest approved (an
+        # older one refused, or one delivered again, leaves a newer replace's in place)
+        if not o.pending_cl or cr.cl_ord_id == o.pending_cl:
+            o.pending_cl = ""
             st.update(o, pending=0)
 
     def set_kill(self, key: str, engaged: bool) -> list[tuple[str, OpenOrder]]:
@@ -725,6 +744,10 @@ class RiskEngine:
                     # filled quantity of the partly filled open orders: a map of its own,
                     # which a build without it ignores (a rollback keeps its snapshot)
                     "cum": {o.order_id: o.cum for o in st.orders.values() if o.cum},
+                    # since stop 16, the same way: the newest report applied, the latest
+                    # replace in flight
+                    "ver": {o.order_id: list(o.ver) for o in st.orders.values() if o.ver[0]},
+                    "pcl": {o.order_id: o.pending_cl for o in st.orders.values() if o.pending_cl},
                     "cl_ids": st.cl_ids.copy(),
                     "positions": st.positions.copy(),
                     "closed": st.closed.copy(),
@@ -764,6 +787,12 @@ class RiskEngine:
                     o.cum = -1
             for oid, cum in raw.get("cum", {}).items():
                 st.orders[oid].cum = int(cum)
+            # absent before stop 16: any report counts as newer, and the next replace report
+            # or refusal ends a reservation, as before
+            for oid, (xr, seq, n) in raw.get("ver", {}).items():
+                st.orders[oid].ver = (str(xr), int(seq), int(n))
+            for oid, cl in raw.get("pcl", {}).items():
+                st.orders[oid].pending_cl = str(cl)
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
             # absent in snapshots before stop 14; a status that is not one fails the restore

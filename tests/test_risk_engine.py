@@ -566,6 +566,77 @@ def test_a_redelivered_suffix_ends_where_the_first_pass_did() -> None:
         assert (o.cl_ord_id, o.leaves, o.cum, o.pending_qty, dict(st.positions)) == first
 
 
+def _replaced(rig: Rig) -> list[ExecutionReport]:
+    return [
+        r
+        for r in rig.pending
+        if isinstance(r, ExecutionReport) and r.exec_type is ExecType.REPLACED
+    ]
+
+
+def test_a_replace_report_ends_only_its_own_reservation() -> None:
+    """Two replaces on their way: the first one's report must not end the reservation the
+    second still needs (before stop 16 it did, and for a moment the account's exposure
+    counted the first replace's quantity, not the second's)."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    rig.auto_feedback = False
+    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
+    rig.deliver()
+    assert isinstance(rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000).command, Replace)
+    (r1,) = _replaced(rig)
+    assert isinstance(rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000).command, Replace)
+    assert rig.engine.exposure_usd(acct) == 5_000_000
+    rig.deliver(1)  # the first replace's report
+    assert rig.engine.exposure_usd(acct) == 5_000_000  # the second still reserved
+    rig.deliver()
+    (o,) = rig.engine.state(acct).orders.values()
+    assert (o.leaves, o.pending_qty, rig.engine.exposure_usd(acct)) == (5_000_000, 0, 5_000_000)
+
+
+def test_a_late_replace_report_changes_nothing() -> None:
+    """A replace's report delivered again after a newer one (its ack lost in a link cut,
+    its id past risk's memory): it must not end a third replace's reservation, nor bring
+    back the old id, price or quantity."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    rig.auto_feedback = False
+    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
+    rig.deliver()
+    rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000)
+    (r1,) = _replaced(rig)
+    rig.deliver()
+    rig.replace(acct, "USDJPY", r1.cl_ord_id, 3_000_000, 151001)
+    (r2,) = _replaced(rig)
+    rig.deliver()
+    assert isinstance(rig.replace(acct, "USDJPY", r2.cl_ord_id, 8_000_000, 151002).command, Replace)
+    (o,) = rig.engine.state(acct).orders.values()
+    before = (o.cl_ord_id, o.price_ticks, o.leaves, o.pending_qty)
+    assert before == (r2.cl_ord_id, 151001, 3_000_000, 8_000_000)
+    rig.engine.on_report(r1)
+    assert (o.cl_ord_id, o.price_ticks, o.leaves, o.pending_qty) == before
+    assert rig.engine.exposure_usd(acct) == 8_000_000
+
+
+def test_the_latest_replace_and_its_reports_survive_a_snapshot() -> None:
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    rig.auto_feedback = False
+    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
+    rig.deliver()
+    rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000)
+    (r1,) = _replaced(rig)
+    rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000)
+    rig.deliver(1)
+    rig.engine = _restored(rig.engine)
+    (o,) = rig.engine.state(acct).orders.values()
+    assert o.pending_cl and o.ver[0] == "sgp" and o.pending_qty == 5_000_000
+    rig.engine.on_report(r1)  # again, after the restore: nothing changes
+    assert rig.engine.exposure_usd(acct) == 5_000_000
+    rig.deliver()
+    assert rig.engine.state(acct).orders[o.order_id].pending_qty == 0
+
+
 def test_cancel_releases_exposure_and_unknown_cancel_is_rejected() -> None:
     rig = Rig(region="sgp")
     acct = "SGP-CORP-03"
