@@ -56,7 +56,21 @@ async def ensure_region_streams(nc: NATS, region: str, *, replicas: int = 1) -> 
             )
         )
         made.append(f"KV_{bucket}")
+    await js.create_key_value(refused_bucket_config(region, replicas=replicas))
+    made.append(f"KV_{subjects.refused_bucket(region)}")
     return made
+
+
+def refused_bucket_config(region: str, *, replicas: int = 1) -> KeyValueConfig:
+    """Execution's refused commands: kept as long as EXEC keeps the commands themselves."""
+    (exec_spec,) = [sp for sp in subjects.region_streams(region) if sp.name == "EXEC"]
+    return KeyValueConfig(
+        bucket=subjects.refused_bucket(region),
+        history=1,
+        ttl=exec_spec.max_age_s,
+        storage=StorageType.FILE,
+        replicas=replicas,
+    )
 
 
 async def ensure_streams(nc: NATS, topology: Topology) -> dict[str, list[str]]:

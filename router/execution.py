@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import logging
@@ -83,6 +84,15 @@ msg ids: the stream's dedup drops what was stored), then the next wait; after th
 batch fails and the books are rebuilt."""
 REBUILD_ATTEMPTS = 10
 """Rebuilds tried after a failed batch before the worker stops (about 40 s in all)."""
+
+
+class CommandRefused(ValueError):
+    """A command this region cannot apply, with nothing changed: no book for its symbol
+    (``no_book``), or it does not decode."""
+
+    def __init__(self, why: str, no_book: bool) -> None:
+        super().__init__(why)
+        self.no_book = no_book
 
 
 def unapplied_report(
@@ -282,6 +292,10 @@ class ExecutionWorker:
         self._traced = not isinstance(self.tracer, trace.NoOpTracer)
         self.js = nc.jetstream(domain=region)
         self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "books")
+        self._refused: dict[int, tuple[str, str, str, bytes, Any]] = {}
+        """Commands refused (by EXEC sequence) past the books' snapshot, with the answer
+        sent: a replay sends the answer again instead of applying them."""
+        self._refused_store: Any = None
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
         self.pub = AsyncPublisher(nc, max_pending=20000)
@@ -368,6 +382,7 @@ class ExecutionWorker:
         sinfo = await self.js.stream_info("EXEC")
         last = sinfo.state.last_seq
         await self._restore_snapshot(max_seq=last)
+        await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
         if not last or self.applied >= last:
             return
@@ -436,8 +451,61 @@ class ExecutionWorker:
             len(futs),
         )
 
-    def _no_book(self, cmd: Cmd) -> bool:
-        return cmd.subject.rsplit(".", 1)[1] not in self.books
+    def _answer(self, cmd: Cmd, e: CommandRefused) -> ExecutionReport | CancelReject | None:
+        """The answer to a refused command, if it names an order this region can answer
+        for: a submit reusing the id of an order the book knows gets none (that order is
+        not refused)."""
+        rej = unapplied_report(cmd, self.region, str(e), no_book=e.no_book)
+        book = self.books.get(cmd.subject.rsplit(".", 1)[1])
+        if rej is None or book is None:
+            return rej
+        status = book.status(rej.order_id)
+        if status is None:
+            return rej
+        if isinstance(rej, ExecutionReport):
+            return None
+        return dataclasses.replace(rej, ord_status=status)
+
+    async def _refused_kv(self) -> Any:
+        if self._refused_store is None:
+            from ops.streams import refused_bucket_config
+
+            try:
+                self._refused_store = await self.js.key_value(subjects.refused_bucket(self.region))
+            except NotFoundError:
+                self._refused_store = await self.js.create_key_value(
+                    refused_bucket_config(self.region)
+                )
+        return self._refused_store
+
+    async def _record_refused(self, seq: int, out: tuple[str, str, str, bytes, Any]) -> None:
+        """Store the answer to refused command ``seq`` before it is sent: a rebuild then never
+        applies that command (a later build or topology might), and sends the answer again
+        if it was not stored. Until this put succeeds the batch fails, and is retried."""
+        subject, msg_id, kind, payload, _ = out
+        kv = await self._refused_kv()
+        await kv.put(str(seq), msgpack.packb([subject, msg_id, kind, payload], use_bin_type=True))
+        self._refused[seq] = out
+
+    async def _load_refused(self, after: int) -> None:
+        """The refused commands past ``after`` (what a rebuild replays), with their answers."""
+        from nats.js.errors import NoKeysError
+
+        self._refused = {}
+        kv = await self._refused_kv()
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return
+        for key in keys:
+            if not key.isdigit() or int(key) <= after:
+                continue
+            entry = await kv.get(key)
+            subject, msg_id, kind, payload = msgpack.unpackb(entry.value, raw=False)
+            rej = contract.decode(
+                ExecutionReport if kind == "ExecutionReport" else CancelReject, payload
+            )
+            self._refused[int(key)] = (subject, msg_id, kind, payload, rej)
 
     def _apply(self, cmd: Cmd, *, encode: bool = True) -> list[tuple[str, str, str, bytes, Any]]:
         """Apply ``cmd`` to its book; its outputs as (subject, msg id, kind, bytes, output),
@@ -445,8 +513,12 @@ class ExecutionWorker:
         symbol = cmd.subject.rsplit(".", 1)[1]
         book = self.books.get(symbol)
         if book is None:
-            raise ValueError(f"symbol {symbol!r} is not executed in {self.region}")
-        outs = book.apply(decode_command(cmd.data), seq=cmd.seq, ts_ns=cmd.ts_ns)
+            raise CommandRefused(f"symbol {symbol!r} is not executed in {self.region}", True)
+        try:
+            command = decode_command(cmd.data)
+        except ValueError as e:
+            raise CommandRefused(str(e), False) from e
+        outs = book.apply(command, seq=cmd.seq, ts_ns=cmd.ts_ns)
         res: list[tuple[str, str, str, bytes, Any]] = []
         if not encode:
             return res
@@ -519,21 +591,33 @@ class ExecutionWorker:
         execution took 474 us of CPU per order at 1,000/s traced, without them 350; the
         few microseconds of a buffered publish said nothing)."""
         futs: list[asyncio.Future[Any]] = []
-        try:
-            outs = self._apply(cmd, encode=publish)
-            self.stats["commands"] += 1
-        except Exception as e:  # a bad command must never block the stream
-            self.stats["bad"] += 1
-            rej = unapplied_report(cmd, self.region, str(e), no_book=self._no_book(cmd))
-            log.error(
-                "exec %s: command %d on %s not applied: %s; %s",
-                self.region,
-                cmd.seq,
-                cmd.subject,
-                e,
-                f"answered with {type(rej).__name__}" if rej else "no order to answer: skipped",
-            )
-            outs = [_report_out(self.region, rej)] if rej is not None and publish else []
+        answered = self._refused.get(cmd.seq)
+        if answered is not None:  # refused before a restart: never applied, answer again
+            outs = [answered] if publish else []
+        else:
+            try:
+                outs = self._apply(cmd, encode=publish)
+                self.stats["commands"] += 1
+            except CommandRefused as e:  # nothing changed; a bad command never blocks
+                self.stats["bad"] += 1
+                rej = self._answer(cmd, e)
+                log.error(
+                    "exec %s: command %d on %s refused: %s; %s",
+                    self.region,
+                    cmd.seq,
+                    cmd.subject,
+                    e,
+                    f"answered with {type(rej).__name__}" if rej else "no order to answer",
+                )
+                outs = []
+                if rej is not None:
+                    out = _report_out(self.region, rej)
+                    await self._record_refused(cmd.seq, out)
+                    outs = [out] if publish else []
+            except Exception:  # a fault of this build, not of the command: never answered
+                self.stats["bad"] += 1
+                log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)
+                return futs
         if not publish:
             return futs
         for subject, msg_id, kind, payload, out in outs:
@@ -680,6 +764,8 @@ class ExecutionWorker:
         seq = self.applied
         parts = snapshot_parts(self.region, seq, self.books)
         self._snap_seq, self._snap_at = seq, time.monotonic()
+        if self._refused:  # a rebuild reads those past its snapshot from the bucket again
+            self._refused = {k: v for k, v in self._refused.items() if k > seq}
         return seq, parts
 
     async def _save(self, seq: int, parts: Iterator[bytes]) -> None:

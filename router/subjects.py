@@ -153,6 +153,13 @@ def kill_bucket(region: str) -> str:
     return f"KILL_{region}"
 
 
+def refused_bucket(region: str) -> str:
+    """KV bucket of the commands ``region``'s execution refused (key: EXEC sequence; value:
+    the answer it sent), so that a rebuild never applies one it answered as refused (a
+    later build or topology could): ``router.execution``."""
+    return f"EXECREFUSED_{region}"
+
+
 def riskcfg_bucket(region: str) -> str:
     """KV bucket of runtime risk limits (key ``limits``) in ``region``'s domain."""
     return f"RISKCFG_{region}"

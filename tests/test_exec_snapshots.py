@@ -181,3 +181,52 @@ def test_a_snapshot_is_written_no_faster_than_its_pace(monkeypatch: pytest.Monke
     while reader.readinto(chunk):
         pass
     assert now[0] - 100.0 == pytest.approx(1.5)  # the 4th chunk's wait, then none
+
+
+def test_a_refused_command_is_never_applied_by_a_rebuild() -> None:
+    """sgp's execution refuses a Submit for a pair it has no book for (risk routed it by
+    another topology), answers REJECTED and records the refusal. A rebuild with the pair's
+    book now there (the topology fixed) replays that command: it must not put the order the
+    desk was told was rejected into the book."""
+    run_dir = Path(tempfile.mkdtemp(prefix="meridian-refused-", dir="/tmp"))
+    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
+    ds.up(with_pg=False, with_redis=False)
+    try:
+        asyncio.run(asyncio.wait_for(_refused_scenario(ds), 60))
+    finally:
+        ds.down()
+
+
+async def _refused_scenario(ds: Devstack) -> None:
+    from router.book import OrderBook
+
+    nc = await ds.connect("sgp")
+    js = nc.jetstream(domain="sgp")
+    w1 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
+    await w1.start()
+    try:
+        ack = await js.publish(subjects.exec_in("sgp", "EURUSD"), _submit(1, Side.BUY, 108000))
+        for _ in range(100):
+            if w1.stats["bad"]:
+                break
+            await asyncio.sleep(0.05)
+        assert w1.stats["bad"] == 1
+    finally:
+        await w1.stop()
+    kv = await js.key_value(subjects.refused_bucket("sgp"))
+    assert (await kv.get(str(ack.seq))).value
+    w2 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
+    fresh = w2._fresh_books
+
+    def with_eurusd() -> None:  # the fixed topology: sgp executes EURUSD too
+        fresh()
+        w2.books["EURUSD"] = OrderBook(ds.topology.instrument("EURUSD"), "sgp")
+
+    w2._fresh_books = with_eurusd  # type: ignore[method-assign]
+    await w2.start()
+    try:
+        assert w2.applied >= ack.seq
+        assert w2.books["EURUSD"].status("O00001") is None and len(w2.books["EURUSD"]) == 0
+    finally:
+        await w2.stop()
+        await nc.close()

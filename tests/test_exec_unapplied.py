@@ -20,7 +20,7 @@ import pytest
 
 from regions.topology import load_topology
 from router import subjects
-from router.book import Cancel, Submit
+from router.book import Cancel, OrderBook, Submit
 from router.commands import decode_command, encode_command
 from router.contract import (
     CancelReject,
@@ -189,12 +189,63 @@ async def test_the_worker_publishes_the_answer_and_goes_on() -> None:
         return f
 
     w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
+    recorded: list[int] = []
+
+    async def record(seq: int, out: Any) -> None:  # the KV put (a mesh test has the real one)
+        recorded.append(seq)
+        w._refused[seq] = out
+
+    w._record_refused = record  # type: ignore[method-assign]
     futs = await w._apply_and_send(_cmd(_submit(), symbol="EURUSD"), True, None)  # lon's
-    assert len(futs) == 1 and w.stats["bad"] == 1
-    assert sent == [
-        (
-            subjects.report_exec("sgp", "sgp", "SGP-CORP-03"),
-            {"Nats-Msg-Id": "sgp-EURUSD-42-x", "Mrd-Kind": "ExecutionReport"},
+    assert len(futs) == 1 and w.stats["bad"] == 1 and recorded == [42]
+    answer = (
+        subjects.report_exec("sgp", "sgp", "SGP-CORP-03"),
+        {"Nats-Msg-Id": "sgp-EURUSD-42-x", "Mrd-Kind": "ExecutionReport"},
+    )
+    assert sent == [answer]
+    assert await w._apply_and_send(_cmd(b"\xc1garbage", seq=43), True, None) == []
+    # sgp now executes EURUSD (a new topology, or a build that reads the command): a
+    # replay of command 42 must not put the order refused before into the book
+    w.books["EURUSD"] = OrderBook(TOPO.instrument("EURUSD"), "sgp")
+    sent.clear()
+    await w._apply_and_send(_cmd(_submit(), symbol="EURUSD"), True, None)
+    assert sent == [answer] and len(w.books["EURUSD"]) == 0
+
+
+async def test_only_what_names_an_order_the_book_does_not_hold_is_answered() -> None:
+    """A malformed submit that reuses a live order's id is not that order's refusal; a
+    malformed cancel of a live order says the order's real status; a fault of this build
+    while applying (the book may be half changed) is never answered as a refusal."""
+
+    class _Nc:
+        def jetstream(self, domain: str) -> Any:
+            return types.SimpleNamespace()
+
+    w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    w._fresh_books()
+    book = w.books["USDJPY"]
+    book.apply(decode_command(msgpack.packb(_submit())), seq=1, ts_ns=1)  # O-1 rests
+    from router.execution import CommandRefused
+
+    refused = CommandRefused("qty: NaN", False)
+    assert w._answer(_cmd(_submit(qty=math.nan)), refused) is None
+    cancel = msgpack.unpackb(
+        encode_command(
+            Cancel(
+                order_id="O-1",
+                cl_ord_id="k1",
+                orig_cl_ord_id="c1",
+                account="SGP-CORP-03",
+                home_region="sgp",
+            )
         )
-    ]
-    assert await w._apply_and_send(_cmd(b"\xc1garbage"), True, None) == []
+    )
+    r = w._answer(_cmd({**cancel, "reason": 5}), refused)
+    assert isinstance(r, CancelReject) and r.ord_status is OrdStatus.NEW
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise KeyError("a bug")
+
+    book.apply = broken  # type: ignore[method-assign]
+    assert await w._apply_and_send(_cmd(_submit(order_id="O-2")), True, None) == []
+    assert w.stats["bad"] == 1
