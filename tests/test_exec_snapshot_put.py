@@ -44,6 +44,7 @@ async def _worker(put_s: float, events: list[str]) -> ExecutionWorker:
 
     w.snapshots = types.SimpleNamespace(save=save, hurry=hurry)  # type: ignore[assignment]
     w.loop = types.SimpleNamespace(consumer_info=consumer_info, stop=loop_stop)  # type: ignore[assignment]
+
     async def no_refused(*, after: int) -> None:
         return None
 
