@@ -273,7 +273,7 @@ class PullLoop:
         deliveries held meanwhile, up to the next gap (if any: fill it too)."""
         held = self._held
         assert held is not None
-        backoff = 0.5
+        backoff, behind = 0.5, 0
         while True:
             try:
                 await self._read_back()
@@ -297,6 +297,23 @@ class PullLoop:
             if not held:
                 self._held = None
                 return
+            if stream_position(held[0]).cseq > self._cseq + 1:
+                # the consumer's info is behind what it delivered (a leader change), or its
+                # numbers started again (recreated): wait for it, but not for ever
+                behind += 1
+                if behind >= 10:
+                    log.error(
+                        "pull loop %s/%s: the consumer's delivery numbers do not add up "
+                        "(held from %d, consumer at %d); handing on from here",
+                        self.stream,
+                        self.durable,
+                        stream_position(held[0]).cseq,
+                        self._cseq,
+                    )
+                    self._cseq = stream_position(held[0]).cseq - 1
+                    continue
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _read_back(self) -> None:
         """Hand on, as :class:`Recovered`, the stream's messages of this consumer's filter

@@ -215,8 +215,14 @@ class RiskWorker:
         self._inflight_added = asyncio.Event()  # wakes _complete
         self._inflight_done = asyncio.Event()  # wakes the batch loop waiting for room
         self.externals = RedisExternals(redis_client, region)
-        self._terms: set[asyncio.Task[None]] = set()
-        self.stats = {"orders": 0, "approved": 0, "rejected": 0, "reports": 0, "rebuilt": 0}
+        self.stats = {
+            "orders": 0,
+            "approved": 0,
+            "rejected": 0,
+            "reports": 0,
+            "rebuilt": 0,
+            "bad": 0,
+        }
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -659,6 +665,7 @@ class RiskWorker:
                 items.append(it)
         # a redelivered input whose batch is still in flight: that batch's ack covers it
         items = [it for it in items if it.input_id not in self._inflight_ids]
+        items = once_each(items)
         fresh = [it for it in items if it.input_id not in self.done]
         spans = self._start_spans(fresh)
         exts = await self._externals(fresh)
@@ -668,6 +675,8 @@ class RiskWorker:
         turn = Turn()  # the engine's only writer is this task; _complete only acks, re-sends
         for it in items:
             await turn.check()
+            if it.kind == "bad":
+                continue  # undecodable: acked with the batch (see _classify)
             if it.input_id in self.done:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
@@ -863,11 +872,18 @@ class RiskWorker:
         try:
             it.decoded = self._decode(it)
         except (ContractError, ValueError) as e:
+            # Not term()ed: with AckPolicy.ALL a term acks every earlier input too, decided or
+            # not (inputs of this batch not yet recorded, earlier batches waiting for their
+            # outputs). It is acked in its place instead, deciding nothing (not recorded: it
+            # changes no state, and a redelivery is just as undecodable).
             log.error(
-                "risk %s: undecodable input %s (%s); terminating it", self.region, it.input_id, e
+                "risk %s: undecodable input %s (%s); acking it in its place, deciding nothing",
+                self.region,
+                it.input_id,
+                e,
             )
-            self._terms.add(asyncio.create_task(msg.term()))
-            return None
+            self.stats["bad"] += 1
+            it.kind = "bad"
         return it
 
     def _decode(self, it: Item) -> Any:
@@ -1051,6 +1067,20 @@ MAX_INFLIGHT_BATCHES = 100_000
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
+
+
+def once_each(items: list[Item]) -> list[Item]:
+    """A batch's inputs, each once, in order of first appearance. The same input comes twice
+    in one batch when a gap is read back from the stream and its delivery, held meanwhile,
+    follows: decided twice, its rate token would be taken twice and the second verdict
+    overwrite the first. A later copy's delivery becomes the first's ack handle if the first
+    has none (read back: never acked itself)."""
+    uniq: dict[str, Item] = {}
+    for it in items:
+        first = uniq.setdefault(it.input_id, it)
+        if first is not it and first.msg is None and it.msg is not None:
+            first.msg = it.msg
+    return list(uniq.values())
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

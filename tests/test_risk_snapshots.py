@@ -391,3 +391,37 @@ async def _cut_off_start_scenario(ds: Devstack) -> None:
         await w.stop()
         await r.aclose()
         await nc.close()
+
+
+def test_an_undecodable_order_request_is_acked_in_its_place() -> None:
+    """A request risk cannot decode (a newer gateway's) between two it can: the worker
+    decides the others, acks all three in order, and records nothing for it."""
+    _on_a_mesh(_undecodable_scenario, 60)
+
+
+async def _undecodable_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        await _send(js, 0)
+        bad = await js.publish(
+            subjects.orders("lon", "LON-HF-01", "garbage-1"),
+            b"\xc1 not an order",
+            headers={H_MSG_ID: "new:garbage-1", H_OP: "new"},
+        )
+        await _send(js, 1)
+        await _decided(w, 2)
+        for _ in range(100):
+            ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
+            if ci.ack_floor.stream_seq > bad.seq:
+                break
+            await asyncio.sleep(0.05)
+        assert ci.ack_floor.stream_seq > bad.seq and w.stats["bad"] == 1
+        assert not w.fatal.done()
+    finally:
+        await w.stop()
+        await r.aclose()
+        await nc.close()

@@ -1,0 +1,52 @@
+"""How the risk worker takes its inputs in: an undecodable one is acked in its place (never
+term()ed, which under AckPolicy.ALL would ack every earlier input, decided or not), and an
+input that comes twice in one batch is decided once."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from regions.topology import load_topology
+from router.risk_worker import Item, RiskWorker, once_each
+
+
+class _Nc:
+    def jetstream(self, domain: str) -> Any:
+        return types.SimpleNamespace()
+
+
+def _worker() -> RiskWorker:
+    return RiskWorker(_Nc(), load_topology(), "lon", None)  # type: ignore[arg-type]
+
+
+def _delivery(subject: str, data: bytes, seq: int = 5) -> Msg:
+    class _Client:
+        async def publish(self, *a: Any, **k: Any) -> None:
+            raise AssertionError("nothing is sent for an input when it is classified")
+
+    return Msg(
+        _client=_Client(),  # type: ignore[arg-type]
+        subject=subject,
+        reply=f"$JS.ACK.ORDERS.risk_lon.1.{seq}.{seq}.1700000000000000000.0",
+        data=data,
+        headers={"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
+    )
+
+
+async def test_an_undecodable_input_is_kept_to_be_acked_in_its_place() -> None:
+    w = _worker()
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", b"\xc1 not msgpack"))
+    assert it is not None and it.kind == "bad" and it.msg is not None
+    assert w.stats["bad"] == 1
+
+
+def test_an_input_twice_in_a_batch_is_taken_once_with_the_delivery_to_ack() -> None:
+    read_back = Item(input_id="o:k1", kind="order", msg=None)
+    other = Item(input_id="o:k2", kind="order", msg=None)
+    delivery = _delivery("mrd.lon.ord.LON-HF-01.k1", b"x")
+    held = Item(input_id="o:k1", kind="order", msg=delivery)
+    got = once_each([read_back, other, held])
+    assert got == [read_back, other] and read_back.msg is delivery
