@@ -22,11 +22,17 @@ class LedgerError(Exception):
 class FillRejected(LedgerError):
     """A fill broke the contract or the ledger's rules; ``field`` and ``rule`` say how."""
 
-    def __init__(self, field: str, rule: str, *, trade_id: str = "") -> None:
+    def __init__(
+        self, field: str, rule: str, *, trade_id: str = "", permanent: bool = False
+    ) -> None:
         super().__init__(f"fill {trade_id or '?'}: {field}: {rule}")
         self.field = field
         self.rule = rule
         self.trade_id = trade_id
+        self.permanent = permanent
+        """No topology this writer could be given would post it (another region's fill, an
+        amount beyond int64 minor units); otherwise it names something the topology may
+        learn (an account, pair or currency)."""
 
 
 class LedgerConfigError(LedgerError):

@@ -116,8 +116,9 @@ def validate_fill(fill: Fill, topology: Topology, region: str) -> None:
     tid = fill.trade_id
     if fill.exec_region != region:
         raise FillRejected(
-            "exec_region", f"must be {region!r} on this region's stream", trade_id=tid
-        )
+            "exec_region", f"must be {region!r} on this region's stream", trade_id=tid,
+            permanent=True,
+        )  # fmt: skip
     try:
         inst = topology.instrument(fill.symbol)
     except KeyError:
@@ -157,7 +158,9 @@ def transfers_for_fill(
     )
     for name, amount in (("qty", base), ("price_ticks", quote)):
         if amount > MAX_INT64:
-            raise FillRejected(name, "amount exceeds int64 minor units", trade_id=fill.trade_id)
+            raise FillRejected(
+                name, "amount exceeds int64 minor units", trade_id=fill.trade_id, permanent=True
+            )
 
     def leg(name: str, currency: str, amount: int, debit: str, credit: str) -> Transfer:
         return Transfer(

@@ -296,6 +296,25 @@ class LedgerWriter:
             seq = int(msg.metadata.sequence.stream)
         return transfers_for_fill(fill, self.topology, self.region, stream_seq=seq)
 
+    async def _hold(self, m: Msg, e: FillRejected) -> None:
+        """A well-formed fill this writer cannot post yet: a trade that happened, against a
+        topology (account, pair, currency) it does not know, most likely because it runs an
+        older one than execution. Terminating it would drop a trade from the books of record;
+        it is held instead (redelivered every HOLD_S, not acked), counted, logged and paged
+        on, and posts once the writer runs with the topology. Held fills count against the
+        consumer's max_ack_pending: thousands of them stop the region's posting, which the
+        alert is there to prevent."""
+        log.error(
+            "ledger %s: cannot post fill on %s (%s); holding it, again in %.0f s",
+            self.region,
+            m.subject,
+            e,
+            HOLD_S,
+        )
+        self.metrics.held(e.field).inc()
+        with contextlib.suppress(Exception):
+            await m.nak(delay=HOLD_S)
+
     async def handle_batch(self, msgs: Sequence[Msg], stop: asyncio.Event) -> bool:
         """Post one fetched batch; acks only after commit. False when stopped before commit."""
         t_fetch = time.time_ns()
@@ -304,7 +323,10 @@ class LedgerWriter:
         for m in msgs:
             try:
                 transfers.extend(self.parse(m))
-            except ContractError as e:
+            except (ContractError, FillRejected) as e:
+                if isinstance(e, FillRejected) and not e.permanent:
+                    await self._hold(m, e)
+                    continue
                 field = getattr(e, "field", "") or "payload"
                 log.warning(
                     "ledger %s: terminating malformed fill on %s: %s", self.region, m.subject, e
@@ -312,23 +334,6 @@ class LedgerWriter:
                 self.metrics.rejected(field).inc()
                 with contextlib.suppress(Exception):
                     await m.term()
-                continue
-            except FillRejected as e:
-                # A well-formed fill this writer cannot post: a trade that happened, against a
-                # topology (account, instrument, currency) it does not know, most likely its
-                # own, older than execution's. Terminating it would drop a trade from the
-                # books of record; it is held instead (redelivered every HOLD_S, not acked),
-                # counted and logged, and posts once the writer runs with the topology.
-                log.error(
-                    "ledger %s: cannot post fill on %s (%s); holding it, again in %.0f s",
-                    self.region,
-                    m.subject,
-                    e,
-                    HOLD_S,
-                )
-                self.metrics.held(e.field).inc()
-                with contextlib.suppress(Exception):
-                    await m.nak(delay=HOLD_S)
                 continue
             good.append(m)
         with contextlib.suppress(Exception):

@@ -173,6 +173,18 @@ async def test_fills_of_every_region_land_in_their_partitions_and_replays_are_no
                 "lon",
                 [dataclasses.replace(bad, trade_id=f"lon-EURUSD-{tag}-x", buy_account="NOBODY")],
             )
+            # and one no topology could post here (another region's fill): terminated
+            await (
+                ncs["lon"]
+                .jetstream(domain="lon")
+                .publish(
+                    fill_subject("lon", "EURUSD"),
+                    encode(
+                        dataclasses.replace(bad, trade_id=f"lon-EURUSD-{tag}-y", exec_region="nyc")
+                    ),
+                    stream="EXECOUT",
+                )
+            )
             await publish(
                 ncs["lon"], "lon", random_fills(topology, 5, prefix=tag + "z", region="lon", seed=9)
             )
@@ -197,6 +209,8 @@ async def test_fills_of_every_region_land_in_their_partitions_and_replays_are_no
             assert ws["lon"].metric("meridian_ledger_fills_rejected_total", field="payload") == 1
             assert ws["lon"].metric("meridian_ledger_fills_held_total", field="buy_account") >= 1
             assert not ws["lon"].metric("meridian_ledger_fills_rejected_total", field="buy_account")
+            rejected = ws["lon"].metric("meridian_ledger_fills_rejected_total", field="exec_region")
+            assert rejected == 1  # another region's fill: no topology could post it here
             ci = await ncs["lon"].jetstream(domain="lon").consumer_info("EXECOUT", f"LT_{tag}_lon")
             assert ci.num_ack_pending == 1  # held: not acked, so not lost
             before = snapshot(ldb, tag)
