@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import logging
 import time
@@ -84,6 +85,15 @@ msg ids: the stream's dedup drops what was stored), then the next wait; after th
 batch fails and the books are rebuilt."""
 REBUILD_ATTEMPTS = 10
 """Rebuilds tried after a failed batch before the worker stops (about 40 s in all)."""
+
+
+Refused = tuple[str, str, str, bytes, Any] | None
+"""The answer to a refused command, as :meth:`ExecutionWorker._apply` gives outputs, or None
+when it names no order to answer for."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class CommandRefused(ValueError):
@@ -292,9 +302,10 @@ class ExecutionWorker:
         self._traced = not isinstance(self.tracer, trace.NoOpTracer)
         self.js = nc.jetstream(domain=region)
         self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "books")
-        self._refused: dict[int, tuple[str, str, str, bytes, Any]] = {}
-        """Commands refused (by EXEC sequence) past the books' snapshot, with the answer
-        sent: a replay sends the answer again instead of applying them."""
+        self._refused: dict[int, tuple[str, Refused]] = {}
+        """Commands refused (by EXEC sequence: the digest of their bytes, their answer or
+        None) past the books' snapshot: a replay sends the answer again instead of applying
+        them."""
         self._refused_store: Any = None
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
@@ -467,25 +478,35 @@ class ExecutionWorker:
         return dataclasses.replace(rej, ord_status=status)
 
     async def _refused_kv(self) -> Any:
+        """The region's refusal bucket. Not created here: it belongs to the region's streams
+        (:func:`ops.streams.ensure_region_streams`, with their replicas), and a worker that
+        made its own, unreplicated one would lose the records with one node."""
         if self._refused_store is None:
-            from ops.streams import refused_bucket_config
-
+            bucket = subjects.refused_bucket(self.region)
             try:
-                self._refused_store = await self.js.key_value(subjects.refused_bucket(self.region))
+                self._refused_store = await self.js.key_value(bucket)
             except NotFoundError:
-                self._refused_store = await self.js.create_key_value(
-                    refused_bucket_config(self.region)
-                )
+                raise RebuildError(
+                    f"KV bucket {bucket} is missing: create the region's streams first "
+                    "(ops.streams.ensure_region_streams, run by `meridian up`)"
+                ) from None
+            except Exception as e:
+                raise RebuildUnavailable(f"KV bucket {bucket} unreadable: {e!r}") from e
         return self._refused_store
 
-    async def _record_refused(self, seq: int, out: tuple[str, str, str, bytes, Any]) -> None:
-        """Store the answer to refused command ``seq`` before it is sent: a rebuild then never
-        applies that command (a later build or topology might), and sends the answer again
-        if it was not stored. Until this put succeeds the batch fails, and is retried."""
-        subject, msg_id, kind, payload, _ = out
+    async def _record_refused(self, cmd: Cmd, out: Refused) -> None:
+        """Store the refusal of ``cmd`` (and its answer, if any) before the answer is sent: a
+        rebuild then never applies that command (a later build or topology might), and sends
+        the answer again if it was not stored. Until this put succeeds the batch fails, and
+        is retried. The record names the command by a digest of its bytes: a record is only
+        ever used for the command it was made for."""
+        answer = list(out[:4]) if out is not None else None
         kv = await self._refused_kv()
-        await kv.put(str(seq), msgpack.packb([subject, msg_id, kind, payload], use_bin_type=True))
-        self._refused[seq] = out
+        await kv.put(
+            str(cmd.seq),
+            msgpack.packb([_digest(cmd.data), answer], use_bin_type=True),
+        )
+        self._refused[cmd.seq] = (_digest(cmd.data), out)
 
     async def _load_refused(self, after: int) -> None:
         """The refused commands past ``after`` (what a rebuild replays), with their answers."""
@@ -501,11 +522,9 @@ class ExecutionWorker:
             if not key.isdigit() or int(key) <= after:
                 continue
             entry = await kv.get(key)
-            subject, msg_id, kind, payload = msgpack.unpackb(entry.value, raw=False)
-            rej = contract.decode(
-                ExecutionReport if kind == "ExecutionReport" else CancelReject, payload
-            )
-            self._refused[int(key)] = (subject, msg_id, kind, payload, rej)
+            digest, answer = msgpack.unpackb(entry.value, raw=False)
+            out = (*answer, None) if answer is not None else None
+            self._refused[int(key)] = (digest, out)
 
     def _apply(self, cmd: Cmd, *, encode: bool = True) -> list[tuple[str, str, str, bytes, Any]]:
         """Apply ``cmd`` to its book; its outputs as (subject, msg id, kind, bytes, output),
@@ -591,9 +610,11 @@ class ExecutionWorker:
         execution took 474 us of CPU per order at 1,000/s traced, without them 350; the
         few microseconds of a buffered publish said nothing)."""
         futs: list[asyncio.Future[Any]] = []
-        answered = self._refused.get(cmd.seq)
-        if answered is not None:  # refused before a restart: never applied, answer again
-            outs = [answered] if publish else []
+        record = self._refused.get(cmd.seq)
+        if record is not None and record[0] == _digest(cmd.data):
+            # refused before a restart: never applied (a build or topology that could, must
+            # not), its answer sent again
+            outs = [record[1]] if publish and record[1] is not None else []
         else:
             try:
                 outs = self._apply(cmd, encode=publish)
@@ -609,11 +630,13 @@ class ExecutionWorker:
                     e,
                     f"answered with {type(rej).__name__}" if rej else "no order to answer",
                 )
-                outs = []
-                if rej is not None:
-                    out = _report_out(self.region, rej)
-                    await self._record_refused(cmd.seq, out)
-                    outs = [out] if publish else []
+                out = _report_out(self.region, rej) if rej is not None else None
+                if publish:  # decided now, not replayed: recorded, then answered
+                    await self._record_refused(cmd, out)
+                # below the ack floor (publish False) a command refused now for the first
+                # time was applied by the build that took it: skipped, as it always was, and
+                # not recorded, or a rollback to that build would skip it for good
+                outs = [out] if publish and out is not None else []
             except Exception:  # a fault of this build, not of the command: never answered
                 self.stats["bad"] += 1
                 log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)

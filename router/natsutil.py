@@ -273,10 +273,14 @@ class PullLoop:
         deliveries held meanwhile, up to the next gap (if any: fill it too)."""
         held = self._held
         assert held is not None
-        backoff, behind = 0.5, 0
+        backoff = 0.5
         while True:
+            # a held new delivery bounds the gap: everything before it in the stream was
+            # delivered before it (a redelivery of an old message does not: then the
+            # consumer's info says how far the deliveries went)
+            through = stream_position(held[0]).seq - 1 if held else 0
             try:
-                await self._read_back()
+                await self._read_back(through)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the stream's domain unreachable: later ones wait
@@ -291,36 +295,25 @@ class PullLoop:
                 continue
             while held:
                 pos = stream_position(held[0])
-                if pos.cseq > self._cseq + 1:
+                if pos.cseq > self._cseq + 1 and not (self._sseq < pos.seq <= through + 1):
                     break  # another gap, after the last read: fill it as well
                 self._hand_on(held.popleft(), pos)
+                backoff = 0.5
             if not held:
                 self._held = None
                 return
-            if stream_position(held[0]).cseq > self._cseq + 1:
-                # the consumer's info is behind what it delivered (a leader change), or its
-                # numbers started again (recreated): wait for it, but not for ever
-                behind += 1
-                if behind >= 10:
-                    log.error(
-                        "pull loop %s/%s: the consumer's delivery numbers do not add up "
-                        "(held from %d, consumer at %d); handing on from here",
-                        self.stream,
-                        self.durable,
-                        stream_position(held[0]).cseq,
-                        self._cseq,
-                    )
-                    self._cseq = stream_position(held[0]).cseq - 1
-                    continue
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            # the first held one is a redelivery after a gap, and the consumer's info is
+            # behind what it delivered (a leader change): wait for it
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
-    async def _read_back(self) -> None:
+    async def _read_back(self, through: int = 0) -> None:
         """Hand on, as :class:`Recovered`, the stream's messages of this consumer's filter
-        after the last one handed on, up to the consumer's last delivery."""
+        after the last one handed on, up to the consumer's last delivery or ``through``
+        (stream sequence), whichever is further."""
         ci = await self.consumer_info()
         upto_c = ci.delivered.consumer_seq or 0
-        upto_s = ci.delivered.stream_seq or 0
+        upto_s = max(ci.delivered.stream_seq or 0, through)
         n = 0
         js = self.nc.jetstream(domain=self.domain)
         first = 0

@@ -189,27 +189,35 @@ async def test_the_worker_publishes_the_answer_and_goes_on() -> None:
         return f
 
     w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
-    recorded: list[int] = []
+    recorded: list[str] = []
 
-    async def record(seq: int, out: Any) -> None:  # the KV put (a mesh test has the real one)
-        recorded.append(seq)
-        w._refused[seq] = out
+    async def put(key: str, value: bytes) -> None:  # the bucket (a mesh test has the real one)
+        recorded.append(key)
 
-    w._record_refused = record  # type: ignore[method-assign]
+    w._refused_store = types.SimpleNamespace(put=put)
     futs = await w._apply_and_send(_cmd(_submit(), symbol="EURUSD"), True, None)  # lon's
-    assert len(futs) == 1 and w.stats["bad"] == 1 and recorded == [42]
+    assert len(futs) == 1 and w.stats["bad"] == 1 and recorded == ["42"]
     answer = (
         subjects.report_exec("sgp", "sgp", "SGP-CORP-03"),
         {"Nats-Msg-Id": "sgp-EURUSD-42-x", "Mrd-Kind": "ExecutionReport"},
     )
     assert sent == [answer]
     assert await w._apply_and_send(_cmd(b"\xc1garbage", seq=43), True, None) == []
+    assert recorded == ["42", "43"]  # refused with no answer: recorded all the same
     # sgp now executes EURUSD (a new topology, or a build that reads the command): a
     # replay of command 42 must not put the order refused before into the book
     w.books["EURUSD"] = OrderBook(TOPO.instrument("EURUSD"), "sgp")
     sent.clear()
     await w._apply_and_send(_cmd(_submit(), symbol="EURUSD"), True, None)
     assert sent == [answer] and len(w.books["EURUSD"]) == 0
+    # a record is used only for the command it was made for (same sequence, other bytes:
+    # a stream recreated while the bucket kept its keys)
+    await w._apply_and_send(_cmd(_submit(order_id="O-9"), symbol="EURUSD"), True, None)
+    assert w.books["EURUSD"].status("O-9") is not None
+    # below the ack floor a command refused now for the first time is neither answered nor
+    # recorded: the build that took it applied it (a rollback must still apply it)
+    await w._apply_and_send(_cmd(_submit(order_id="O-7"), symbol="GBPUSD", seq=44), False, None)
+    assert recorded == ["42", "43"] and 44 not in w._refused
 
 
 async def test_only_what_names_an_order_the_book_does_not_hold_is_answered() -> None:
