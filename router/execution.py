@@ -522,7 +522,13 @@ class ExecutionWorker:
             if not key.isdigit() or int(key) <= after:
                 continue
             entry = await kv.get(key)
-            digest, answer = msgpack.unpackb(entry.value, raw=False)
+            rec = msgpack.unpackb(entry.value, raw=False)
+            if isinstance(rec, list) and len(rec) == 4:  # the first format: the answer only
+                digest, answer = "", rec
+            elif isinstance(rec, list) and len(rec) == 2:
+                digest, answer = rec
+            else:
+                raise RebuildError(f"refusal record {key} unreadable: {rec!r:.80}")
             out = (*answer, None) if answer is not None else None
             self._refused[int(key)] = (digest, out)
 
@@ -611,7 +617,7 @@ class ExecutionWorker:
         few microseconds of a buffered publish said nothing)."""
         futs: list[asyncio.Future[Any]] = []
         record = self._refused.get(cmd.seq)
-        if record is not None and record[0] == _digest(cmd.data):
+        if record is not None and record[0] in ("", _digest(cmd.data)):
             # refused before a restart: never applied (a build or topology that could, must
             # not), its answer sent again
             outs = [record[1]] if publish and record[1] is not None else []

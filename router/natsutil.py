@@ -278,7 +278,8 @@ class PullLoop:
             # a held new delivery bounds the gap: everything before it in the stream was
             # delivered before it (a redelivery of an old message does not: then the
             # consumer's info says how far the deliveries went)
-            through = stream_position(held[0]).seq - 1 if held else 0
+            first = stream_position(held[0]) if held else None
+            through = first.seq - 1 if first is not None and first.delivered == 1 else 0
             try:
                 await self._read_back(through)
             except asyncio.CancelledError:
@@ -295,7 +296,8 @@ class PullLoop:
                 continue
             while held:
                 pos = stream_position(held[0])
-                if pos.cseq > self._cseq + 1 and not (self._sseq < pos.seq <= through + 1):
+                bounded = pos.delivered == 1 and self._sseq < pos.seq <= through + 1
+                if pos.cseq > self._cseq + 1 and not bounded:
                     break  # another gap, after the last read: fill it as well
                 self._hand_on(held.popleft(), pos)
                 backoff = 0.5

@@ -257,3 +257,38 @@ async def test_only_what_names_an_order_the_book_does_not_hold_is_answered() -> 
     book.apply = broken  # type: ignore[method-assign]
     assert await w._apply_and_send(_cmd(_submit(order_id="O-2")), True, None) == []
     assert w.stats["bad"] == 1
+
+
+async def test_refusal_records_of_either_format_load_and_garbage_fails_closed() -> None:
+    """The first records held the answer only; later ones the command's digest and the
+    answer (or none). Both load; a record of neither shape stops the rebuild, rather than
+    let a refused command be applied."""
+    from router.execution import _digest
+    from router.natsutil import RebuildError
+
+    class _Nc:
+        def jetstream(self, domain: str) -> Any:
+            return types.SimpleNamespace()
+
+    answer = ["mrd.sgp.er.x.sgp.SGP-CORP-03", "sgp-EURUSD-7-x", "ExecutionReport", b"r"]
+    values = {
+        "7": msgpack.packb(answer),
+        "8": msgpack.packb([_digest(b"cmd8"), None]),
+        "3": msgpack.packb([_digest(b"old"), None]),  # at or below the snapshot: not needed
+    }
+
+    class _Kv:
+        async def keys(self) -> list[str]:
+            return list(values)
+
+        async def get(self, key: str) -> Any:
+            return types.SimpleNamespace(value=values[key])
+
+    w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    w._refused_store = _Kv()
+    await w._load_refused(after=5)
+    assert w._refused[7] == ("", (*answer, None))
+    assert w._refused[8] == (_digest(b"cmd8"), None) and 3 not in w._refused
+    values["9"] = msgpack.packb({"not": "a record"})
+    with pytest.raises(RebuildError, match="refusal record 9"):
+        await w._load_refused(after=5)
