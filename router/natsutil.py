@@ -167,21 +167,17 @@ class PullLoop:
         js = self.nc.jetstream(domain=self.domain)
         return await js.consumer_info(self.stream, self.durable)
 
-    async def start(self, *, resume: tuple[int, int] | None = None) -> None:
+    async def start(self) -> None:
         """Create or update the consumer and start pulling.
 
         With ``fill_gaps``, first hand on what the consumer delivered and nobody acked (to a
-        predecessor that died): from its ack floor, or from ``resume`` (consumer and stream
-        sequence of the last delivery the caller took already), up to the last delivery.
+        predecessor that died): from its ack floor up to its last delivery.
         """
         await self.ensure_consumer()
         if self.fill_gaps:
             ci = await self.consumer_info()
-            if resume is not None:
-                self._cseq, self._sseq = resume
-            else:
-                self._cseq = ci.ack_floor.consumer_seq or 0
-                self._sseq = ci.ack_floor.stream_seq or 0
+            self._cseq = ci.ack_floor.consumer_seq or 0
+            self._sseq = ci.ack_floor.stream_seq or 0
             if (ci.delivered.consumer_seq or 0) > self._cseq:
                 self._held = collections.deque()
                 await self._fill_gaps()

@@ -258,16 +258,16 @@ class RiskWorker:
                 )
             )
         self._tasks.append(asyncio.create_task(self._complete()))
-        resume = await self.recover_inflight()
         for lp in self.loops:
             # every loop first hands on what its consumer delivered to a predecessor and
-            # nobody acked (ORDERS: after what recover_inflight decided already)
+            # nobody acked, read back from the stream (PullLoop's fill_gaps)
             if lp.domain == self.region:
-                await lp.start(resume=resume if lp.stream == "ORDERS" else None)
+                await lp.start()
             else:
                 # another region's reports: it may be down or cut off now, and deciding this
                 # region's orders must not wait for it (its reports come when it is back)
                 self._starters.append(asyncio.create_task(self._start_remote(lp)))
+        await self._decide_queued()
         self._tasks.append(
             asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill"))
         )
@@ -431,10 +431,9 @@ class RiskWorker:
         drops). Limits taken from limits.toml (no RISKCFG entry) are re-read from the file.
         Their outputs are stored, except those of the batches still in flight (a region cut
         off): those inputs are kept with their outputs (``pending``), so their redelivery
-        after a restart re-publishes them. At start-up :meth:`recover_inflight` re-published
-        the outputs of every decided but unacked request of the last process (if it could
-        not, this worker takes no snapshot). Best effort: a failed snapshot only means a
-        longer replay.
+        after a restart re-publishes them. At start-up :meth:`_decide_queued` re-published
+        the outputs of every decided but unacked request of the last process. Best effort: a
+        failed snapshot only means a longer replay.
         """
         if self._snap_put is not None and not self._snap_put.done():
             return  # the last one is still being stored: try again after the next batch
@@ -444,7 +443,7 @@ class RiskWorker:
             # failed would take as decided: wait for the batch to end
             await self._between_batches.wait()
         if not self._snapshots_ok:
-            return  # in-flight recovery incomplete, or a batch that never completed
+            return  # a batch that never completed
         t0 = time.perf_counter()
         seq = self._risklog_seq
         # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
@@ -513,64 +512,24 @@ class RiskWorker:
             self.done[input_id] = packed  # its outputs may not have been stored
         self.restored_from = seq
 
-    async def recover_inflight(self) -> tuple[int, int] | None:
-        """Decide now the requests a killed predecessor had received but not acked; returns
-        the ORDERS consumer's position (consumer and stream sequence) decided up to, or None
-        if there was nothing to do or it stopped early (the pull loop reads back the rest).
-
-        The ORDERS durable redelivers them only after its ack wait (30 s), and meanwhile hands
-        out later requests, whose ack (AckPolicy.ALL) would ack these unseen. Taking them
-        here, in stream order and before the pull loops and the batch loop start, also keeps
-        a snapshot from being taken while their outputs may be unstored (see
-        :meth:`snapshot`). Their redelivery later finds them in ``done``: the recorded
-        outputs are re-published (dropped by dedup) and acked.
-        """
-        try:
-            ci = await self.js.consumer_info("ORDERS", subjects.durable_risk(self.region))
-        except NotFoundError:
-            return None
-        floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
-        upto = ci.delivered.stream_seq if ci.delivered else 0
-        if upto <= floor:
-            return None
-        complete = True
-        cfg = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=floor + 1,
-            filter_subject=subjects.orders_filter(self.region),
-        )
-        sub = await self.js.subscribe(
-            subjects.orders_filter(self.region), ordered_consumer=True, config=cfg
-        )
-        items: list[Item] = []
-        try:
-            while True:
-                m = await sub.next_msg(timeout=5)
-                it = self._classify(m)
-                if it is not None:
-                    it.msg = None  # acked when the durable redelivers it
-                    items.append(it)
-                if m.metadata.sequence.stream >= upto or m.metadata.num_pending == 0:
-                    break
-        except nats.errors.TimeoutError:
-            log.warning(
-                "risk %s: in-flight recovery stopped early; no snapshots until a restart",
-                self.region,
-            )
-            self._snapshots_ok = False
-            complete = False
-        finally:
-            await sub.unsubscribe()
-        if items:
-            await self._process(list(items))
-        log.info(
-            "risk %s: decided %d in-flight requests (seq %d..%d)",
-            self.region,
-            len(items),
-            floor + 1,
-            upto,
-        )
-        return (ci.delivered.consumer_seq, upto) if complete else None
+    async def _decide_queued(self) -> int:
+        """Decide, before the batch loop starts, what the region's own loops queued at start:
+        first the requests and reports a killed predecessor had received but not acked, read
+        back from the streams. Their durables would redeliver them only after the ack wait
+        (30 s), and hand out later ones meanwhile. Deciding them here, before any snapshot
+        can be taken, keeps a snapshot from listing as done a request whose outputs the
+        predecessor may not have stored: a request it decided is found in ``done`` and its
+        recorded outputs are published again (dedup drops what was stored)."""
+        n = self.queue.qsize()
+        done = 0
+        while done < n and not self.queue.empty():
+            batch = await take_batch(self.queue, limit=min(1024, n - done))
+            done += len(batch)
+            if batch:
+                await self._process(batch)
+        if n:
+            log.info("risk %s: decided %d inputs queued at start", self.region, n)
+        return n
 
     def _replay(self, rec: dict[str, Any]) -> None:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
