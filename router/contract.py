@@ -313,6 +313,25 @@ class ExecutionReport(Message):
     transact_ns: int = _ns("FIX 60: when it happened (matching time), UTC ns.")
     entry_ns: int = _ns("When the order entered Meridian (gateway accept), UTC ns.", default=0)
 
+    @classmethod
+    def refused(cls, *, reason: RejectReason, text: str, **order: Any) -> ExecutionReport:
+        """The REJECTED report of an order refused before it traded (by risk's checks, or by
+        an executing region that cannot take it): nothing filled, nothing left. ``order``
+        names the order (ids, account, symbol, side, type, tif, qty, price, regions, times)."""
+        return cls(
+            exec_type=ExecType.REJECTED,
+            ord_status=OrdStatus.REJECTED,
+            cum_qty=0,
+            leaves_qty=0,
+            last_qty=0,
+            last_px=0,
+            cum_notional=0,
+            avg_px="0",
+            reject_reason=reason.value,
+            text=text[:256],
+            **order,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fill(Message):

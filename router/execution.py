@@ -126,9 +126,9 @@ def unapplied_report(
         text = (f"not executed in {region}" if no_book else f"not applied: {why}")[:256]
         rid = f"{region}-{symbol}-{cmd.seq}-x"
 
-        def num(name: str) -> int:
+        def num(name: str, hi: int = 10**12) -> int:
             v = raw.get(name)
-            return v if type(v) is int and 0 <= v <= 10**12 else 0
+            return v if type(v) is int and 0 <= v <= hi else 0
 
         common = {
             "order_id": raw["order_id"],
@@ -142,25 +142,17 @@ def unapplied_report(
         op = raw.get("op")
         out: ExecutionReport | CancelReject
         if op == "submit":
-            out = ExecutionReport(
+            out = ExecutionReport.refused(
+                reason=reason,
+                text=text,
                 **common,
                 exec_id=rid,
                 side=Side(raw["side"]),
                 ord_type=OrdType(raw["ord_type"]),
                 tif=TimeInForce(raw["tif"]),
-                exec_type=ExecType.REJECTED,
-                ord_status=OrdStatus.REJECTED,
                 qty=num("qty"),
                 price_ticks=num("price_ticks"),
-                cum_qty=0,
-                leaves_qty=0,
-                last_qty=0,
-                last_px=0,
-                cum_notional=0,
-                avg_px="0",
-                reject_reason=reason.value,
-                text=text,
-                entry_ns=num("entry_ns") if type(raw.get("entry_ns")) is int else 0,
+                entry_ns=num("entry_ns", 2**63 - 1),
             )
         elif op in ("cancel", "replace"):
             out = CancelReject(

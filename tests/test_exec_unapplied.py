@@ -112,6 +112,10 @@ def test_a_submit_for_a_symbol_this_region_does_not_execute_is_rejected() -> Non
         1_000_000,
     )
     assert r.exec_id == "sgp-USDJPY-42-x"  # from the stream sequence: a replay sends the same
+    late = unapplied_report(
+        _cmd(_submit(entry_ns=1_764_300_000_000_000_000)), "sgp", "", no_book=True
+    )
+    assert late is not None and late.entry_ns == 1_764_300_000_000_000_000  # kept, not zeroed
     assert r == unapplied_report(_cmd(_submit()), "sgp", "no book", no_book=True)
 
 
