@@ -5,19 +5,17 @@ snapshots")."""
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from ops.devstack import Devstack, MeshPlan
-from regions.topology import load_topology
+from ops.devstack import Devstack
 from router import subjects
 from router.book import Submit
 from router.commands import encode_command
 from router.contract import OrdType, Side, TimeInForce
 from router.execution import ExecutionWorker
 from router.natsutil import RebuildError
+from tests.private_mesh import on_a_private_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +37,7 @@ def _submit(i: int, side: Side, px: int) -> bytes:
 
 
 def test_restart_restores_snapshot_then_replays_the_rest() -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="meridian-snap-", dir="/tmp"))
-    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
-    ds.up(with_pg=False, with_redis=False)
-    try:
-        asyncio.run(asyncio.wait_for(_scenario(ds), 90))
-    finally:
-        ds.down()
+    on_a_private_mesh(_scenario, 90)
 
 
 async def _scenario(ds: Devstack) -> None:
@@ -188,13 +180,7 @@ def test_a_refused_command_is_never_applied_by_a_rebuild() -> None:
     another topology), answers REJECTED and records the refusal. A rebuild with the pair's
     book now there (the topology fixed) replays that command: it must not put the order the
     desk was told was rejected into the book."""
-    run_dir = Path(tempfile.mkdtemp(prefix="meridian-refused-", dir="/tmp"))
-    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
-    ds.up(with_pg=False, with_redis=False)
-    try:
-        asyncio.run(asyncio.wait_for(_refused_scenario(ds), 60))
-    finally:
-        ds.down()
+    on_a_private_mesh(_refused_scenario, 60)
 
 
 async def _refused_scenario(ds: Devstack) -> None:

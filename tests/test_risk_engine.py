@@ -566,6 +566,18 @@ def test_a_redelivered_suffix_ends_where_the_first_pass_did() -> None:
         assert (o.cl_ord_id, o.leaves, o.cum, o.pending_qty, dict(st.positions)) == first
 
 
+def _first_replace(rig: Rig) -> tuple[str, ExecutionReport]:
+    """An order of 1M (reports delivered by hand), replaced to 2M: (account, the replace's
+    REPLACED report, not delivered yet)."""
+    acct = "SGP-CORP-03"
+    rig.auto_feedback = False
+    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
+    rig.deliver()
+    assert isinstance(rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000).command, Replace)
+    (r1,) = _replaced(rig)
+    return acct, r1
+
+
 def _replaced(rig: Rig) -> list[ExecutionReport]:
     return [
         r
@@ -579,12 +591,7 @@ def test_a_replace_report_ends_only_its_own_reservation() -> None:
     second still needs (before stop 16 it did, and for a moment the account's exposure
     counted the first replace's quantity, not the second's)."""
     rig = Rig(region="sgp")
-    acct = "SGP-CORP-03"
-    rig.auto_feedback = False
-    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
-    rig.deliver()
-    assert isinstance(rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000).command, Replace)
-    (r1,) = _replaced(rig)
+    acct, r1 = _first_replace(rig)
     assert isinstance(rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000).command, Replace)
     assert rig.engine.exposure_usd(acct) == 5_000_000
     rig.deliver(1)  # the first replace's report
@@ -599,12 +606,7 @@ def test_a_late_replace_report_changes_nothing() -> None:
     its id past risk's memory): it must not end a third replace's reservation, nor bring
     back the old id, price or quantity."""
     rig = Rig(region="sgp")
-    acct = "SGP-CORP-03"
-    rig.auto_feedback = False
-    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
-    rig.deliver()
-    rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000)
-    (r1,) = _replaced(rig)
+    acct, r1 = _first_replace(rig)
     rig.deliver()
     rig.replace(acct, "USDJPY", r1.cl_ord_id, 3_000_000, 151001)
     (r2,) = _replaced(rig)
@@ -620,12 +622,7 @@ def test_a_late_replace_report_changes_nothing() -> None:
 
 def test_the_latest_replace_and_its_reports_survive_a_snapshot() -> None:
     rig = Rig(region="sgp")
-    acct = "SGP-CORP-03"
-    rig.auto_feedback = False
-    assert approved(rig.new(acct, "USDJPY", BUY, 1_000_000, 151000, cl="b1"))
-    rig.deliver()
-    rig.replace(acct, "USDJPY", "b1", 2_000_000, 151000)
-    (r1,) = _replaced(rig)
+    acct, r1 = _first_replace(rig)
     rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000)
     rig.deliver(1)
     rig.engine = _restored(rig.engine)

@@ -5,24 +5,22 @@ out of RISKLOG (its max_age is 7 days; a day at 1,000 orders/s is ~86M records t
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from ops.devstack import Devstack, MeshPlan
-from ops.loadgen import REFERENCE_MIDS, seed_top_of_book
-from regions.topology import load_topology
+from ops.devstack import Devstack
+from ops.loadgen import REFERENCE_MIDS
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID, AsyncPublisher
 from router.risk import AccountLimits, RiskLimits
 from router.risk_worker import RebuildError, RiskWorker
+from tests.private_mesh import on_a_private_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +29,7 @@ ACCOUNTS = ("LON-HF-01", "LON-BANK-02")
 
 def _on_a_mesh(scenario: Callable[[Devstack], Awaitable[None]], timeout_s: float) -> None:
     """A private mesh with Redis and a seeded top of book, no workers: the test drives one."""
-    run_dir = Path(tempfile.mkdtemp(prefix="meridian-risksnap-", dir="/tmp"))
-    ds = Devstack(MeshPlan.free(load_topology(), run_dir, latency_scale=0.25))
-    ds.up(with_pg=False, with_redis=True)
-    try:
-        seed_top_of_book(ds.redis_url, ds.topology)
-        asyncio.run(asyncio.wait_for(scenario(ds), timeout_s))
-    finally:
-        ds.down()
+    on_a_private_mesh(scenario, timeout_s, with_redis=True)
 
 
 def test_restart_restores_snapshot_then_replays_the_rest() -> None:
