@@ -1,0 +1,181 @@
+"""A/B of the order path at one offered rate: latency and CPU per order, per process.
+
+``meridian bench`` measures everything once in about 7 minutes; comparing two variants of the
+mesh needs the same point repeated under each, on the same mesh, minutes apart (the VM's
+speed drifts by 10-20 % within an hour). This starts one private bench mesh and, for each
+mode in turn, runs ``--reps`` points of ``--seconds`` at ``--rate`` orders/s (lon desk, lon
+symbols, crossing pairs, tracing off), then optionally the closed-loop maximum::
+
+    python -m ops.abpoint --modes base,noledger --reps 3
+    python -m ops.abpoint --modes base,env:MERIDIAN_RISK_ENTRY=1+stop:gateway-lon --max
+
+A mode is ``+``-joined steps applied to the mesh before its points, cumulatively:
+
+* ``base``: nothing (the mesh as ``meridian bench`` starts it);
+* ``noledger``: stop every ledger writer (what the post-trade path costs the order path);
+* ``linger<ms>``: restart ledger-lon with ``--linger-ms <ms>``;
+* ``stop:<process>``: stop one process of the mesh (e.g. ``gateway-lon``);
+* ``env:<NAME>=<value>``: restart the order-path workers (gateway, risk, execution) with
+  that variable in their environment (how a prototype behind a variable is measured; see
+  docs/decisions/0006-risk-at-the-entry.md).
+
+Prints one line per point: order->execution and submit->ack p50/p99, the machine's busy cores,
+and CPU microseconds per executed order of every process above 20 us (PostgreSQL's backends
+summed as ``pg``, the in-process desk as ``desk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ops import bench as b
+from ops.devstack import Devstack
+
+ORDER_PATH = ("gateway", "risk", "execution")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    kind: str  # base | noledger | linger | stop | env
+    arg: str = ""
+
+
+def parse_mode(mode: str) -> list[Step]:
+    """``"stop:gateway-lon+env:X=1"`` -> its steps; raises ValueError on an unknown step."""
+    steps = []
+    for part in mode.split("+"):
+        if part in ("base", "noledger"):
+            steps.append(Step(part))
+        elif part.startswith("linger") and part[6:].isdigit():
+            steps.append(Step("linger", part[6:]))
+        elif part.startswith("stop:") and part[5:]:
+            steps.append(Step("stop", part[5:]))
+        elif part.startswith("env:") and "=" in part[4:] and not part[4:].startswith("="):
+            steps.append(Step("env", part[4:]))
+        else:
+            raise ValueError(f"unknown step {part!r} in mode {mode!r}")
+    return steps
+
+
+def _apply(ds: Devstack, step: Step) -> None:
+    if step.kind == "noledger":
+        for name in [n for n in ds.procs if n.startswith("ledger-")]:
+            ds.procs[name].stop()
+    elif step.kind == "linger":
+        rec = ds.records["ledger-lon"]
+        argv = list(rec.argv)
+        if "--linger-ms" in argv:
+            i = argv.index("--linger-ms")
+            del argv[i : i + 2]
+        ds.records["ledger-lon"] = dataclasses.replace(rec, argv=[*argv, "--linger-ms", step.arg])
+        ds.procs["ledger-lon"].stop()
+        ds.restart_worker("ledger-lon")
+    elif step.kind == "stop":
+        ds.procs[step.arg].stop()
+    elif step.kind == "env":
+        name, value = step.arg.split("=", 1)
+        os.environ[name] = value  # the devstack passes its environment to the workers
+        for proc in [n for n in list(ds.procs) if n.split("-")[0] in ORDER_PATH]:
+            ds.procs[proc].stop()
+            ds.restart_worker(proc)
+    time.sleep(2.0)
+
+
+def _pg_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL process (the backends are not the devstack's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if "(postgres)" in stat:
+            t = stat.split(") ", 1)[1].split()
+            total += (int(t[11]) + int(t[12])) / tick
+    return total
+
+
+def point(ds: Devstack, *, rate: float, seconds: float, run_id: str) -> dict[str, Any]:
+    b.wait_idle(ds)
+    c0, me0, pg0, busy0, t0 = (
+        b.cpu_seconds(ds),
+        time.process_time(),
+        _pg_cpu_s(),
+        b.machine_busy_s(),
+        time.monotonic(),
+    )
+    lat = asyncio.run(b._in_process(ds, "lon", seconds=seconds, rate=rate, run_id=run_id))
+    c1, me1, pg1, busy1, t1 = (
+        b.cpu_seconds(ds),
+        time.process_time(),
+        _pg_cpu_s(),
+        b.machine_busy_s(),
+        time.monotonic(),
+    )
+    n = max(1, lat["completed"])
+    cpu = {k: round((c1[k] - c0.get(k, 0.0)) / n * 1e6) for k in c1}
+    cpu["pg"] = round((pg1 - pg0) / n * 1e6)
+    cpu["desk"] = round((me1 - me0) / n * 1e6)
+    return {
+        "order_to_execution": lat["order_to_execution"],
+        "submit_to_ack": lat["submit_to_ack"],
+        "completed_per_s": lat["completed_per_s"],
+        "busy_cores": round((busy1 - busy0) / (t1 - t0), 2),
+        "cpu_us_per_order": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def line(mode: str, i: int, p: dict[str, Any]) -> str:
+    o2e, ack = p["order_to_execution"], p["submit_to_ack"]
+    cpu = ", ".join(f"{k} {v}" for k, v in p["cpu_us_per_order"].items() if v > 20)
+    return (
+        f"{mode} #{i}: order->execution p50 {o2e['p50_ms']:.2f} p99 {o2e['p99_ms']:.1f} ms, "
+        f"ack p50 {ack['p50_ms']:.2f} ms, {p['completed_per_s']:.0f}/s, "
+        f"busy {p['busy_cores']} cores; us/order: {cpu}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="A/B of the order path at one offered rate")
+    ap.add_argument("--modes", default="base", help="comma-separated modes (module docstring)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max", action="store_true", help="also the closed-loop max, twice a mode")
+    args = ap.parse_args(argv)
+    modes = [(m, parse_mode(m)) for m in args.modes.split(",")]
+    os.environ["MERIDIAN_TRACING"] = "off"
+    tmp = Path(tempfile.mkdtemp(prefix="abpoint-"))
+    ds = b.start_bench_mesh(tmp)
+    try:
+        b.restart_order_path(ds, tracing=False)
+        asyncio.run(b._set_limits(ds))
+        for mode, steps in modes:
+            for step in steps:
+                _apply(ds, step)
+            for i in range(args.reps):
+                p = point(ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{mode}{i}")
+                print(line(mode, i, p), flush=True)
+            for i in range(2 if args.max else 0):
+                b.wait_idle(ds)
+                m = b.subprocess_load(
+                    ds, ["lon"], seconds=args.seconds, inflight=256, run_id=f"abmax{mode}{i}"
+                )[0]
+                print(f"{mode} max #{i}: {m['completed_per_s']:.0f} orders/s executed", flush=True)
+    finally:
+        ds.down()
+
+
+if __name__ == "__main__":
+    main()
