@@ -688,15 +688,9 @@ class RiskWorker:
         while len(self._inflight) >= MAX_INFLIGHT_BATCHES:
             self._inflight_done.clear()
             await self._inflight_done.wait()
-        # AckPolicy.ALL on every input consumer: the last message of each consumer in this
-        # batch acks everything before it on that consumer (items are handled in order)
-        last: dict[str, Msg] = {}
-        for it in items:
-            if it.msg is not None and it.msg.reply:
-                last[stream_position(it.msg).consumer] = it.msg
         ids = [it.input_id for it in items]
         self._inflight.append(
-            _Pending(outs, await self._publish(outs), list(last.values()), spans, approvals, ids)
+            _Pending(outs, await self._publish(outs), ack_handles(items), spans, approvals, ids)
         )
         self._inflight_ids.update(ids)
         self._inflight_added.set()
@@ -1040,6 +1034,23 @@ def once_each(items: list[Item]) -> list[Item]:
         if first is not it and first.msg is None and it.msg is not None:
             first.msg = it.msg
     return list(uniq.values())
+
+
+def ack_handles(items: list[Item]) -> list[Msg]:
+    """The delivery to ack for each input consumer of a decided batch: AckPolicy.ALL, so the
+    one with the highest stream sequence acks every earlier one on that consumer. Not simply
+    the last in the batch: a redelivery keeps its old stream sequence, and :func:`once_each`
+    may have moved a later delivery onto an earlier input. Acking a lower one would leave the
+    higher ones to be redelivered after their ack wait (found decided, but late)."""
+    best: dict[str, tuple[int, Msg]] = {}
+    for it in items:
+        if it.msg is None or not it.msg.reply:
+            continue
+        pos = stream_position(it.msg)
+        have = best.get(pos.consumer)
+        if have is None or pos.seq > have[0]:
+            best[pos.consumer] = (pos.seq, it.msg)
+    return [m for _, m in best.values()]
 
 
 def _chunks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

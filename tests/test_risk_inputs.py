@@ -10,7 +10,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from regions.topology import load_topology
-from router.risk_worker import Item, RiskWorker, once_each
+from router.risk_worker import Item, RiskWorker, ack_handles, once_each
 
 
 class _Nc:
@@ -50,3 +50,14 @@ def test_an_input_twice_in_a_batch_is_taken_once_with_the_delivery_to_ack() -> N
     held = Item(input_id="o:k1", kind="order", msg=delivery)
     got = once_each([read_back, other, held])
     assert got == [read_back, other] and read_back.msg is delivery
+
+
+def test_the_ack_handle_is_the_delivery_with_the_highest_stream_sequence() -> None:
+    # a gap read back (no handle) and its held delivery (sequence 6) merge onto the first
+    # item; the batch's last item is an earlier delivery (5): acking it would leave 6 unacked
+    read_back = Item(input_id="o:k1", kind="order", msg=None)
+    earlier = Item(input_id="o:k2", kind="order", msg=_delivery("mrd.lon.ord.A.k2", b"x", 5))
+    held = _delivery("mrd.lon.ord.A.k1", b"x", 6)
+    batch = once_each([read_back, earlier, Item(input_id="o:k1", kind="order", msg=held)])
+    assert batch[-1] is earlier
+    assert ack_handles(batch) == [held]
