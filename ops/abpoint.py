@@ -4,7 +4,8 @@
 mesh needs the same point repeated under each, on the same mesh, minutes apart (the VM's
 speed drifts by 10-20 % within an hour). This starts one private bench mesh and, for each
 mode in turn, runs ``--reps`` points of ``--seconds`` at ``--rate`` orders/s (lon desk, lon
-symbols, crossing pairs, tracing off), then optionally the closed-loop maximum::
+symbols, crossing pairs, tracing off), then optionally the closed-loop maximum of one
+region or of several at once (``--max-regions lon,nyc,sgp``)::
 
     python -m ops.abpoint --modes base,noledger --reps 3
     python -m ops.abpoint --modes base,env:MERIDIAN_RISK_ENTRY=1+stop:gateway-lon --max
@@ -138,6 +139,8 @@ def point(ds: Devstack, *, rate: float, seconds: float, run_id: str) -> dict[str
 
 def line(mode: str, i: int, p: dict[str, Any]) -> str:
     o2e, ack = p["order_to_execution"], p["submit_to_ack"]
+    if not o2e.get("count") or not ack.get("count"):
+        return f"{mode} #{i}: no order executed ({ack.get('count', 0)} acked): see the logs"
     cpu = ", ".join(f"{k} {v}" for k, v in p["cpu_us_per_order"].items() if v > 20)
     return (
         f"{mode} #{i}: order->execution p50 {o2e['p50_ms']:.2f} p99 {o2e['p99_ms']:.1f} ms, "
@@ -153,26 +156,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max", action="store_true", help="also the closed-loop max, twice a mode")
+    ap.add_argument(
+        "--max-regions",
+        default="lon",
+        help="comma-separated regions loaded at once for --max (one load process each)",
+    )
     args = ap.parse_args(argv)
     modes = [(m, parse_mode(m)) for m in args.modes.split(",")]
     os.environ["MERIDIAN_TRACING"] = "off"
     tmp = Path(tempfile.mkdtemp(prefix="abpoint-"))
+    print(f"mesh and its logs: {tmp}", flush=True)
     ds = b.start_bench_mesh(tmp)
     try:
         b.restart_order_path(ds, tracing=False)
         asyncio.run(b._set_limits(ds))
-        for mode, steps in modes:
+        for k, (mode, steps) in enumerate(modes):
             for step in steps:
                 _apply(ds, step)
             for i in range(args.reps):
-                p = point(ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{mode}{i}")
+                p = point(ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{k}p{i}")
                 print(line(mode, i, p), flush=True)
             for i in range(2 if args.max else 0):
                 b.wait_idle(ds)
-                m = b.subprocess_load(
-                    ds, ["lon"], seconds=args.seconds, inflight=256, run_id=f"abmax{mode}{i}"
-                )[0]
-                print(f"{mode} max #{i}: {m['completed_per_s']:.0f} orders/s executed", flush=True)
+                regions = args.max_regions.split(",")
+                got = b.subprocess_load(
+                    ds,
+                    regions,
+                    seconds=args.seconds,
+                    inflight=256 if len(regions) == 1 else 128,
+                    run_id=f"ab{k}m{i}",  # short: cl_ord_ids carry it (<= 64)
+                )
+                each = ", ".join(
+                    f"{r} {g['completed_per_s']:.0f}" for r, g in zip(regions, got, strict=True)
+                )
+                total = sum(g["completed_per_s"] for g in got)
+                print(f"{mode} max #{i}: {total:.0f} orders/s executed ({each})", flush=True)
     finally:
         ds.down()
 
