@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max", action="store_true", help="also the closed-loop max, twice a mode")
     ap.add_argument(
+        "--inflight",
+        type=int,
+        default=0,
+        help="orders in flight per load process for --max (default: the bench's 256, 128 each)",
+    )
+    ap.add_argument(
         "--max-regions",
         default="lon",
         help="comma-separated regions loaded at once for --max (one load process each)",
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                     ds,
                     regions,
                     seconds=args.seconds,
-                    inflight=256 if len(regions) == 1 else 128,
+                    inflight=args.inflight or (256 if len(regions) == 1 else 128),
                     run_id=f"ab{k}m{i}",  # short: cl_ord_ids carry it (<= 64)
                 )
                 each = ", ".join(
