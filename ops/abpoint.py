@@ -21,8 +21,8 @@ A mode is ``+``-joined steps applied to the mesh before its points, cumulatively
   docs/decisions/0006-risk-at-the-entry.md).
 
 Prints one line per point: order->execution and submit->ack p50/p99, the machine's busy cores,
-and CPU microseconds per executed order of every process above 20 us (PostgreSQL's backends
-summed as ``pg``, the in-process desk as ``desk``).
+and CPU microseconds per executed order of every process above 20 us (PostgreSQL with its
+backends, the in-process desk as ``loadgen (desk)``): :func:`ops.bench.cpu_us_per_order`.
 """
 
 from __future__ import annotations
@@ -89,51 +89,27 @@ def _apply(ds: Devstack, step: Step) -> None:
     time.sleep(2.0)
 
 
-def _pg_cpu_s() -> float:
-    """CPU seconds of every PostgreSQL process (the backends are not the devstack's)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if "(postgres)" in stat:
-            t = stat.split(") ", 1)[1].split()
-            total += (int(t[11]) + int(t[12])) / tick
-    return total
-
-
 def point(ds: Devstack, *, rate: float, seconds: float, run_id: str) -> dict[str, Any]:
     b.wait_idle(ds)
-    c0, me0, pg0, busy0, t0 = (
+    c0, me0, busy0, t0 = (
         b.cpu_seconds(ds),
         time.process_time(),
-        _pg_cpu_s(),
         b.machine_busy_s(),
         time.monotonic(),
     )
     lat = asyncio.run(b._in_process(ds, "lon", seconds=seconds, rate=rate, run_id=run_id))
-    c1, me1, pg1, busy1, t1 = (
+    c1, me1, busy1, t1 = (
         b.cpu_seconds(ds),
         time.process_time(),
-        _pg_cpu_s(),
         b.machine_busy_s(),
         time.monotonic(),
     )
-    n = max(1, lat["completed"])
-    cpu = {k: round((c1[k] - c0.get(k, 0.0)) / n * 1e6) for k in c1}
-    cpu["pg"] = round((pg1 - pg0) / n * 1e6)
-    cpu["desk"] = round((me1 - me0) / n * 1e6)
     return {
         "order_to_execution": lat["order_to_execution"],
         "submit_to_ack": lat["submit_to_ack"],
         "completed_per_s": lat["completed_per_s"],
         "busy_cores": round((busy1 - busy0) / (t1 - t0), 2),
-        "cpu_us_per_order": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "cpu_us_per_order": b.cpu_us_per_order(c0, c1, me1 - me0, lat["completed"]),
     }
 
 
@@ -141,7 +117,7 @@ def line(mode: str, i: int, p: dict[str, Any]) -> str:
     o2e, ack = p["order_to_execution"], p["submit_to_ack"]
     if not o2e.get("count") or not ack.get("count"):
         return f"{mode} #{i}: no order executed ({ack.get('count', 0)} acked): see the logs"
-    cpu = ", ".join(f"{k} {v}" for k, v in p["cpu_us_per_order"].items() if v > 20)
+    cpu = ", ".join(f"{k} {v:.0f}" for k, v in p["cpu_us_per_order"].items() if v > 20)
     return (
         f"{mode} #{i}: order->execution p50 {o2e['p50_ms']:.2f} p99 {o2e['p99_ms']:.1f} ms, "
         f"ack p50 {ack['p50_ms']:.2f} ms, {p['completed_per_s']:.0f}/s, "
