@@ -8,9 +8,12 @@ symbols, crossing pairs, tracing off), then optionally the closed-loop maximum o
 region or of several at once (``--max-regions lon,nyc,sgp``)::
 
     python -m ops.abpoint --modes base,noledger --reps 3
+    # with a prototype's patch applied (docs/decisions/0006/), which reads the variable:
     python -m ops.abpoint --modes base,env:MERIDIAN_RISK_ENTRY=1+stop:gateway-lon --max
 
-A mode is ``+``-joined steps applied to the mesh before its points, cumulatively:
+A mode is ``+``-joined steps applied to the mesh before its points. Modes are cumulative (each
+starts from the mesh the last one left), so ``base`` may only come first: to compare A, B and A
+again, run the tool twice.
 
 * ``base``: nothing (the mesh as ``meridian bench`` starts it);
 * ``noledger``: stop every ledger writer (what the post-trade path costs the order path);
@@ -68,7 +71,7 @@ def parse_mode(mode: str) -> list[Step]:
 def _apply(ds: Devstack, step: Step) -> None:
     if step.kind == "noledger":
         for name in [n for n in ds.procs if n.startswith("ledger-")]:
-            ds.procs[name].stop()
+            ds.stop(name)  # out of the mesh: a later env step does not start it again
     elif step.kind == "linger":
         rec = ds.records["ledger-lon"]
         argv = list(rec.argv)
@@ -79,7 +82,7 @@ def _apply(ds: Devstack, step: Step) -> None:
         ds.procs["ledger-lon"].stop()
         ds.restart_worker("ledger-lon")
     elif step.kind == "stop":
-        ds.procs[step.arg].stop()
+        ds.stop(step.arg)
     elif step.kind == "env":
         name, value = step.arg.split("=", 1)
         os.environ[name] = value  # the devstack passes its environment to the workers
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     modes = [(m, parse_mode(m)) for m in args.modes.split(",")]
+    if any(Step("base") in steps for _, steps in modes[1:]):
+        ap.error("modes are cumulative: 'base' may only be the first (run the tool again)")
     os.environ["MERIDIAN_TRACING"] = "off"
     tmp = Path(tempfile.mkdtemp(prefix="abpoint-"))
     print(f"mesh and its logs: {tmp}", flush=True)

@@ -222,9 +222,13 @@ def start_bench_mesh(tmp: Path) -> Devstack:
     run_dir = tmp / "mesh"
     plan = MeshPlan.free(load_topology(), run_dir, latency_scale=1.0, pg_fsync=True)
     ds = Devstack(plan, progress=lambda m: say(m))
-    ds.up(with_pg=True, with_redis=True, workers=(order_path_workers, ledger_workers))
-    seed_top_of_book(ds.redis_url, ds.topology)
-    asyncio.run(_set_limits(ds))
+    try:
+        ds.up(with_pg=True, with_redis=True, workers=(order_path_workers, ledger_workers))
+        seed_top_of_book(ds.redis_url, ds.topology)
+        asyncio.run(_set_limits(ds))
+    except BaseException:
+        ds.down()  # nothing of a half-started mesh is left running
+        raise
     return ds
 
 
