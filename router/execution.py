@@ -69,6 +69,7 @@ from router.natsutil import (
     cancel_and_wait,
     stream_position,
     take_batch,
+    transient,
     unstored,
     wake_every,
 )
@@ -94,6 +95,13 @@ when it names no order to answer for."""
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _enum(cls: Any, value: Any, default: Any) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        return default
 
 
 class CommandRefused(ValueError):
@@ -147,9 +155,10 @@ def unapplied_report(
                 text=text,
                 **common,
                 exec_id=rid,
-                side=Side(raw["side"]),
-                ord_type=OrdType(raw["ord_type"]),
-                tif=TimeInForce(raw["tif"]),
+                # a field this build cannot read still gets its order an answer
+                side=_enum(Side, raw.get("side"), Side.BUY),
+                ord_type=_enum(OrdType, raw.get("ord_type"), OrdType.LIMIT),
+                tif=_enum(TimeInForce, raw.get("tif"), TimeInForce.GTC),
                 qty=num("qty"),
                 price_ticks=num("price_ticks"),
                 entry_ns=num("entry_ns", 2**63 - 1),
@@ -483,7 +492,8 @@ class ExecutionWorker:
                     "(ops.streams.ensure_region_streams, run by `meridian up`)"
                 ) from None
             except Exception as e:
-                raise RebuildUnavailable(f"KV bucket {bucket} unreadable: {e!r}") from e
+                cls = RebuildUnavailable if transient(e) else RebuildError
+                raise cls(f"KV bucket {bucket} unreadable: {e!r}") from e
         return self._refused_store
 
     async def _record_refused(self, cmd: Cmd, out: Refused) -> None:
@@ -618,6 +628,16 @@ class ExecutionWorker:
                 outs = self._apply(cmd, encode=publish)
                 self.stats["commands"] += 1
             except CommandRefused as e:  # nothing changed; a bad command never blocks
+                if not publish:
+                    # below the ack floor with no refusal record: the process that acked it
+                    # applied it (records are stored before acks), so another build or
+                    # topology took it. Skipping it would rebuild books without that order
+                    # while its counterparties' fills stand: they could be filled again.
+                    raise RebuildError(
+                        f"command {cmd.seq} on {cmd.subject}, applied by the worker that acked "
+                        f"it, cannot be applied by this one ({e}): run the build and topology "
+                        "that took it until its ack floor passes the change, or reconcile"
+                    ) from e
                 self.stats["bad"] += 1
                 rej = self._answer(cmd, e)
                 log.error(
@@ -629,12 +649,8 @@ class ExecutionWorker:
                     f"answered with {type(rej).__name__}" if rej else "no order to answer",
                 )
                 out = _report_out(self.region, rej) if rej is not None else None
-                if publish:  # decided now, not replayed: recorded, then answered
-                    await self._record_refused(cmd, out)
-                # below the ack floor (publish False) a command refused now for the first
-                # time was applied by the build that took it: skipped, as it always was, and
-                # not recorded, or a rollback to that build would skip it for good
-                outs = [out] if publish and out is not None else []
+                await self._record_refused(cmd, out)  # decided now: recorded, then answered
+                outs = [out] if out is not None else []
             except Exception:  # a fault of this build, not of the command: never answered
                 self.stats["bad"] += 1
                 log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)

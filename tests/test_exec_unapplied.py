@@ -33,6 +33,7 @@ from router.contract import (
     TimeInForce,
 )
 from router.execution import Cmd, ExecutionWorker, unapplied_report
+from router.natsutil import RebuildError
 from router.risk import Externals, RefPrice, RiskEngine, RiskLimits
 
 TOPO = load_topology()
@@ -125,6 +126,14 @@ def test_a_malformed_submit_that_names_its_order_is_rejected_as_malformed() -> N
     assert r.qty == 0 and "qty" in r.text
 
 
+def test_a_submit_with_an_unreadable_enum_still_gets_its_rejection() -> None:
+    # another build's side, order type or time in force: the order is still answered
+    data = msgpack.packb(_submit(side="SELL_SHORT", ord_type="PEGGED", tif="GTX"))
+    r = unapplied_report(_cmd(data), "sgp", "side: unknown", no_book=False)
+    assert isinstance(r, ExecutionReport), r
+    assert r.ord_status is OrdStatus.REJECTED and r.order_id == "O-1"
+
+
 def test_a_cancel_or_replace_gets_a_cancel_reject() -> None:
     body = msgpack.unpackb(
         encode_command(
@@ -184,6 +193,8 @@ async def test_the_worker_publishes_the_answer_and_goes_on() -> None:
             return types.SimpleNamespace()
 
     w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    w._fresh_books()  # sgp's own books: garbage on USDJPY is refused by the decoder, not for
+    assert "USDJPY" in w.books and "EURUSD" not in w.books  # want of a book
     sent: list[tuple[str, dict[str, str]]] = []
 
     async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> Any:
@@ -219,8 +230,10 @@ async def test_the_worker_publishes_the_answer_and_goes_on() -> None:
     await w._apply_and_send(_cmd(_submit(order_id="O-9"), symbol="EURUSD"), True, None)
     assert w.books["EURUSD"].status("O-9") is not None
     # below the ack floor a command refused now for the first time is neither answered nor
-    # recorded: the build that took it applied it (a rollback must still apply it)
-    await w._apply_and_send(_cmd(_submit(order_id="O-7"), symbol="GBPUSD", seq=44), False, None)
+    # recorded: the worker that acked it applied it (records come before acks), so this one
+    # fails closed rather than rebuild books without that order
+    with pytest.raises(RebuildError, match="command 44"):
+        await w._apply_and_send(_cmd(_submit(order_id="O-7"), symbol="GBPUSD", seq=44), False, None)
     assert recorded == ["42", "43"] and 44 not in w._refused
 
 
