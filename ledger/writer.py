@@ -47,7 +47,7 @@ from ledger.errors import FillRejected, LedgerConfigError
 from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, post_transfers
 from regions.topology import Topology, load_topology
-from router.contract import ContractError, Fill, decode
+from router.contract import UNKNOWN_FIELD, ContractError, Fill, RejectReason, decode
 from router.subjects import durable_ledger, fills_filter
 
 log = logging.getLogger("ledger.writer")
@@ -159,6 +159,14 @@ class WriterMetrics:
     def retries(self, kind: str) -> Counter:
         """Counter: whole-transaction retries, by ``kind`` (serialization, connection)."""
         return self._retries.labels(self.region, SERVICE, kind)
+
+
+def from_newer_build(e: Exception) -> bool:
+    """A fill this build cannot read because a newer one wrote it: another contract version,
+    or a field it does not know. A trade all the same, so it is held, never terminated."""
+    if not isinstance(e, ContractError):
+        return False
+    return e.reason is RejectReason.UNSUPPORTED_VERSION or e.rule == UNKNOWN_FIELD
 
 
 class LedgerWriter:
@@ -296,11 +304,12 @@ class LedgerWriter:
             seq = int(msg.metadata.sequence.stream)
         return transfers_for_fill(fill, self.topology, self.region, stream_seq=seq)
 
-    async def _hold(self, m: Msg, e: FillRejected) -> None:
-        """A well-formed fill this writer cannot post yet: a trade that happened, against a
-        topology (account, pair, currency) it does not know, most likely because it runs an
-        older one than execution. Terminating it would drop a trade from the books of record;
-        it is held instead (redelivered every HOLD_S, not acked), counted, logged and paged
+    async def _hold(self, m: Msg, e: FillRejected | ContractError) -> None:
+        """A fill this writer cannot post yet: a trade that happened, against a topology
+        (account, pair, currency) it does not know, or in a contract version or with a field
+        newer than its own (:func:`from_newer_build`), most likely because it runs an older
+        topology or build than execution. Terminating it would drop a trade from the books of
+        record; it is held instead (redelivered every HOLD_S, not acked), counted, logged and paged
         on, and posts once the writer runs with the topology. Held fills count against the
         consumer's max_ack_pending: thousands of them stop the region's posting, which the
         alert is there to prevent."""
@@ -324,7 +333,7 @@ class LedgerWriter:
             try:
                 transfers.extend(self.parse(m))
             except (ContractError, FillRejected) as e:
-                if isinstance(e, FillRejected) and not e.permanent:
+                if (isinstance(e, FillRejected) and not e.permanent) or from_newer_build(e):
                     await self._hold(m, e)
                     continue
                 field = getattr(e, "field", "") or "payload"

@@ -111,6 +111,10 @@ class RejectReason(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # the target region could not durably take the order
 
 
+UNKNOWN_FIELD = "unknown field"
+"""The rule a field this version does not define breaks (a newer build's, most likely)."""
+
+
 class ContractError(ValueError):
     """A message broke the contract. ``field`` names the field, ``rule`` says what it broke."""
 
@@ -484,7 +488,7 @@ def decode(cls: type[M], data: bytes | dict[str, Any], *, max_bytes: int = MAX_P
     fields = _fields(cls)
     for key in raw:
         if key != "v" and key not in fields:
-            raise ContractError(RejectReason.MALFORMED, str(key)[:64], "unknown field")
+            raise ContractError(RejectReason.MALFORMED, str(key)[:64], UNKNOWN_FIELD)
     kwargs: dict[str, Any] = {}
     for name, spec, fast in _checkers(cls):
         val = raw.get(name)

@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psycopg
 import pytest
 from nats.aio.client import Client as NATS
@@ -336,3 +338,42 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_fill_from_a_newer_build_is_held_never_terminated(topology: Topology) -> None:
+    """A fill in another contract version, or with a field this build does not know, is a
+    trade a newer execution build made: held (nak'd for later), counted, never term()ed."""
+    w = LedgerWriter(
+        topology=topology,
+        config=WriterConfig(region="lon"),
+        nats_url="nats://127.0.0.1:1",
+        dsn="postgresql://127.0.0.1:1/none",
+    )
+    fill = msgpack.unpackb(encode(random_fills(topology, 1, prefix="nb", region="lon")[0]))
+    calls: list[str] = []
+
+    class _Msg:
+        def __init__(self, data: bytes) -> None:
+            self.data, self.subject = data, fill_subject("lon", "EURUSD")
+            self.metadata = types.SimpleNamespace(
+                sequence=types.SimpleNamespace(stream=1), num_pending=0
+            )
+
+        async def nak(self, delay: float | None = None) -> None:
+            calls.append("nak")
+
+        async def term(self) -> None:
+            calls.append("term")
+
+    newer = [
+        _Msg(msgpack.packb({**fill, "v": 2})),
+        _Msg(msgpack.packb({**fill, "fee_minor": 7})),
+    ]
+    assert await w.handle_batch(newer, asyncio.Event())  # type: ignore[arg-type]
+    assert calls == ["nak", "nak"]
+    for field in ("v", "fee_minor"):
+        labels = {"region": "lon", "service": "ledger", "field": field}
+        assert w.registry.get_sample_value("meridian_ledger_fills_held_total", labels) == 1
+    # garbage is still terminated
+    assert await w.handle_batch([_Msg(b"\x93not a fill")], asyncio.Event())  # type: ignore[list-item]
+    assert calls[-1] == "term"
