@@ -239,6 +239,13 @@ class PullLoop:
         self._remaining -= 1
         if self._remaining <= 0:
             self._kick.set()
+        if not (msg.reply or "").startswith("$JS.ACK."):
+            # not a delivery (nothing to ack, no position): kept out of the worker and of the
+            # gap filler, which would stop on it
+            log.warning(
+                "pull loop %s/%s: not a delivery on %s", self.stream, self.durable, msg.subject
+            )
+            return
         if not self.fill_gaps:
             self.queue.put_nowait(msg)
             return
@@ -256,8 +263,20 @@ class PullLoop:
             self._filler = asyncio.create_task(
                 self._fill_gaps(), name=f"fill-{self.stream}-{self.tag}"
             )
+            self._filler.add_done_callback(self._filler_done)
             return
         self._hand_on(msg, pos)
+
+    def _filler_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # deliveries stay held from here on: the worker decides nothing more from this
+            # consumer, so say so loudly (its stall watch and backlog alerts follow)
+            log.critical(
+                "pull loop %s/%s: filling a gap failed for good: %r",
+                self.stream,
+                self.durable,
+                task.exception(),
+            )
 
     def _hand_on(self, msg: Msg, pos: StreamPos) -> None:
         self._cseq = max(self._cseq, pos.cseq)

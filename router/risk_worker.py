@@ -841,7 +841,12 @@ class RiskWorker:
 
     def _decode(self, it: Item) -> Any:
         if it.kind == "order":
-            cls = contract.ENTRY_OPS[it.headers.get(H_OP, "new")]
+            # the headers are input too (a newer gateway's, or a rogue publisher's): one this
+            # build cannot read makes the input "bad", never a batch that fails for good
+            cls = contract.ENTRY_OPS.get(it.headers.get(H_OP, "new"))
+            if cls is None:
+                raise ValueError(f"unknown op {it.headers.get(H_OP)!r}")
+            int(it.headers.get(H_ACCEPTED_NS, "0"))
             return contract.decode(cls, it.payload)
         if it.kind == "report":
             return contract.decode(ExecutionReport, it.payload)

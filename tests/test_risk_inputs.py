@@ -4,12 +4,17 @@ input that comes twice in one batch is decided once."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 from typing import Any
 
+import pytest
 from nats.aio.msg import Msg
 
 from regions.topology import load_topology
+from router import contract
+from router.contract import NewOrder, OrdType, Side, TimeInForce
+from router.natsutil import PullLoop
 from router.risk_worker import Item, RiskWorker, ack_handles, once_each
 
 
@@ -22,7 +27,9 @@ def _worker() -> RiskWorker:
     return RiskWorker(_Nc(), load_topology(), "lon", None)  # type: ignore[arg-type]
 
 
-def _delivery(subject: str, data: bytes, seq: int = 5) -> Msg:
+def _delivery(
+    subject: str, data: bytes, seq: int = 5, headers: dict[str, str] | None = None
+) -> Msg:
     class _Client:
         async def publish(self, *a: Any, **k: Any) -> None:
             raise AssertionError("nothing is sent for an input when it is classified")
@@ -32,7 +39,7 @@ def _delivery(subject: str, data: bytes, seq: int = 5) -> Msg:
         subject=subject,
         reply=f"$JS.ACK.ORDERS.risk_lon.1.{seq}.{seq}.1700000000000000000.0",
         data=data,
-        headers={"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
+        headers=headers or {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
     )
 
 
@@ -61,3 +68,49 @@ def test_the_ack_handle_is_the_delivery_with_the_highest_stream_sequence() -> No
     batch = once_each([read_back, earlier, Item(input_id="o:k1", kind="order", msg=held)])
     assert batch[-1] is earlier
     assert ack_handles(batch) == [held]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Mrd-Op": "frobnicate", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
+        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "soon"},
+    ],
+)
+async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
+    headers: dict[str, str],
+) -> None:
+    # a newer gateway's op, or a rogue publisher's accept time: before, a KeyError or a
+    # ValueError failed the batch for good, and the same read-back failed it after a restart
+    w = _worker()
+    order = contract.encode(
+        NewOrder(
+            account="LON-HF-01",
+            cl_ord_id="c1",
+            symbol="GBPUSD",
+            side=Side.BUY,
+            ord_type=OrdType.LIMIT,
+            tif=TimeInForce.GTC,
+            qty=1_000_000,
+            price_ticks=126000,
+        )
+    )
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=headers))
+    assert it is not None and it.kind == "bad" and it.msg is not None
+
+
+async def test_a_pull_loop_hands_on_only_deliveries() -> None:
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    lp = PullLoop(
+        None,  # type: ignore[arg-type]
+        domain="lon",
+        stream="ORDERS",
+        durable="risk_lon",
+        filter_subject="mrd.lon.ord.>",
+        queue=q,
+        fill_gaps=True,
+    )
+    await lp._on_msg(Msg(_client=None, subject="mrd.lon.ord.A.k", reply="_INBOX.x", data=b"1"))  # type: ignore[arg-type]
+    assert q.empty() and lp._held is None
+    await lp._on_msg(_delivery("mrd.lon.ord.A.k", b"1", seq=1))
+    assert q.qsize() == 1
