@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 
@@ -412,6 +413,26 @@ async def _undecodable_scenario(ds: Devstack) -> None:
             await asyncio.sleep(0.05)
         assert ci.ack_floor.stream_seq > bad.seq and w.stats["bad"] == 1
         assert not w.fatal.done()
+        # the last input undecodable too: nothing after it acks it, so its own ack must
+        last_bad = await js.publish(
+            subjects.orders("lon", "LON-HF-01", "garbage-2"),
+            b"\xc1 not an order either",
+            headers={H_MSG_ID: "new:garbage-2", H_OP: "new"},
+        )
+        for _ in range(100):
+            ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
+            if ci.ack_floor.stream_seq >= last_bad.seq:
+                break
+            await asyncio.sleep(0.05)
+        assert ci.ack_floor.stream_seq == last_bad.seq and w.stats["bad"] == 2
+        # and neither is in a decision record
+        last = (await js.stream_info("RISKLOG")).state.last_seq
+        recorded = set()
+        for seq in range(1, last + 1):
+            m = await js.get_msg("RISKLOG", seq)
+            if m.subject == subjects.risklog("lon"):
+                recorded |= {rec["in"] for rec in msgpack.unpackb(m.data)["b"]}
+        assert {"o:garbage-1", "o:garbage-2"}.isdisjoint(recorded) and len(recorded) >= 2
     finally:
         await w.stop()
         await r.aclose()
