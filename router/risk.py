@@ -189,9 +189,12 @@ class OpenOrder:
     ver: tuple[str, int, int] = ("", 0, 0)
     """Where the newest report applied was made (:func:`router.book.report_position`): an
     older one, delivered late, sets nothing."""
-    pending_cl: str = ""
-    """cl_ord_id of the latest replace approved and not yet done or refused: only its own
-    report ends the reservation (another replace may still be on its way)."""
+    pending_cl: list[str] = field(default_factory=list)
+    """cl_ord_ids of the replaces approved and not yet answered, oldest first. The
+    reservation ends when none is left: a report naming one answers it and every one before
+    it (the book applied them in order, and the report says where they left the order); a
+    refusal answers only its own, because the replaces before it may have changed the order
+    in ways no report has told yet."""
 
     @property
     def status(self) -> OrdStatus:
@@ -613,7 +616,7 @@ class RiskEngine:
         st = self.state(acct)
         # leaves after the replace is at most qty - cum; reserve the larger until confirmed
         st.update(o, pending=max(o.pending_qty, msg.qty))
-        o.pending_cl = msg.cl_ord_id
+        o.pending_cl.append(msg.cl_ord_id)
         st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory)
         cmd = Replace(
             order_id=oid,
@@ -681,8 +684,9 @@ class RiskEngine:
         o.cl_ord_id = er.cl_ord_id
         o.price_ticks = er.price_ticks
         done = er.exec_type is ExecType.REPLACED and not o.pending_cl  # from an old snapshot
-        if o.pending_cl and er.cl_ord_id == o.pending_cl:
-            done, o.pending_cl = True, ""
+        if er.cl_ord_id in o.pending_cl:
+            del o.pending_cl[: o.pending_cl.index(er.cl_ord_id) + 1]
+            done = not o.pending_cl
         st.update(o, leaves=er.leaves_qty, pending=0 if done else None, cum=er.cum_qty)
         if er.exec_type is ExecType.REPLACED:
             st.note_cl(er.cl_ord_id, er.order_id, self.cl_id_memory)
@@ -692,10 +696,14 @@ class RiskEngine:
         o = st.orders.get(cr.order_id)
         if o is None or cr.response_to != "replace":
             return
-        # the refused replace ends the reservation only if it is the latest approved (an
-        # older one refused, or one delivered again, leaves a newer replace's in place)
-        if not o.pending_cl or cr.cl_ord_id == o.pending_cl:
-            o.pending_cl = ""
+        # a refusal answers its own replace only: one approved before it may have been applied
+        # by the book, with no report here yet (its first publish lost and sent again after
+        # this refusal), so the reservation ends only when no replace is left unanswered
+        if cr.cl_ord_id in o.pending_cl:
+            o.pending_cl.remove(cr.cl_ord_id)
+        elif o.pending_cl:
+            return  # delivered again, or older than what is in flight: nothing to end
+        if not o.pending_cl:
             st.update(o, pending=0)
 
     def set_kill(self, key: str, engaged: bool) -> list[tuple[str, OpenOrder]]:
@@ -747,7 +755,13 @@ class RiskEngine:
                     # since stop 16, the same way: the newest report applied, the latest
                     # replace in flight
                     "ver": {o.order_id: list(o.ver) for o in st.orders.values() if o.ver[0]},
-                    "pcl": {o.order_id: o.pending_cl for o in st.orders.values() if o.pending_cl},
+                    # "pcl": the latest one, as builds before the list read it
+                    "pcl": {
+                        o.order_id: o.pending_cl[-1] for o in st.orders.values() if o.pending_cl
+                    },
+                    "pcls": {
+                        o.order_id: list(o.pending_cl) for o in st.orders.values() if o.pending_cl
+                    },
                     "cl_ids": st.cl_ids.copy(),
                     "positions": st.positions.copy(),
                     "closed": st.closed.copy(),
@@ -792,7 +806,9 @@ class RiskEngine:
             for oid, (xr, seq, n) in raw.get("ver", {}).items():
                 st.orders[oid].ver = (str(xr), int(seq), int(n))
             for oid, cl in raw.get("pcl", {}).items():
-                st.orders[oid].pending_cl = str(cl)
+                st.orders[oid].pending_cl = [str(cl)]
+            for oid, pending in raw.get("pcls", {}).items():
+                st.orders[oid].pending_cl = [str(c) for c in pending]
             st.cl_ids = dict(raw["cl_ids"])
             st.positions = dict(raw["positions"])
             # absent in snapshots before stop 14; a status that is not one fails the restore

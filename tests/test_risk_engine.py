@@ -620,6 +620,38 @@ def test_a_late_replace_report_changes_nothing() -> None:
     assert rig.engine.exposure_usd(acct) == 8_000_000
 
 
+def test_a_refused_replace_does_not_end_an_earlier_one_not_reported_yet() -> None:
+    """Order 1M; replace B to 5M and replace C to 2M approved; the book applies B, a 3M
+    trade follows, C is refused (2M <= cum 3M). B's report reaches risk after C's refusal
+    (its first publish lost, sent again later): the refusal must not end the reservation,
+    or risk counts 1M while 5M is live in the book."""
+    rig = Rig(region="sgp")
+    acct, r1 = _first_replace(rig)  # B: 1M -> 2M, applied, its report held back
+    b = rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000)  # applied too
+    assert isinstance(b.command, Replace)
+    c_msg = ReplaceOrder(
+        account=acct,
+        cl_ord_id="C-late",
+        orig_cl_ord_id=b.command.cl_ord_id,
+        symbol="USDJPY",
+        qty=2_000_000,
+        price_ticks=151000,
+    )
+    c = rig.engine.on_replace(c_msg, ext=ext("USDJPY"), seq=next(_seq))
+    assert isinstance(c.command, Replace)
+    rig.counterparty("USDJPY", SELL, 3_000_000, 151000)
+    rig.execute("USDJPY", c.command)  # refused by the book: qty below what is filled
+    (refusal,) = [r for r in rig.pending if isinstance(r, CancelReject)]
+    assert refusal.cl_ord_id == "C-late"
+    rig.pending.remove(refusal)
+    rig.engine.on_cancel_reject(refusal)  # first, before every report of B
+    assert rig.engine.exposure_usd(acct) >= 5_000_000  # B's 5M still reserved
+    rig.deliver()
+    (o,) = rig.engine.state(acct).orders.values()
+    assert (o.leaves, o.pending_qty, o.pending_cl) == (2_000_000, 0, [])
+    assert rig.engine.state(acct).positions["USDJPY"] == 3_000_000
+
+
 def test_the_latest_replace_and_its_reports_survive_a_snapshot() -> None:
     rig = Rig(region="sgp")
     acct, r1 = _first_replace(rig)
