@@ -48,6 +48,7 @@ async def test_an_undecodable_input_is_kept_to_be_acked_in_its_place() -> None:
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", b"\xc1 not msgpack"))
     assert it is not None and it.kind == "bad" and it.msg is not None
     assert w.stats["bad"] == 1
+    assert ack_handles([it]) == [it.msg]  # its own delivery acks it, in its batch
 
 
 def test_an_input_twice_in_a_batch_is_taken_once_with_the_delivery_to_ack() -> None:
