@@ -326,11 +326,18 @@ class PullLoop:
 
     async def _read_back(self, through: int = 0) -> None:
         """Hand on, as :class:`Recovered`, the stream's messages of this consumer's filter
-        after the last one handed on, up to the consumer's last delivery or ``through``
-        (stream sequence), whichever is further."""
-        ci = await self.consumer_info()
-        upto_c = ci.delivered.consumer_seq or 0
-        upto_s = max(ci.delivered.stream_seq or 0, through)
+        after the last one handed on: up to ``through`` (stream sequence) if given, else up to
+        the consumer's last delivery.
+
+        ``through`` is given when a held first delivery bounds the gap. Reading further would
+        hand on the held deliveries twice, the copy read back first: its delivery, dropped as
+        a repeat, would then wait for a later ack or the redelivery."""
+        if through:
+            upto_c, upto_s = self._cseq, through
+        else:
+            ci = await self.consumer_info()
+            upto_c = ci.delivered.consumer_seq or 0
+            upto_s = ci.delivered.stream_seq or 0
         n = 0
         js = self.nc.jetstream(domain=self.domain)
         first = 0

@@ -145,17 +145,15 @@ async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_pa
         handed = await _drain(q, 8)
         got = _seqs(handed)
         await lp.stop()
-        firsts: dict[int, bool] = {}
-        for s, recovered in got:
-            firsts.setdefault(s, recovered)
-        assert list(firsts) == list(range(1, 9))  # every one, in order, 5 and 6 before 7
-        assert firsts[5] and firsts[6] and not firsts[4]
-        assert lp.gaps_filled >= 2
+        # every one once, in order, 5 and 6 read back before 7; 7, whose jump showed the gap,
+        # is handed on as the delivery it is, not read back as well (its ack would wait)
+        assert got == [(s, s in (5, 6)) for s in range(1, 9)]
+        assert lp.gaps_filled == 2
         last = [x for x in handed if not hasattr(x, "msg")][-1]
         await last.ack()  # type: ignore[attr-defined]
         await asyncio.sleep(0.3)
         ci = await js.consumer_info("S", "w")
-        assert ci.ack_floor.stream_seq == 8
+        assert ci.ack_floor.stream_seq == 8 and ci.num_ack_pending == 0
         await nc.close()
     finally:
         srv.stop()
