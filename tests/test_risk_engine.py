@@ -724,6 +724,7 @@ ops = st.one_of(
     st.tuples(st.just("ioc"), st.sampled_from(SYMS), st.sampled_from([BUY, SELL]), QTY, OFFSET),
     st.tuples(st.just("cp"), st.sampled_from(SYMS), st.sampled_from([BUY, SELL]), QTY, OFFSET),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("replace"), st.integers(0, 50), QTY, OFFSET),
     st.tuples(st.just("deliver"), st.integers(0, 6)),
     st.tuples(st.just("redeliver"), st.integers(0, 12)),
     st.tuples(st.just("swap"), st.integers(0, 12)),
@@ -782,6 +783,29 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
                 d = rig.cancel(ACCT, sym, cl)
                 if d.command is not None:
                     track(rig.execute(sym, d.command))
+        elif kind == "replace":
+            # of any order sent, replaced or not: a stale or unknown orig is refused somewhere
+            if sent:
+                cl, sym = sent[op[1] % len(sent)]
+                _, _, qty, off = op
+                before = rig.engine.exposure_usd(ACCT)
+                s = next(_seq)
+                rep = ReplaceOrder(
+                    account=ACCT,
+                    cl_ord_id=f"R{s}",
+                    orig_cl_ord_id=cl,
+                    symbol=sym,
+                    qty=qty,
+                    price_ticks=MIDS[sym] + off,
+                )
+                d = rig.engine.on_replace(rep, ext=ext(sym), seq=s)
+                after = rig.engine.exposure_usd(ACCT)
+                if d.command is not None:
+                    assert after <= LIMIT or after <= before, (before, after)
+                    track(rig.execute(sym, d.command))
+                    sent.append((rep.cl_ord_id, sym))
+                else:
+                    assert after == before
         elif kind == "redeliver":
             rig.redeliver(op[1])
         elif kind == "swap":
@@ -843,6 +867,18 @@ def test_restored_engine_decides_like_the_original(
                     symbol=SYMS[0],
                 )
                 d = eng.on_cancel(msg_c, seq=i)
+                out.append((d.command, d.report))
+            elif kind == "replace":
+                _, j, qty, off = op
+                msg_r = ReplaceOrder(
+                    account=ACCT,
+                    cl_ord_id=f"R{tag}{i}",
+                    orig_cl_ord_id=f"{tag}{j}",
+                    symbol=SYMS[j % 2],
+                    qty=qty,
+                    price_ticks=MIDS[SYMS[j % 2]] + off,
+                )
+                d = eng.on_replace(msg_r, ext=ext(SYMS[j % 2]), seq=i)
                 out.append((d.command, d.report))
             out.append(eng.exposure_usd(ACCT))
         return out
