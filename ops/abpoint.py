@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         help="orders in flight per load process for --max (default: the bench's 256, 128 each)",
     )
     ap.add_argument(
+        "--window",
+        choices=("ack", "report"),
+        default="ack",
+        help="what frees a slot in --max's closed loop: the ack, or the first report "
+        "(compares shapes whose acks mean different things)",
+    )
+    ap.add_argument(
         "--max-regions",
         default="lon",
         help="comma-separated regions loaded at once for --max (one load process each)",
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                     seconds=args.seconds,
                     inflight=args.inflight or (256 if len(regions) == 1 else 128),
                     run_id=f"ab{k}m{i}",  # short: cl_ord_ids carry it (<= 64)
+                    window=args.window,
                 )
                 each = ", ".join(
                     f"{r} {g['completed_per_s']:.0f}" for r, g in zip(regions, got, strict=True)

@@ -325,7 +325,13 @@ def restart_order_path(ds: Devstack, *, tracing: bool) -> None:
 
 
 def subprocess_load(
-    ds: Devstack, regions: list[str], *, seconds: float, inflight: int, run_id: str
+    ds: Devstack,
+    regions: list[str],
+    *,
+    seconds: float,
+    inflight: int,
+    run_id: str,
+    window: str = "ack",
 ) -> list[dict[str, Any]]:
     procs = []
     for r in regions:
@@ -339,6 +345,8 @@ def subprocess_load(
             str(seconds),
             "--inflight",
             str(inflight),
+            "--window",
+            window,
             "--run-id",
             f"{run_id}{r}",
             "--topology",

@@ -148,6 +148,8 @@ class Loader:
         self._res: LoadResult | None = None
         self._inbox = ""
         self._free = asyncio.Event()
+        self.window = "ack"
+        """What frees a closed loop's slot: the ack, or the order's first execution report."""
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -196,14 +198,17 @@ class Loader:
             return
         cl = msg.subject.rsplit(".", 1)[1]
         t0 = self.sent_ns.get(cl)
-        self.inflight -= 1
-        self._free.set()
         try:
             raw = msgpack.unpackb(msg.data)
         except Exception:
+            raw = {}
+        accepted = raw.get("status") == "ACCEPTED"
+        if self.window == "ack" or not accepted:  # a refused order gets no report
+            self._release()
+        if not raw:
             res.rejected += 1
             return
-        if raw.get("status") == "ACCEPTED":
+        if accepted:
             res.acked += 1
             if t0 is not None:
                 res.ack.record_value(max(1, (time.perf_counter_ns() - t0) // 1000))
@@ -227,6 +232,8 @@ class Loader:
         if t0 is None:
             return
         self.first_seen.add(cl)
+        if self.window == "report":
+            self._release()
         if self.timeline is not None and cl in self._sent_wall:
             self.timeline[cl] = (
                 self._sent_wall.pop(cl),
@@ -240,15 +247,29 @@ class Loader:
             r = str(raw.get("reject_reason"))
             res.reject_reasons[r] = res.reject_reasons.get(r, 0) + 1
 
+    def _release(self) -> None:
+        self.inflight -= 1
+        self._free.set()
+
     async def run(
         self,
         *,
         seconds: float,
         rate: float | None = None,
         inflight: int = 256,
+        window: str = "ack",
         drain_s: float = 3.0,
     ) -> LoadResult:
-        """Open loop at ``rate`` orders/s, or closed loop with ``inflight`` outstanding."""
+        """Open loop at ``rate`` orders/s, or closed loop with ``inflight`` outstanding.
+
+        ``window`` says what frees a closed loop's slot: ``"ack"`` (the desk's view: it may
+        send again once the order is acknowledged) or ``"report"`` (its first execution
+        report). They differ where the ack means less than the decision: an ack at the
+        entry journal lets the loop outrun risk, with the journal as the queue.
+        """
+        if window not in ("ack", "report"):
+            raise ValueError(f"window must be 'ack' or 'report', not {window!r}")
+        self.window = window
         self._res = res = LoadResult(region=self.region, seconds=seconds, offered_per_s=rate)
         t0 = time.perf_counter()
         end = t0 + seconds
@@ -289,6 +310,7 @@ async def run_load(
     seconds: float,
     rate: float | None,
     inflight: int = 256,
+    window: str = "ack",
     timeline: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> dict[str, Any]:
     from ops.devstack import connect
@@ -297,7 +319,7 @@ async def run_load(
     try:
         ld = Loader(nc, topology, region, run_id=run_id, timeline=timeline)
         await ld.start()
-        res = await ld.run(seconds=seconds, rate=rate, inflight=inflight)
+        res = await ld.run(seconds=seconds, rate=rate, inflight=inflight, window=window)
         return res.to_dict()
     finally:
         await nc.close()
@@ -311,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rate", type=float, default=None, help="open loop; default closed loop")
     ap.add_argument("--inflight", type=int, default=256)
+    ap.add_argument(
+        "--window",
+        choices=("ack", "report"),
+        default="ack",
+        help="closed loop: a slot is freed by the ack (default) or by the first report",
+    )
     ap.add_argument("--run-id", default=str(time.time_ns() % 10**9))
     args = ap.parse_args(argv)
     from ops.runtime import run
@@ -324,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds=args.seconds,
             rate=args.rate,
             inflight=args.inflight,
+            window=args.window,
         )
         sys.stdout.write(json.dumps(out) + "\n")
 
