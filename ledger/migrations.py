@@ -36,14 +36,23 @@ class Migration:
 
 def _v1_core(dialect: str, topology: Topology, database: str) -> list[str]:
     if dialect == "postgresql":
-        return schema.postgres_table_ddl()
-    return schema.cockroach_database_ddl(database, topology) + schema.cockroach_table_ddl(topology)
+        return schema.postgres_table_ddl(schema.V1_TABLES)
+    return schema.cockroach_database_ddl(database, topology) + schema.cockroach_table_ddl(
+        topology, schema.V1_TABLES
+    )
+
+
+def _v2_held_fills(dialect: str, topology: Topology, database: str) -> list[str]:
+    if dialect == "postgresql":
+        return schema.postgres_table_ddl([schema.held_fills])
+    return schema.cockroach_table_ddl(topology, [schema.held_fills])
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1, name="core tables: reference + region-partitioned ledger", statements=_v1_core
     ),
+    Migration(version=2, name="held_fills: fills not posted yet", statements=_v2_held_fills),
 )
 
 _VERSION_TABLE = (

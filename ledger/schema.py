@@ -27,6 +27,8 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Index,
+    Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     SmallInteger,
@@ -137,8 +139,30 @@ chain_heads = Table(
     PrimaryKeyConstraint("region", name="pk_chain_heads"),
 )
 
+held_fills = Table(
+    "held_fills",
+    metadata,
+    Column("region", String(3), nullable=False),
+    Column("stream_seq", BigInteger, nullable=False, comment="the fill's EXECOUT sequence"),
+    Column("trade_id", String(64), nullable=True, comment="NULL: not readable by this build"),
+    Column("subject", String(200), nullable=False),
+    Column("field", String(64), nullable=False, comment="what could not be posted"),
+    Column("reason", String(500), nullable=False),
+    Column("payload", LargeBinary, nullable=False, comment="the fill message as stored"),
+    Column("first_held_ns", BigInteger, nullable=False),
+    Column("last_held_ns", BigInteger, nullable=False),
+    Column("holds", Integer, nullable=False),
+    PrimaryKeyConstraint("region", "stream_seq", name="pk_held_fills"),
+)
+"""Fills the writer could not post (a topology or build older than execution's), kept with
+their bytes: EXECOUT deletes a message after its max_age, and until the fill is posted the
+books of record lack a trade. A row is outstanding while its region has no transfer of the
+trade; rows stay as the record of the hold."""
+
 REFERENCE_TABLES: tuple[Table, ...] = (currencies, instruments, accounts)
-TRANSACTIONAL_TABLES: tuple[Table, ...] = (transfers, postings, balances, chain_heads)
+TRANSACTIONAL_TABLES: tuple[Table, ...] = (transfers, postings, balances, chain_heads, held_fills)
+V1_TABLES: tuple[Table, ...] = (*REFERENCE_TABLES, transfers, postings, balances, chain_heads)
+"""What migration 1 created; later migrations create their own tables."""
 
 
 def partition_name(table: str, region: str) -> str:
@@ -177,15 +201,20 @@ def _check_regions(topology: Topology) -> None:
             raise LedgerConfigError(f"regions.{r.code}.cloud_region", "must not contain quotes")
 
 
-def postgres_table_ddl() -> list[str]:
-    """CREATE TABLE/INDEX for PostgreSQL; transactional tables partitioned by LIST (region)."""
+def postgres_table_ddl(tables: Sequence[Table] | None = None) -> list[str]:
+    """CREATE TABLE/INDEX for PostgreSQL; transactional tables partitioned by LIST (region).
+
+    ``tables``: only these (a migration's own), in the schema's order; default every table.
+    """
     d = get_dialect("postgresql")
     out: list[str] = []
     for t in REFERENCE_TABLES:
-        out.append(_create_table(t, d))
+        if tables is None or t in tables:
+            out.append(_create_table(t, d))
     for t in TRANSACTIONAL_TABLES:
-        out.append(_create_table(t, d) + " PARTITION BY LIST (region)")
-        out.extend(_create_indexes(t, d))
+        if tables is None or t in tables:
+            out.append(_create_table(t, d) + " PARTITION BY LIST (region)")
+            out.extend(_create_indexes(t, d))
     return out
 
 
@@ -225,14 +254,20 @@ def cockroach_database_ddl(
     return out
 
 
-def cockroach_table_ddl(topology: Topology) -> list[str]:
-    """CREATE TABLE/INDEX for CockroachDB: GLOBAL reference, REGIONAL BY ROW transactional."""
+def cockroach_table_ddl(topology: Topology, tables: Sequence[Table] | None = None) -> list[str]:
+    """CREATE TABLE/INDEX for CockroachDB: GLOBAL reference, REGIONAL BY ROW transactional.
+
+    ``tables``: only these (a migration's own); default every table.
+    """
     d = get_dialect("cockroachdb")
     case = crdb_region_case(topology)
     out: list[str] = []
     for t in REFERENCE_TABLES:
-        out.append(_create_table(t, d) + " LOCALITY GLOBAL")
+        if tables is None or t in tables:
+            out.append(_create_table(t, d) + " LOCALITY GLOBAL")
     for t in TRANSACTIONAL_TABLES:
+        if tables is not None and t not in tables:
+            continue
         body = _create_table(t, d)
         close = body.rindex(")")
         col = f",\n\tcrdb_region crdb_internal_region NOT VISIBLE NOT NULL AS ({case}) STORED\n"

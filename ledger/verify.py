@@ -12,6 +12,9 @@ What each tampering looks like:
   head that points past the last row (``chain_head``);
 * an inserted posting: an id beyond the chain head (``chain_head``) or a broken link, and a
   transfer that no longer balances.
+
+It also fails while a fill the writer held is not posted (``held_fill``): the books then lack
+a trade that execution reported (:mod:`ledger.held`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import psycopg
 
 from ledger.db import dialect_of, libpq_dsn
+from ledger.held import outstanding
 from ledger.model import GENESIS_HASH, Posting, posting_hash
 
 MAX_PROBLEMS = 1000
@@ -41,6 +45,9 @@ class ProblemKind(enum.StrEnum):
     CHAIN_LINK = "chain_link"
     CHAIN_HASH = "chain_hash"
     CHAIN_HEAD = "chain_head"
+    HELD_FILL = "held_fill"
+    """A fill execution reported that the writer holds and has not posted (``held_fills``):
+    the books lack a trade until it is posted."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +202,20 @@ def _verify(conn: psycopg.Connection[Any], only: tuple[str, ...] | None) -> Veri
         )
     row = conn.execute("SELECT count(*) FROM balances WHERE region = ANY(%s)", (rg,)).fetchone()
     balances_checked = int(row[0]) if row else 0
+
+    if conn.execute("SELECT to_regclass('held_fills')").fetchone() not in (None, (None,)):
+        for h in outstanding(conn, rg):
+            problems.append(
+                Problem(
+                    kind=ProblemKind.HELD_FILL,
+                    region=h.region,
+                    transfer_id=f"{h.trade_id}:base" if h.trade_id else None,
+                    detail=(
+                        f"fill at EXECOUT seq {h.stream_seq} not posted: {h.field}: {h.reason} "
+                        f"(held {h.holds}x; meridian ledger post-held)"
+                    ),
+                )
+            )
 
     checked = 0
     for region in regions:

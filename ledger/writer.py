@@ -44,6 +44,7 @@ from tenacity import (
 
 from ledger.db import RETRY_SQLSTATES, is_retryable, libpq_dsn
 from ledger.errors import FillRejected, LedgerConfigError
+from ledger.held import POSTED_SQL, UPSERT_SQL, held_trade_id
 from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, post_transfers
 from regions.topology import Topology, load_topology
@@ -167,6 +168,14 @@ def from_newer_build(e: Exception) -> bool:
     if not isinstance(e, ContractError):
         return False
     return e.reason is RejectReason.UNSUPPORTED_VERSION or e.rule == UNKNOWN_FIELD
+
+
+def _seq(m: Msg) -> int:
+    """The message's stream sequence; 0 if it has none."""
+    try:
+        return int(m.metadata.sequence.stream)
+    except Exception:
+        return 0
 
 
 class LedgerWriter:
@@ -304,6 +313,53 @@ class LedgerWriter:
             seq = int(msg.metadata.sequence.stream)
         return transfers_for_fill(fill, self.topology, self.region, stream_seq=seq)
 
+    async def _record_held(self, held: list[tuple[Msg, FillRejected | ContractError]]) -> set[int]:
+        """Keep the held fills in the ledger's ``held_fills``, bytes and all; returns the
+        stream sequences of those whose trade is posted already (``post-held`` posted it
+        from its row: the stream's copy is done with).
+
+        EXECOUT deletes a message after its max_age (7 days), held or not; the row outlives
+        it, so compliance sees a trade missing from the books (``meridian ledger verify``)
+        and ``meridian ledger post-held`` can post it from the row. Best effort: the stream
+        still holds the fill, and its next hold (every HOLD_S) tries again."""
+        now = time.time_ns()
+        rows = []
+        for m, e in held:
+            if not (seq := _seq(m)):
+                continue  # not a stream message: nothing to find it by
+            rows.append(
+                (
+                    self.region,
+                    seq,
+                    held_trade_id(m.headers, m.data),
+                    m.subject[:200],
+                    (getattr(e, "field", "") or "payload")[:64],
+                    str(e)[:500],
+                    bytes(m.data),
+                    now,
+                    now,
+                )
+            )
+        if not rows:
+            return set()
+        try:
+            conn = await self._conn()
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(UPSERT_SQL, rows)
+                await cur.execute(POSTED_SQL, (self.region, [r[1] for r in rows]))
+                return {int(r[0]) for r in await cur.fetchall()}  # type: ignore[index]
+        except Exception as e:
+            log.warning(
+                "ledger %s: could not record %d held fills in held_fills (%s); "
+                "they stay in the stream and are recorded at their next hold",
+                self.region,
+                len(rows),
+                e,
+            )
+            if is_retryable(e):
+                await self._close_db()
+            return set()
+
     async def _hold(self, m: Msg, e: FillRejected | ContractError) -> None:
         """A fill this writer cannot post yet: a trade that happened, against a topology
         (account, pair, currency) it does not know, or in a contract version or with a field
@@ -328,13 +384,14 @@ class LedgerWriter:
         """Post one fetched batch; acks only after commit. False when stopped before commit."""
         t_fetch = time.time_ns()
         good: list[Msg] = []
+        held: list[tuple[Msg, FillRejected | ContractError]] = []
         transfers: list[Transfer] = []
         for m in msgs:
             try:
                 transfers.extend(self.parse(m))
             except (ContractError, FillRejected) as e:
                 if (isinstance(e, FillRejected) and not e.permanent) or from_newer_build(e):
-                    await self._hold(m, e)
+                    held.append((m, e))
                     continue
                 field = getattr(e, "field", "") or "payload"
                 log.warning(
@@ -345,6 +402,20 @@ class LedgerWriter:
                     await m.term()
                 continue
             good.append(m)
+        if held:
+            posted = await self._record_held(held)
+            for m, why in held:
+                if _seq(m) in posted:
+                    log.info(
+                        "ledger %s: held fill on %s (seq %d) was posted from held_fills; acking",
+                        self.region,
+                        m.subject,
+                        _seq(m),
+                    )
+                    with contextlib.suppress(Exception):
+                        await m.ack()
+                else:
+                    await self._hold(m, why)
         with contextlib.suppress(Exception):
             self.metrics.backlog.set(int(msgs[-1].metadata.num_pending) + len(good))
         if not good:

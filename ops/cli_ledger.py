@@ -5,7 +5,12 @@ The DSN comes from ``--dsn`` or the environment variable ``MERIDIAN_PG_DSN``.
 * ``migrate`` brings the schema up to date for the topology (idempotent).
 * ``export --regions lon,nyc,sgp --from ISO --to ISO --format csv|jsonl --out DIR`` writes one
   consistent snapshot plus ``manifest.json``; progress goes to stderr.
-* ``verify`` re-checks double entry, balances and every hash chain: exit 0 pass, 1 fail.
+* ``verify`` re-checks double entry, balances and every hash chain, and fails while a fill
+  the writer held is not posted: exit 0 pass, 1 fail.
+* ``held [--regions]`` lists the fills the writers hold and have not posted (exit 1 if any).
+* ``post-held --region R`` posts them from ``held_fills`` with this build and topology, once
+  the cause is mended; for fills the stream has deleted (EXECOUT max_age). While the stream
+  still holds them, the running writer posts them itself within 30 s.
 
 Exit codes: 0 ok, 1 verify found problems, 2 bad arguments or configuration, 3 database
 unreachable.
@@ -64,6 +69,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     v.add_argument("--regions", default=None, help="comma-separated (default: all)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
+
+    h = lsub.add_parser("held", help="fills the writers hold and have not posted (exit 1 if any)")
+    common(h)
+    h.add_argument("--regions", default=None, help="comma-separated (default: all)")
+    h.set_defaults(func=_held)
+
+    ph = lsub.add_parser(
+        "post-held",
+        help="post the held fills of a region that this build and topology can read",
+    )
+    common(ph)
+    ph.add_argument("--region", required=True)
+    ph.set_defaults(func=_post_held)
 
 
 def parse_time_ns(text: str) -> int:
@@ -180,3 +198,62 @@ def _verify(args: argparse.Namespace) -> int:
         if report.truncated:
             print("  (more problems not shown)")
     return 0 if report.ok else 1
+
+
+def _held(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ledger.db import libpq_dsn
+    from ledger.held import outstanding
+    from regions.topology import load_topology
+
+    dsn = _dsn(args)
+    if dsn is None:
+        return 2
+    regions = _regions(args) or load_topology(args.topology).codes
+    try:
+        with psycopg.connect(libpq_dsn(dsn)) as conn:
+            held = outstanding(conn, regions)
+    except psycopg.OperationalError as e:
+        print(f"ledger held: database unreachable: {e}", file=sys.stderr)
+        return 3
+    print(f"{len(held)} fills held, not posted ({', '.join(regions)})")
+    for h in held:
+        print(f"  {h}")
+    return 1 if held else 0
+
+
+def _post_held(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import psycopg
+
+    from ledger.db import libpq_dsn
+    from ledger.held import post_held
+    from regions.topology import load_topology
+
+    dsn = _dsn(args)
+    if dsn is None:
+        return 2
+    topology = load_topology(args.topology)
+    if args.region not in topology.codes:
+        print(f"ledger post-held: {args.region!r} is not a region of the topology", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with await psycopg.AsyncConnection.connect(libpq_dsn(dsn)) as conn:
+            res = await post_held(conn, topology, args.region)
+        new = res.batch.transfers_new if res.batch else 0
+        print(
+            f"posted {len(res.posted)} held fills of {args.region} ({new} new transfers; "
+            f"the rest were posted already); {len(res.still_held)} still cannot be posted"
+        )
+        for h, why in res.still_held:
+            print(f"  {h.region} EXECOUT seq {h.stream_seq} trade {h.trade_id or '?'}: {why}")
+        return 1 if res.still_held else 0
+
+    try:
+        return asyncio.run(go())
+    except psycopg.OperationalError as e:
+        print(f"ledger post-held: database unreachable: {e}", file=sys.stderr)
+        return 3

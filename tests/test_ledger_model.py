@@ -292,5 +292,5 @@ def test_cockroach_schema_applies_on_a_real_cluster() -> None:
             TOPO,
             regions=tuple(dataclasses.replace(r, cloud_region=regions[0]) for r in TOPO.regions),
         )
-        assert migrate(dsn, topo) == [1]
+        assert migrate(dsn, topo) == [1, 2]
         assert verify(dsn).ok

@@ -35,7 +35,7 @@ TOPO = load_topology()
 
 @pytest.fixture(scope="module")
 def db(pg_dsn: str) -> str:
-    assert migrate(pg_dsn, TOPO) == [1]
+    assert migrate(pg_dsn, TOPO) == [1, 2]
     return pg_dsn
 
 
@@ -82,7 +82,7 @@ def state(dsn: str) -> dict[str, Any]:
 
 def test_migrate_is_versioned_idempotent_and_partitions_by_region(db: str) -> None:
     assert migrate(db, TOPO) == []
-    assert applied_versions(db) == [1]
+    assert applied_versions(db) == [1, 2]
     with psycopg.connect(db) as c:
         parts = {
             (parent, child, bound)
@@ -92,7 +92,7 @@ def test_migrate_is_versioned_idempotent_and_partitions_by_region(db: str) -> No
                 "JOIN pg_class ch ON ch.oid = i.inhrelid WHERE p.relkind = 'p'"
             )
         }
-        for t in ("transfers", "postings", "balances", "chain_heads"):
+        for t in ("transfers", "postings", "balances", "chain_heads", "held_fills"):
             for code in TOPO.codes:
                 assert (t, f"{t}_{code}", f"FOR VALUES IN ('{code}')") in parts
         strategy: dict[str, str] = dict(
@@ -101,13 +101,54 @@ def test_migrate_is_versioned_idempotent_and_partitions_by_region(db: str) -> No
                 "JOIN pg_class c ON c.oid = p.partrelid"
             ).fetchall()
         )
-        assert strategy == {t: "l" for t in ("transfers", "postings", "balances", "chain_heads")}
+        assert strategy == {
+            t: "l" for t in ("transfers", "postings", "balances", "chain_heads", "held_fills")
+        }
         assert c.execute("SELECT count(*) FROM currencies").fetchone() == (len(TOPO.currencies),)
+
+
+def _fill(trade_id: str, *, buyer: str = "", seller: str = "") -> Fill:
+    lon = TOPO.accounts("lon")
+    return make_fill(
+        TOPO,
+        trade_id=trade_id,
+        symbol="EURUSD",
+        qty=1_000_000,
+        price_ticks=108_500,
+        buy_account=buyer or lon[0],
+        sell_account=seller or lon[1],
+    )
+
+
+def test_a_ledger_at_version_1_gets_held_fills_and_keeps_its_rows(
+    pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing ledger upgrades in place: migration 2 only adds its table."""
+    import ledger.migrations as mig
+    from ledger import schema
+
+    dsn = pg.create_database("t_" + uuid.uuid4().hex[:12])
+    with monkeypatch.context() as m:  # the build before held_fills
+        m.setattr(mig, "MIGRATIONS", mig.MIGRATIONS[:1])
+        m.setattr(schema, "TRANSACTIONAL_TABLES", schema.V1_TABLES[3:])
+        assert migrate(dsn, TOPO, compliance_role=False) == [1]
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT to_regclass('held_fills')").fetchone() == (None,)
+    post(dsn, [_fill("lon-EURUSD-before-v2")])
+    assert migrate(dsn, TOPO) == [2]
+    assert applied_versions(dsn) == [1, 2]
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT count(*) FROM transfers").fetchone() == (2,)
+        for code in TOPO.codes:
+            assert c.execute("SELECT to_regclass(%s)", (f"held_fills_{code}",)).fetchone() != (
+                None,
+            )
+    assert verify(dsn).ok
 
 
 def test_compliance_role_is_read_only(db: str) -> None:
     with psycopg.connect(db) as c:
-        for t in ("postings", "transfers", "balances", "accounts"):
+        for t in ("postings", "transfers", "balances", "accounts", "held_fills"):
             row = c.execute(
                 "SELECT has_table_privilege(%s, %s, 'SELECT'), "
                 "has_table_privilege(%s, %s, 'INSERT'), has_table_privilege(%s, %s, 'UPDATE'), "

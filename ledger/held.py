@@ -1,0 +1,148 @@
+"""Fills the ledger writer held: what is still missing from the books, and posting it later.
+
+The writer holds a fill it cannot post (an account, instrument or currency its topology does
+not know, or a contract newer than its build) and keeps it in the stream, redelivered every
+30 s. It also keeps the message's bytes in ``held_fills`` (:mod:`ledger.writer`), because
+EXECOUT deletes a message after its max_age whether it was posted or not.
+
+A row is *outstanding* while its region has no transfer of the trade (found by the trade id,
+or by the stream sequence when this build could not read a trade id). Rows are never deleted:
+once the fill posts, the row stays as the record of the hold. So nothing here writes to
+``held_fills``, and posting from a row is the writer's own posting (deterministic transfer ids:
+posting a fill the stream has since delivered too is a replay, not a second trade).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import psycopg
+
+from ledger.errors import FillRejected
+from ledger.model import Transfer, transfers_for_fill
+from ledger.store import BatchResult, post_transfers
+from regions.topology import Topology
+from router.contract import ContractError, Fill, decode
+
+_POSTED = (
+    "EXISTS (SELECT 1 FROM transfers t WHERE t.region = h.region "
+    "AND ((h.trade_id IS NOT NULL AND t.id = h.trade_id || ':base') "
+    "OR (h.trade_id IS NULL AND t.stream_seq = h.stream_seq)))"
+)
+"""A held row's trade is in the books: a transfer of its trade id (or, where this build could
+not read the id, of its stream sequence) in its region."""
+
+OUTSTANDING_SQL = (
+    "SELECT h.region, h.stream_seq, h.trade_id, h.subject, h.field, h.reason, "
+    "h.first_held_ns, h.last_held_ns, h.holds, h.payload FROM held_fills h "
+    f"WHERE h.region = ANY(%s) AND NOT {_POSTED} ORDER BY h.region, h.stream_seq"
+)
+
+POSTED_SQL = (
+    "SELECT h.stream_seq FROM held_fills h WHERE h.region = %s AND h.stream_seq = ANY(%s) "
+    f"AND {_POSTED}"
+)
+"""Which of a region's held stream sequences are posted (from their rows, by post-held)."""
+
+UPSERT_SQL = (
+    "INSERT INTO held_fills (region, stream_seq, trade_id, subject, field, reason, payload, "
+    "first_held_ns, last_held_ns, holds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1) "
+    "ON CONFLICT (region, stream_seq) DO UPDATE SET last_held_ns = EXCLUDED.last_held_ns, "
+    "holds = held_fills.holds + 1, field = EXCLUDED.field, reason = EXCLUDED.reason, "
+    "trade_id = COALESCE(EXCLUDED.trade_id, held_fills.trade_id)"
+)
+"""One hold of a fill: the first inserts its row, each later one counts."""
+
+
+def held_trade_id(headers: dict[str, str] | None, data: bytes) -> str | None:
+    """The trade id of a fill this build may not read: its message id (execution sets it to
+    the trade id), else the payload's ``trade_id`` if it is a map; None when neither is."""
+    tid: Any = (headers or {}).get("Nats-Msg-Id")
+    if not tid:
+        with contextlib.suppress(Exception):
+            body = msgpack.unpackb(data, raw=False)
+            tid = body.get("trade_id") if isinstance(body, dict) else None
+    return tid if isinstance(tid, str) and 0 < len(tid) <= 64 else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldFill:
+    """One outstanding held fill: a trade execution reported and the ledger has not posted."""
+
+    region: str
+    stream_seq: int
+    trade_id: str | None
+    subject: str
+    field: str
+    reason: str
+    first_held_ns: int
+    last_held_ns: int
+    holds: int
+    payload: bytes
+
+    def __str__(self) -> str:
+        return (
+            f"{self.region} EXECOUT seq {self.stream_seq} trade {self.trade_id or '?'}: "
+            f"{self.field}: {self.reason} (held {self.holds}x)"
+        )
+
+
+def outstanding(conn: psycopg.Connection[Any], regions: Sequence[str]) -> list[HeldFill]:
+    """Held fills of ``regions`` with no transfer yet, oldest stream sequence first."""
+    return [_held(r) for r in conn.execute(OUTSTANDING_SQL, (list(regions),))]
+
+
+def _held(r: Sequence[Any]) -> HeldFill:
+    """A row of :data:`OUTSTANDING_SQL`."""
+    return HeldFill(
+        region=str(r[0]),
+        stream_seq=int(r[1]),
+        trade_id=r[2],
+        subject=str(r[3]),
+        field=str(r[4]),
+        reason=str(r[5]),
+        first_held_ns=int(r[6]),
+        last_held_ns=int(r[7]),
+        holds=int(r[8]),
+        payload=bytes(r[9]),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostHeldResult:
+    posted: list[HeldFill]
+    still_held: list[tuple[HeldFill, str]]
+    """Each with why this build and topology cannot post it either."""
+    batch: BatchResult | None
+
+
+def transfers_of(h: HeldFill, topology: Topology) -> tuple[Transfer, Transfer]:
+    """The held fill's transfers under ``topology``, as the writer would post them from the
+    stream (same stream sequence); raises ContractError or FillRejected."""
+    return transfers_for_fill(decode(Fill, h.payload), topology, h.region, stream_seq=h.stream_seq)
+
+
+async def post_held(
+    conn: psycopg.AsyncConnection[Any], topology: Topology, region: str
+) -> PostHeldResult:
+    """Post every outstanding held fill of ``region`` that this build and ``topology`` can
+    read, in one transaction (the writer's :func:`ledger.store.post_transfers`)."""
+    rows = await (await conn.execute(OUTSTANDING_SQL, ([region],))).fetchall()
+    held = [_held(r) for r in rows]
+    await conn.commit()  # end the read's transaction; posting runs its own
+    posted: list[HeldFill] = []
+    still: list[tuple[HeldFill, str]] = []
+    transfers: list[Transfer] = []
+    for h in held:
+        try:
+            transfers.extend(transfers_of(h, topology))
+        except (ContractError, FillRejected) as e:
+            still.append((h, str(e)))
+            continue
+        posted.append(h)
+    batch = await post_transfers(conn, region, transfers) if transfers else None
+    return PostHeldResult(posted=posted, still_held=still, batch=batch)
