@@ -16,6 +16,8 @@ applied sequence are only acked, and a gap is filled from the stream before appl
 books never see a command out of order: no missing and no duplicate report or fill. Books
 that cannot be rebuilt exactly (a snapshot that cannot be read, commands missing between it
 and the stream, a replay that stalls) stop the worker (``RebuildError``): it fails closed.
+A command whose application fails (a fault of this build) halts its book alone: later commands
+on it are refused UNAVAILABLE while the other books trade on (:meth:`ExecutionWorker._halt`).
 
 Also answers ``mrd.v1.book.<region>.<symbol>`` requests with the book's depth.
 """
@@ -106,15 +108,16 @@ def _enum(cls: Any, value: Any, default: Any) -> Any:
 
 class CommandRefused(ValueError):
     """A command this region cannot apply, with nothing changed: no book for its symbol
-    (``no_book``), or it does not decode."""
+    (``no_book``), it does not decode, or its book is halted (``reason`` UNAVAILABLE)."""
 
-    def __init__(self, why: str, no_book: bool) -> None:
+    def __init__(self, why: str, no_book: bool, reason: RejectReason | None = None) -> None:
         super().__init__(why)
         self.no_book = no_book
+        self.reason = reason
 
 
 def unapplied_report(
-    cmd: Cmd, region: str, why: str, *, no_book: bool
+    cmd: Cmd, region: str, why: str, *, no_book: bool, reason: RejectReason | None = None
 ) -> ExecutionReport | CancelReject | None:
     """The answer to a command this region could not apply, or None if it names no order.
 
@@ -123,14 +126,16 @@ def unapplied_report(
     no book for the symbol (risk routed it here from another topology) or a command that
     breaks :func:`router.commands.decode_command` (another build) is answered like a book's
     own refusal: a REJECTED report for a submit, a cancel reject for a cancel or replace.
-    Its id is the command's stream sequence, so a replay sends the same report.
+    Its id is the command's stream sequence, so a replay sends the same report. ``reason``
+    overrides the reason (UNAVAILABLE: the book is halted).
     """
     try:
         raw = msgpack.unpackb(cmd.data, raw=False)
         if not isinstance(raw, dict):
             return None
         symbol = cmd.subject.rsplit(".", 1)[1]
-        reason = RejectReason.UNKNOWN_SYMBOL if no_book else RejectReason.MALFORMED
+        if reason is None:
+            reason = RejectReason.UNKNOWN_SYMBOL if no_book else RejectReason.MALFORMED
         text = (f"not executed in {region}" if no_book else f"not applied: {why}")[:256]
         rid = f"{region}-{symbol}-{cmd.seq}-x"
 
@@ -326,6 +331,10 @@ class ExecutionWorker:
         }
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
+        self.halted: dict[str, int] = {}
+        """Symbol -> EXEC sequence of the command whose application failed (a fault of this
+        build, not a refusal): the book may be half changed, so every later command on it is
+        refused, UNAVAILABLE, and no snapshot is taken (:meth:`_halt`)."""
 
     def _fresh_books(self) -> None:
         self.books = {
@@ -467,7 +476,7 @@ class ExecutionWorker:
         """The answer to a refused command, if it names an order this region can answer
         for: a submit reusing the id of an order the book knows gets none (that order is
         not refused)."""
-        rej = unapplied_report(cmd, self.region, str(e), no_book=e.no_book)
+        rej = unapplied_report(cmd, self.region, str(e), no_book=e.no_book, reason=e.reason)
         book = self.books.get(cmd.subject.rsplit(".", 1)[1])
         if rej is None or book is None:
             return rej
@@ -541,6 +550,13 @@ class ExecutionWorker:
         book = self.books.get(symbol)
         if book is None:
             raise CommandRefused(f"symbol {symbol!r} is not executed in {self.region}", True)
+        if symbol in self.halted:
+            raise CommandRefused(
+                f"{symbol} is halted in {self.region} (applying command "
+                f"{self.halted[symbol]} failed)",
+                False,
+                RejectReason.UNAVAILABLE,
+            )
         try:
             command = decode_command(cmd.data)
         except ValueError as e:
@@ -653,7 +669,7 @@ class ExecutionWorker:
                 outs = [out] if out is not None else []
             except Exception:  # a fault of this build, not of the command: never answered
                 self.stats["bad"] += 1
-                log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)
+                self._halt(cmd)
                 return futs
         if not publish:
             return futs
@@ -664,6 +680,39 @@ class ExecutionWorker:
             futs.append(await self._send(subject, payload, headers))
             self._observe(out)
         return futs
+
+    def _halt(self, cmd: Cmd) -> None:
+        """Halt the book of ``cmd``, whose application raised: a fault of this build.
+
+        The book may be half changed (an order matched, its fills not yet made) and the
+        outputs made before the fault are lost, so the book takes nothing more: every later
+        command on the symbol is refused UNAVAILABLE (recorded and answered like any refusal:
+        the desk gets a typed reject, risk releases what it reserved), and other symbols
+        trade on. The faulting command itself is not answered (its order's state is not
+        known); it is acked like the rest of its batch, and ops is paged
+        (``meridian_instrument_halted``) to reconcile it.
+
+        The halt lives in memory, and no snapshot is taken while one stands, so a restart
+        replays the command again: a build that still fails on it halts the book again, one
+        that applies it trades on (the later commands stay refused, by their records)."""
+        symbol = cmd.subject.rsplit(".", 1)[1]
+        if symbol not in self.books or symbol in self.halted:
+            log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)
+            return
+        self.halted[symbol] = cmd.seq
+        log.critical(
+            "exec %s: command %d on %s failed; %s is HALTED: later commands on it are refused "
+            "(UNAVAILABLE), the faulting order is unanswered and must be reconciled, and no "
+            "snapshot is taken until a build that applies the command restarts this worker",
+            self.region,
+            cmd.seq,
+            cmd.subject,
+            symbol,
+            exc_info=True,
+        )
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.instrument_halted(symbol).set(1)
 
     async def _send(
         self, subject: str, payload: bytes, headers: dict[str, str]
@@ -783,6 +832,8 @@ class ExecutionWorker:
         return f"EXECSNAP_{self.region}"
 
     async def _maybe_snapshot(self) -> None:
+        if self.halted:
+            return  # a half-changed book must not outlive a restart (:meth:`_halt`)
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
         due_t = (
             self.applied > self._snap_seq

@@ -32,6 +32,7 @@ from router.contract import (
     Side,
     TimeInForce,
 )
+from router.contract import decode as contract_decode
 from router.execution import Cmd, ExecutionWorker, unapplied_report
 from router.natsutil import RebuildError
 from router.risk import Externals, RefPrice, RiskEngine, RiskLimits
@@ -309,3 +310,96 @@ async def test_refusal_records_of_either_format_load_and_garbage_fails_closed() 
     values["9"] = msgpack.packb({"not": "a record"})
     with pytest.raises(RebuildError, match="refusal record 9"):
         await w._load_refused(after=5)
+
+
+async def test_a_fault_applying_a_command_halts_its_book_and_only_its_book() -> None:
+    """A command whose application raises (a fault of this build) may leave its book half
+    changed, with the outputs made before the fault lost. The book then takes nothing more:
+    later orders, cancels and replaces on it get a typed UNAVAILABLE answer, recorded like any
+    refusal; other books trade on; no snapshot is taken while it stands; and a replay of the
+    faulting command (a restart, below the ack floor) halts it again."""
+    from router.execution import _digest
+
+    class _Nc:
+        def jetstream(self, domain: str) -> Any:
+            return types.SimpleNamespace()
+
+    class _Gauge:
+        value = 0.0
+
+        def set(self, v: float) -> None:
+            self.value = v
+
+    halted_gauge = _Gauge()
+    w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    w.metrics = types.SimpleNamespace(instrument_halted=lambda s: halted_gauge)
+    w._fresh_books()
+    sent: list[bytes] = []
+
+    async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        sent.append(payload)
+        f = asyncio.get_running_loop().create_future()
+        f.set_result(None)
+        return f
+
+    w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
+    recorded: dict[str, Any] = {}
+
+    async def put(key: str, value: bytes) -> None:
+        recorded[key] = msgpack.unpackb(value)
+
+    w._refused_store = types.SimpleNamespace(put=put)
+    book = w.books["USDJPY"]
+    await w._apply_and_send(_cmd(_submit(), seq=1), True, None)  # O-1 rests
+    sent.clear()
+    real_apply = book.apply
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise KeyError("a bug")
+
+    book.apply = broken  # type: ignore[method-assign]
+    faulting = _cmd(_submit(order_id="O-2", cl_ord_id="c2"), seq=2)
+    assert await w._apply_and_send(faulting, True, None) == []
+    assert w.halted == {"USDJPY": 2} and halted_gauge.value == 1
+    assert sent == [] and recorded == {}  # the faulting order: not answered, not "refused"
+    book.apply = real_apply  # type: ignore[method-assign]
+
+    # a later submit on the halted book: refused UNAVAILABLE, recorded, never applied
+    await w._apply_and_send(_cmd(_submit(order_id="O-3", cl_ord_id="c3"), seq=3), True, None)
+    rep = contract_decode(ExecutionReport, sent[-1])
+    assert rep.exec_type is ExecType.REJECTED and rep.reject_reason == RejectReason.UNAVAILABLE
+    assert "halted" in rep.text and book.status("O-3") is None
+    assert recorded["3"][0] == _digest(_cmd(_submit(order_id="O-3", cl_ord_id="c3")).data)
+    # a cancel of the resting order: a cancel reject that says the order's real status
+    cancel = msgpack.unpackb(
+        encode_command(
+            Cancel(
+                order_id="O-1",
+                cl_ord_id="k1",
+                orig_cl_ord_id="c1",
+                account="SGP-CORP-03",
+                home_region="sgp",
+            )
+        )
+    )
+    await w._apply_and_send(_cmd(cancel, seq=4), True, None)
+    rej = contract_decode(CancelReject, sent[-1])
+    assert rej.reason == RejectReason.UNAVAILABLE and rej.ord_status is OrdStatus.NEW
+    assert book.status("O-1") is OrdStatus.NEW  # still resting: the book took nothing
+
+    # another book trades on
+    other = _submit(order_id="O-5", cl_ord_id="c5", price_ticks=9000)
+    await w._apply_and_send(_cmd(other, symbol="AUDUSD", seq=5), True, None)
+    assert w.books["AUDUSD"].status("O-5") is OrdStatus.NEW and "AUDUSD" not in w.halted
+
+    # no snapshot while halted: a restart must replay the faulting command
+    w.snapshot_every, w.applied = 1, 5
+    await w._maybe_snapshot()
+    assert w._saving is None
+
+    # a replay of the faulting command (restart, below the ack floor) halts the book again
+    w2 = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+    w2._fresh_books()
+    w2.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    assert await w2._apply_and_send(_cmd(_submit(order_id="O-2"), seq=2), False, None) == []
+    assert w2.halted == {"USDJPY": 2}

@@ -196,6 +196,11 @@ class MeridianMetrics:
         self._book_depth = gauge(
             "meridian_book_depth", "Resting orders in the book.", "symbol", "side"
         )
+        self._instrument_halted = gauge(
+            "meridian_instrument_halted",
+            "1 while the book takes no command: applying one failed (a fault of this build).",
+            "symbol",
+        )
         self._consumer_pending = gauge(
             "meridian_consumer_pending",
             "Messages not yet processed by this worker's JetStream consumer.",
@@ -274,6 +279,10 @@ class MeridianMetrics:
         """Gauge of resting orders on one side (``buy``/``sell``) of ``symbol``'s book."""
         sym = self._check("symbol", symbol, self._symbols)
         return self._child(self._book_depth, "side", str(side).lower(), SIDES, sym)
+
+    def instrument_halted(self, symbol: str) -> Gauge:
+        """Gauge: 1 while ``symbol``'s book is halted by a fault (execution)."""
+        return self._child(self._instrument_halted, "symbol", symbol, self._symbols)
 
     def consumer_pending(self, stream: str, consumer: str) -> Gauge:
         """Gauge of messages pending for this worker's durable ``consumer`` on ``stream``."""
