@@ -106,6 +106,10 @@ def _enum(cls: Any, value: Any, default: Any) -> Any:
         return default
 
 
+FAULT = "fault"
+"""Third element of a refusal-bucket record that marks a command whose application failed."""
+
+
 class CommandRefused(ValueError):
     """A command this region cannot apply, with nothing changed: no book for its symbol
     (``no_book``), it does not decode, or its book is halted (``reason`` UNAVAILABLE)."""
@@ -312,6 +316,9 @@ class ExecutionWorker:
         """Commands refused (by EXEC sequence: the digest of their bytes, their answer or
         None) past the books' snapshot: a replay sends the answer again instead of applying
         them."""
+        self._faulted: dict[int, str] = {}
+        """Commands whose application failed (by EXEC sequence: the digest of their bytes),
+        past the books' snapshot: none of their outputs went out (:meth:`_halt`)."""
         self._refused_store: Any = None
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
@@ -395,6 +402,7 @@ class ExecutionWorker:
         # a put still storing the last snapshot would purge the chunks of the one being read
         await self._saved(timeout_s=60.0)
         self._fresh_books()
+        self._unhalt()  # the replay halts again what still fails
         self.applied = 0
         self._sent = []
         assert self.loop is not None
@@ -519,11 +527,23 @@ class ExecutionWorker:
         )
         self._refused[cmd.seq] = (_digest(cmd.data), out)
 
+    async def _record_fault(self, cmd: Cmd) -> None:
+        """Store that applying ``cmd`` failed, before its batch is acked: a rebuild below the
+        ack floor then sends its outputs if it applies (none went out), rather than apply it
+        silently. Until this put succeeds the batch fails, and is retried. A build that does
+        not know the record's shape stops its rebuild on it (fails closed)."""
+        kv = await self._refused_kv()
+        digest = _digest(cmd.data)
+        await kv.put(str(cmd.seq), msgpack.packb([digest, None, FAULT], use_bin_type=True))
+        self._faulted[cmd.seq] = digest
+
     async def _load_refused(self, after: int) -> None:
-        """The refused commands past ``after`` (what a rebuild replays), with their answers."""
+        """The refused commands past ``after`` (what a rebuild replays), with their answers,
+        and the commands whose application failed."""
         from nats.js.errors import NoKeysError
 
         self._refused = {}
+        self._faulted = {}
         kv = await self._refused_kv()
         try:
             keys = await kv.keys()
@@ -538,6 +558,9 @@ class ExecutionWorker:
                 digest, answer = "", rec
             elif isinstance(rec, list) and len(rec) == 2:
                 digest, answer = rec
+            elif isinstance(rec, list) and len(rec) == 3 and rec[2] == FAULT:
+                self._faulted[int(key)] = str(rec[0])
+                continue
             else:
                 raise RebuildError(f"refusal record {key} unreadable: {rec!r:.80}")
             out = (*answer, None) if answer is not None else None
@@ -640,9 +663,22 @@ class ExecutionWorker:
             # not), its answer sent again
             outs = [record[1]] if publish and record[1] is not None else []
         else:
+            # failed before (a record, stored before its batch's ack): none of its outputs
+            # went out, so if it applies now they are sent, even below the ack floor
+            faulted = self._faulted.get(cmd.seq) == _digest(cmd.data)
+            publish = publish or faulted
             try:
                 outs = self._apply(cmd, encode=publish)
                 self.stats["commands"] += 1
+                if faulted:
+                    log.warning(
+                        "exec %s: command %d on %s, which failed before, applied now: its %d "
+                        "outputs are sent",
+                        self.region,
+                        cmd.seq,
+                        cmd.subject,
+                        len(outs),
+                    )
             except CommandRefused as e:  # nothing changed; a bad command never blocks
                 if not publish:
                     # below the ack floor with no refusal record: the process that acked it
@@ -670,6 +706,8 @@ class ExecutionWorker:
             except Exception:  # a fault of this build, not of the command: never answered
                 self.stats["bad"] += 1
                 self._halt(cmd)
+                if publish and not faulted:  # below the floor its outputs went out before
+                    await self._record_fault(cmd)
                 return futs
         if not publish:
             return futs
@@ -692,9 +730,12 @@ class ExecutionWorker:
         known); it is acked like the rest of its batch, and ops is paged
         (``meridian_instrument_halted``) to reconcile it.
 
-        The halt lives in memory, and no snapshot is taken while one stands, so a restart
-        replays the command again: a build that still fails on it halts the book again, one
-        that applies it trades on (the later commands stay refused, by their records)."""
+        The halt is recorded (:meth:`_record_fault`, before the batch's ack) and no snapshot is
+        taken while one stands, so a rebuild (a restart, or a failed batch) replays the
+        command again: a build that still fails on it halts the book again; one that applies
+        it sends its outputs then, and the book trades on (the later commands stay refused,
+        by their records). No snapshot means the replay, and the refusals kept in memory,
+        grow until then: a halt is to be resolved in hours, within EXEC's 7-day max_age."""
         symbol = cmd.subject.rsplit(".", 1)[1]
         if symbol not in self.books or symbol in self.halted:
             log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)
@@ -713,6 +754,13 @@ class ExecutionWorker:
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.instrument_halted(symbol).set(1)
+
+    def _unhalt(self) -> None:
+        for symbol in self.halted:
+            if self.metrics is not None:
+                with contextlib.suppress(Exception):
+                    self.metrics.instrument_halted(symbol).set(0)
+        self.halted = {}
 
     async def _send(
         self, subject: str, payload: bytes, headers: dict[str, str]
@@ -854,6 +902,8 @@ class ExecutionWorker:
         self._snap_seq, self._snap_at = seq, time.monotonic()
         if self._refused:  # a rebuild reads those past its snapshot from the bucket again
             self._refused = {k: v for k, v in self._refused.items() if k > seq}
+        if self._faulted:
+            self._faulted = {k: v for k, v in self._faulted.items() if k > seq}
         return seq, parts
 
     async def _save(self, seq: int, parts: Iterator[bytes]) -> None:

@@ -273,8 +273,15 @@ async def test_only_what_names_an_order_the_book_does_not_hold_is_answered() -> 
         raise KeyError("a bug")
 
     book.apply = broken  # type: ignore[method-assign]
+    puts: list[str] = []
+
+    async def put(key: str, value: bytes) -> None:
+        puts.append(key)
+
+    w._refused_store = types.SimpleNamespace(put=put)
     assert await w._apply_and_send(_cmd(_submit(order_id="O-2")), True, None) == []
-    assert w.stats["bad"] == 1
+    assert w.stats["bad"] == 1 and puts == ["42"]  # recorded as a fault, not a refusal
+    assert 42 in w._faulted and 42 not in w._refused
 
 
 async def test_refusal_records_of_either_format_load_and_garbage_fails_closed() -> None:
@@ -307,6 +314,9 @@ async def test_refusal_records_of_either_format_load_and_garbage_fails_closed() 
     await w._load_refused(after=5)
     assert w._refused[7] == ("", (*answer, None))
     assert w._refused[8] == (_digest(b"cmd8"), None) and 3 not in w._refused
+    values["10"] = msgpack.packb([_digest(b"cmd10"), None, "fault"])
+    await w._load_refused(after=5)
+    assert w._faulted == {10: _digest(b"cmd10")} and 10 not in w._refused
     values["9"] = msgpack.packb({"not": "a record"})
     with pytest.raises(RebuildError, match="refusal record 9"):
         await w._load_refused(after=5)
@@ -361,7 +371,8 @@ async def test_a_fault_applying_a_command_halts_its_book_and_only_its_book() -> 
     faulting = _cmd(_submit(order_id="O-2", cl_ord_id="c2"), seq=2)
     assert await w._apply_and_send(faulting, True, None) == []
     assert w.halted == {"USDJPY": 2} and halted_gauge.value == 1
-    assert sent == [] and recorded == {}  # the faulting order: not answered, not "refused"
+    # the faulting order: not answered, and recorded as failed (not refused)
+    assert sent == [] and recorded == {"2": [_digest(faulting.data), None, "fault"]}
     book.apply = real_apply  # type: ignore[method-assign]
 
     # a later submit on the halted book: refused UNAVAILABLE, recorded, never applied
@@ -397,9 +408,10 @@ async def test_a_fault_applying_a_command_halts_its_book_and_only_its_book() -> 
     await w._maybe_snapshot()
     assert w._saving is None
 
-    # a replay of the faulting command (restart, below the ack floor) halts the book again
+    # a replay (restart, below the ack floor) of a command that failed with no record (an
+    # older build's fault: its outputs may have gone out) halts the book, recording nothing
     w2 = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
     w2._fresh_books()
     w2.books["USDJPY"].apply = broken  # type: ignore[method-assign]
     assert await w2._apply_and_send(_cmd(_submit(order_id="O-2"), seq=2), False, None) == []
-    assert w2.halted == {"USDJPY": 2}
+    assert w2.halted == {"USDJPY": 2} and w2._faulted == {}
