@@ -144,6 +144,8 @@ class Loader:
         self.sent_ns: dict[str, int] = {}
         self.first_seen: set[str] = set()
         self.inflight = 0
+        self._open: set[str] = set()
+        """Orders holding a closed loop's slot: each frees it once, at the ack or report."""
         self._n = 0
         self._res: LoadResult | None = None
         self._inbox = ""
@@ -189,6 +191,7 @@ class Loader:
         subject, payload, cl = self._payload(i)
         self.sent_ns[cl] = time.perf_counter_ns()
         self.inflight += 1
+        self._open.add(cl)
         self._res.sent += 1
         await self.nc.publish(subject, payload, reply=f"{self._inbox}.{cl}")
 
@@ -204,7 +207,7 @@ class Loader:
             raw = {}
         accepted = raw.get("status") == "ACCEPTED"
         if self.window == "ack" or not accepted:  # a refused order gets no report
-            self._release()
+            self._release(cl)
         if not raw:
             res.rejected += 1
             return
@@ -233,7 +236,7 @@ class Loader:
             return
         self.first_seen.add(cl)
         if self.window == "report":
-            self._release()
+            self._release(cl)
         if self.timeline is not None and cl in self._sent_wall:
             self.timeline[cl] = (
                 self._sent_wall.pop(cl),
@@ -247,9 +250,13 @@ class Loader:
             r = str(raw.get("reject_reason"))
             res.reject_reasons[r] = res.reject_reasons.get(r, 0) + 1
 
-    def _release(self) -> None:
-        self.inflight -= 1
-        self._free.set()
+    def _release(self, cl: str) -> None:
+        """Free ``cl``'s slot, once: an order answered UNAVAILABLE (outcome unknown) may still
+        be stored and reported later."""
+        if cl in self._open:
+            self._open.discard(cl)
+            self.inflight -= 1
+            self._free.set()
 
     async def run(
         self,
