@@ -157,3 +157,40 @@ async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_pa
         await nc.close()
     finally:
         srv.stop()
+
+
+async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
+    tmp_path: Path,
+) -> None:
+    """Deliveries 3 and 6 lost, the rest arriving while the first gap is filled: the second
+    gap lies among the held deliveries, and is read back up to the one after it."""
+    from router.natsutil import PullLoop, stream_position
+
+    srv, url = standalone_jetstream("fillgap2", tmp_path, domain="lon")
+    try:
+        nc = await nats.connect(url)
+        js = nc.jetstream(domain="lon")
+        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        q: asyncio.Queue[object] = asyncio.Queue()
+        lp = PullLoop(
+            nc, domain="lon", stream="S", durable="w", filter_subject="s.>",
+            queue=q, batch=64, ack_all=True, fill_gaps=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+        handle = lp._on_msg
+
+        async def lossy(msg: object) -> None:
+            reply = getattr(msg, "reply", "") or ""
+            if reply.startswith("$JS.ACK") and stream_position(msg).seq in (3, 6):  # type: ignore[arg-type]
+                return
+            await handle(msg)  # type: ignore[arg-type]
+
+        lp._on_msg = lossy  # type: ignore[method-assign]
+        await lp.start()
+        await asyncio.gather(*(js.publish(f"s.{i}", b"x") for i in range(1, 11)))
+        got = _seqs(await _drain(q, 10))
+        await lp.stop()
+        assert got == [(s, s in (3, 6)) for s in range(1, 11)]
+        assert lp.gaps_filled == 2
+        await nc.close()
+    finally:
+        srv.stop()
