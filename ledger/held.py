@@ -5,8 +5,8 @@ not know, or a contract newer than its build) and keeps it in the stream, redeli
 30 s. It also keeps the message's bytes in ``held_fills`` (:mod:`ledger.writer`), because
 EXECOUT deletes a message after its max_age whether it was posted or not.
 
-A row is *outstanding* while its region has no transfer of the trade (found by the trade id,
-or by the stream sequence when this build could not read a trade id). Rows are never deleted:
+A row is *outstanding* while its region has no transfer of the trade, found by its trade id
+(a row with none readable stays outstanding until ``post-held`` reads it). Rows are never deleted:
 once the fill posts, the row stays as the record of the hold. So nothing here writes to
 ``held_fills``, and posting from a row is the writer's own posting (deterministic transfer ids:
 posting a fill the stream has since delivered too is a replay, not a second trade).
@@ -15,6 +15,7 @@ posting a fill the stream has since delivered too is a replay, not a second trad
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,33 +30,42 @@ from regions.topology import Topology
 from router.contract import ContractError, Fill, decode
 
 _POSTED = (
-    "EXISTS (SELECT 1 FROM transfers t WHERE t.region = h.region "
-    "AND ((h.trade_id IS NOT NULL AND t.id = h.trade_id || ':base') "
-    "OR (h.trade_id IS NULL AND t.stream_seq = h.stream_seq)))"
+    "h.trade_id IS NOT NULL AND EXISTS (SELECT 1 FROM transfers t "
+    "WHERE t.region = h.region AND t.id = h.trade_id || ':base')"
 )
-"""A held row's trade is in the books: a transfer of its trade id (or, where this build could
-not read the id, of its stream sequence) in its region."""
+"""A held row's trade is in the books: a transfer of its trade id in its region. A row whose
+trade id no build could read yet stays outstanding until ``post-held`` reads it (a stream
+sequence alone could name another fill, in a stream recreated since)."""
 
 OUTSTANDING_SQL = (
     "SELECT h.region, h.stream_seq, h.trade_id, h.subject, h.field, h.reason, "
     "h.first_held_ns, h.last_held_ns, h.holds, h.payload FROM held_fills h "
-    f"WHERE h.region = ANY(%s) AND NOT {_POSTED} ORDER BY h.region, h.stream_seq"
+    f"WHERE h.region = ANY(%s) AND NOT ({_POSTED}) ORDER BY h.region, h.stream_seq, h.first_held_ns"
 )
 
-POSTED_SQL = (
-    "SELECT h.stream_seq FROM held_fills h WHERE h.region = %s AND h.stream_seq = ANY(%s) "
-    f"AND {_POSTED}"
-)
-"""Which of a region's held stream sequences are posted (from their rows, by post-held)."""
+POSTED_TRADES_SQL = "SELECT id FROM transfers WHERE region = %s AND id = ANY(%s)"
+"""Which of these base-leg transfer ids are in a region's books (the writer asks for the
+held fills it has in hand, by their own trade ids, never through a row)."""
 
 UPSERT_SQL = (
     "INSERT INTO held_fills (region, stream_seq, trade_id, subject, field, reason, payload, "
-    "first_held_ns, last_held_ns, holds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1) "
-    "ON CONFLICT (region, stream_seq) DO UPDATE SET last_held_ns = EXCLUDED.last_held_ns, "
-    "holds = held_fills.holds + 1, field = EXCLUDED.field, reason = EXCLUDED.reason, "
+    "payload_sha256, first_held_ns, last_held_ns, holds) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1) "
+    "ON CONFLICT (region, stream_seq, payload_sha256) DO UPDATE SET "
+    "last_held_ns = EXCLUDED.last_held_ns, holds = held_fills.holds + 1, "
+    "field = EXCLUDED.field, reason = EXCLUDED.reason, "
     "trade_id = COALESCE(EXCLUDED.trade_id, held_fills.trade_id)"
 )
 """One hold of a fill: the first inserts its row, each later one counts."""
+
+_SET_TRADE_ID = (
+    "UPDATE held_fills SET trade_id = %s WHERE region = %s AND stream_seq = %s "
+    "AND payload_sha256 = %s AND trade_id IS NULL"
+)
+
+
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
 
 
 def held_trade_id(headers: dict[str, str] | None, data: bytes) -> str | None:
@@ -133,7 +143,7 @@ async def post_held(
     read, in one transaction (the writer's :func:`ledger.store.post_transfers`)."""
     rows = await (await conn.execute(OUTSTANDING_SQL, ([region],))).fetchall()
     held = [_held(r) for r in rows]
-    await conn.commit()  # end the read's transaction; posting runs its own
+    await conn.commit()  # end the read's transaction
     posted: list[HeldFill] = []
     still: list[tuple[HeldFill, str]] = []
     transfers: list[Transfer] = []
@@ -144,5 +154,14 @@ async def post_held(
             still.append((h, str(e)))
             continue
         posted.append(h)
-    batch = await post_transfers(conn, region, transfers) if transfers else None
+    batch = None
+    async with conn.transaction():
+        # a row no build could read the trade id of learns it now, with the posting
+        for h, t in zip(posted, transfers[::2], strict=True):
+            if h.trade_id is None:
+                await conn.execute(
+                    _SET_TRADE_ID, (t.trade_id, h.region, h.stream_seq, payload_digest(h.payload))
+                )
+        if transfers:
+            batch = await post_transfers(conn, region, transfers)
     return PostHeldResult(posted=posted, still_held=still, batch=batch)

@@ -149,15 +149,17 @@ held_fills = Table(
     Column("field", String(64), nullable=False, comment="what could not be posted"),
     Column("reason", String(500), nullable=False),
     Column("payload", LargeBinary, nullable=False, comment="the fill message as stored"),
+    Column("payload_sha256", String(64), nullable=False),
     Column("first_held_ns", BigInteger, nullable=False),
     Column("last_held_ns", BigInteger, nullable=False),
     Column("holds", Integer, nullable=False),
-    PrimaryKeyConstraint("region", "stream_seq", name="pk_held_fills"),
+    PrimaryKeyConstraint("region", "stream_seq", "payload_sha256", name="pk_held_fills"),
 )
 """Fills the writer could not post (a topology or build older than execution's), kept with
 their bytes: EXECOUT deletes a message after its max_age, and until the fill is posted the
 books of record lack a trade. A row is outstanding while its region has no transfer of the
-trade; rows stay as the record of the hold."""
+trade; rows stay as the record of the hold. The bytes' digest is part of the key: a stream
+recreated with its sequences reused gives another fill another row."""
 
 REFERENCE_TABLES: tuple[Table, ...] = (currencies, instruments, accounts)
 TRANSACTIONAL_TABLES: tuple[Table, ...] = (transfers, postings, balances, chain_heads, held_fills)

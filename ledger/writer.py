@@ -44,7 +44,7 @@ from tenacity import (
 
 from ledger.db import RETRY_SQLSTATES, is_retryable, libpq_dsn
 from ledger.errors import FillRejected, LedgerConfigError
-from ledger.held import POSTED_SQL, UPSERT_SQL, held_trade_id
+from ledger.held import POSTED_TRADES_SQL, UPSERT_SQL, held_trade_id, payload_digest
 from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, post_transfers
 from regions.topology import Topology, load_topology
@@ -324,18 +324,23 @@ class LedgerWriter:
         still holds the fill, and its next hold (every HOLD_S) tries again."""
         now = time.time_ns()
         rows = []
+        by_tid: dict[str, int] = {}
         for m, e in held:
             if not (seq := _seq(m)):
                 continue  # not a stream message: nothing to find it by
+            tid = held_trade_id(m.headers, m.data)
+            if tid is not None:
+                by_tid[f"{tid}:base"] = seq
             rows.append(
                 (
                     self.region,
                     seq,
-                    held_trade_id(m.headers, m.data),
+                    tid,
                     m.subject[:200],
                     (getattr(e, "field", "") or "payload")[:64],
                     str(e)[:500],
                     bytes(m.data),
+                    payload_digest(bytes(m.data)),
                     now,
                     now,
                 )
@@ -346,8 +351,8 @@ class LedgerWriter:
             conn = await self._conn()
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(UPSERT_SQL, rows)
-                await cur.execute(POSTED_SQL, (self.region, [r[1] for r in rows]))
-                return {int(r[0]) for r in await cur.fetchall()}  # type: ignore[index]
+                await cur.execute(POSTED_TRADES_SQL, (self.region, list(by_tid)))
+                return {by_tid[str(r[0])] for r in await cur.fetchall()}  # type: ignore[index]
         except Exception as e:
             log.warning(
                 "ledger %s: could not record %d held fills in held_fills (%s); "

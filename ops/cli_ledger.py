@@ -217,6 +217,9 @@ def _held(args: argparse.Namespace) -> int:
     except psycopg.OperationalError as e:
         print(f"ledger held: database unreachable: {e}", file=sys.stderr)
         return 3
+    except psycopg.Error as e:
+        print(f"ledger held: {_db_error(e)}", file=sys.stderr)
+        return 2
     print(f"{len(held)} fills held, not posted ({', '.join(regions)})")
     for h in held:
         print(f"  {h}")
@@ -227,8 +230,9 @@ def _post_held(args: argparse.Namespace) -> int:
     import asyncio
 
     import psycopg
+    from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-    from ledger.db import libpq_dsn
+    from ledger.db import is_retryable, libpq_dsn
     from ledger.held import post_held
     from regions.topology import load_topology
 
@@ -241,8 +245,17 @@ def _post_held(args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> int:
-        async with await psycopg.AsyncConnection.connect(libpq_dsn(dsn)) as conn:
-            res = await post_held(conn, topology, args.region)
+        # the whole posting again on a serialization failure or a lost connection, as the
+        # writer does (deterministic transfer ids: a retry never posts twice)
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            stop=stop_after_attempt(5),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                async with await psycopg.AsyncConnection.connect(libpq_dsn(dsn)) as conn:
+                    res = await post_held(conn, topology, args.region)
         new = res.batch.transfers_new if res.batch else 0
         print(
             f"posted {len(res.posted)} held fills of {args.region} ({new} new transfers; "
@@ -257,3 +270,17 @@ def _post_held(args: argparse.Namespace) -> int:
     except psycopg.OperationalError as e:
         print(f"ledger post-held: database unreachable: {e}", file=sys.stderr)
         return 3
+    except psycopg.Error as e:
+        print(f"ledger post-held: {_db_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _db_error(e: Exception) -> str:
+    """A database refusal, with the likely remedy."""
+    import psycopg.errors
+
+    if isinstance(e, psycopg.errors.UndefinedTable):
+        return f"{e} (run `meridian ledger migrate`: held_fills is migration 2)"
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        return f"{e} (this role may not read or write held_fills)"
+    return str(e)

@@ -28,7 +28,7 @@ from ledger.verify import ProblemKind, check_chain_rows, verify
 from ops.cli_ledger import register
 from ops.procs import PostgresServer
 from regions.topology import Topology, load_topology
-from router.contract import Fill
+from router.contract import Fill, encode
 
 TOPO = load_topology()
 
@@ -437,3 +437,53 @@ def test_export_time_range_and_cli(
 
 def _topology_unused(t: Topology) -> Iterator[str]:  # keeps the import for typing tools
     yield from t.codes
+
+
+# ---- held fills ---------------------------------------------------------------------------------
+
+
+def _hold(dsn: str, seq: int, payload: bytes, trade_id: str | None) -> None:
+    from ledger.held import UPSERT_SQL, payload_digest
+
+    row = ("lon", seq, trade_id, "mrd.lon.fill.EURUSD", "buy_account", "not a known account")
+    with psycopg.connect(dsn) as c:
+        c.execute(UPSERT_SQL, (*row, payload, payload_digest(payload), 1, 1))
+
+
+def test_held_rows_are_outstanding_until_their_trade_is_posted(fresh_db: str) -> None:
+    """A row is outstanding until its region has a transfer of its trade. A row whose trade
+    id was not readable stays so until post-held reads it; another fill held at the same
+    stream sequence (a stream recreated since) gets a row of its own."""
+    from ledger.held import outstanding, post_held
+
+    a, b = _fill("lon-EURUSD-held-a"), _fill("lon-EURUSD-held-b")
+    _hold(fresh_db, 7, encode(a), None)  # its trade id not readable when held
+    _hold(fresh_db, 7, encode(b), "lon-EURUSD-held-b")  # the same sequence, another fill
+    _hold(fresh_db, 7, encode(b), "lon-EURUSD-held-b")  # held again: counted, one row
+    with psycopg.connect(fresh_db) as c:
+        held = outstanding(c, ["lon"])
+        got = sorted((h.trade_id or "", h.holds) for h in held)
+        assert got == [("", 1), ("lon-EURUSD-held-b", 2)]
+    post(fresh_db, [b])  # the writer posts b (the stream's copy, once its cause is mended)
+    with psycopg.connect(fresh_db) as c:
+        assert [h.trade_id for h in outstanding(c, ["lon"])] == [None]
+    assert [p.kind for p in verify(fresh_db).problems] == [ProblemKind.HELD_FILL]
+
+    async def go() -> Any:
+        async with await psycopg.AsyncConnection.connect(fresh_db) as conn:
+            return await post_held(conn, TOPO, "lon")
+
+    res = asyncio.run(go())
+    assert len(res.posted) == 1 and res.batch is not None and res.batch.transfers_new == 2
+    with psycopg.connect(fresh_db) as c:
+        assert outstanding(c, ["lon"]) == []
+        ids = c.execute("SELECT trade_id FROM held_fills ORDER BY trade_id").fetchall()
+    assert ids == [("lon-EURUSD-held-a",), ("lon-EURUSD-held-b",)]  # rows stay, as the record
+    assert verify(fresh_db).ok
+    assert _cli(["ledger", "held", "--dsn", fresh_db]) == 0
+
+
+def test_held_commands_on_a_ledger_not_migrated_say_so(pg: PostgresServer) -> None:
+    dsn = pg.create_database("t_" + uuid.uuid4().hex[:12])
+    assert _cli(["ledger", "held", "--dsn", dsn]) == 2
+    assert _cli(["ledger", "post-held", "--dsn", dsn, "--region", "lon"]) == 2
