@@ -848,7 +848,11 @@ def test_restored_engine_decides_like_the_original(
     rig.engine.set_kill("account.LON-HF-01", True)
     rig.engine.set_limits(replace(rig.limits, collar_bps=200))
 
-    def run(eng: RiskEngine, history: list[tuple[Any, ...]], tag: str) -> list[Any]:
+    def run(
+        eng: RiskEngine, history: list[tuple[Any, ...]], tag: str, sent: list[tuple[str, str]]
+    ) -> list[Any]:
+        """``sent``: (cl_ord_id, symbol) of the account's orders so far, replaced ones
+        included (cancels and replaces pick among them, before the snapshot or after)."""
         out: list[Any] = []
         for i, op in enumerate(history):
             kind = op[0]
@@ -859,36 +863,41 @@ def test_restored_engine_decides_like_the_original(
                 msg = new_order(acct, f"{tag}{i}", sym, side, qty, MIDS[sym] + off, tif)
                 d = eng.on_new(msg, order_id=f"O{tag}{i}", accepted_ns=i, ext=ext(sym), seq=i)
                 out.append((d.command, d.report))
-            elif kind == "cancel":
-                msg_c = CancelOrder(
-                    account=ACCT,
-                    cl_ord_id=f"X{tag}{i}",
-                    orig_cl_ord_id=f"{tag}{op[1]}",
-                    symbol=SYMS[0],
-                )
-                d = eng.on_cancel(msg_c, seq=i)
-                out.append((d.command, d.report))
-            elif kind == "replace":
-                _, j, qty, off = op
-                msg_r = ReplaceOrder(
-                    account=ACCT,
-                    cl_ord_id=f"R{tag}{i}",
-                    orig_cl_ord_id=f"{tag}{j}",
-                    symbol=SYMS[j % 2],
-                    qty=qty,
-                    price_ticks=MIDS[SYMS[j % 2]] + off,
-                )
-                d = eng.on_replace(msg_r, ext=ext(SYMS[j % 2]), seq=i)
+                if acct == ACCT:
+                    sent.append((msg.cl_ord_id, sym))
+            elif kind in ("cancel", "replace"):
+                orig, sym = sent[op[1] % len(sent)] if sent else (f"{tag}{op[1]}", SYMS[0])
+                if kind == "cancel":
+                    msg_c = CancelOrder(
+                        account=ACCT, cl_ord_id=f"X{tag}{i}", orig_cl_ord_id=orig, symbol=sym
+                    )
+                    d = eng.on_cancel(msg_c, seq=i)
+                else:
+                    _, _, qty, off = op
+                    msg_r = ReplaceOrder(
+                        account=ACCT,
+                        cl_ord_id=f"R{tag}{i}",
+                        orig_cl_ord_id=orig,
+                        symbol=sym,
+                        qty=qty,
+                        price_ticks=MIDS[sym] + off,
+                    )
+                    d = eng.on_replace(msg_r, ext=ext(sym), seq=i)
+                    if d.command is not None:
+                        sent.append((msg_r.cl_ord_id, sym))
                 out.append((d.command, d.report))
             out.append(eng.exposure_usd(ACCT))
         return out
 
-    run(rig.engine, before, "a")
+    before_sent: list[tuple[str, str]] = []
+    run(rig.engine, before, "a", before_sent)
     twin = _restored(rig.engine, cl_id_memory=6)
     assert twin.snapshot() == rig.engine.snapshot()
     assert twin.accounts == rig.engine.accounts  # reserved is recomputed from the open orders
     assert twin.kills == rig.engine.kills and twin.limits == rig.engine.limits
-    assert run(twin, after, "b") == run(rig.engine, after, "b")
+    assert run(twin, after, "b", list(before_sent)) == run(
+        rig.engine, after, "b", list(before_sent)
+    )
     assert twin.snapshot() == rig.engine.snapshot()
 
 
