@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -335,6 +336,76 @@ class ExecutionReport(Message):
             text=text[:256],
             **order,
         )
+
+
+def refusal_of(
+    raw: Mapping[str, Any],
+    *,
+    op: str,
+    reason: RejectReason,
+    text: str,
+    reply_id: str,
+    symbol: str,
+    exec_region: str,
+    transact_ns: int,
+) -> ExecutionReport | CancelReject | None:
+    """The answer to a request or command that could not be decided or applied, built from
+    what can be read of it (``raw``: its map, with ``order_id``, ``cl_ord_id``, ``account``
+    and ``home_region``): a REJECTED report for a new order (``op`` ``submit`` or ``new``),
+    a cancel reject for a cancel or replace. A field that cannot be read (an unknown side, a
+    NaN quantity) takes a default rather than stop the answer. None when it names no order
+    well enough to answer for it (the answer must keep the contract: ids, account, symbol)."""
+
+    def num(name: str, hi: int = 10**12) -> int:
+        v = raw.get(name)
+        return v if type(v) is int and 0 <= v <= hi else 0
+
+    def member(cls: Any, name: str, default: Any) -> Any:
+        try:
+            return cls(raw.get(name))
+        except ValueError:
+            return default
+
+    try:
+        common = {
+            "order_id": raw["order_id"],
+            "cl_ord_id": raw["cl_ord_id"],
+            "account": raw["account"],
+            "symbol": symbol,
+            "home_region": raw["home_region"],
+            "exec_region": exec_region,
+            "transact_ns": transact_ns,
+        }
+        out: ExecutionReport | CancelReject
+        if op in ("submit", "new"):
+            out = ExecutionReport.refused(
+                reason=reason,
+                text=text,
+                **common,
+                exec_id=reply_id,
+                side=member(Side, "side", Side.BUY),
+                ord_type=member(OrdType, "ord_type", OrdType.LIMIT),
+                tif=member(TimeInForce, "tif", TimeInForce.GTC),
+                qty=num("qty"),
+                price_ticks=num("price_ticks"),
+                entry_ns=num("entry_ns", 2**63 - 1),
+            )
+        elif op in ("cancel", "replace"):
+            out = CancelReject(
+                **common,
+                orig_cl_ord_id=raw["orig_cl_ord_id"],
+                ord_status=OrdStatus.REJECTED,
+                response_to=op,
+                reason=reason,
+                text=text[:256],
+                reject_id=reply_id,
+            )
+        else:
+            return None
+        # only an answer that keeps the contract (ids, account, symbol patterns) goes out
+        return decode(type(out), encode(out))
+    except Exception:  # names no order, or not well enough to answer for it
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -54,11 +54,7 @@ from router.contract import (
     ExecType,
     ExecutionReport,
     Fill,
-    OrdStatus,
-    OrdType,
     RejectReason,
-    Side,
-    TimeInForce,
 )
 from router.natsutil import (
     H_KIND,
@@ -99,13 +95,6 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _enum(cls: Any, value: Any, default: Any) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        return default
-
-
 FAULT = "fault"
 """Third element of a refusal-bucket record that marks a command whose application failed."""
 
@@ -135,59 +124,23 @@ def unapplied_report(
     """
     try:
         raw = msgpack.unpackb(cmd.data, raw=False)
-        if not isinstance(raw, dict):
-            return None
-        symbol = cmd.subject.rsplit(".", 1)[1]
-        if reason is None:
-            reason = RejectReason.UNKNOWN_SYMBOL if no_book else RejectReason.MALFORMED
-        text = (f"not executed in {region}" if no_book else f"not applied: {why}")[:256]
-        rid = f"{region}-{symbol}-{cmd.seq}-x"
-
-        def num(name: str, hi: int = 10**12) -> int:
-            v = raw.get(name)
-            return v if type(v) is int and 0 <= v <= hi else 0
-
-        common = {
-            "order_id": raw["order_id"],
-            "cl_ord_id": raw["cl_ord_id"],
-            "account": raw["account"],
-            "symbol": symbol,
-            "home_region": raw["home_region"],
-            "exec_region": region,
-            "transact_ns": cmd.ts_ns,
-        }
-        op = raw.get("op")
-        out: ExecutionReport | CancelReject
-        if op == "submit":
-            out = ExecutionReport.refused(
-                reason=reason,
-                text=text,
-                **common,
-                exec_id=rid,
-                # a field this build cannot read still gets its order an answer
-                side=_enum(Side, raw.get("side"), Side.BUY),
-                ord_type=_enum(OrdType, raw.get("ord_type"), OrdType.LIMIT),
-                tif=_enum(TimeInForce, raw.get("tif"), TimeInForce.GTC),
-                qty=num("qty"),
-                price_ticks=num("price_ticks"),
-                entry_ns=num("entry_ns", 2**63 - 1),
-            )
-        elif op in ("cancel", "replace"):
-            out = CancelReject(
-                **common,
-                orig_cl_ord_id=raw["orig_cl_ord_id"],
-                ord_status=OrdStatus.REJECTED,
-                response_to=op,
-                reason=reason,
-                text=text,
-                reject_id=rid,
-            )
-        else:
-            return None
-        # only an answer that keeps the contract (ids, account, symbol patterns) goes out
-        return contract.decode(type(out), contract.encode(out))
-    except Exception:  # names no order, or not well enough to answer for it
+    except Exception:
         return None
+    if not isinstance(raw, dict):
+        return None
+    symbol = cmd.subject.rsplit(".", 1)[1]
+    if reason is None:
+        reason = RejectReason.UNKNOWN_SYMBOL if no_book else RejectReason.MALFORMED
+    return contract.refusal_of(
+        raw,
+        op=str(raw.get("op")),
+        reason=reason,
+        text=f"not executed in {region}" if no_book else f"not applied: {why}",
+        reply_id=f"{region}-{symbol}-{cmd.seq}-x",
+        symbol=symbol,
+        exec_region=region,
+        transact_ns=cmd.ts_ns,
+    )
 
 
 def _report_out(region: str, r: ExecutionReport | CancelReject) -> tuple[str, str, str, bytes, Any]:

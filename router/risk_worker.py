@@ -71,6 +71,7 @@ from router.contract import (
     ExecutionReport,
     KillSwitch,
     NewOrder,
+    RejectReason,
     ReplaceOrder,
 )
 from router.externals import RedisExternals, externals_for
@@ -634,8 +635,9 @@ class RiskWorker:
         turn = Turn()  # the engine's only writer is this task; _complete only acks, re-sends
         for it in items:
             await turn.check()
-            if it.kind == "bad":
-                continue  # undecodable: acked with the batch (see _classify)
+            if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
+                outs.extend(self._refuse_unread(it))
+                continue
             if it.input_id in self.done:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
@@ -837,6 +839,7 @@ class RiskWorker:
             )
             self.stats["bad"] += 1
             it.kind = "bad"
+            it.decoded = e
         return it
 
     def _decode(self, it: Item) -> Any:
@@ -941,6 +944,57 @@ class RiskWorker:
             self._limits_from_cfg = bool(it.payload)  # empty: deleted, back to limits.toml
             return []
         return []
+
+    def _refuse_unread(self, it: Item) -> list[Out]:
+        """The answer to an order request this build cannot read (a newer gateway's, most
+        likely): a REJECTED report (a cancel reject for a cancel or replace) with the
+        contract's reason, built from what can be read of it, so the desk that holds its
+        OrderAck is not left waiting. Decides nothing and records nothing (a redelivery is
+        just as unreadable); its id is the request's ORDERS sequence, so a re-send of the
+        answer is dropped by the stream's dedup window."""
+        if it.msg is None or not it.input_id.startswith("o:"):
+            return []
+        err = it.decoded
+        reason = err.reason if isinstance(err, ContractError) else RejectReason.MALFORMED
+        try:
+            raw = msgpack.unpackb(it.payload, raw=False)
+        except Exception:
+            raw = None
+        if not isinstance(raw, dict):
+            return []
+        op = str(it.headers.get(H_OP, "new"))
+        accepted = it.headers.get(H_ACCEPTED_NS, "")
+        accepted_ns = int(accepted) if accepted.isdigit() else 0
+        fields = {
+            **raw,
+            # the order's id is the gateway's for a new order; a cancel's or replace's names
+            # an order this answer cannot look up
+            "order_id": it.headers.get(H_ORDER_ID, "") if op == "new" else "NONE",
+            "home_region": self.region,
+            "entry_ns": accepted_ns,
+        }
+        answer = contract.refusal_of(
+            fields,
+            op=op,
+            reason=reason,
+            text=f"not decided: {err}",
+            reply_id=f"{self.region}-risk-{it.headers.get('seq', '0')}",
+            symbol=str(raw.get("symbol", "")),
+            exec_region=self.region,
+            transact_ns=accepted_ns,
+        )
+        if answer is None:
+            return []
+        log.warning("risk %s: answered unreadable %s with %s", self.region, it.input_id, reason)
+        return [
+            Out(
+                subjects.report_risk(self.region, answer.account),
+                answer.exec_id if isinstance(answer, ExecutionReport) else answer.reject_id,
+                type(answer).__name__,
+                contract.encode(answer),
+                {},
+            )
+        ]
 
     def _outputs(self, dec: Decision, it: Item) -> list[Out]:
         tp = dict(it.trace_headers or {})

@@ -100,6 +100,71 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
     assert it is not None and it.kind == "bad" and it.msg is not None
 
 
+def _order_map(**over: Any) -> dict[str, Any]:
+    import msgpack
+
+    body = msgpack.unpackb(
+        contract.encode(
+            NewOrder(
+                account="LON-HF-01",
+                cl_ord_id="c1",
+                symbol="GBPUSD",
+                side=Side.BUY,
+                ord_type=OrdType.LIMIT,
+                tif=TimeInForce.GTC,
+                qty=1_000_000,
+                price_ticks=126000,
+            )
+        )
+    )
+    body.update(over)
+    return body  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (_order_map(v=2), "UNSUPPORTED_VERSION"),  # a newer gateway's contract
+        (_order_map(fee_bps=3), "MALFORMED"),  # a field this build does not know
+        (_order_map(qty=1.5), "MALFORMED"),
+    ],
+)
+async def test_an_order_this_build_cannot_read_is_answered_with_a_typed_reject(
+    body: dict[str, Any], reason: str
+) -> None:
+    """Its desk holds an OrderAck (the gateway stored it): it gets a REJECTED report with
+    the contract's reason, its id from the ORDERS sequence, and nothing is decided."""
+    import msgpack
+
+    w = _worker()
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", msgpack.packb(body), seq=9))
+    assert it is not None and it.kind == "bad"
+    (out,) = w._refuse_unread(it)
+    rep = contract.decode(contract.ExecutionReport, out.payload)
+    assert out.subject == "mrd.lon.er.r.lon.LON-HF-01" and out.msg_id == "lon-risk-9"
+    assert (rep.order_id, rep.cl_ord_id, rep.exec_type.value) == ("O1", "c1", "REJECTED")
+    assert rep.reject_reason == reason and rep.qty == (0 if body["qty"] == 1.5 else 1_000_000)
+    assert w.engine.exposure_usd("LON-HF-01") == 0
+
+
+async def test_an_unreadable_cancel_gets_a_cancel_reject_and_garbage_gets_nothing() -> None:
+    import msgpack
+
+    w = _worker()
+    cancel = {"v": 2, "account": "LON-HF-01", "cl_ord_id": "x1", "orig_cl_ord_id": "c1",
+              "symbol": "GBPUSD"}  # fmt: skip
+    hdrs = {"Mrd-Op": "cancel", "Mrd-Order-Id": "O9", "Mrd-Accepted-Ns": "1"}
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k2", msgpack.packb(cancel), 4, hdrs))
+    assert it is not None
+    (out,) = w._refuse_unread(it)
+    rej = contract.decode(contract.CancelReject, out.payload)
+    assert (rej.order_id, rej.orig_cl_ord_id, rej.response_to) == ("NONE", "c1", "cancel")
+    assert rej.reason == "UNSUPPORTED_VERSION"
+    for data in (b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"v": 2})):
+        it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k3", data))
+        assert it is not None and w._refuse_unread(it) == []  # names no order: nothing
+
+
 async def test_a_pull_loop_hands_on_only_deliveries() -> None:
     q: asyncio.Queue[Any] = asyncio.Queue()
     lp = PullLoop(
