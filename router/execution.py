@@ -16,8 +16,9 @@ applied sequence are only acked, and a gap is filled from the stream before appl
 books never see a command out of order: no missing and no duplicate report or fill. Books
 that cannot be rebuilt exactly (a snapshot that cannot be read, commands missing between it
 and the stream, a replay that stalls) stop the worker (``RebuildError``): it fails closed.
-A command whose application fails (a fault of this build) halts its book alone: later commands
-on it are refused UNAVAILABLE while the other books trade on (:meth:`ExecutionWorker._halt`).
+A command whose application fails (a fault of this build, which may leave its book half changed)
+is recorded as failed and its batch rebuilt; the replay refuses it, UNAVAILABLE, so the books
+never keep half of it (:meth:`ExecutionWorker._fault`).
 
 Also answers ``mrd.v1.book.<region>.<symbol>`` requests with the book's depth.
 """
@@ -35,7 +36,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 from nats.aio.client import Client as NATS
@@ -99,9 +100,13 @@ FAULT = "fault"
 """Third element of a refusal-bucket record that marks a command whose application failed."""
 
 
+class CommandFault(RuntimeError):
+    """Applying a command raised (a fault of this build): its batch fails and is rebuilt."""
+
+
 class CommandRefused(ValueError):
     """A command this region cannot apply, with nothing changed: no book for its symbol
-    (``no_book``), it does not decode, or its book is halted (``reason`` UNAVAILABLE)."""
+    (``no_book``), it does not decode, or applying it failed before (``reason`` UNAVAILABLE)."""
 
     def __init__(self, why: str, no_book: bool, reason: RejectReason | None = None) -> None:
         super().__init__(why)
@@ -120,7 +125,7 @@ def unapplied_report(
     breaks :func:`router.commands.decode_command` (another build) is answered like a book's
     own refusal: a REJECTED report for a submit, a cancel reject for a cancel or replace.
     Its id is the command's stream sequence, so a replay sends the same report. ``reason``
-    overrides the reason (UNAVAILABLE: the book is halted).
+    overrides the reason (UNAVAILABLE: applying it failed).
     """
     try:
         raw = msgpack.unpackb(cmd.data, raw=False)
@@ -271,7 +276,7 @@ class ExecutionWorker:
         them."""
         self._faulted: dict[int, str] = {}
         """Commands whose application failed (by EXEC sequence: the digest of their bytes),
-        past the books' snapshot: none of their outputs went out (:meth:`_halt`)."""
+        past the books' snapshot: a replay refuses them (:meth:`_fault`)."""
         self._refused_store: Any = None
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
@@ -291,10 +296,6 @@ class ExecutionWorker:
         }
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
-        self.halted: dict[str, int] = {}
-        """Symbol -> EXEC sequence of the command whose application failed (a fault of this
-        build, not a refusal): the book may be half changed, so every later command on it is
-        refused, UNAVAILABLE, and no snapshot is taken (:meth:`_halt`)."""
 
     def _fresh_books(self) -> None:
         self.books = {
@@ -355,7 +356,6 @@ class ExecutionWorker:
         # a put still storing the last snapshot would purge the chunks of the one being read
         await self._saved(timeout_s=60.0)
         self._fresh_books()
-        self._unhalt()  # the replay halts again what still fails
         self.applied = 0
         self._sent = []
         assert self.loop is not None
@@ -481,10 +481,9 @@ class ExecutionWorker:
         self._refused[cmd.seq] = (_digest(cmd.data), out)
 
     async def _record_fault(self, cmd: Cmd) -> None:
-        """Store that applying ``cmd`` failed, before its batch is acked: a rebuild below the
-        ack floor then sends its outputs if it applies (none went out), rather than apply it
-        silently. Until this put succeeds the batch fails, and is retried. A build that does
-        not know the record's shape stops its rebuild on it (fails closed)."""
+        """Store that applying ``cmd`` failed, before its batch fails: the rebuild then
+        refuses it instead of applying it again. A build that does not know the record's
+        shape stops its rebuild on it (fails closed)."""
         kv = await self._refused_kv()
         digest = _digest(cmd.data)
         await kv.put(str(cmd.seq), msgpack.packb([digest, None, FAULT], use_bin_type=True))
@@ -526,13 +525,6 @@ class ExecutionWorker:
         book = self.books.get(symbol)
         if book is None:
             raise CommandRefused(f"symbol {symbol!r} is not executed in {self.region}", True)
-        if symbol in self.halted:
-            raise CommandRefused(
-                f"{symbol} is halted in {self.region} (applying command "
-                f"{self.halted[symbol]} failed)",
-                False,
-                RejectReason.UNAVAILABLE,
-            )
         try:
             command = decode_command(cmd.data)
         except ValueError as e:
@@ -616,22 +608,19 @@ class ExecutionWorker:
             # not), its answer sent again
             outs = [record[1]] if publish and record[1] is not None else []
         else:
-            # failed before (a record, stored before its batch's ack): none of its outputs
-            # went out, so if it applies now they are sent, even below the ack floor
-            faulted = self._faulted.get(cmd.seq) == _digest(cmd.data)
+            # applying it failed before (recorded, then its batch rebuilt): refused now, and
+            # answered even below the ack floor (its order never had an answer)
+            faulted = cmd.seq in self._faulted and self._faulted[cmd.seq] == _digest(cmd.data)
             publish = publish or faulted
             try:
+                if faulted:
+                    raise CommandRefused(
+                        "applying it failed in execution; not applied",
+                        False,
+                        RejectReason.UNAVAILABLE,
+                    )
                 outs = self._apply(cmd, encode=publish)
                 self.stats["commands"] += 1
-                if faulted:
-                    log.warning(
-                        "exec %s: command %d on %s, which failed before, applied now: its %d "
-                        "outputs are sent",
-                        self.region,
-                        cmd.seq,
-                        cmd.subject,
-                        len(outs),
-                    )
             except CommandRefused as e:  # nothing changed; a bad command never blocks
                 if not publish:
                     # below the ack floor with no refusal record: the process that acked it
@@ -655,13 +644,11 @@ class ExecutionWorker:
                 )
                 out = _report_out(self.region, rej) if rej is not None else None
                 await self._record_refused(cmd, out)  # decided now: recorded, then answered
+                self._faulted.pop(cmd.seq, None)
                 outs = [out] if out is not None else []
-            except Exception:  # a fault of this build, not of the command: never answered
+            except Exception as e:  # a fault of this build, not of the command
                 self.stats["bad"] += 1
-                self._halt(cmd)
-                if publish and not faulted:  # below the floor its outputs went out before
-                    await self._record_fault(cmd)
-                return futs
+                await self._fault(cmd, e, publish)
         if not publish:
             return futs
         for subject, msg_id, kind, payload, out in outs:
@@ -672,48 +659,36 @@ class ExecutionWorker:
             self._observe(out)
         return futs
 
-    def _halt(self, cmd: Cmd) -> None:
-        """Halt the book of ``cmd``, whose application raised: a fault of this build.
+    async def _fault(self, cmd: Cmd, e: Exception, publish: bool) -> NoReturn:
+        """Applying ``cmd`` raised: a fault of this build, and its book may be half changed
+        (an order matched, its fills lost with the exception). The fault is recorded
+        (:meth:`_record_fault`) and the batch fails: the rebuild that follows discards the
+        books, replays the stream, and refuses the command (UNAVAILABLE), so its order gets
+        a typed answer and its book is as if it never came. The region trades on after the
+        rebuild's pause; ``meridian_execution_faults_total`` pages.
 
-        The book may be half changed (an order matched, its fills not yet made) and the
-        outputs made before the fault are lost, so the book takes nothing more: every later
-        command on the symbol is refused UNAVAILABLE (recorded and answered like any refusal:
-        the desk gets a typed reject, risk releases what it reserved), and other symbols
-        trade on. The faulting command itself is not answered (its order's state is not
-        known); it is acked like the rest of its batch, and ops is paged
-        (``meridian_instrument_halted``) to reconcile it.
-
-        The halt is recorded (:meth:`_record_fault`, before the batch's ack) and no snapshot is
-        taken while one stands, so a rebuild (a restart, or a failed batch) replays the
-        command again: a build that still fails on it halts the book again; one that applies
-        it sends its outputs then, and the book trades on (the later commands stay refused,
-        by their records). No snapshot means the replay, and the refusals kept in memory,
-        grow until then: a halt is to be resolved in hours, within EXEC's 7-day max_age."""
+        Below the ack floor (a rebuild, ``publish`` False) a command with no record was
+        applied by the worker that acked it, and this build fails on it: the rebuild stops
+        (:class:`RebuildError`) rather than drop an order whose outputs went out."""
         symbol = cmd.subject.rsplit(".", 1)[1]
-        if symbol not in self.books or symbol in self.halted:
-            log.exception("exec %s: command %d on %s failed", self.region, cmd.seq, cmd.subject)
-            return
-        self.halted[symbol] = cmd.seq
+        if not publish:
+            raise RebuildError(
+                f"command {cmd.seq} on {cmd.subject}, applied by the worker that acked it, "
+                f"fails in this build ({e!r}): run the build that took it"
+            ) from e
         log.critical(
-            "exec %s: command %d on %s failed; %s is HALTED: later commands on it are refused "
-            "(UNAVAILABLE), the faulting order is unanswered and must be reconciled, and no "
-            "snapshot is taken until a build that applies the command restarts this worker",
+            "exec %s: applying command %d on %s failed (a fault of this build); it is recorded, "
+            "the books are rebuilt without it and it is answered UNAVAILABLE",
             self.region,
             cmd.seq,
             cmd.subject,
-            symbol,
             exc_info=True,
         )
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.instrument_halted(symbol).set(1)
-
-    def _unhalt(self) -> None:
-        for symbol in self.halted:
-            if self.metrics is not None:
-                with contextlib.suppress(Exception):
-                    self.metrics.instrument_halted(symbol).set(0)
-        self.halted = {}
+                self.metrics.execution_faults(symbol).inc()
+        await self._record_fault(cmd)
+        raise CommandFault(f"command {cmd.seq} on {cmd.subject} failed: {e!r}") from e
 
     async def _send(
         self, subject: str, payload: bytes, headers: dict[str, str]
@@ -833,8 +808,6 @@ class ExecutionWorker:
         return f"EXECSNAP_{self.region}"
 
     async def _maybe_snapshot(self) -> None:
-        if self.halted:
-            return  # a half-changed book must not outlive a restart (:meth:`_halt`)
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
         due_t = (
             self.applied > self._snap_seq

@@ -279,7 +279,10 @@ async def test_only_what_names_an_order_the_book_does_not_hold_is_answered() -> 
         puts.append(key)
 
     w._refused_store = types.SimpleNamespace(put=put)
-    assert await w._apply_and_send(_cmd(_submit(order_id="O-2")), True, None) == []
+    from router.execution import CommandFault
+
+    with pytest.raises(CommandFault):  # the batch fails, and is rebuilt
+        await w._apply_and_send(_cmd(_submit(order_id="O-2")), True, None)
     assert w.stats["bad"] == 1 and puts == ["42"]  # recorded as a fault, not a refusal
     assert 42 in w._faulted and 42 not in w._refused
 
@@ -322,29 +325,32 @@ async def test_refusal_records_of_either_format_load_and_garbage_fails_closed() 
         await w._load_refused(after=5)
 
 
-async def test_a_fault_applying_a_command_halts_its_book_and_only_its_book() -> None:
-    """A command whose application raises (a fault of this build) may leave its book half
-    changed, with the outputs made before the fault lost. The book then takes nothing more:
-    later orders, cancels and replaces on it get a typed UNAVAILABLE answer, recorded like any
-    refusal; other books trade on; no snapshot is taken while it stands; and a replay of the
-    faulting command (a restart, below the ack floor) halts it again."""
-    from router.execution import _digest
+async def test_a_command_whose_application_failed_is_refused_by_the_replay() -> None:
+    """Applying a command raises (a fault of this build; the book may be half changed): the
+    fault is recorded and the batch fails. The rebuild's replay refuses the command,
+    UNAVAILABLE, answering its order even below the ack floor and recording the refusal in
+    place of the fault; the book is as if it never came. Below the ack floor a command that
+    fails with no record was applied by the worker that acked it: the rebuild stops."""
+    from router.execution import CommandFault, _digest
 
     class _Nc:
         def jetstream(self, domain: str) -> Any:
             return types.SimpleNamespace()
 
-    class _Gauge:
-        value = 0.0
+    faults: list[str] = []
 
-        def set(self, v: float) -> None:
-            self.value = v
+    def worker() -> ExecutionWorker:
+        w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
+        w.metrics = types.SimpleNamespace(
+            execution_faults=lambda s: types.SimpleNamespace(inc=lambda: faults.append(s))
+        )
+        w._fresh_books()
+        w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
+        w._refused_store = types.SimpleNamespace(put=put)
+        return w
 
-    halted_gauge = _Gauge()
-    w = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
-    w.metrics = types.SimpleNamespace(instrument_halted=lambda s: halted_gauge)
-    w._fresh_books()
     sent: list[bytes] = []
+    recorded: dict[str, Any] = {}
 
     async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> Any:
         sent.append(payload)
@@ -352,66 +358,45 @@ async def test_a_fault_applying_a_command_halts_its_book_and_only_its_book() -> 
         f.set_result(None)
         return f
 
-    w.pub = types.SimpleNamespace(publish=publish)  # type: ignore[assignment]
-    recorded: dict[str, Any] = {}
-
     async def put(key: str, value: bytes) -> None:
         recorded[key] = msgpack.unpackb(value)
-
-    w._refused_store = types.SimpleNamespace(put=put)
-    book = w.books["USDJPY"]
-    await w._apply_and_send(_cmd(_submit(), seq=1), True, None)  # O-1 rests
-    sent.clear()
-    real_apply = book.apply
 
     def broken(*a: Any, **k: Any) -> Any:
         raise KeyError("a bug")
 
-    book.apply = broken  # type: ignore[method-assign]
+    w = worker()
+    await w._apply_and_send(_cmd(_submit(), seq=1), True, None)  # O-1 rests
+    sent.clear()
     faulting = _cmd(_submit(order_id="O-2", cl_ord_id="c2"), seq=2)
-    assert await w._apply_and_send(faulting, True, None) == []
-    assert w.halted == {"USDJPY": 2} and halted_gauge.value == 1
-    # the faulting order: not answered, and recorded as failed (not refused)
-    assert sent == [] and recorded == {"2": [_digest(faulting.data), None, "fault"]}
-    book.apply = real_apply  # type: ignore[method-assign]
+    w.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    with pytest.raises(CommandFault):
+        await w._apply_and_send(faulting, True, None)
+    assert sent == [] and faults == ["USDJPY"]
+    assert recorded == {"2": [_digest(faulting.data), None, "fault"]}
 
-    # a later submit on the halted book: refused UNAVAILABLE, recorded, never applied
-    await w._apply_and_send(_cmd(_submit(order_id="O-3", cl_ord_id="c3"), seq=3), True, None)
+    # the rebuild: fresh books, the records loaded, the stream replayed (1 below the floor)
+    r = worker()
+    r._faulted = {2: _digest(faulting.data)}
+    await r._apply_and_send(_cmd(_submit(), seq=1), False, None)
+    await r._apply_and_send(faulting, False, None)  # below the floor too: answered all the same
     rep = contract_decode(ExecutionReport, sent[-1])
-    assert rep.exec_type is ExecType.REJECTED and rep.reject_reason == RejectReason.UNAVAILABLE
-    assert "halted" in rep.text and book.status("O-3") is None
-    assert recorded["3"][0] == _digest(_cmd(_submit(order_id="O-3", cl_ord_id="c3")).data)
-    # a cancel of the resting order: a cancel reject that says the order's real status
-    cancel = msgpack.unpackb(
-        encode_command(
-            Cancel(
-                order_id="O-1",
-                cl_ord_id="k1",
-                orig_cl_ord_id="c1",
-                account="SGP-CORP-03",
-                home_region="sgp",
-            )
-        )
+    assert (rep.order_id, rep.exec_type, rep.reject_reason) == (
+        "O-2",
+        ExecType.REJECTED,
+        RejectReason.UNAVAILABLE,
     )
-    await w._apply_and_send(_cmd(cancel, seq=4), True, None)
-    rej = contract_decode(CancelReject, sent[-1])
-    assert rej.reason == RejectReason.UNAVAILABLE and rej.ord_status is OrdStatus.NEW
-    assert book.status("O-1") is OrdStatus.NEW  # still resting: the book took nothing
+    assert r.books["USDJPY"].status("O-2") is None and r.books["USDJPY"].status("O-1") is not None
+    assert recorded["2"][0] == _digest(faulting.data) and len(recorded["2"]) == 2  # now refused
+    assert 2 in r._refused and 2 not in r._faulted
+    # a later rebuild finds the refusal: not applied, and below the floor not sent again
+    sent.clear()
+    again = worker()
+    again._refused = dict(r._refused)
+    await again._apply_and_send(faulting, False, None)
+    assert sent == [] and again.books["USDJPY"].status("O-2") is None
 
-    # another book trades on
-    other = _submit(order_id="O-5", cl_ord_id="c5", price_ticks=9000)
-    await w._apply_and_send(_cmd(other, symbol="AUDUSD", seq=5), True, None)
-    assert w.books["AUDUSD"].status("O-5") is OrdStatus.NEW and "AUDUSD" not in w.halted
-
-    # no snapshot while halted: a restart must replay the faulting command
-    w.snapshot_every, w.applied = 1, 5
-    await w._maybe_snapshot()
-    assert w._saving is None
-
-    # a replay (restart, below the ack floor) of a command that failed with no record (an
-    # older build's fault: its outputs may have gone out) halts the book, recording nothing
-    w2 = ExecutionWorker(_Nc(), TOPO, "sgp")  # type: ignore[arg-type]
-    w2._fresh_books()
-    w2.books["USDJPY"].apply = broken  # type: ignore[method-assign]
-    assert await w2._apply_and_send(_cmd(_submit(order_id="O-2"), seq=2), False, None) == []
-    assert w2.halted == {"USDJPY": 2} and w2._faulted == {}
+    # below the floor with no record: the worker that acked it applied it; this build fails
+    late = worker()
+    late.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    with pytest.raises(RebuildError, match="command 2"):
+        await late._apply_and_send(faulting, False, None)

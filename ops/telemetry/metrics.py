@@ -196,9 +196,9 @@ class MeridianMetrics:
         self._book_depth = gauge(
             "meridian_book_depth", "Resting orders in the book.", "symbol", "side"
         )
-        self._instrument_halted = gauge(
-            "meridian_instrument_halted",
-            "1 while the book takes no command: applying one failed (a fault of this build).",
+        self._execution_faults = counter(
+            "meridian_execution_faults",
+            "Commands whose application failed (a fault of this build): rebuilt without them.",
             "symbol",
         )
         self._consumer_pending = gauge(
@@ -280,9 +280,9 @@ class MeridianMetrics:
         sym = self._check("symbol", symbol, self._symbols)
         return self._child(self._book_depth, "side", str(side).lower(), SIDES, sym)
 
-    def instrument_halted(self, symbol: str) -> Gauge:
-        """Gauge: 1 while ``symbol``'s book is halted by a fault (execution)."""
-        return self._child(self._instrument_halted, "symbol", symbol, self._symbols)
+    def execution_faults(self, symbol: str) -> Counter:
+        """Counter of commands on ``symbol`` whose application failed (execution)."""
+        return self._child(self._execution_faults, "symbol", symbol, self._symbols)
 
     def consumer_pending(self, stream: str, consumer: str) -> Gauge:
         """Gauge of messages pending for this worker's durable ``consumer`` on ``stream``."""
