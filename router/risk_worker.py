@@ -101,6 +101,8 @@ from router.yielding import Turn, packb_yielding
 log = logging.getLogger("meridian.risk")
 
 COMMAND_KINDS = frozenset({"Submit", "Cancel", "Replace"})
+UNREAD = "unread"
+"""Record kind of an order request this build could not read, recorded with its answer."""
 """Output kinds that are commands to an EXEC stream (an order input's approval)."""
 PUB_TIMEOUT_S = 10.0
 DONE_MEMORY = 1_000_000
@@ -118,6 +120,9 @@ class Item:
     decoded: Any = None
     trace_headers: dict[str, str] | None = None
     """traceparent of this worker's span for the item (outputs become its children)."""
+    account: str = ""
+    """An order request's account as its ORDERS subject names it (the gateway's, never the
+    payload's): what the payload must say, and the only account an answer may go to."""
 
 
 @dataclass(slots=True)
@@ -533,6 +538,9 @@ class RiskWorker:
         return n
 
     def _replay(self, rec: dict[str, Any]) -> None:
+        if rec["k"] == UNREAD:  # answered unread: its answer stands, nothing was decided
+            self._remember(rec["in"], [Out(*o) for o in rec["o"]])
+            return
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
         item.decoded = self._decode(item)
         ext = _ext_from(rec.get("x"))
@@ -635,11 +643,28 @@ class RiskWorker:
         turn = Turn()  # the engine's only writer is this task; _complete only acks, re-sends
         for it in items:
             await turn.check()
-            if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
-                outs.extend(self._refuse_unread(it))
-                continue
             if it.input_id in self.done:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
+                continue
+            if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
+                produced = self._refuse_unread(it)
+                if produced:
+                    # recorded with its answer: a build that can read it, taking over or
+                    # replaying, finds it answered and never decides it after the REJECTED
+                    self._remember(it.input_id, produced)
+                    records.append(
+                        {
+                            "in": it.input_id,
+                            "k": UNREAD,
+                            "p": it.payload,
+                            "h": it.headers,
+                            "o": [
+                                [o.subject, o.msg_id, o.kind, o.payload, o.headers]
+                                for o in produced
+                            ],
+                        }
+                    )
+                    outs.extend(produced)
                 continue
             ext = exts.get(it.input_id, Externals())
             produced = self._decide(it, ext)
@@ -659,7 +684,7 @@ class RiskWorker:
                 # engine state the record is replayed on, so the replay recomputes them.
                 rec["o"], rec["oc"] = [], 1
             else:
-                rec["o"] = [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in produced]
+                rec["o"] = _rows(produced)
             records.append(rec)
             outs.extend(produced)
         futs = []
@@ -820,12 +845,17 @@ class RiskWorker:
             keep = {k: hdrs[k] for k in (H_OP, H_ACCEPTED_NS, H_ORDER_ID, TRACEPARENT) if k in hdrs}
             keep["seq"] = str(stream_position(msg).seq)
             it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
+            it.account = msg.subject.split(".")[3]
         else:
             kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"
             msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{stream_position(msg).seq}"
             it = Item(input_id=f"f:{msg_id}", kind=kind, msg=msg, payload=msg.data, headers={})
         try:
             it.decoded = self._decode(it)
+            if it.kind == "order" and it.decoded.account != it.account:
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, "account", "is not the account of the subject"
+                )
         except (ContractError, ValueError) as e:
             # Not term()ed: with AckPolicy.ALL a term acks every earlier input too, decided or
             # not (inputs of this batch not yet recorded, earlier batches waiting for their
@@ -949,10 +979,10 @@ class RiskWorker:
         """The answer to an order request this build cannot read (a newer gateway's, most
         likely): a REJECTED report (a cancel reject for a cancel or replace) with the
         contract's reason, built from what can be read of it, so the desk that holds its
-        OrderAck is not left waiting. Decides nothing and records nothing (a redelivery is
-        just as unreadable); its id is the request's ORDERS sequence, so a re-send of the
-        answer is dropped by the stream's dedup window."""
-        if it.msg is None or not it.input_id.startswith("o:"):
+        OrderAck is not left waiting. It decides nothing; the answer is recorded in RISKLOG
+        (kind ``unread``) and its id is the request's ORDERS sequence. A payload whose account
+        is not the subject's gets no answer."""
+        if not it.input_id.startswith("o:"):
             return []
         err = it.decoded
         reason = err.reason if isinstance(err, ContractError) else RejectReason.MALFORMED
@@ -960,8 +990,8 @@ class RiskWorker:
             raw = msgpack.unpackb(it.payload, raw=False)
         except Exception:
             raw = None
-        if not isinstance(raw, dict):
-            return []
+        if not isinstance(raw, dict) or raw.get("account") != it.account:
+            return []  # an answer goes only to the account the subject names
         op = str(it.headers.get(H_OP, "new"))
         accepted = it.headers.get(H_ACCEPTED_NS, "")
         accepted_ns = int(accepted) if accepted.isdigit() else 0
@@ -1028,9 +1058,7 @@ class RiskWorker:
         if input_id not in self.done and not input_id.startswith(("kill:", "cfg:")):
             # kill/limits entries are left out: the KV watchers re-deliver the current ones
             self._recent.append(input_id)
-        self.done[input_id] = msgpack.packb(
-            [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in outs], use_bin_type=True
-        )
+        self.done[input_id] = msgpack.packb(_rows(outs), use_bin_type=True)
         if len(self.done) > DONE_MEMORY:
             self.done.popitem(last=False)
 
@@ -1079,6 +1107,11 @@ MAX_INFLIGHT_BATCHES = 100_000
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
+
+
+def _rows(outs: list[Out]) -> list[list[Any]]:
+    """Outputs as a record and ``done`` hold them (``Out(*row)`` reads one back)."""
+    return [[o.subject, o.msg_id, o.kind, o.payload, o.headers] for o in outs]
 
 
 def once_each(items: list[Item]) -> list[Item]:

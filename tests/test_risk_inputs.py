@@ -180,3 +180,17 @@ async def test_a_pull_loop_hands_on_only_deliveries() -> None:
     assert q.empty() and lp._held is None
     await lp._on_msg(_delivery("mrd.lon.ord.A.k", b"1", seq=1))
     assert q.qsize() == 1
+
+
+async def test_an_order_whose_payload_names_another_account_than_its_subject_is_bad() -> None:
+    """The gateway stores a request under its account's subject; a payload that names
+    another account (a rogue publisher's) is not decided, and not answered either: an
+    answer may go only to the account the subject names."""
+    import msgpack
+
+    w = _worker()
+    body = msgpack.packb(_order_map(account="LON-HF-02"))
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", body))
+    assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
+    ok = w._classify(_delivery("mrd.lon.ord.LON-HF-02.k1", body))
+    assert ok is not None and ok.kind == "order"

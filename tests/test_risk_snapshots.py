@@ -437,3 +437,64 @@ async def _undecodable_scenario(ds: Devstack) -> None:
         await w.stop()
         await r.aclose()
         await nc.close()
+
+
+def test_an_order_request_risk_cannot_read_is_answered_recorded_and_stays_answered() -> None:
+    """A newer gateway's request (contract version 2): risk answers it with a typed REJECTED
+    and records the answer, so a rebuild (or a build that can read it) finds it answered and
+    never decides it. A payload naming another account than its subject gets no answer."""
+    _on_a_mesh(_unread_scenario, 60)
+
+
+async def _unread_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    answers: list[Any] = []
+
+    async def on_report(m: Any) -> None:
+        answers.append(contract.decode(contract.ExecutionReport, m.data))
+
+    await nc.subscribe(subjects.report_risk("lon", "LON-HF-01"), cb=on_report)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        newer = {**msgpack.unpackb(contract.encode(_new(0))), "v": 2}
+        spoof = {**msgpack.unpackb(contract.encode(_new(1))), "account": "LON-HF-02", "v": 2}
+        for key, body in (("v2-1", newer), ("spoof-1", spoof)):
+            await js.publish(
+                subjects.orders("lon", "LON-HF-01", key),
+                msgpack.packb(body),
+                headers={
+                    H_MSG_ID: f"new:{key}",
+                    H_OP: "new",
+                    H_ORDER_ID: ids.order_id("LON-HF-01", key),
+                    H_ACCEPTED_NS: "1",
+                },
+            )
+        await _send(js, 2)
+        await _decided(w, 1)
+        for _ in range(100):
+            if answers and w.stats["bad"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        rejected = [(a.cl_ord_id, a.reject_reason) for a in answers if a.reject_reason]
+        assert rejected == [(newer["cl_ord_id"], "UNSUPPORTED_VERSION")]
+        kinds = {}
+        last = (await js.stream_info("RISKLOG")).state.last_seq
+        for seq in range(1, last + 1):
+            m = await js.get_msg("RISKLOG", seq)
+            if m.subject == subjects.risklog("lon"):
+                kinds |= {rec["in"]: rec["k"] for rec in msgpack.unpackb(m.data)["b"]}
+        assert kinds.get("o:v2-1") == "unread" and "o:spoof-1" not in kinds
+    finally:
+        await w.stop()
+    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w2.start()  # rebuilt from RISKLOG: answered, never to be decided
+        assert "o:v2-1" in w2.done and "o:spoof-1" not in w2.done
+    finally:
+        await w2.stop()
+        await r.aclose()
+        await nc.close()
