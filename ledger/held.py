@@ -69,13 +69,17 @@ def payload_digest(payload: bytes) -> str:
 
 
 def held_trade_id(headers: dict[str, str] | None, data: bytes) -> str | None:
-    """The trade id of a fill this build may not read: its message id (execution sets it to
-    the trade id), else the payload's ``trade_id`` if it is a map; None when neither is."""
-    tid: Any = (headers or {}).get("Nats-Msg-Id")
-    if not tid:
-        with contextlib.suppress(Exception):
-            body = msgpack.unpackb(data, raw=False)
-            tid = body.get("trade_id") if isinstance(body, dict) else None
+    """The trade id of a fill this build may not read: the payload's ``trade_id`` and its
+    message id (execution sets it to the trade id), whichever can be read; None when neither
+    can, or when they differ (then neither can be trusted to name the trade)."""
+    ids: set[Any] = set()
+    if headers and headers.get("Nats-Msg-Id"):
+        ids.add(headers["Nats-Msg-Id"])
+    with contextlib.suppress(Exception):
+        body = msgpack.unpackb(data, raw=False)
+        if isinstance(body, dict) and body.get("trade_id") is not None:
+            ids.add(body["trade_id"])
+    tid = ids.pop() if len(ids) == 1 else None
     return tid if isinstance(tid, str) and 0 < len(tid) <= 64 else None
 
 

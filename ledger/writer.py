@@ -324,13 +324,13 @@ class LedgerWriter:
         still holds the fill, and its next hold (every HOLD_S) tries again."""
         now = time.time_ns()
         rows = []
-        by_tid: dict[str, int] = {}
+        by_tid: dict[str, list[int]] = {}
         for m, e in held:
             if not (seq := _seq(m)):
                 continue  # not a stream message: nothing to find it by
             tid = held_trade_id(m.headers, m.data)
-            if tid is not None:
-                by_tid[f"{tid}:base"] = seq
+            if tid is not None:  # one trade may be held twice (re-sent past the dedup window)
+                by_tid.setdefault(f"{tid}:base", []).append(seq)
             rows.append(
                 (
                     self.region,
@@ -352,7 +352,8 @@ class LedgerWriter:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(UPSERT_SQL, rows)
                 await cur.execute(POSTED_TRADES_SQL, (self.region, list(by_tid)))
-                return {by_tid[str(r[0])] for r in await cur.fetchall()}  # type: ignore[index]
+                rows_posted = await cur.fetchall()
+                return {q for r in rows_posted for q in by_tid[str(r[0])]}  # type: ignore[index]
         except Exception as e:
             log.warning(
                 "ledger %s: could not record %d held fills in held_fills (%s); "

@@ -322,7 +322,8 @@ class PullLoop:
             if not held:
                 self._held = None
                 return
-            if stream_position(held[0]).delivered == 1:
+            head = stream_position(held[0])
+            if head.delivered == 1 and head.seq > self._sseq:
                 continue  # another gap before a first delivery: it bounds the next read
             # the first held one is a redelivery after a gap, and the consumer's info is
             # behind what it delivered (a leader change): wait for it

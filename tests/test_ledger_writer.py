@@ -468,3 +468,16 @@ async def test_a_fill_from_a_newer_build_is_held_never_terminated(topology: Topo
     # garbage is still terminated
     assert await w.handle_batch([_Msg(b"\x93not a fill")], asyncio.Event())  # type: ignore[list-item]
     assert calls[-1] == "term"
+
+
+def test_a_held_fill_is_named_by_its_trade_id_only_when_header_and_payload_agree() -> None:
+    """The writer acks a held fill once its trade is posted, by the trade id it reads from
+    the message: the header and the payload must not name two trades."""
+    from ledger.held import held_trade_id
+
+    body = msgpack.packb({"v": 2, "trade_id": "T-1"})
+    assert held_trade_id({"Nats-Msg-Id": "T-1"}, body) == "T-1"
+    assert held_trade_id({"Nats-Msg-Id": "T-1"}, b"\xc1") == "T-1"  # payload unreadable
+    assert held_trade_id(None, body) == "T-1"
+    assert held_trade_id({"Nats-Msg-Id": "T-2"}, body) is None  # they disagree
+    assert held_trade_id(None, msgpack.packb({"trade_id": 7})) is None
