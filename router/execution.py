@@ -296,6 +296,10 @@ class ExecutionWorker:
         }
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
+        self._out_through = -1
+        """Highest EXEC sequence whose outputs may have gone out: what a predecessor was
+        delivered (read at the first rebuild), then what this worker published. A command
+        at or below it that now fails cannot be refused (:meth:`_fault`). -1: not read yet."""
 
     def _fresh_books(self) -> None:
         self.books = {
@@ -317,7 +321,7 @@ class ExecutionWorker:
             ack_all=True,
         )
         await self.loop.ensure_consumer()
-        await self.rebuild()
+        await self._rebuild_through_faults()
         await self.loop.start()
         self._book_sub = await self.nc.subscribe(
             f"mrd.v1.book.{self.region}.*", cb=self._on_book_request
@@ -361,6 +365,8 @@ class ExecutionWorker:
         assert self.loop is not None
         info = await self.loop.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        if self._out_through < 0:  # a predecessor may have sent the outputs of all it was handed
+            self._out_through = info.delivered.stream_seq if info.delivered else 0
         sinfo = await self.js.stream_info("EXEC")
         last = sinfo.state.last_seq
         await self._restore_snapshot(max_seq=last)
@@ -651,6 +657,8 @@ class ExecutionWorker:
                 await self._fault(cmd, e, publish)
         if not publish:
             return futs
+        if outs:
+            self._out_through = max(self._out_through, cmd.seq)
         for subject, msg_id, kind, payload, out in outs:
             headers = {H_MSG_ID: msg_id, H_KIND: kind}
             if trace_headers:
@@ -667,11 +675,12 @@ class ExecutionWorker:
         a typed answer and its book is as if it never came. The region trades on after the
         rebuild's pause; ``meridian_execution_faults_total`` pages.
 
-        Below the ack floor (a rebuild, ``publish`` False) a command with no record was
-        applied by the worker that acked it, and this build fails on it: the rebuild stops
-        (:class:`RebuildError`) rather than drop an order whose outputs went out."""
+        A command whose outputs may have gone out (below the ack floor, or handed to a
+        predecessor, or published by this worker: :attr:`_out_through`) was applied before,
+        and this build fails on it: the rebuild stops (:class:`RebuildError`) rather than
+        refuse an order whose reports and fills went out."""
         symbol = cmd.subject.rsplit(".", 1)[1]
-        if not publish:
+        if not publish or cmd.seq <= self._out_through:
             raise RebuildError(
                 f"command {cmd.seq} on {cmd.subject}, applied by the worker that acked it, "
                 f"fails in this build ({e!r}): run the build that took it"
@@ -732,7 +741,7 @@ class ExecutionWorker:
         for attempt in range(1, REBUILD_ATTEMPTS + 1):
             await asyncio.sleep(delay)
             try:
-                await self.rebuild()
+                await self._rebuild_through_faults()
                 return
             except RebuildUnavailable:  # the store or the replay did not answer: try again
                 log.exception(
@@ -748,6 +757,16 @@ class ExecutionWorker:
                 )
                 delay = min(delay * 2, 5.0)
         raise RuntimeError(f"books not rebuilt in {REBUILD_ATTEMPTS} attempts")
+
+    async def _rebuild_through_faults(self) -> None:
+        """:meth:`rebuild`, again after each command its replay found failing: each one is
+        recorded by then, so the next replay refuses it (progress, not a retry)."""
+        while True:
+            try:
+                await self.rebuild()
+                return
+            except CommandFault as e:
+                log.warning("exec %s: %s; rebuilding without it", self.region, e)
 
     async def _fetch(self, seq: int) -> Cmd | None:
         try:

@@ -314,7 +314,9 @@ class PullLoop:
                 continue
             while held:
                 pos = stream_position(held[0])
-                bounded = pos.delivered == 1 and self._sseq < pos.seq <= through + 1
+                # a first delivery right after what was read back, or of something read
+                # back already (a repeat is safe; waiting for a gap that is not there is not)
+                bounded = pos.delivered == 1 and pos.seq <= max(through + 1, self._sseq)
                 if pos.cseq > self._cseq + 1 and not bounded:
                     break  # another gap, after the last read: fill it as well
                 self._hand_on(held.popleft(), pos)

@@ -101,9 +101,9 @@ from router.yielding import Turn, packb_yielding
 log = logging.getLogger("meridian.risk")
 
 COMMAND_KINDS = frozenset({"Submit", "Cancel", "Replace"})
+"""Output kinds that are commands to an EXEC stream (an order input's approval)."""
 UNREAD = "unread"
 """Record kind of an order request this build could not read, recorded with its answer."""
-"""Output kinds that are commands to an EXEC stream (an order input's approval)."""
 PUB_TIMEOUT_S = 10.0
 DONE_MEMORY = 1_000_000
 
@@ -656,7 +656,9 @@ class RiskWorker:
                         {
                             "in": it.input_id,
                             "k": UNREAD,
-                            "p": it.payload,
+                            # not its bytes (up to max_payload: the record must fit a
+                            # message); ORDERS keeps them, and a replay needs only the answer
+                            "p": b"",
                             "h": it.headers,
                             "o": [
                                 [o.subject, o.msg_id, o.kind, o.payload, o.headers]

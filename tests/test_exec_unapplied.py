@@ -400,3 +400,11 @@ async def test_a_command_whose_application_failed_is_refused_by_the_replay() -> 
     late.books["USDJPY"].apply = broken  # type: ignore[method-assign]
     with pytest.raises(RebuildError, match="command 2"):
         await late._apply_and_send(faulting, False, None)
+    # above the floor, but handed to a predecessor (or published by this worker): its
+    # outputs may have gone out, so it cannot be refused either
+    handed = worker()
+    handed._out_through = 2
+    handed.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    with pytest.raises(RebuildError, match="command 2"):
+        await handed._apply_and_send(faulting, True, None)
+    assert recorded["2"][0] == _digest(faulting.data) and len(recorded["2"]) == 2
