@@ -228,7 +228,14 @@ class RiskWorker:
             "reports": 0,
             "rebuilt": 0,
             "bad": 0,
+            "stale": 0,
         }
+        self._hwm: dict[str, int] = {}
+        """Per input stream (``ORDERS``, ``EXECOUT@<exec region>``), the highest stream
+        sequence decided. Inputs come in stream order (the pull loops fill gaps), so a
+        delivery at or below it that ``done`` no longer remembers was decided long ago: a
+        durable consumer recreated (it starts again from the stream's first message), not a
+        new input. Deciding it again would trade it again (:meth:`_stale`)."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -467,6 +474,7 @@ class RiskWorker:
             "limits_from_cfg": self._limits_from_cfg,
             "decided": decided,
             "pending": pending,
+            "hwm": dict(self._hwm),
         }
         built_ms = (time.perf_counter() - t0) * 1000
         self._records_since_snap, self._snap_at = 0, time.monotonic()
@@ -505,6 +513,7 @@ class RiskWorker:
         # decided under them); rebuild() then re-reads limits.toml if no RISKCFG entry rules
         self._limits_from_cfg = bool(snap.get("limits_from_cfg"))
         self.engine = engine
+        self._hwm = {str(k): int(v) for k, v in (snap.get("hwm") or {}).items()}
         empty = msgpack.packb([])
         oldest_first = list(reversed(snap.get("decided", [])))  # stored newest first
         for input_id in oldest_first:
@@ -538,10 +547,11 @@ class RiskWorker:
         return n
 
     def _replay(self, rec: dict[str, Any]) -> None:
+        item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
+        self._mark(item)
         if rec["k"] == UNREAD:  # answered unread: its answer stands, nothing was decided
             self._remember(rec["in"], [Out(*o) for o in rec["o"]])
             return
-        item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
         item.decoded = self._decode(item)
         ext = _ext_from(rec.get("x"))
         # an order is applied as it was decided (approved iff it sent a command to EXEC), not
@@ -600,6 +610,7 @@ class RiskWorker:
                 self.engine = RiskEngine(self.topology, self.region, self.default_limits)
                 self.done.clear()
                 self._recent.clear()
+                self._hwm = {}
                 self.restored_from = 0
                 self._limits_from_cfg = False
                 await self.rebuild()
@@ -634,7 +645,8 @@ class RiskWorker:
         # a redelivered input whose batch is still in flight: that batch's ack covers it
         items = [it for it in items if it.input_id not in self._inflight_ids]
         items = once_each(items)
-        fresh = [it for it in items if it.input_id not in self.done]
+        stale = {i.input_id for i in items if i.input_id not in self.done and self._stale(i)}
+        fresh = [it for it in items if it.input_id not in self.done and it.input_id not in stale]
         spans = self._start_spans(fresh)
         exts = await self._externals(fresh)
         records: list[dict[str, Any]] = []
@@ -646,12 +658,15 @@ class RiskWorker:
             if it.input_id in self.done:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
+            if it.input_id in stale:
+                continue  # decided long ago, beyond memory: acked with the batch only
             if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
                 produced = self._refuse_unread(it)
                 if produced:
                     # recorded with its answer: a build that can read it, taking over or
                     # replaying, finds it answered and never decides it after the REJECTED
                     self._remember(it.input_id, produced)
+                    self._mark(it)
                     records.append(
                         {
                             "in": it.input_id,
@@ -671,6 +686,7 @@ class RiskWorker:
             ext = exts.get(it.input_id, Externals())
             produced = self._decide(it, ext)
             self._remember(it.input_id, produced)
+            self._mark(it)
             if it.kind == "order":
                 approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
             rec: dict[str, Any] = {
@@ -850,8 +866,15 @@ class RiskWorker:
             it.account = msg.subject.split(".")[3]
         else:
             kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"
-            msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{stream_position(msg).seq}"
-            it = Item(input_id=f"f:{msg_id}", kind=kind, msg=msg, payload=msg.data, headers={})
+            seq = stream_position(msg).seq
+            msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{seq}"
+            it = Item(
+                input_id=f"f:{msg_id}",
+                kind=kind,
+                msg=msg,
+                payload=msg.data,
+                headers={"seq": str(seq), "xr": msg.subject.split(".")[1]},
+            )
         try:
             it.decoded = self._decode(it)
             if it.kind == "order" and it.decoded.account != it.account:
@@ -976,6 +999,40 @@ class RiskWorker:
             self._limits_from_cfg = bool(it.payload)  # empty: deleted, back to limits.toml
             return []
         return []
+
+    @staticmethod
+    def _hwm_key(it: Item) -> str | None:
+        if it.input_id.startswith("o:"):
+            return "ORDERS"
+        if it.input_id.startswith("f:") and it.headers.get("xr"):
+            return f"EXECOUT@{it.headers['xr']}"
+        return None  # kill switches, limits, and records from before high-water marks
+
+    def _mark(self, it: Item) -> None:
+        """``it`` is decided: raise its stream's high-water mark."""
+        key, seq = self._hwm_key(it), it.headers.get("seq", "")
+        if key is not None and seq.isdigit():
+            self._hwm[key] = max(self._hwm.get(key, 0), int(seq))
+
+    def _stale(self, it: Item) -> bool:
+        """A delivery at or below its stream's high-water mark that ``done`` does not hold
+        (the caller checks ``done`` first): see :attr:`_hwm`."""
+        key, seq = self._hwm_key(it), it.headers.get("seq", "")
+        if key is None or not seq.isdigit() or int(seq) > self._hwm.get(key, 0):
+            return False
+        self.stats["stale"] += 1
+        if self.stats["stale"] in (1, 10, 100) or self.stats["stale"] % 10_000 == 0:
+            log.error(
+                "risk %s: %s (stream seq %s) is at or below what was decided on %s and not "
+                "remembered: decided long ago, skipped, not decided again (%d so far; was a "
+                "durable consumer recreated?)",
+                self.region,
+                it.input_id,
+                seq,
+                key,
+                self.stats["stale"],
+            )
+        return True
 
     def _refuse_unread(self, it: Item) -> list[Out]:
         """The answer to an order request this build cannot read (a newer gateway's, most

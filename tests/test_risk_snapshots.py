@@ -498,3 +498,72 @@ async def _unread_scenario(ds: Devstack) -> None:
         await w2.stop()
         await r.aclose()
         await nc.close()
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_recreated_consumer_does_not_get_old_orders_decided_again(
+    monkeypatch: pytest.MonkeyPatch, snapshot: bool
+) -> None:
+    """An operator removes risk's durable consumer on ORDERS; the next start recreates it,
+    and it delivers the stream again from its first message. Orders still in memory are
+    found decided; those beyond it (a memory of 2 here, of a million in production) are at
+    or below the stream's high-water mark of decided inputs, and are skipped: never decided,
+    recorded or sent to execution twice. The mark comes back from the records replayed at
+    start, or from the snapshot."""
+    import functools
+
+    import router.risk_worker as rw
+
+    monkeypatch.setattr(rw, "DONE_MEMORY", 2)
+    monkeypatch.setattr(rw, "SNAPSHOT_RECENT_INPUTS", 2)
+    _on_a_mesh(functools.partial(_recreated_scenario, snapshot=snapshot), 60)
+
+
+async def _recreated_scenario(ds: Devstack, *, snapshot: bool) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+
+    async def records() -> list[str]:
+        out: list[str] = []
+        last = (await js.stream_info("RISKLOG")).state.last_seq
+        for seq in range(1, last + 1):
+            m = await js.get_msg("RISKLOG", seq)
+            if m.subject == subjects.risklog("lon"):
+                out += [rec["in"] for rec in msgpack.unpackb(m.data)["b"]]
+        return out
+
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        for i in range(4):
+            await _send(js, i)
+        await _decided(w, 4)
+        await asyncio.sleep(0.5)  # outputs stored, inputs acked
+        if snapshot:
+            await w.snapshot()
+            assert w._snap_put is not None
+            await w._snap_put
+    finally:
+        await w.stop()
+    await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
+    before = await records()
+    assert len(before) == 4
+    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w2.start()
+        await _send(js, 4)
+        new = _new(4)
+        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
+        for _ in range(200):
+            if key in w2.done and w2.stats["stale"] >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert w2.restored_from == (w._risklog_seq if snapshot else 0)
+        assert w2.stats["stale"] == 2  # the two it no longer remembered
+        after = await records()
+        assert sorted(after) == sorted([*before, key])  # each input recorded once
+    finally:
+        await w2.stop()
+        await r.aclose()
+        await nc.close()
