@@ -100,6 +100,11 @@ FAULT = "fault"
 """Third element of a refusal-bucket record that marks a command whose application failed."""
 
 
+MAX_FAULTS_PER_REBUILD = 100
+"""More commands than this failing in one rebuild (each costs a replay) is a systematic fault
+of the build, not a command's: the worker stops (fails closed) rather than crawl."""
+
+
 class CommandFault(RuntimeError):
     """Applying a command raised (a fault of this build): its batch fails and is rebuilt."""
 
@@ -297,9 +302,11 @@ class ExecutionWorker:
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
         self._out_through = -1
-        """Highest EXEC sequence whose outputs may have gone out: what a predecessor was
-        delivered (read at the first rebuild), then what this worker published. A command
-        at or below it that now fails cannot be refused (:meth:`_fault`). -1: not read yet."""
+        """Highest EXEC sequence whose outputs may have gone out: every command stored when
+        this worker first rebuilt (a predecessor, handed them or rebuilding, may have sent
+        their outputs), then what this worker published. A command at or below it that now
+        fails cannot be refused (:meth:`_fault`): at start, a stored command this build fails
+        on stops the rebuild, as below the ack floor. -1: not read yet."""
 
     def _fresh_books(self) -> None:
         self.books = {
@@ -365,10 +372,13 @@ class ExecutionWorker:
         assert self.loop is not None
         info = await self.loop.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        if self._out_through < 0:  # a predecessor may have sent the outputs of all it was handed
-            self._out_through = info.delivered.stream_seq if info.delivered else 0
         sinfo = await self.js.stream_info("EXEC")
         last = sinfo.state.last_seq
+        if self._out_through < 0:
+            # a predecessor may have sent the outputs of all it was handed, and its own
+            # rebuild those of every command stored by then
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            self._out_through = max(delivered, last or 0)
         await self._restore_snapshot(max_seq=last)
         await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
@@ -682,8 +692,9 @@ class ExecutionWorker:
         symbol = cmd.subject.rsplit(".", 1)[1]
         if not publish or cmd.seq <= self._out_through:
             raise RebuildError(
-                f"command {cmd.seq} on {cmd.subject}, applied by the worker that acked it, "
-                f"fails in this build ({e!r}): run the build that took it"
+                f"command {cmd.seq} on {cmd.subject}, whose outputs may have gone out (applied "
+                f"before, by this worker or one before it), fails in this build ({e!r}): run "
+                "a build that applies it, or reconcile"
             ) from e
         log.critical(
             "exec %s: applying command %d on %s failed (a fault of this build); it is recorded, "
@@ -761,12 +772,16 @@ class ExecutionWorker:
     async def _rebuild_through_faults(self) -> None:
         """:meth:`rebuild`, again after each command its replay found failing: each one is
         recorded by then, so the next replay refuses it (progress, not a retry)."""
-        while True:
+        for _ in range(MAX_FAULTS_PER_REBUILD):
             try:
                 await self.rebuild()
                 return
             except CommandFault as e:
                 log.warning("exec %s: %s; rebuilding without it", self.region, e)
+        raise RebuildError(
+            f"{MAX_FAULTS_PER_REBUILD} commands failed in one rebuild: a systematic fault of "
+            "this build; run one that applies them"
+        )
 
     async def _fetch(self, seq: int) -> Cmd | None:
         try:

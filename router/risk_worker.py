@@ -230,12 +230,14 @@ class RiskWorker:
             "bad": 0,
             "stale": 0,
         }
-        self._hwm: dict[str, int] = {}
+        self._hwm: dict[str, tuple[int, int]] = {}
         """Per input stream (``ORDERS``, ``EXECOUT@<exec region>``), the highest stream
-        sequence decided. Inputs come in stream order (the pull loops fill gaps), so a
-        delivery at or below it that ``done`` no longer remembers was decided long ago: a
-        durable consumer recreated (it starts again from the stream's first message), not a
-        new input. Deciding it again would trade it again (:meth:`_stale`)."""
+        sequence decided and the highest stored time (ns). Inputs come in stream order (the
+        pull loops fill gaps), so a delivery at or below both that ``done`` no longer
+        remembers was decided long ago: a durable consumer recreated (it starts again from
+        the stream's first message), not a new input. Deciding it again would trade it again
+        (:meth:`_stale`). The time tells a stream recreated since: its first messages have
+        low sequences, but were stored later."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -474,7 +476,7 @@ class RiskWorker:
             "limits_from_cfg": self._limits_from_cfg,
             "decided": decided,
             "pending": pending,
-            "hwm": dict(self._hwm),
+            "hwm": {k: list(v) for k, v in self._hwm.items()},
         }
         built_ms = (time.perf_counter() - t0) * 1000
         self._records_since_snap, self._snap_at = 0, time.monotonic()
@@ -513,7 +515,11 @@ class RiskWorker:
         # decided under them); rebuild() then re-reads limits.toml if no RISKCFG entry rules
         self._limits_from_cfg = bool(snap.get("limits_from_cfg"))
         self.engine = engine
-        self._hwm = {str(k): int(v) for k, v in (snap.get("hwm") or {}).items()}
+        self._hwm = {
+            str(k): (int(v[0]), int(v[1]))
+            for k, v in (snap.get("hwm") or {}).items()
+            if isinstance(v, list) and len(v) == 2
+        }
         empty = msgpack.packb([])
         oldest_first = list(reversed(snap.get("decided", [])))  # stored newest first
         for input_id in oldest_first:
@@ -708,14 +714,19 @@ class RiskWorker:
         futs = []
         # One RISKLOG message per batch (<= MAX_RECORD_BYTES): one durable write, not one per
         # input. Its msg id is the first input's, so a re-recorded batch is dropped.
-        for chunk in _chunks(records):
-            futs.append(
-                await self.pub.publish(
-                    subjects.risklog(self.region),
-                    msgpack.packb({"b": chunk}, use_bin_type=True),
-                    headers={H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}"},
-                )
+        chunks = _chunks(records)
+        for i, chunk in enumerate(chunks):
+            fut = await self.pub.publish(
+                subjects.risklog(self.region),
+                msgpack.packb({"b": chunk}, use_bin_type=True),
+                headers={H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}"},
             )
+            if i < len(chunks) - 1:
+                # a piece is sent once the one before it is stored: a stored piece then
+                # means every earlier one is, and a replay's high-water marks never pass an
+                # input whose record was lost (:meth:`_stale`)
+                await asyncio.wait_for(asyncio.shield(fut), PUB_TIMEOUT_S)
+            futs.append(fut)
         if futs:
             # the decisions are durable before anything acts on them
             acks = await asyncio.wait_for(asyncio.gather(*futs), PUB_TIMEOUT_S)
@@ -861,19 +872,24 @@ class RiskWorker:
         if msg.subject.startswith(f"mrd.{self.region}.ord."):
             key = msg.subject.rsplit(".", 1)[1]
             keep = {k: hdrs[k] for k in (H_OP, H_ACCEPTED_NS, H_ORDER_ID, TRACEPARENT) if k in hdrs}
-            keep["seq"] = str(stream_position(msg).seq)
+            pos = stream_position(msg)
+            keep["seq"], keep["ts"] = str(pos.seq), str(pos.ts_ns)
             it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
             it.account = msg.subject.split(".")[3]
         else:
             kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"
-            seq = stream_position(msg).seq
-            msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{seq}"
+            pos = stream_position(msg)
+            msg_id = hdrs.get(H_MSG_ID) or f"{msg.subject}:{pos.seq}"
             it = Item(
                 input_id=f"f:{msg_id}",
                 kind=kind,
                 msg=msg,
                 payload=msg.data,
-                headers={"seq": str(seq), "xr": msg.subject.split(".")[1]},
+                headers={
+                    "seq": str(pos.seq),
+                    "ts": str(pos.ts_ns),
+                    "xr": msg.subject.split(".")[1],
+                },
             )
         try:
             it.decoded = self._decode(it)
@@ -1008,17 +1024,31 @@ class RiskWorker:
             return f"EXECOUT@{it.headers['xr']}"
         return None  # kill switches, limits, and records from before high-water marks
 
+    def _position(self, it: Item) -> tuple[str, int, int] | None:
+        """(stream key, stream sequence, stored ns) of an input, if it has them."""
+        key, seq, ts = self._hwm_key(it), it.headers.get("seq", ""), it.headers.get("ts", "")
+        if key is None or not seq.isdigit() or not ts.isdigit():
+            return None
+        return key, int(seq), int(ts)
+
     def _mark(self, it: Item) -> None:
         """``it`` is decided: raise its stream's high-water mark."""
-        key, seq = self._hwm_key(it), it.headers.get("seq", "")
-        if key is not None and seq.isdigit():
-            self._hwm[key] = max(self._hwm.get(key, 0), int(seq))
+        pos = self._position(it)
+        if pos is not None:
+            key, seq, ts = pos
+            old_seq, old_ts = self._hwm.get(key, (0, 0))
+            self._hwm[key] = (max(old_seq, seq), max(old_ts, ts))
 
     def _stale(self, it: Item) -> bool:
-        """A delivery at or below its stream's high-water mark that ``done`` does not hold
-        (the caller checks ``done`` first): see :attr:`_hwm`."""
-        key, seq = self._hwm_key(it), it.headers.get("seq", "")
-        if key is None or not seq.isdigit() or int(seq) > self._hwm.get(key, 0):
+        """A delivery at or below its stream's high-water mark, in sequence and in stored
+        time, that ``done`` does not hold (the caller checks ``done`` first): see
+        :attr:`_hwm`."""
+        pos = self._position(it)
+        if pos is None:
+            return False
+        key, seq, ts = pos
+        mark_seq, mark_ts = self._hwm.get(key, (0, 0))
+        if seq > mark_seq or ts > mark_ts:
             return False
         self.stats["stale"] += 1
         if self.stats["stale"] in (1, 10, 100) or self.stats["stale"] % 10_000 == 0:
@@ -1118,8 +1148,15 @@ class RiskWorker:
             # kill/limits entries are left out: the KV watchers re-deliver the current ones
             self._recent.append(input_id)
         self.done[input_id] = msgpack.packb(_rows(outs), use_bin_type=True)
-        if len(self.done) > DONE_MEMORY:
-            self.done.popitem(last=False)
+        while len(self.done) > DONE_MEMORY:
+            old, packed = self.done.popitem(last=False)
+            if old in self._inflight_ids:
+                # its batch still waits for its outputs (a region cut off): it must stay
+                # found, and in the snapshot's pending, whatever came since
+                self.done[old] = packed
+                if len(self._inflight_ids) >= len(self.done):
+                    break
+                continue
 
     def _recorded(self, input_id: str) -> list[Out]:
         packed = self.done.get(input_id)

@@ -567,3 +567,46 @@ async def _recreated_scenario(ds: Devstack, *, snapshot: bool) -> None:
         await w2.stop()
         await r.aclose()
         await nc.close()
+
+
+def test_orders_of_a_recreated_orders_stream_are_decided() -> None:
+    """ORDERS deleted and made again (a region restored): its first messages have sequences
+    at or below risk's high-water mark, but were stored after it. They are new orders, and
+    are decided."""
+    _on_a_mesh(_recreated_stream_scenario, 60)
+
+
+async def _recreated_stream_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        for i in range(4):
+            await _send(js, i)
+        await _decided(w, 4)
+        await asyncio.sleep(0.5)
+    finally:
+        await w.stop()
+    cfg = (await js.stream_info("ORDERS")).config
+    await js.delete_stream("ORDERS")
+    await js.add_stream(cfg)
+    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w2.start()  # its mark: ORDERS up to 4, from the records
+        keys = []
+        for i in (10, 11):
+            ack = await _send(js, i)
+            assert ack.seq <= 2
+            new = _new(i)
+            keys.append("o:" + subjects.request_key(new.account, new.cl_ord_id))
+        for _ in range(200):
+            if all(k in w2.done for k in keys):
+                break
+            await asyncio.sleep(0.05)
+        assert all(k in w2.done for k in keys) and w2.stats["stale"] == 0
+    finally:
+        await w2.stop()
+        await r.aclose()
+        await nc.close()
