@@ -377,7 +377,8 @@ class ExecutionWorker:
         if self._out_through < 0:
             # a predecessor may have sent the outputs of all it was handed, and its own
             # rebuild those of every command stored by then
-            delivered = info.delivered.stream_seq if info.delivered else 0
+            got = getattr(info, "delivered", None)
+            delivered = (got.stream_seq or 0) if got is not None else 0
             self._out_through = max(delivered, last or 0)
         await self._restore_snapshot(max_seq=last)
         await self._load_refused(after=self.applied)
