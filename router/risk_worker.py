@@ -77,6 +77,7 @@ from router.contract import (
 from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
+    H_EXPECTED_LAST_SUBJECT_SEQ,
     H_KIND,
     H_MSG_ID,
     H_OP,
@@ -169,6 +170,11 @@ class RiskWorker:
         self.restored_from = 0
         """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
         self._risklog_seq = 0
+        self._last_record = 0
+        """Stream sequence of the last record on this region's RISKLOG subject (0: none),
+        read at each rebuild and kept as records are stored: what the next one expects.
+        Not :attr:`_risklog_seq`, the position a snapshot or replay reached: records older
+        than RISKLOG's max_age are gone, and then the subject holds none."""
         self._records_since_snap = 0
         self._snap_at = 0.0
         self._limits_from_cfg = False
@@ -353,6 +359,7 @@ class RiskWorker:
         try:
             info = await js.stream_info("RISKLOG")
         except NotFoundError:
+            self._last_record = 0
             self._log_rebuilt(0)  # a region that never recorded anything
             return
         except Exception as e:
@@ -374,6 +381,7 @@ class RiskWorker:
         except Exception as e:
             cls = RebuildUnavailable if transient(e) else RebuildError
             raise cls(f"RISKLOG unreadable: {e!r}") from e
+        self._last_record = last or 0
         if last is None or last < start:
             self._apply_file_limits()
             self._log_rebuilt(0)
@@ -714,18 +722,29 @@ class RiskWorker:
         futs = []
         # One RISKLOG message per batch (<= MAX_RECORD_BYTES): one durable write, not one per
         # input. Its msg id is the first input's, so a re-recorded batch is dropped.
+        # Each piece expects the record before it on the subject: what this worker last
+        # stored or replayed, then the piece before. A record stored late by a failed
+        # attempt (its PubAck lost, the rebuild already done) then fails this attempt instead
+        # of forking the log with decisions made without it, and so would a second writer.
+        # A piece is sent once the one before it is stored: a stored piece then means every
+        # earlier one is, and a replay's high-water marks never pass an input whose record
+        # was lost (:meth:`_stale`).
         chunks = _chunks(records)
+        expect = self._last_record
         for i, chunk in enumerate(chunks):
             fut = await self.pub.publish(
                 subjects.risklog(self.region),
                 msgpack.packb({"b": chunk}, use_bin_type=True),
-                headers={H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}"},
+                headers={
+                    H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}",
+                    H_EXPECTED_LAST_SUBJECT_SEQ: str(expect),
+                },
             )
             if i < len(chunks) - 1:
-                # a piece is sent once the one before it is stored: a stored piece then
-                # means every earlier one is, and a replay's high-water marks never pass an
-                # input whose record was lost (:meth:`_stale`)
-                await asyncio.wait_for(asyncio.shield(fut), PUB_TIMEOUT_S)
+                ack = await asyncio.wait_for(asyncio.shield(fut), PUB_TIMEOUT_S)
+                if ack.duplicate:
+                    raise RuntimeError("RISKLOG record already stored by an earlier attempt")
+                expect = ack.seq
             futs.append(fut)
         if futs:
             # the decisions are durable before anything acts on them
@@ -735,6 +754,7 @@ class RiskWorker:
                 # from these: rebuild (which reads it) and retry, never act on these
                 raise RuntimeError("RISKLOG record already stored by an earlier attempt")
             self._risklog_seq = max(self._risklog_seq, *(a.seq for a in acks))
+            self._last_record = max(self._last_record, *(a.seq for a in acks))
             self._records_since_snap += len(records)
             futs = []
         # The outputs go out now, but the loop does not wait for their PubAcks: a command to

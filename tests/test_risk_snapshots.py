@@ -610,3 +610,79 @@ async def _recreated_stream_scenario(ds: Devstack) -> None:
         await w2.stop()
         await r.aclose()
         await nc.close()
+
+
+def test_a_record_another_attempt_stored_late_fails_the_next_batch_not_forks_the_log() -> None:
+    """A RISKLOG record the worker did not write (a failed attempt's, stored after the
+    rebuild had read the log; or a second writer's): the next batch, expecting the record it
+    knows as the last, is refused by the stream, rebuilt with that record, and retried. The
+    log never holds decisions made without a record before them."""
+    _on_a_mesh(_late_record_scenario, 60)
+
+
+async def _late_record_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        await _send(js, 0)
+        await _decided(w, 1)
+        ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
+        await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}))
+        await _send(js, 1)
+        new = _new(1)
+        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
+        for _ in range(200):  # (decided in the refused attempt too: wait for the retry)
+            if key in w.done and "o:ghost" in w.done:
+                break
+            await asyncio.sleep(0.05)
+        assert key in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
+        assert not w.fatal.done()
+    finally:
+        await w.stop()
+        await r.aclose()
+        await nc.close()
+
+
+def test_records_gone_with_max_age_do_not_stop_the_next_record() -> None:
+    """RISKLOG's records of an idle region age out (max_age) while a snapshot still covers
+    them: the subject then holds no record, and the next one must expect none, not the
+    snapshot's position (every batch would be refused for good)."""
+    _on_a_mesh(_aged_out_scenario, 60)
+
+
+async def _aged_out_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        for i in range(2):
+            await _send(js, i)
+        await _decided(w, 2)
+        await asyncio.sleep(0.5)
+        await w.snapshot()
+        assert w._snap_put is not None
+        await w._snap_put
+    finally:
+        await w.stop()
+    await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))  # as max_age would
+    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w2.start()
+        assert w2.restored_from > 0
+        await _send(js, 2)
+        new = _new(2)
+        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
+        for _ in range(100):
+            if key in w2.done and w2._last_record > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert w2._last_record > 0 and w2.stats["rebuilt"] == 0  # stored at the first try
+    finally:
+        await w2.stop()
+        await r.aclose()
+        await nc.close()
