@@ -341,13 +341,19 @@ class RiskWorker:
             self.snapshots.hurry()
             await asyncio.wait({self._snap_put}, timeout=10)
 
-    async def rebuild(self) -> None:
+    async def rebuild(self, *, known_last: int = -1) -> None:
         """The latest engine snapshot, then every later RISKLOG record replayed through the
         engine: exactly the state before the restart, however old the stream's first record.
 
         Raises :class:`RebuildError` rather than leave a partial state behind (a snapshot or
         RISKLOG that cannot be read, records missing between the snapshot and the stream, a
         replay that stalls): deciding orders on partial exposure is worse than not deciding.
+
+        ``known_last``: the last record this process stored or read (a rebuild after a failed
+        batch), -1 when it knows none (at start). Messages gone after the snapshot with no
+        record left are then known to have been no records (its reject reports), if none of
+        its own records was past the snapshot; at start that cannot be told, and the rebuild
+        stops.
         """
         if self._snap_put is not None and not self._snap_put.done():
             # a retried batch rebuilds while this process may still be storing a snapshot: an
@@ -369,11 +375,6 @@ class RiskWorker:
         await self._restore_snapshot(max_seq=info.state.last_seq)
         self._risklog_seq = self.restored_from
         start = self.restored_from + 1
-        if info.state.last_seq >= start and start < info.state.first_seq:
-            raise RebuildError(
-                f"RISKLOG {start}..{info.state.first_seq - 1} are gone (the stream starts at "
-                f"{info.state.first_seq}) and no snapshot covers them"
-            )
         try:
             last = (await js.get_last_msg("RISKLOG", subjects.risklog(self.region))).seq
         except NotFoundError:
@@ -382,6 +383,22 @@ class RiskWorker:
             cls = RebuildUnavailable if transient(e) else RebuildError
             raise cls(f"RISKLOG unreadable: {e!r}") from e
         self._last_record = last or 0
+        gone = start < info.state.first_seq and info.state.last_seq >= start
+        if gone and ((last or 0) >= start or not 0 <= known_last < start):
+            raise RebuildError(
+                f"RISKLOG {start}..{info.state.first_seq - 1} are gone (the stream starts at "
+                f"{info.state.first_seq}) and no snapshot covers them"
+            )
+        if gone:  # aged out or purged, and none of them a record (see known_last)
+            log.warning(
+                "risk %s: RISKLOG %d..%d are gone; none was a record past the snapshot",
+                self.region,
+                start,
+                info.state.first_seq - 1,
+            )
+            # a snapshot after the next record, so that a new process, which cannot tell,
+            # need not look behind it
+            self._snap_at = float("-inf")
         if last is None or last < start:
             self._apply_file_limits()
             self._log_rebuilt(0)
@@ -618,6 +635,7 @@ class RiskWorker:
         records were stored are found decided and have their outputs re-published.
         """
         delay = 0.5
+        known_last = self._last_record  # this process's own: no other writer records
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             await asyncio.sleep(delay)
             try:
@@ -627,7 +645,7 @@ class RiskWorker:
                 self._hwm = {}
                 self.restored_from = 0
                 self._limits_from_cfg = False
-                await self.rebuild()
+                await self.rebuild(known_last=known_last)
                 await self._process(batch)
                 return
             except RebuildUnavailable:  # its state did not answer in time: try again

@@ -150,7 +150,7 @@ async def _scenario(ds: Devstack) -> None:
             async def down(items: list[object]) -> object:
                 raise ConnectionError("injected")
 
-            async def no_rebuild() -> None:
+            async def no_rebuild(**_: object) -> None:
                 raise RebuildError("injected")
 
             w3._externals = down  # type: ignore[assignment,method-assign]
@@ -647,9 +647,12 @@ async def _late_record_scenario(ds: Devstack) -> None:
 
 
 def test_records_gone_with_max_age_do_not_stop_the_next_record() -> None:
-    """RISKLOG's records of an idle region age out (max_age) while a snapshot still covers
-    them: the subject then holds no record, and the next one must expect none, not the
-    snapshot's position (every batch would be refused for good)."""
+    """RISKLOG's messages of an idle region age out (max_age) under a running worker whose
+    snapshot covers them, the last of them a reject report stored after its record. The
+    next record must not expect the gone one for good: refused once, the batch is rebuilt,
+    which finds nothing after the snapshot but that report (the worker knows its own last
+    record), and stored. A new process cannot tell a gone report from a gone record, and
+    refuses to start on it, as before."""
     _on_a_mesh(_aged_out_scenario, 60)
 
 
@@ -662,26 +665,41 @@ async def _aged_out_scenario(ds: Devstack) -> None:
         await w.start()
         for i in range(2):
             await _send(js, i)
-        await _decided(w, 2)
+        far = replace(_new(9), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)  # past the collar
+        await _send(js, 9, far)
+        await _decided(w, 3)
         await asyncio.sleep(0.5)
         await w.snapshot()
         assert w._snap_put is not None
         await w._snap_put
-    finally:
-        await w.stop()
-    await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))  # as max_age would
-    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w2.start()
-        assert w2.restored_from > 0
+        last_report = (await js.get_last_msg("RISKLOG", "mrd.lon.er.r.>")).seq
+        assert last_report > w._last_record  # the reject's report, after its record
+        await js.purge_stream("RISKLOG")  # everything gone, as max_age would
         await _send(js, 2)
         new = _new(2)
         key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
-        for _ in range(100):
-            if key in w2.done and w2._last_record > 0:
+        stored = w._last_record
+        for _ in range(200):
+            if w._last_record > stored and key in w.done:
                 break
             await asyncio.sleep(0.05)
-        assert w2._last_record > 0 and w2.stats["rebuilt"] == 0  # stored at the first try
+        assert w._last_record > stored and key in w.done and not w.fatal.done()
+
+        def snapshotted() -> bool:
+            put = w._snap_put
+            return w._records_since_snap == 0 and put is not None and put.done()
+
+        for _ in range(100):  # and it snapshots after that record, at once
+            if snapshotted():
+                break
+            await asyncio.sleep(0.05)
+        assert snapshotted()
+    finally:
+        await w.stop()
+    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w2.start()  # from that snapshot: nothing after it is missing
+        assert "o:" + subjects.request_key(new.account, new.cl_ord_id) in w2.done
     finally:
         await w2.stop()
         await r.aclose()
