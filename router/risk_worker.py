@@ -170,6 +170,12 @@ class RiskWorker:
         self.restored_from = 0
         """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
         self._risklog_seq = 0
+        self._snap_floor = 0
+        """The latest snapshot position this process restored or saved: an older snapshot
+        read back later (or none) cannot prove what is gone after it."""
+        self._no_records: tuple[int, int] | None = None
+        """RISKLOG sequences gone after the snapshot that this process showed held no record
+        (:meth:`rebuild`): later rebuilds from the same snapshot go on past them."""
         self._last_record = 0
         """Stream sequence of the last record on this region's RISKLOG subject (0: none),
         read at each rebuild and kept as records are stored: what the next one expects.
@@ -351,9 +357,10 @@ class RiskWorker:
 
         ``known_last``: the last record this process stored or read (a rebuild after a failed
         batch), -1 when it knows none (at start). Messages gone after the snapshot with no
-        record left are then known to have been no records (its reject reports), if none of
-        its own records was past the snapshot; at start that cannot be told, and the rebuild
-        stops.
+        record after them are then known to have been no records (its reject reports), if
+        none of its own records was past the snapshot and the snapshot is the latest it
+        restored or saved; a later rebuild from the same snapshot goes on past them. At
+        start that cannot be told, and the rebuild stops.
         """
         if self._snap_put is not None and not self._snap_put.done():
             # a retried batch rebuilds while this process may still be storing a snapshot: an
@@ -383,19 +390,33 @@ class RiskWorker:
             cls = RebuildUnavailable if transient(e) else RebuildError
             raise cls(f"RISKLOG unreadable: {e!r}") from e
         self._last_record = last or 0
-        gone = start < info.state.first_seq and info.state.last_seq >= start
-        if gone and ((last or 0) >= start or not 0 <= known_last < start):
-            raise RebuildError(
-                f"RISKLOG {start}..{info.state.first_seq - 1} are gone (the stream starts at "
-                f"{info.state.first_seq}) and no snapshot covers them"
+        self._snap_floor = max(self._snap_floor, self.restored_from)
+        gone_to = info.state.first_seq - 1
+        if start <= gone_to and info.state.last_seq >= start:  # messages after it are gone
+            proven = self._no_records is not None and (
+                self._no_records[0] == start and gone_to <= self._no_records[1]
             )
-        if gone:  # aged out or purged, and none of them a record (see known_last)
-            log.warning(
-                "risk %s: RISKLOG %d..%d are gone; none was a record past the snapshot",
-                self.region,
-                start,
-                info.state.first_seq - 1,
+            # none of them was a record: this process knows its own last record (the only
+            # writer's) was before them, no record after them remains, and the snapshot is
+            # the latest it restored or saved
+            mine = (
+                0 <= known_last < start
+                and (last or 0) < start
+                and self.restored_from >= self._snap_floor
             )
+            if not (proven or mine):
+                raise RebuildError(
+                    f"RISKLOG {start}..{gone_to} are gone (the stream starts at "
+                    f"{gone_to + 1}) and no snapshot covers them"
+                )
+            if not proven:
+                self._no_records = (start, gone_to)
+                log.warning(
+                    "risk %s: RISKLOG %d..%d are gone; none was a record past the snapshot",
+                    self.region,
+                    start,
+                    gone_to,
+                )
             # a snapshot after the next record, so that a new process, which cannot tell,
             # need not look behind it
             self._snap_at = float("-inf")
@@ -504,16 +525,20 @@ class RiskWorker:
             "hwm": {k: list(v) for k, v in self._hwm.items()},
         }
         built_ms = (time.perf_counter() - t0) * 1000
+        forced = self._snap_at == float("-inf")
         self._records_since_snap, self._snap_at = 0, time.monotonic()
         # the batch loop only pays for capturing the state (~20 ms at full memory); encoding
         # it (~45 ms, in slices with yields between: msgpack keeps the GIL, so a thread would
         # not free the loop) and storing it run beside the next batches
-        self._snap_put = asyncio.create_task(self._put_snapshot(seq, state, built_ms))
+        self._snap_put = asyncio.create_task(self._put_snapshot(seq, state, built_ms, forced))
 
-    async def _put_snapshot(self, seq: int, state: dict[str, Any], built_ms: float) -> None:
+    async def _put_snapshot(
+        self, seq: int, state: dict[str, Any], built_ms: float, forced: bool = False
+    ) -> None:
         try:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
+            self._snap_floor = max(self._snap_floor, seq)
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, captured in %.1f ms)",
                 self.region,
@@ -523,6 +548,8 @@ class RiskWorker:
             )
         except Exception as e:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
+            if forced:  # one that covers gone messages (rebuild): again after the next record
+                self._snap_at = float("-inf")
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
         try:
@@ -638,6 +665,7 @@ class RiskWorker:
         known_last = self._last_record  # this process's own: no other writer records
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             await asyncio.sleep(delay)
+            known_last = max(known_last, self._last_record)  # what an attempt stored
             try:
                 self.engine = RiskEngine(self.topology, self.region, self.default_limits)
                 self.done.clear()

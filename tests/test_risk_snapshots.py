@@ -675,6 +675,12 @@ async def _aged_out_scenario(ds: Devstack) -> None:
         last_report = (await js.get_last_msg("RISKLOG", "mrd.lon.er.r.>")).seq
         assert last_report > w._last_record  # the reject's report, after its record
         await js.purge_stream("RISKLOG")  # everything gone, as max_age would
+        save = w.snapshots.save
+
+        async def no_save(*a: object, **k: object) -> None:  # snapshots fail meanwhile
+            raise ConnectionError("injected")
+
+        w.snapshots.save = no_save  # type: ignore[method-assign]
         await _send(js, 2)
         new = _new(2)
         key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
@@ -684,10 +690,30 @@ async def _aged_out_scenario(ds: Devstack) -> None:
                 break
             await asyncio.sleep(0.05)
         assert w._last_record > stored and key in w.done and not w.fatal.done()
+        # a batch fails again, before any snapshot covers that record: the rebuild starts
+        # from the same snapshot, finds the same messages gone, and the record after them
+        real, failures = w._externals, [ConnectionError("injected")]
 
-        def snapshotted() -> bool:
-            put = w._snap_put
-            return w._records_since_snap == 0 and put is not None and put.done()
+        async def flaky(items: list[object]) -> object:
+            if failures:
+                raise failures.pop()
+            return await real(items)  # type: ignore[arg-type]
+
+        w._externals = flaky  # type: ignore[assignment,method-assign]
+        await _send(js, 3)
+        third = _new(3)
+        key3 = "o:" + subjects.request_key(third.account, third.cl_ord_id)
+        for _ in range(200):
+            if key3 in w.done and not failures and key in w.done:
+                break
+            await asyncio.sleep(0.05)
+        assert key3 in w.done and key in w.done and not w.fatal.done()
+        w.snapshots.save = save  # type: ignore[method-assign]
+        await _send(js, 4)
+        await _decided(w, 5)
+
+        def snapshotted() -> bool:  # stored, and covering the last record
+            return w._snap_floor >= w._last_record
 
         for _ in range(100):  # and it snapshots after that record, at once
             if snapshotted():
