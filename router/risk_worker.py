@@ -390,6 +390,12 @@ class RiskWorker:
             cls = RebuildUnavailable if transient(e) else RebuildError
             raise cls(f"RISKLOG unreadable: {e!r}") from e
         self._last_record = last or 0
+        if known_last >= start and (last or 0) < known_last:
+            # a record of this process's own, past the snapshot, is gone (purged from inside
+            # the stream: the stream's first message does not show it)
+            raise RebuildError(
+                f"RISKLOG record {known_last}, past the snapshot at {start - 1}, is gone"
+            )
         self._snap_floor = max(self._snap_floor, self.restored_from)
         gone_to = info.state.first_seq - 1
         if start <= gone_to and info.state.last_seq >= start:  # messages after it are gone
@@ -527,6 +533,8 @@ class RiskWorker:
         built_ms = (time.perf_counter() - t0) * 1000
         forced = self._snap_at == float("-inf")
         self._records_since_snap, self._snap_at = 0, time.monotonic()
+        if forced and self._no_records is not None and seq <= self._no_records[1]:
+            self._snap_at = float("-inf")  # not past the gone messages yet: still due
         # the batch loop only pays for capturing the state (~20 ms at full memory); encoding
         # it (~45 ms, in slices with yields between: msgpack keeps the GIL, so a thread would
         # not free the loop) and storing it run beside the next batches

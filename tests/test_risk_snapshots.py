@@ -730,3 +730,47 @@ async def _aged_out_scenario(ds: Devstack) -> None:
         await w2.stop()
         await r.aclose()
         await nc.close()
+
+
+def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:
+    """A record past the snapshot is deleted from inside RISKLOG (a purge of its subject),
+    while older messages stay: the stream's first message does not show it. The running
+    worker knows its own last record, and its next rebuild stops (fails closed) rather than
+    go on without that record's decisions."""
+    _on_a_mesh(_purged_inside_scenario, 60)
+
+
+async def _purged_inside_scenario(ds: Devstack) -> None:
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+    try:
+        await w.start()
+        far = replace(_new(9), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)  # a reject report
+        await _send(js, 9, far)
+        await _decided(w, 1)
+        await asyncio.sleep(0.3)
+        await w.snapshot()
+        assert w._snap_put is not None
+        await w._snap_put
+        await _send(js, 0)  # its record is past the snapshot
+        await _decided(w, 2)
+        await asyncio.sleep(0.3)
+        await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))
+        failures = [ConnectionError("injected")]
+        real = w._externals
+
+        async def flaky(items: list[object]) -> object:
+            if failures:
+                raise failures.pop()
+            return await real(items)  # type: ignore[arg-type]
+
+        w._externals = flaky  # type: ignore[assignment,method-assign]
+        await _send(js, 1)
+        got = await asyncio.wait_for(w.fatal, 20)
+        assert isinstance(got, RebuildError) and "is gone" in str(got)
+    finally:
+        await w.stop()
+        await r.aclose()
+        await nc.close()
