@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -211,19 +212,16 @@ def _held(args: argparse.Namespace) -> int:
     if dsn is None:
         return 2
     regions = _regions(args) or load_topology(args.topology).codes
-    try:
+
+    def show() -> int:
         with psycopg.connect(libpq_dsn(dsn)) as conn:
             held = outstanding(conn, regions)
-    except psycopg.OperationalError as e:
-        print(f"ledger held: database unreachable: {e}", file=sys.stderr)
-        return 3
-    except psycopg.Error as e:
-        print(f"ledger held: {_db_error(e)}", file=sys.stderr)
-        return 2
-    print(f"{len(held)} fills held, not posted ({', '.join(regions)})")
-    for h in held:
-        print(f"  {h}")
-    return 1 if held else 0
+        print(f"{len(held)} fills held, not posted ({', '.join(regions)})")
+        for h in held:
+            print(f"  {h}")
+        return 1 if held else 0
+
+    return _on_db("ledger held", show)
 
 
 def _post_held(args: argparse.Namespace) -> int:
@@ -265,22 +263,25 @@ def _post_held(args: argparse.Namespace) -> int:
             print(f"  {h.region} EXECOUT seq {h.stream_seq} trade {h.trade_id or '?'}: {why}")
         return 1 if res.still_held else 0
 
-    try:
-        return asyncio.run(go())
-    except psycopg.OperationalError as e:
-        print(f"ledger post-held: database unreachable: {e}", file=sys.stderr)
-        return 3
-    except psycopg.Error as e:
-        print(f"ledger post-held: {_db_error(e)}", file=sys.stderr)
-        return 2
+    return _on_db("ledger post-held", lambda: asyncio.run(go()))
 
 
-def _db_error(e: Exception) -> str:
-    """A database refusal, with the likely remedy."""
+def _on_db(what: str, call: Callable[[], int]) -> int:
+    """``call``'s exit code, or 3 when the database is unreachable and 2 when it refuses
+    (with the likely remedy)."""
+    import psycopg
     import psycopg.errors
 
-    if isinstance(e, psycopg.errors.UndefinedTable):
-        return f"{e} (run `meridian ledger migrate`: held_fills is migration 2)"
-    if isinstance(e, psycopg.errors.InsufficientPrivilege):
-        return f"{e} (this role may not read or write held_fills)"
-    return str(e)
+    try:
+        return call()
+    except psycopg.OperationalError as e:
+        print(f"{what}: database unreachable: {e}", file=sys.stderr)
+        return 3
+    except psycopg.Error as e:
+        why = str(e)
+        if isinstance(e, psycopg.errors.UndefinedTable):
+            why += " (run `meridian ledger migrate`: held_fills is migration 2)"
+        elif isinstance(e, psycopg.errors.InsufficientPrivilege):
+            why += " (this role may not read or write held_fills)"
+        print(f"{what}: {why}", file=sys.stderr)
+        return 2

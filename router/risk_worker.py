@@ -1179,15 +1179,17 @@ class RiskWorker:
         if answer is None:
             return []
         log.warning("risk %s: answered unreadable %s with %s", self.region, it.input_id, reason)
-        return [
-            Out(
-                subjects.report_risk(self.region, answer.account),
-                answer.exec_id if isinstance(answer, ExecutionReport) else answer.reject_id,
-                type(answer).__name__,
-                contract.encode(answer),
-                {},
-            )
-        ]
+        return [self._report(answer, {})]
+
+    def _report(self, r: ExecutionReport | CancelReject, headers: dict[str, str]) -> Out:
+        """Risk's own answer to an order (``er.r``), its id the message id."""
+        return Out(
+            subjects.report_risk(self.region, r.account),
+            r.exec_id if isinstance(r, ExecutionReport) else r.reject_id,
+            type(r).__name__,
+            contract.encode(r),
+            headers,
+        )
 
     def _outputs(self, dec: Decision, it: Item) -> list[Out]:
         tp = dict(it.trace_headers or {})
@@ -1206,16 +1208,7 @@ class RiskWorker:
             ]
         assert dec.report is not None
         self.stats["rejected"] += 1
-        r = dec.report
-        return [
-            Out(
-                subjects.report_risk(self.region, r.account),
-                r.exec_id if isinstance(r, ExecutionReport) else r.reject_id,
-                type(r).__name__,
-                contract.encode(r),
-                tp,
-            )
-        ]
+        return [self._report(dec.report, tp)]
 
     def _remember(self, input_id: str, outs: list[Out]) -> None:
         if input_id not in self.done and not input_id.startswith(("kill:", "cfg:")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -113,11 +114,31 @@ async def test_a_restart_hands_on_what_the_dead_predecessor_was_delivered(tmp_pa
         srv.stop()
 
 
+def _lossy_loop(nc: object, q: asyncio.Queue[object], *, lost: tuple[int, ...]) -> Any:
+    """A gap-filling PullLoop on stream S whose deliveries of the stream sequences ``lost``
+    never arrive (a dropped connection or leaf link)."""
+    from router.natsutil import PullLoop, stream_position
+
+    lp = PullLoop(
+        nc, domain="lon", stream="S", durable="w", filter_subject="s.>",  # type: ignore[arg-type]
+        queue=q, batch=64, ack_all=True, fill_gaps=True,  # type: ignore[arg-type]
+    )  # fmt: skip
+    handle = lp._on_msg
+
+    async def lossy(msg: object) -> None:
+        reply = getattr(msg, "reply", "") or ""
+        if reply.startswith("$JS.ACK") and stream_position(msg).seq in lost:  # type: ignore[arg-type]
+            return
+        await handle(msg)  # type: ignore[arg-type]
+
+    lp._on_msg = lossy  # type: ignore[method-assign]
+    return lp
+
+
 async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_path: Path) -> None:
     """Deliveries a dropped connection or leaf link lost never reach the worker; the next
     ones come with a jump in the consumer's delivery numbers. Those in between are read back
     from the stream and handed on first, so no ack covers a message the worker never had."""
-    from router.natsutil import PullLoop, stream_position
 
     srv, url = standalone_jetstream("fillgap", tmp_path, domain="lon")
     try:
@@ -125,19 +146,7 @@ async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_pa
         js = nc.jetstream(domain="lon")
         await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
         q: asyncio.Queue[object] = asyncio.Queue()
-        lp = PullLoop(
-            nc, domain="lon", stream="S", durable="w", filter_subject="s.>",
-            queue=q, batch=64, ack_all=True, fill_gaps=True,  # type: ignore[arg-type]
-        )  # fmt: skip
-        handle = lp._on_msg
-
-        async def lossy(msg: object) -> None:  # 5 and 6 are lost on the way
-            reply = getattr(msg, "reply", "") or ""
-            if reply.startswith("$JS.ACK") and stream_position(msg).seq in (5, 6):  # type: ignore[arg-type]
-                return
-            await handle(msg)  # type: ignore[arg-type]
-
-        lp._on_msg = lossy  # type: ignore[method-assign]
+        lp = _lossy_loop(nc, q, lost=(5, 6))
         await lp.start()
         for i in range(1, 9):
             await js.publish(f"s.{i}", b"x")
@@ -167,8 +176,6 @@ async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
     (no backoff: that is for a consumer info lagging a redelivery)."""
     import sys
 
-    from router.natsutil import PullLoop, stream_position
-
     real_sleep, backoffs = asyncio.sleep, []
 
     async def sleep(delay: float, *a: object, **k: object) -> object:
@@ -184,19 +191,7 @@ async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
         js = nc.jetstream(domain="lon")
         await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
         q: asyncio.Queue[object] = asyncio.Queue()
-        lp = PullLoop(
-            nc, domain="lon", stream="S", durable="w", filter_subject="s.>",
-            queue=q, batch=64, ack_all=True, fill_gaps=True,  # type: ignore[arg-type]
-        )  # fmt: skip
-        handle = lp._on_msg
-
-        async def lossy(msg: object) -> None:
-            reply = getattr(msg, "reply", "") or ""
-            if reply.startswith("$JS.ACK") and stream_position(msg).seq in (3, 6):  # type: ignore[arg-type]
-                return
-            await handle(msg)  # type: ignore[arg-type]
-
-        lp._on_msg = lossy  # type: ignore[method-assign]
+        lp = _lossy_loop(nc, q, lost=(3, 6))
         await lp.start()
         await asyncio.gather(*(js.publish(f"s.{i}", b"x") for i in range(1, 11)))
         got = _seqs(await _drain(q, 10))

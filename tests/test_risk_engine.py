@@ -179,15 +179,19 @@ class Rig:
             self.execute(symbol, d.command)
         return d
 
-    def cancel(self, account: str, symbol: str, orig: str) -> Decision:
+    def cancel(self, account: str, symbol: str, orig: str, *, run: bool = True) -> Decision:
+        """Risk's decision on a cancel; its command executed unless not ``run``."""
         s = next(_seq)
         msg = CancelOrder(account=account, cl_ord_id=f"X{s}", orig_cl_ord_id=orig, symbol=symbol)
         d = self.engine.on_cancel(msg, seq=s)
-        if d.command is not None:
+        if d.command is not None and run:
             self.execute(symbol, d.command)
         return d
 
-    def replace(self, account: str, symbol: str, orig: str, qty: int, price: int) -> Decision:
+    def replace(
+        self, account: str, symbol: str, orig: str, qty: int, price: int, *, run: bool = True
+    ) -> Decision:
+        """Risk's decision on a replace; its command executed unless not ``run``."""
         s = next(_seq)
         msg = ReplaceOrder(
             account=account,
@@ -198,7 +202,7 @@ class Rig:
             price_ticks=price,
         )
         d = self.engine.on_replace(msg, ext=ext(symbol), seq=s)
-        if d.command is not None:
+        if d.command is not None and run:
             self.execute(symbol, d.command)
         return d
 
@@ -780,7 +784,7 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
         elif kind == "cancel":
             if sent:
                 cl, sym = sent[op[1] % len(sent)]
-                d = rig.cancel(ACCT, sym, cl)
+                d = rig.cancel(ACCT, sym, cl, run=False)
                 if d.command is not None:
                     track(rig.execute(sym, d.command))
         elif kind == "replace":
@@ -789,21 +793,12 @@ def test_credit_limit_never_exceeded_over_random_histories(history: list[tuple[A
                 cl, sym = sent[op[1] % len(sent)]
                 _, _, qty, off = op
                 before = rig.engine.exposure_usd(ACCT)
-                s = next(_seq)
-                rep = ReplaceOrder(
-                    account=ACCT,
-                    cl_ord_id=f"R{s}",
-                    orig_cl_ord_id=cl,
-                    symbol=sym,
-                    qty=qty,
-                    price_ticks=MIDS[sym] + off,
-                )
-                d = rig.engine.on_replace(rep, ext=ext(sym), seq=s)
+                d = rig.replace(ACCT, sym, cl, qty, MIDS[sym] + off, run=False)
                 after = rig.engine.exposure_usd(ACCT)
                 if d.command is not None:
                     assert after <= LIMIT or after <= before, (before, after)
                     track(rig.execute(sym, d.command))
-                    sent.append((rep.cl_ord_id, sym))
+                    sent.append((d.command.cl_ord_id, sym))
                 else:
                     assert after == before
         elif kind == "redeliver":

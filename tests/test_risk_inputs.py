@@ -27,6 +27,19 @@ def _worker() -> RiskWorker:
     return RiskWorker(_Nc(), load_topology(), "lon", None)  # type: ignore[arg-type]
 
 
+def _order() -> NewOrder:
+    return NewOrder(
+        account="LON-HF-01",
+        cl_ord_id="c1",
+        symbol="GBPUSD",
+        side=Side.BUY,
+        ord_type=OrdType.LIMIT,
+        tif=TimeInForce.GTC,
+        qty=1_000_000,
+        price_ticks=126000,
+    )
+
+
 def _delivery(
     subject: str, data: bytes, seq: int = 5, headers: dict[str, str] | None = None
 ) -> Msg:
@@ -84,39 +97,16 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
     # a newer gateway's op, or a rogue publisher's accept time: before, a KeyError or a
     # ValueError failed the batch for good, and the same read-back failed it after a restart
     w = _worker()
-    order = contract.encode(
-        NewOrder(
-            account="LON-HF-01",
-            cl_ord_id="c1",
-            symbol="GBPUSD",
-            side=Side.BUY,
-            ord_type=OrdType.LIMIT,
-            tif=TimeInForce.GTC,
-            qty=1_000_000,
-            price_ticks=126000,
-        )
-    )
+    order = contract.encode(_order())
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=headers))
     assert it is not None and it.kind == "bad" and it.msg is not None
 
 
 def _order_map(**over: Any) -> dict[str, Any]:
+    """:func:`_order`'s map on the wire, with ``over`` changed (what another build sends)."""
     import msgpack
 
-    body = msgpack.unpackb(
-        contract.encode(
-            NewOrder(
-                account="LON-HF-01",
-                cl_ord_id="c1",
-                symbol="GBPUSD",
-                side=Side.BUY,
-                ord_type=OrdType.LIMIT,
-                tif=TimeInForce.GTC,
-                qty=1_000_000,
-                price_ticks=126000,
-            )
-        )
-    )
+    body = msgpack.unpackb(contract.encode(_order()))
     body.update(over)
     return body  # type: ignore[no-any-return]
 

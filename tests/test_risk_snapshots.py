@@ -5,8 +5,9 @@ out of RISKLOG (its max_age is 7 days; a day at 1,000 orders/s is ~86M records t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -76,6 +77,69 @@ async def _decided(w: RiskWorker, n: int, tries: int = 200) -> None:
     raise AssertionError(f"risk decided {w.stats['orders']} of {n} orders")
 
 
+def _key(i: int, msg: NewOrder | None = None) -> str:
+    """Risk's input id of order request ``i`` (or ``msg``)."""
+    m = msg or _new(i)
+    return "o:" + subjects.request_key(m.account, m.cl_ord_id)
+
+
+async def _until(cond: Callable[[], bool], tries: int = 200) -> None:
+    """Poll ``cond`` every 50 ms, ``tries`` times at most (the caller asserts after)."""
+    for _ in range(tries):
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _lon(ds: Devstack) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """(connection, lon's JetStream, Redis), closed at the end."""
+    nc = await ds.connect("lon")
+    r = aioredis.from_url(ds.redis_url)
+    try:
+        yield nc, nc.jetstream(domain="lon"), r
+    finally:
+        await r.aclose()
+        await nc.close()
+
+
+def _worker(ds: Devstack, nc: Any, r: Any) -> RiskWorker:
+    """lon's risk worker; it snapshots only when the test asks."""
+    return RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
+
+
+async def _snapshot_now(w: RiskWorker) -> None:
+    await w.snapshot()
+    assert w._snap_put is not None
+    await w._snap_put
+
+
+async def _records(js: Any) -> list[dict[str, Any]]:
+    """Every decision record in lon's RISKLOG, oldest first."""
+    out: list[dict[str, Any]] = []
+    last = (await js.stream_info("RISKLOG")).state.last_seq
+    for seq in range(1, last + 1):
+        with contextlib.suppress(Exception):  # gone (purged), or another subject's
+            m = await js.get_msg("RISKLOG", seq)
+            if m.subject == subjects.risklog("lon"):
+                out += msgpack.unpackb(m.data)["b"]
+    return out
+
+
+def _fail_externals_once(w: RiskWorker) -> list[Exception]:
+    """The worker's next batch fails reading its externals (a Redis blip); returns the
+    pending failure, empty once it happened."""
+    real, failures = w._externals, [ConnectionError("injected")]
+
+    async def flaky(items: list[object]) -> object:
+        if failures:
+            raise failures.pop()
+        return await real(items)  # type: ignore[arg-type]
+
+    w._externals = flaky  # type: ignore[assignment,method-assign]
+    return failures
+
+
 async def _scenario(ds: Devstack) -> None:
     nc = await ds.connect("lon")
     js = nc.jetstream(domain="lon")
@@ -129,15 +193,7 @@ async def _scenario(ds: Devstack) -> None:
             assert w3.engine.snapshot() == live
             # and it keeps deciding from there, through a batch that fails once (Redis blip):
             # rebuilt, then retried, not nak'd (stats count replayed decisions too)
-            real = w3._externals
-            failures = [ConnectionError("injected")]
-
-            async def flaky(items: list[object]) -> object:
-                if failures:
-                    raise failures.pop()
-                return await real(items)  # type: ignore[arg-type]
-
-            w3._externals = flaky  # type: ignore[assignment,method-assign]
+            failures = _fail_externals_once(w3)
             await _send(js, 56)
             for _ in range(200):
                 if ids.order_id(ACCOUNTS[0], "snap-56") in w3.engine.state(ACCOUNTS[0]).orders:
@@ -392,51 +448,45 @@ def test_an_undecodable_order_request_is_acked_in_its_place() -> None:
 
 
 async def _undecodable_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        await _send(js, 0)
-        bad = await js.publish(
-            subjects.orders("lon", "LON-HF-01", "garbage-1"),
-            b"\xc1 not an order",
-            headers={H_MSG_ID: "new:garbage-1", H_OP: "new"},
-        )
-        await _send(js, 1)
-        await _decided(w, 2)
-        for _ in range(100):
-            ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
-            if ci.ack_floor.stream_seq > bad.seq:
-                break
-            await asyncio.sleep(0.05)
-        assert ci.ack_floor.stream_seq > bad.seq and w.stats["bad"] == 1
-        assert not w.fatal.done()
-        # the last input undecodable too: nothing after it acks it, so its own ack must
-        last_bad = await js.publish(
-            subjects.orders("lon", "LON-HF-01", "garbage-2"),
-            b"\xc1 not an order either",
-            headers={H_MSG_ID: "new:garbage-2", H_OP: "new"},
-        )
-        for _ in range(100):
-            ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
-            if ci.ack_floor.stream_seq >= last_bad.seq:
-                break
-            await asyncio.sleep(0.05)
-        assert ci.ack_floor.stream_seq == last_bad.seq and w.stats["bad"] == 2
-        # and neither is in a decision record
-        last = (await js.stream_info("RISKLOG")).state.last_seq
-        recorded = set()
-        for seq in range(1, last + 1):
-            m = await js.get_msg("RISKLOG", seq)
-            if m.subject == subjects.risklog("lon"):
-                recorded |= {rec["in"] for rec in msgpack.unpackb(m.data)["b"]}
-        assert {"o:garbage-1", "o:garbage-2"}.isdisjoint(recorded) and len(recorded) >= 2
-    finally:
-        await w.stop()
-        await r.aclose()
-        await nc.close()
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            await _send(js, 0)
+            bad = await js.publish(
+                subjects.orders("lon", "LON-HF-01", "garbage-1"),
+                b"\xc1 not an order",
+                headers={H_MSG_ID: "new:garbage-1", H_OP: "new"},
+            )
+            await _send(js, 1)
+            await _decided(w, 2)
+
+            async def floor() -> int:
+                ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
+                return int(ci.ack_floor.stream_seq)
+
+            for _ in range(100):
+                if await floor() > bad.seq:
+                    break
+                await asyncio.sleep(0.05)
+            assert await floor() > bad.seq and w.stats["bad"] == 1
+            assert not w.fatal.done()
+            # the last input undecodable too: nothing after it acks it, so its own ack must
+            last_bad = await js.publish(
+                subjects.orders("lon", "LON-HF-01", "garbage-2"),
+                b"\xc1 not an order either",
+                headers={H_MSG_ID: "new:garbage-2", H_OP: "new"},
+            )
+            for _ in range(100):
+                if await floor() >= last_bad.seq:
+                    break
+                await asyncio.sleep(0.05)
+            assert await floor() == last_bad.seq and w.stats["bad"] == 2
+            # and neither is in a decision record
+            recorded = {rec["in"] for rec in await _records(js)}
+            assert {"o:garbage-1", "o:garbage-2"}.isdisjoint(recorded) and len(recorded) >= 2
+        finally:
+            await w.stop()
 
 
 def test_an_order_request_risk_cannot_read_is_answered_recorded_and_stays_answered() -> None:
@@ -447,57 +497,45 @@ def test_an_order_request_risk_cannot_read_is_answered_recorded_and_stays_answer
 
 
 async def _unread_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    answers: list[Any] = []
+    async with _lon(ds) as (nc, js, r):
+        answers: list[Any] = []
 
-    async def on_report(m: Any) -> None:
-        answers.append(contract.decode(contract.ExecutionReport, m.data))
+        async def on_report(m: Any) -> None:
+            answers.append(contract.decode(contract.ExecutionReport, m.data))
 
-    await nc.subscribe(subjects.report_risk("lon", "LON-HF-01"), cb=on_report)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        newer = {**msgpack.unpackb(contract.encode(_new(0))), "v": 2}
-        spoof = {**msgpack.unpackb(contract.encode(_new(1))), "account": "LON-HF-02", "v": 2}
-        for key, body in (("v2-1", newer), ("spoof-1", spoof)):
-            await js.publish(
-                subjects.orders("lon", "LON-HF-01", key),
-                msgpack.packb(body),
-                headers={
-                    H_MSG_ID: f"new:{key}",
-                    H_OP: "new",
-                    H_ORDER_ID: ids.order_id("LON-HF-01", key),
-                    H_ACCEPTED_NS: "1",
-                },
-            )
-        await _send(js, 2)
-        await _decided(w, 1)
-        for _ in range(100):
-            if answers and w.stats["bad"] == 2:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
-        rejected = [(a.cl_ord_id, a.reject_reason) for a in answers if a.reject_reason]
-        assert rejected == [(newer["cl_ord_id"], "UNSUPPORTED_VERSION")]
-        kinds = {}
-        last = (await js.stream_info("RISKLOG")).state.last_seq
-        for seq in range(1, last + 1):
-            m = await js.get_msg("RISKLOG", seq)
-            if m.subject == subjects.risklog("lon"):
-                kinds |= {rec["in"]: rec["k"] for rec in msgpack.unpackb(m.data)["b"]}
-        assert kinds.get("o:v2-1") == "unread" and "o:spoof-1" not in kinds
-    finally:
-        await w.stop()
-    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w2.start()  # rebuilt from RISKLOG: answered, never to be decided
-        assert "o:v2-1" in w2.done and "o:spoof-1" not in w2.done
-    finally:
-        await w2.stop()
-        await r.aclose()
-        await nc.close()
+        await nc.subscribe(subjects.report_risk("lon", "LON-HF-01"), cb=on_report)
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            newer = {**msgpack.unpackb(contract.encode(_new(0))), "v": 2}
+            spoof = {**msgpack.unpackb(contract.encode(_new(1))), "account": "LON-HF-02", "v": 2}
+            for key, body in (("v2-1", newer), ("spoof-1", spoof)):
+                await js.publish(
+                    subjects.orders("lon", "LON-HF-01", key),
+                    msgpack.packb(body),
+                    headers={
+                        H_MSG_ID: f"new:{key}",
+                        H_OP: "new",
+                        H_ORDER_ID: ids.order_id("LON-HF-01", key),
+                        H_ACCEPTED_NS: "1",
+                    },
+                )
+            await _send(js, 2)
+            await _decided(w, 1)
+            await _until(lambda: bool(answers) and w.stats["bad"] == 2, 100)
+            await asyncio.sleep(0.2)
+            rejected = [(a.cl_ord_id, a.reject_reason) for a in answers if a.reject_reason]
+            assert rejected == [(newer["cl_ord_id"], "UNSUPPORTED_VERSION")]
+            kinds = {rec["in"]: rec["k"] for rec in await _records(js)}
+            assert kinds.get("o:v2-1") == "unread" and "o:spoof-1" not in kinds
+        finally:
+            await w.stop()
+        w2 = _worker(ds, nc, r)
+        try:
+            await w2.start()  # rebuilt from RISKLOG: answered, never to be decided
+            assert "o:v2-1" in w2.done and "o:spoof-1" not in w2.done
+        finally:
+            await w2.stop()
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
@@ -520,53 +558,32 @@ def test_a_recreated_consumer_does_not_get_old_orders_decided_again(
 
 
 async def _recreated_scenario(ds: Devstack, *, snapshot: bool) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-
-    async def records() -> list[str]:
-        out: list[str] = []
-        last = (await js.stream_info("RISKLOG")).state.last_seq
-        for seq in range(1, last + 1):
-            m = await js.get_msg("RISKLOG", seq)
-            if m.subject == subjects.risklog("lon"):
-                out += [rec["in"] for rec in msgpack.unpackb(m.data)["b"]]
-        return out
-
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        for i in range(4):
-            await _send(js, i)
-        await _decided(w, 4)
-        await asyncio.sleep(0.5)  # outputs stored, inputs acked
-        if snapshot:
-            await w.snapshot()
-            assert w._snap_put is not None
-            await w._snap_put
-    finally:
-        await w.stop()
-    await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
-    before = await records()
-    assert len(before) == 4
-    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w2.start()
-        await _send(js, 4)
-        new = _new(4)
-        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
-        for _ in range(200):
-            if key in w2.done and w2.stats["stale"] >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert w2.restored_from == (w._risklog_seq if snapshot else 0)
-        assert w2.stats["stale"] == 2  # the two it no longer remembered
-        after = await records()
-        assert sorted(after) == sorted([*before, key])  # each input recorded once
-    finally:
-        await w2.stop()
-        await r.aclose()
-        await nc.close()
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            for i in range(4):
+                await _send(js, i)
+            await _decided(w, 4)
+            await asyncio.sleep(0.5)  # outputs stored, inputs acked
+            if snapshot:
+                await _snapshot_now(w)
+        finally:
+            await w.stop()
+        await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
+        before = [rec["in"] for rec in await _records(js)]
+        assert len(before) == 4
+        w2 = _worker(ds, nc, r)
+        try:
+            await w2.start()
+            await _send(js, 4)
+            await _until(lambda: _key(4) in w2.done and w2.stats["stale"] >= 2)
+            assert w2.restored_from == (w._risklog_seq if snapshot else 0)
+            assert w2.stats["stale"] == 2  # the two it no longer remembered
+            after = [rec["in"] for rec in await _records(js)]
+            assert sorted(after) == sorted([*before, _key(4)])  # each input recorded once
+        finally:
+            await w2.stop()
 
 
 def test_orders_of_a_recreated_orders_stream_are_decided() -> None:
@@ -577,39 +594,30 @@ def test_orders_of_a_recreated_orders_stream_are_decided() -> None:
 
 
 async def _recreated_stream_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        for i in range(4):
-            await _send(js, i)
-        await _decided(w, 4)
-        await asyncio.sleep(0.5)
-    finally:
-        await w.stop()
-    cfg = (await js.stream_info("ORDERS")).config
-    await js.delete_stream("ORDERS")
-    await js.add_stream(cfg)
-    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w2.start()  # its mark: ORDERS up to 4, from the records
-        keys = []
-        for i in (10, 11):
-            ack = await _send(js, i)
-            assert ack.seq <= 2
-            new = _new(i)
-            keys.append("o:" + subjects.request_key(new.account, new.cl_ord_id))
-        for _ in range(200):
-            if all(k in w2.done for k in keys):
-                break
-            await asyncio.sleep(0.05)
-        assert all(k in w2.done for k in keys) and w2.stats["stale"] == 0
-    finally:
-        await w2.stop()
-        await r.aclose()
-        await nc.close()
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            for i in range(4):
+                await _send(js, i)
+            await _decided(w, 4)
+            await asyncio.sleep(0.5)
+        finally:
+            await w.stop()
+        cfg = (await js.stream_info("ORDERS")).config
+        await js.delete_stream("ORDERS")
+        await js.add_stream(cfg)
+        w2 = _worker(ds, nc, r)
+        try:
+            await w2.start()  # its mark: ORDERS up to 4, from the records
+            for i in (10, 11):
+                ack = await _send(js, i)
+                assert ack.seq <= 2
+            keys = [_key(10), _key(11)]
+            await _until(lambda: all(k in w2.done for k in keys))
+            assert all(k in w2.done for k in keys) and w2.stats["stale"] == 0
+        finally:
+            await w2.stop()
 
 
 def test_a_record_another_attempt_stored_late_fails_the_next_batch_not_forks_the_log() -> None:
@@ -621,29 +629,21 @@ def test_a_record_another_attempt_stored_late_fails_the_next_batch_not_forks_the
 
 
 async def _late_record_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        await _send(js, 0)
-        await _decided(w, 1)
-        ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
-        await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}))
-        await _send(js, 1)
-        new = _new(1)
-        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
-        for _ in range(200):  # (decided in the refused attempt too: wait for the retry)
-            if key in w.done and "o:ghost" in w.done:
-                break
-            await asyncio.sleep(0.05)
-        assert key in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
-        assert not w.fatal.done()
-    finally:
-        await w.stop()
-        await r.aclose()
-        await nc.close()
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            await _send(js, 0)
+            await _decided(w, 1)
+            ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
+            await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}))
+            await _send(js, 1)
+            # (decided in the refused attempt too: wait for the retry)
+            await _until(lambda: _key(1) in w.done and "o:ghost" in w.done)
+            assert _key(1) in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
+            assert not w.fatal.done()
+        finally:
+            await w.stop()
 
 
 def test_records_gone_with_max_age_do_not_stop_the_next_record() -> None:
@@ -656,80 +656,58 @@ def test_records_gone_with_max_age_do_not_stop_the_next_record() -> None:
     _on_a_mesh(_aged_out_scenario, 60)
 
 
+def _far(i: int) -> NewOrder:
+    """Order request ``i`` priced past the collar: risk rejects it, with a report."""
+    return replace(_new(i), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)
+
+
 async def _aged_out_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        for i in range(2):
-            await _send(js, i)
-        far = replace(_new(9), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)  # past the collar
-        await _send(js, 9, far)
-        await _decided(w, 3)
-        await asyncio.sleep(0.5)
-        await w.snapshot()
-        assert w._snap_put is not None
-        await w._snap_put
-        last_report = (await js.get_last_msg("RISKLOG", "mrd.lon.er.r.>")).seq
-        assert last_report > w._last_record  # the reject's report, after its record
-        await js.purge_stream("RISKLOG")  # everything gone, as max_age would
-        save = w.snapshots.save
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            for i in range(2):
+                await _send(js, i)
+            await _send(js, 9, _far(9))
+            await _decided(w, 3)
+            await asyncio.sleep(0.5)
+            await _snapshot_now(w)
+            last_report = (await js.get_last_msg("RISKLOG", "mrd.lon.er.r.>")).seq
+            assert last_report > w._last_record  # the reject's report, after its record
+            await js.purge_stream("RISKLOG")  # everything gone, as max_age would
+            save = w.snapshots.save
 
-        async def no_save(*a: object, **k: object) -> None:  # snapshots fail meanwhile
-            raise ConnectionError("injected")
+            async def no_save(*a: object, **k: object) -> None:  # snapshots fail meanwhile
+                raise ConnectionError("injected")
 
-        w.snapshots.save = no_save  # type: ignore[method-assign]
-        await _send(js, 2)
-        new = _new(2)
-        key = "o:" + subjects.request_key(new.account, new.cl_ord_id)
-        stored = w._last_record
-        for _ in range(200):
-            if w._last_record > stored and key in w.done:
-                break
-            await asyncio.sleep(0.05)
-        assert w._last_record > stored and key in w.done and not w.fatal.done()
-        # a batch fails again, before any snapshot covers that record: the rebuild starts
-        # from the same snapshot, finds the same messages gone, and the record after them
-        real, failures = w._externals, [ConnectionError("injected")]
+            w.snapshots.save = no_save  # type: ignore[method-assign]
+            await _send(js, 2)
+            stored = w._last_record
+            await _until(lambda: w._last_record > stored and _key(2) in w.done)
+            assert w._last_record > stored and _key(2) in w.done and not w.fatal.done()
+            # a batch fails again, before any snapshot covers that record: the rebuild starts
+            # from the same snapshot, finds the same messages gone, and the record after them
+            failures = _fail_externals_once(w)
+            await _send(js, 3)
+            await _until(lambda: _key(3) in w.done and not failures and _key(2) in w.done)
+            assert _key(3) in w.done and _key(2) in w.done and not w.fatal.done()
+            w.snapshots.save = save  # type: ignore[method-assign]
+            await _send(js, 4)
+            await _decided(w, 5)
 
-        async def flaky(items: list[object]) -> object:
-            if failures:
-                raise failures.pop()
-            return await real(items)  # type: ignore[arg-type]
+            def snapshotted() -> bool:  # stored, and covering the last record
+                return w._snap_floor >= w._last_record
 
-        w._externals = flaky  # type: ignore[assignment,method-assign]
-        await _send(js, 3)
-        third = _new(3)
-        key3 = "o:" + subjects.request_key(third.account, third.cl_ord_id)
-        for _ in range(200):
-            if key3 in w.done and not failures and key in w.done:
-                break
-            await asyncio.sleep(0.05)
-        assert key3 in w.done and key in w.done and not w.fatal.done()
-        w.snapshots.save = save  # type: ignore[method-assign]
-        await _send(js, 4)
-        await _decided(w, 5)
-
-        def snapshotted() -> bool:  # stored, and covering the last record
-            return w._snap_floor >= w._last_record
-
-        for _ in range(100):  # and it snapshots after that record, at once
-            if snapshotted():
-                break
-            await asyncio.sleep(0.05)
-        assert snapshotted()
-    finally:
-        await w.stop()
-    w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w2.start()  # from that snapshot: nothing after it is missing
-        assert "o:" + subjects.request_key(new.account, new.cl_ord_id) in w2.done
-    finally:
-        await w2.stop()
-        await r.aclose()
-        await nc.close()
+            await _until(snapshotted, 100)  # and it snapshots after that record, at once
+            assert snapshotted()
+        finally:
+            await w.stop()
+        w2 = _worker(ds, nc, r)
+        try:
+            await w2.start()  # from that snapshot: nothing after it is missing
+            assert _key(2) in w2.done
+        finally:
+            await w2.stop()
 
 
 def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:
@@ -741,36 +719,21 @@ def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:
 
 
 async def _purged_inside_scenario(ds: Devstack) -> None:
-    nc = await ds.connect("lon")
-    js = nc.jetstream(domain="lon")
-    r = aioredis.from_url(ds.redis_url)
-    w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
-    try:
-        await w.start()
-        far = replace(_new(9), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)  # a reject report
-        await _send(js, 9, far)
-        await _decided(w, 1)
-        await asyncio.sleep(0.3)
-        await w.snapshot()
-        assert w._snap_put is not None
-        await w._snap_put
-        await _send(js, 0)  # its record is past the snapshot
-        await _decided(w, 2)
-        await asyncio.sleep(0.3)
-        await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))
-        failures = [ConnectionError("injected")]
-        real = w._externals
-
-        async def flaky(items: list[object]) -> object:
-            if failures:
-                raise failures.pop()
-            return await real(items)  # type: ignore[arg-type]
-
-        w._externals = flaky  # type: ignore[assignment,method-assign]
-        await _send(js, 1)
-        got = await asyncio.wait_for(w.fatal, 20)
-        assert isinstance(got, RebuildError) and "is gone" in str(got)
-    finally:
-        await w.stop()
-        await r.aclose()
-        await nc.close()
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            await _send(js, 9, _far(9))  # a reject report
+            await _decided(w, 1)
+            await asyncio.sleep(0.3)
+            await _snapshot_now(w)
+            await _send(js, 0)  # its record is past the snapshot
+            await _decided(w, 2)
+            await asyncio.sleep(0.3)
+            await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))
+            _fail_externals_once(w)
+            await _send(js, 1)
+            got = await asyncio.wait_for(w.fatal, 20)
+            assert isinstance(got, RebuildError) and "is gone" in str(got)
+        finally:
+            await w.stop()
