@@ -308,10 +308,7 @@ class LedgerWriter:
     def parse(self, msg: Msg) -> tuple[Transfer, Transfer]:
         """Fill message -> its two transfers; raises ContractError or FillRejected."""
         fill = decode(Fill, msg.data)
-        seq = 0
-        with contextlib.suppress(Exception):
-            seq = int(msg.metadata.sequence.stream)
-        return transfers_for_fill(fill, self.topology, self.region, stream_seq=seq)
+        return transfers_for_fill(fill, self.topology, self.region, stream_seq=_seq(msg))
 
     async def _record_held(self, held: list[tuple[Msg, FillRejected | ContractError]]) -> set[int]:
         """Keep the held fills in the ledger's ``held_fills``, bytes and all; returns the

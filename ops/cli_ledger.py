@@ -1,4 +1,5 @@
-"""``meridian ledger migrate|export|verify``: the ledger's operator and compliance commands.
+"""``meridian ledger migrate|export|verify|held|post-held``: the ledger's operator and compliance
+commands.
 
 The DSN comes from ``--dsn`` or the environment variable ``MERIDIAN_PG_DSN``.
 
@@ -31,7 +32,9 @@ DSN_ENV = "MERIDIAN_PG_DSN"
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``ledger`` command group to the CLI's sub-parsers."""
-    lg = sub.add_parser("ledger", help="geo-partitioned ledger: migrate, export, verify")
+    lg = sub.add_parser(
+        "ledger", help="geo-partitioned ledger: migrate, export, verify, held, post-held"
+    )
     lsub = lg.add_subparsers(dest="ledger_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

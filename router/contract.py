@@ -160,6 +160,11 @@ def _ns(doc: str, **kw: Any) -> Any:
     return _f("int", doc, lo=0, hi=MAX_INT64, **kw)
 
 
+def is_id(value: str) -> bool:
+    """Whether ``value`` is an id as the contract's id fields take them (order ids, ...)."""
+    return bool(_ID.match(value))
+
+
 def _id(doc: str, **kw: Any) -> Any:
     return _f("str", doc, pattern=_ID, **kw)
 
@@ -388,7 +393,7 @@ def refusal_of(
                 tif=member(TimeInForce, "tif", TimeInForce.GTC),
                 qty=num("qty"),
                 price_ticks=num("price_ticks"),
-                entry_ns=num("entry_ns", 2**63 - 1),
+                entry_ns=num("entry_ns", MAX_INT64),
             )
         elif op in ("cancel", "replace"):
             out = CancelReject(

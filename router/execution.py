@@ -100,9 +100,9 @@ FAULT = "fault"
 """Third element of a refusal-bucket record that marks a command whose application failed."""
 
 
-MAX_FAULTS_PER_REBUILD = 100
-"""More commands than this failing in one rebuild (each costs a replay) is a systematic fault
-of the build, not a command's: the worker stops (fails closed) rather than crawl."""
+MAX_FAULTS = 100
+"""More commands than this failing between two snapshots (each costs a rebuild) is a systematic
+fault of the build, not a command's: the worker stops (fails closed) rather than crawl."""
 
 
 class CommandFault(RuntimeError):
@@ -301,6 +301,8 @@ class ExecutionWorker:
         }
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
+        self._faults = 0
+        """Commands whose application failed since the last snapshot (:data:`MAX_FAULTS`)."""
         self._out_through = -1
         """Highest EXEC sequence whose outputs may have gone out: every command stored when
         this worker first rebuilt (a predecessor, handed them or rebuilding, may have sent
@@ -377,9 +379,8 @@ class ExecutionWorker:
         if self._out_through < 0:
             # a predecessor may have sent the outputs of all it was handed, and its own
             # rebuild those of every command stored by then
-            got = getattr(info, "delivered", None)
-            delivered = (got.stream_seq or 0) if got is not None else 0
-            self._out_through = max(delivered, last or 0)
+            # (a consumer is never handed past the stream's last message)
+            self._out_through = last or 0
         await self._restore_snapshot(max_seq=last)
         await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
@@ -689,8 +690,18 @@ class ExecutionWorker:
         A command whose outputs may have gone out (below the ack floor, or handed to a
         predecessor, or published by this worker: :attr:`_out_through`) was applied before,
         and this build fails on it: the rebuild stops (:class:`RebuildError`) rather than
-        refuse an order whose reports and fills went out."""
+        refuse an order whose reports and fills went out. More than :data:`MAX_FAULTS`
+        between two snapshots stop it too."""
         symbol = cmd.subject.rsplit(".", 1)[1]
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.execution_faults(symbol).inc()
+        self._faults += 1
+        if self._faults > MAX_FAULTS:
+            raise RebuildError(
+                f"{self._faults} commands failed since the last snapshot, the last {cmd.seq} "
+                f"on {cmd.subject} ({e!r}): a systematic fault of this build"
+            ) from e
         if not publish or cmd.seq <= self._out_through:
             raise RebuildError(
                 f"command {cmd.seq} on {cmd.subject}, whose outputs may have gone out (applied "
@@ -705,9 +716,6 @@ class ExecutionWorker:
             cmd.subject,
             exc_info=True,
         )
-        if self.metrics is not None:
-            with contextlib.suppress(Exception):
-                self.metrics.execution_faults(symbol).inc()
         await self._record_fault(cmd)
         raise CommandFault(f"command {cmd.seq} on {cmd.subject} failed: {e!r}") from e
 
@@ -772,17 +780,14 @@ class ExecutionWorker:
 
     async def _rebuild_through_faults(self) -> None:
         """:meth:`rebuild`, again after each command its replay found failing: each one is
-        recorded by then, so the next replay refuses it (progress, not a retry)."""
-        for _ in range(MAX_FAULTS_PER_REBUILD):
+        recorded by then, so the next replay refuses it (progress, not a retry; bounded by
+        :data:`MAX_FAULTS`)."""
+        while True:
             try:
                 await self.rebuild()
                 return
             except CommandFault as e:
                 log.warning("exec %s: %s; rebuilding without it", self.region, e)
-        raise RebuildError(
-            f"{MAX_FAULTS_PER_REBUILD} commands failed in one rebuild: a systematic fault of "
-            "this build; run one that applies them"
-        )
 
     async def _fetch(self, seq: int) -> Cmd | None:
         try:
@@ -854,6 +859,7 @@ class ExecutionWorker:
             # object-store chunks, go on beside the next commands instead of holding them.
             # While a put runs, a due snapshot is left for a later batch or wake-up.
             self._saving = asyncio.create_task(self._save(*self._snapshot_body()))
+            self._faults = 0
 
     def _snapshot_body(self) -> tuple[int, Iterator[bytes]]:
         """Every book at :attr:`applied`, as immutable pieces (:func:`snapshot_parts`): call

@@ -338,8 +338,8 @@ class PullLoop:
         the consumer's last delivery.
 
         ``through`` is given when a held first delivery bounds the gap. Reading further would
-        hand on the held deliveries twice, the copy read back first: its delivery, dropped as
-        a repeat, would then wait for a later ack or the redelivery."""
+        hand on the held deliveries twice, the copy read back first, and the worker would
+        meet each twice."""
         if through:
             upto_c, upto_s = self._cseq, through
         else:
@@ -659,6 +659,8 @@ def transient(e: BaseException) -> bool:
     import nats.errors
     import nats.js.errors
 
+    if isinstance(e, nats.js.errors.APIError) and (getattr(e, "code", 0) or 0) >= 500:
+        return True  # the server's own trouble (a leader election, placement): try again
     return isinstance(
         e,
         TimeoutError

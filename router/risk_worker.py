@@ -446,6 +446,16 @@ class RiskWorker:
                     raise RebuildUnavailable(
                         f"replay stalled after RISKLOG {self._risklog_seq} (last record {last})"
                     ) from None
+                seq = m.metadata.sequence.stream
+                msg_id = (m.headers or {}).get(H_MSG_ID, "")
+                if 0 <= known_last < seq and not msg_id.startswith(f"rec:{self._epoch}:"):
+                    # a record after this process's own last one that it did not write: a
+                    # second risk worker is running. Going on would skip the inputs it took
+                    # as older than the mark; both stop instead (fail closed)
+                    raise RebuildError(
+                        f"RISKLOG {seq} ({msg_id or 'no id'}) was written by another risk "
+                        f"worker of {self.region}: only one may run"
+                    )
                 body = msgpack.unpackb(m.data, raw=False)
                 for rec in body.get("b", [body]):
                     if rec["in"] not in self.done:  # a batch re-recorded after a crash
@@ -775,11 +785,13 @@ class RiskWorker:
             outs.extend(produced)
         futs = []
         # One RISKLOG message per batch (<= MAX_RECORD_BYTES): one durable write, not one per
-        # input. Its msg id is the first input's, so a re-recorded batch is dropped.
+        # input. Its msg id names this process and the first input: a resend of the same
+        # piece is a duplicate, which fails the batch (rebuilt, then retried).
         # Each piece expects the record before it on the subject: what this worker last
         # stored or replayed, then the piece before. A record stored late by a failed
         # attempt (its PubAck lost, the rebuild already done) then fails this attempt instead
-        # of forking the log with decisions made without it, and so would a second writer.
+        # of forking the log with decisions made without it; a second writer's record stops
+        # the rebuild that follows (:meth:`rebuild`).
         # A piece is sent once the one before it is stored: a stored piece then means every
         # earlier one is, and a replay's high-water marks never pass an input whose record
         # was lost (:meth:`_stale`).
@@ -974,8 +986,8 @@ class RiskWorker:
         except (ContractError, ValueError) as e:
             # Not term()ed: with AckPolicy.ALL a term acks every earlier input too, decided or
             # not (inputs of this batch not yet recorded, earlier batches waiting for their
-            # outputs). It is acked in its place instead, deciding nothing (not recorded: it
-            # changes no state, and a redelivery is just as undecodable).
+            # outputs). It is acked in its place instead, deciding nothing; an order request
+            # is answered and that answer recorded (:meth:`_refuse_unread`).
             log.error(
                 "risk %s: undecodable input %s (%s); acking it in its place, deciding nothing",
                 self.region,
@@ -991,10 +1003,13 @@ class RiskWorker:
         if it.kind == "order":
             # the headers are input too (a newer gateway's, or a rogue publisher's): one this
             # build cannot read makes the input "bad", never a batch that fails for good
-            cls = contract.ENTRY_OPS.get(it.headers.get(H_OP, "new"))
+            op = it.headers.get(H_OP, "new")
+            cls = contract.ENTRY_OPS.get(op)
             if cls is None:
-                raise ValueError(f"unknown op {it.headers.get(H_OP)!r}")
-            int(it.headers.get(H_ACCEPTED_NS, "0"))
+                raise ValueError(f"unknown op {op!r}")
+            accepted_ns(it.headers)
+            if op == "new" and not contract.is_id(it.headers.get(H_ORDER_ID, "")):
+                raise ValueError(f"order id header {it.headers.get(H_ORDER_ID)!r:.80}")
             return contract.decode(cls, it.payload)
         if it.kind == "report":
             return contract.decode(ExecutionReport, it.payload)
@@ -1042,7 +1057,7 @@ class RiskWorker:
                 dec = eng.on_new(
                     d,
                     order_id=it.headers.get(H_ORDER_ID, ""),
-                    accepted_ns=int(it.headers.get(H_ACCEPTED_NS, "0")),
+                    accepted_ns=accepted_ns(it.headers),
                     ext=ext,
                     seq=seq,
                     verdict=verdict,
@@ -1156,15 +1171,17 @@ class RiskWorker:
         if not isinstance(raw, dict) or raw.get("account") != it.account:
             return []  # an answer goes only to the account the subject names
         op = str(it.headers.get(H_OP, "new"))
-        accepted = it.headers.get(H_ACCEPTED_NS, "")
-        accepted_ns = int(accepted) if accepted.isdigit() else 0
+        try:
+            accepted = accepted_ns(it.headers)
+        except ValueError:
+            accepted = 0
         fields = {
             **raw,
             # the order's id is the gateway's for a new order; a cancel's or replace's names
             # an order this answer cannot look up
             "order_id": it.headers.get(H_ORDER_ID, "") if op == "new" else "NONE",
             "home_region": self.region,
-            "entry_ns": accepted_ns,
+            "entry_ns": accepted,
         }
         answer = contract.refusal_of(
             fields,
@@ -1174,7 +1191,7 @@ class RiskWorker:
             reply_id=f"{self.region}-risk-{it.headers.get('seq', '0')}",
             symbol=str(raw.get("symbol", "")),
             exec_region=self.region,
-            transact_ns=accepted_ns,
+            transact_ns=accepted,
         )
         if answer is None:
             return []
@@ -1270,6 +1287,15 @@ MAX_INFLIGHT_BATCHES = 100_000
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
+
+
+def accepted_ns(headers: dict[str, str]) -> int:
+    """An order request's accept time (the gateway's ``Mrd-Accepted-Ns``; 0 when absent),
+    or ValueError when it is not a UTC ns a report can carry (the contract's int64)."""
+    raw = headers.get(H_ACCEPTED_NS, "0")
+    if not raw.isascii() or not raw.isdigit() or int(raw) > contract.MAX_INT64:
+        raise ValueError(f"accept time header {raw!r:.40}")
+    return int(raw)
 
 
 def _rows(outs: list[Out]) -> list[list[Any]]:

@@ -407,4 +407,13 @@ async def test_a_command_whose_application_failed_is_refused_by_the_replay() -> 
     handed.books["USDJPY"].apply = broken  # type: ignore[method-assign]
     with pytest.raises(RebuildError, match="command 2"):
         await handed._apply_and_send(faulting, True, None)
+    # a fault on every command is the build's, not theirs: past MAX_FAULTS since the last
+    # snapshot (each a rebuild), the worker stops rather than crawl
+    from router.execution import MAX_FAULTS
+
+    systematic = worker()
+    systematic._faults = MAX_FAULTS
+    systematic.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    with pytest.raises(RebuildError, match="systematic"):
+        await systematic._apply_and_send(_cmd(_submit(order_id="O-8"), seq=8), True, None)
     assert recorded["2"][0] == _digest(faulting.data) and len(recorded["2"]) == 2

@@ -636,12 +636,24 @@ async def _late_record_scenario(ds: Devstack) -> None:
             await _send(js, 0)
             await _decided(w, 1)
             ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
-            await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}))
+            late = {H_MSG_ID: f"rec:{w._epoch}:o:ghost:1"}  # this process's, stored late
+            await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}), headers=late)
             await _send(js, 1)
             # (decided in the refused attempt too: wait for the retry)
             await _until(lambda: _key(1) in w.done and "o:ghost" in w.done)
             assert _key(1) in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
             assert not w.fatal.done()
+            # a record another worker wrote (a second risk worker of the region): the worker
+            # stops rather than skip the inputs that worker took
+            other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
+            await js.publish(
+                subjects.risklog("lon"),
+                msgpack.packb({"b": [other]}),
+                headers={H_MSG_ID: "rec:another:o:other:1"},
+            )
+            await _send(js, 2)
+            got = await asyncio.wait_for(w.fatal, 30)
+            assert isinstance(got, RebuildError) and "only one may run" in str(got)
         finally:
             await w.stop()
 
