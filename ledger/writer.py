@@ -146,6 +146,12 @@ class WriterMetrics:
         self.db_up = Gauge(
             "meridian_ledger_db_up", "1 while the database answers", lb, registry=registry
         ).labels(*base)
+        self.held_unrecorded = Counter(
+            "meridian_ledger_held_unrecorded",
+            "Held fills that could not be kept in held_fills (the stream still holds them)",
+            lb,
+            registry=registry,
+        ).labels(*base)
         self.loop_lag = event_loop_lag_histogram(registry).labels(*base)
         self.region = region
 
@@ -352,6 +358,7 @@ class LedgerWriter:
                 rows_posted = await cur.fetchall()
                 return {q for r in rows_posted for q in by_tid[str(r[0])]}  # type: ignore[index]
         except Exception as e:
+            self.metrics.held_unrecorded.inc(len(rows))
             log.warning(
                 "ledger %s: could not record %d held fills in held_fills (%s); "
                 "they stay in the stream and are recorded at their next hold",

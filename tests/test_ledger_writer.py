@@ -462,6 +462,8 @@ async def test_a_fill_from_a_newer_build_is_held_never_terminated(topology: Topo
     # (no database here: recording them in held_fills fails, and they are held all the same)
     assert await w.handle_batch(newer, asyncio.Event())  # type: ignore[arg-type]
     assert calls == ["nak", "nak"]
+    base = {"region": "lon", "service": "ledger"}
+    assert w.registry.get_sample_value("meridian_ledger_held_unrecorded_total", base) == 2
     for field in ("v", "fee_minor"):
         labels = {"region": "lon", "service": "ledger", "field": field}
         assert w.registry.get_sample_value("meridian_ledger_fills_held_total", labels) == 1
