@@ -170,12 +170,15 @@ class RiskWorker:
         self.restored_from = 0
         """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
         self._risklog_seq = 0
-        self._snap_floor = 0
-        """The latest snapshot position this process restored or saved: an older snapshot
-        read back later (or none) cannot prove what is gone after it."""
-        self._no_records: tuple[int, int] | None = None
-        """RISKLOG sequences gone after the snapshot that this process showed held no record
-        (:meth:`rebuild`): later rebuilds from the same snapshot go on past them."""
+        """How far this process's state covers RISKLOG: its last record replayed or stored,
+        or a later risk reject report it stored (the snapshot position). Every record up to
+        it is applied between batches (the only writer's), so a snapshot there leaves after
+        itself nothing of this process's but later batches: if RISKLOG's max_age takes
+        messages after a snapshot, records went with them, and a rebuild stops."""
+        self._snap_saved = 0
+        """Position of the last snapshot stored (or restored): a later one is due once
+        :attr:`_risklog_seq` passed it, so an idle region's last reject reports are covered
+        long before max_age takes them (:meth:`_maybe_snapshot`)."""
         self._last_record = 0
         """Stream sequence of the last record on this region's RISKLOG subject (0: none),
         read at each rebuild and kept as records are stored: what the next one expects.
@@ -208,6 +211,8 @@ class RiskWorker:
         self.metrics = metrics
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.js = nc.jetstream(domain=region)
+        self._own_reports = subjects.report_risk(region, "")
+        """Prefix of this worker's reject reports, stored in its own RISKLOG."""
         self.snapshots = SnapshotStore(self.js, self.snapshot_bucket, "state")
         self.pub = AsyncPublisher(nc, max_pending=20000, ack_timeout_s=PUB_TIMEOUT_S)
         self.done: OrderedDict[str, bytes] = OrderedDict()
@@ -356,11 +361,10 @@ class RiskWorker:
         replay that stalls): deciding orders on partial exposure is worse than not deciding.
 
         ``known_last``: the last record this process stored or read (a rebuild after a failed
-        batch), -1 when it knows none (at start). Messages gone after the snapshot with no
-        record after them are then known to have been no records (its reject reports), if
-        none of its own records was past the snapshot and the snapshot is the latest it
-        restored or saved; a later rebuild from the same snapshot goes on past them. At
-        start that cannot be told, and the rebuild stops.
+        batch), -1 when it knows none (at start): one past the snapshot that is gone stops
+        the rebuild. So does any message gone after the snapshot: a snapshot covers this
+        process's reject reports too (:attr:`_risklog_seq`), so what is gone after it held
+        records, or may have.
         """
         if self._snap_put is not None and not self._snap_put.done():
             # a retried batch rebuilds while this process may still be storing a snapshot: an
@@ -396,36 +400,13 @@ class RiskWorker:
             raise RebuildError(
                 f"RISKLOG record {known_last}, past the snapshot at {start - 1}, is gone"
             )
-        self._snap_floor = max(self._snap_floor, self.restored_from)
+        self._snap_saved = self.restored_from
         gone_to = info.state.first_seq - 1
         if start <= gone_to and info.state.last_seq >= start:  # messages after it are gone
-            proven = self._no_records is not None and (
-                self._no_records[0] == start and gone_to <= self._no_records[1]
+            raise RebuildError(
+                f"RISKLOG {start}..{gone_to} are gone (the stream starts at "
+                f"{gone_to + 1}) and no snapshot covers them"
             )
-            # none of them was a record: this process knows its own last record (the only
-            # writer's) was before them, no record after them remains, and the snapshot is
-            # the latest it restored or saved
-            mine = (
-                0 <= known_last < start
-                and (last or 0) < start
-                and self.restored_from >= self._snap_floor
-            )
-            if not (proven or mine):
-                raise RebuildError(
-                    f"RISKLOG {start}..{gone_to} are gone (the stream starts at "
-                    f"{gone_to + 1}) and no snapshot covers them"
-                )
-            if not proven:
-                self._no_records = (start, gone_to)
-                log.warning(
-                    "risk %s: RISKLOG %d..%d are gone; none was a record past the snapshot",
-                    self.region,
-                    start,
-                    gone_to,
-                )
-            # a snapshot after the next record, so that a new process, which cannot tell,
-            # need not look behind it
-            self._snap_at = float("-inf")
         if last is None or last < start:
             self._apply_file_limits()
             self._log_rebuilt(0)
@@ -491,7 +472,7 @@ class RiskWorker:
     async def _maybe_snapshot(self) -> None:
         due_n = self.snapshot_every and self._records_since_snap >= self.snapshot_every
         due_t = (
-            self._records_since_snap > 0
+            self._risklog_seq > self._snap_saved
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
         if (due_n or due_t) and self._snapshots_ok:
@@ -541,22 +522,17 @@ class RiskWorker:
             "hwm": {k: list(v) for k, v in self._hwm.items()},
         }
         built_ms = (time.perf_counter() - t0) * 1000
-        forced = self._snap_at == float("-inf")
         self._records_since_snap, self._snap_at = 0, time.monotonic()
-        if forced and self._no_records is not None and seq <= self._no_records[1]:
-            self._snap_at = float("-inf")  # not past the gone messages yet: still due
         # the batch loop only pays for capturing the state (~20 ms at full memory); encoding
         # it (~45 ms, in slices with yields between: msgpack keeps the GIL, so a thread would
         # not free the loop) and storing it run beside the next batches
-        self._snap_put = asyncio.create_task(self._put_snapshot(seq, state, built_ms, forced))
+        self._snap_put = asyncio.create_task(self._put_snapshot(seq, state, built_ms))
 
-    async def _put_snapshot(
-        self, seq: int, state: dict[str, Any], built_ms: float, forced: bool = False
-    ) -> None:
+    async def _put_snapshot(self, seq: int, state: dict[str, Any], built_ms: float) -> None:
         try:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
-            self._snap_floor = max(self._snap_floor, seq)
+            self._snap_saved = max(self._snap_saved, seq)
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, captured in %.1f ms)",
                 self.region,
@@ -566,8 +542,6 @@ class RiskWorker:
             )
         except Exception as e:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
-            if forced:  # one that covers gone messages (rebuild): again after the next record
-                self._snap_at = float("-inf")
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
         try:
@@ -895,9 +869,15 @@ class RiskWorker:
                 self.fatal.set_result(e)
 
     async def _stored(self, p: _Pending) -> list[Out]:
-        """Waits (bounded) for the batch's PubAcks; returns the outputs that were not stored."""
+        """Waits (bounded) for the batch's PubAcks; returns the outputs that were not stored.
+        A reject report stored in this region's RISKLOG moves :attr:`_risklog_seq` past it."""
         assert len(p.outs) == len(p.futs)
-        return [p.outs[i] for i in await unstored(p.futs, PUB_TIMEOUT_S + 1.0)]
+        failed = set(await unstored(p.futs, PUB_TIMEOUT_S + 1.0))
+        own = self._own_reports
+        for i, (o, f) in enumerate(zip(p.outs, p.futs, strict=True)):
+            if o.subject.startswith(own) and i not in failed:
+                self._risklog_seq = max(self._risklog_seq, f.result().seq)
+        return [o for i, o in enumerate(p.outs) if i in failed]
 
     def _warn_stuck(self, p: _Pending, failed: list[Out]) -> None:
         now = time.monotonic()
