@@ -262,6 +262,8 @@ class ExecutionWorker:
         """... or this long after the last snapshot if any command was applied since."""
         self._snap_seq = 0
         self._snap_at = 0.0
+        self._saved_seq, self._saved_at = 0, time.monotonic()
+        """Position of the last snapshot stored (or restored), and when (or the start)."""
         self._saving: asyncio.Task[None] | None = None
         self._sent: list[tuple[str, bytes, dict[str, str]]] = []
         """This batch's outputs as sent, in the order of their PubAck futures."""
@@ -384,6 +386,7 @@ class ExecutionWorker:
         await self._restore_snapshot(max_seq=last)
         await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
+        self._saved_seq = self.applied
         if not last or self.applied >= last:
             return
         if self.applied + 1 < sinfo.state.first_seq:
@@ -847,7 +850,15 @@ class ExecutionWorker:
     def snapshot_bucket(self) -> str:
         return f"EXECSNAP_{self.region}"
 
+    def snapshot_behind_s(self) -> float:
+        """Seconds the books have been ahead of the last stored snapshot (0: covered)."""
+        if self.applied <= self._saved_seq:
+            return 0.0
+        return time.monotonic() - self._saved_at
+
     async def _maybe_snapshot(self) -> None:
+        if self.metrics is not None:
+            self.metrics.snapshot_behind().set(self.snapshot_behind_s())
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
         due_t = (
             self.applied > self._snap_seq
@@ -877,6 +888,7 @@ class ExecutionWorker:
         try:
             body = await join_yielding(parts)
             await self.snapshots.save(body)
+            self._saved_seq, self._saved_at = max(self._saved_seq, seq), time.monotonic()
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
         except Exception as e:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)

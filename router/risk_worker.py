@@ -186,6 +186,8 @@ class RiskWorker:
         than RISKLOG's max_age are gone, and then the subject holds none."""
         self._records_since_snap = 0
         self._snap_at = 0.0
+        self._saved_at = time.monotonic()
+        """When the last snapshot was stored (or this process started)."""
         self._limits_from_cfg = False
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
@@ -469,7 +471,15 @@ class RiskWorker:
     def snapshot_bucket(self) -> str:
         return f"RISKSNAP_{self.region}"
 
+    def snapshot_behind_s(self) -> float:
+        """Seconds the state has been ahead of the last stored snapshot (0: covered)."""
+        if self._risklog_seq <= self._snap_saved:
+            return 0.0
+        return time.monotonic() - self._saved_at
+
     async def _maybe_snapshot(self) -> None:
+        if self.metrics is not None:
+            self.metrics.snapshot_behind().set(self.snapshot_behind_s())
         due_n = self.snapshot_every and self._records_since_snap >= self.snapshot_every
         due_t = (
             self._risklog_seq > self._snap_saved
@@ -533,6 +543,7 @@ class RiskWorker:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
             self._snap_saved = max(self._snap_saved, seq)
+            self._saved_at = time.monotonic()
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, captured in %.1f ms)",
                 self.region,

@@ -687,6 +687,7 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             assert last_report > w._last_record  # the reject's report, after its record
             await _until(lambda: w._snap_saved >= last_report, 100)
             assert w._snap_saved >= last_report, "no snapshot covered the last report"
+            assert w.snapshot_behind_s() == 0.0
             await js.purge_stream("RISKLOG")  # everything gone, as max_age would
         finally:
             await w.stop()
@@ -706,6 +707,16 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             await _until(lambda: _key(3) in w2.done and w2._last_record > stored)
             assert _key(3) in w2.done and w2._last_record > stored
             assert not w2.fatal.done()
+
+            async def no_save(*a: object, **k: object) -> None:  # the object store fails
+                raise ConnectionError("injected")
+
+            w2.snapshots.save = no_save  # type: ignore[method-assign]
+            await _until(lambda: not w2._inflight and w2._snap_put is not None)
+            await _until(lambda: w2._snap_put is not None and w2._snap_put.done())
+            await _send(js, 4)
+            await _until(lambda: _key(4) in w2.done)
+            assert w2.snapshot_behind_s() > 0.0  # MeridianSnapshotBehind's gauge
         finally:
             await w2.stop()
 

@@ -201,6 +201,12 @@ class MeridianMetrics:
             "Commands whose application failed (a fault of this build): rebuilt without them.",
             "symbol",
         )
+        self._snapshot_behind = gauge(
+            "meridian_snapshot_behind_seconds",
+            "How long a single writer's state (risk, execution) has been ahead of its last"
+            " stored snapshot (0: covered). A restart replays what is after it, and cannot"
+            " start once the stream's max_age (7 days) has taken any of that.",
+        )
         self._consumer_pending = gauge(
             "meridian_consumer_pending",
             "Messages not yet processed by this worker's JetStream consumer.",
@@ -283,6 +289,10 @@ class MeridianMetrics:
     def execution_faults(self, symbol: str) -> Counter:
         """Counter of commands on ``symbol`` whose application failed (execution)."""
         return self._child(self._execution_faults, "symbol", symbol, self._symbols)
+
+    def snapshot_behind(self) -> Gauge:
+        """Gauge (seconds) of a single writer's state ahead of its stored snapshot."""
+        return self._snapshot_behind.labels(*self._base)
 
     def consumer_pending(self, stream: str, consumer: str) -> Gauge:
         """Gauge of messages pending for this worker's durable ``consumer`` on ``stream``."""
