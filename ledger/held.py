@@ -43,6 +43,9 @@ OUTSTANDING_SQL = (
     f"WHERE h.region = ANY(%s) AND NOT ({_POSTED}) ORDER BY h.region, h.stream_seq, h.first_held_ns"
 )
 
+OUTSTANDING_COUNT_SQL = f"SELECT count(*) FROM held_fills h WHERE h.region = %s AND NOT ({_POSTED})"
+"""How many of a region's held rows are outstanding (the writer's gauge)."""
+
 POSTED_TRADES_SQL = "SELECT id FROM transfers WHERE region = %s AND id = ANY(%s)"
 """Which of these base-leg transfer ids are in a region's books (the writer asks for the
 held fills it has in hand, by their own trade ids, never through a row)."""

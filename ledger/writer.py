@@ -44,7 +44,13 @@ from tenacity import (
 
 from ledger.db import RETRY_SQLSTATES, is_retryable, libpq_dsn
 from ledger.errors import FillRejected, LedgerConfigError
-from ledger.held import POSTED_TRADES_SQL, UPSERT_SQL, held_trade_id, payload_digest
+from ledger.held import (
+    OUTSTANDING_COUNT_SQL,
+    POSTED_TRADES_SQL,
+    UPSERT_SQL,
+    held_trade_id,
+    payload_digest,
+)
 from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, post_transfers
 from regions.topology import Topology, load_topology
@@ -58,6 +64,8 @@ DEFAULT_LINGER_S = 0.05
 HOLD_S = 30.0
 """A fill this writer cannot post (unknown account, instrument or currency) comes back this
 long after it was held."""
+HELD_COUNT_S = 60.0
+"""How often the writer counts its region's outstanding held fills (a gauge)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +157,13 @@ class WriterMetrics:
         self.held_unrecorded = Counter(
             "meridian_ledger_held_unrecorded",
             "Held fills that could not be kept in held_fills (the stream still holds them)",
+            lb,
+            registry=registry,
+        ).labels(*base)
+        self.held_outstanding = Gauge(
+            "meridian_ledger_held_outstanding",
+            "Held fills in held_fills whose trade is not in the books yet (counted every "
+            "60 s): they outlive EXECOUT's copy, and post only through post-held",
             lb,
             registry=registry,
         ).labels(*base)
@@ -261,7 +276,11 @@ class LedgerWriter:
                 cfg.durable_name,
             )
             me = asyncio.current_task()
+            counted = float("-inf")
             while not stop.is_set():
+                if time.monotonic() - counted >= HELD_COUNT_S:
+                    counted = time.monotonic()
+                    await self._count_held()
                 try:
                     msgs = list(await psub.fetch(cfg.batch_max, timeout=cfg.fetch_timeout_s))
                     if cfg.linger_s and len(msgs) < cfg.batch_max:
@@ -287,6 +306,20 @@ class LedgerWriter:
             await self._close_db()
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _count_held(self) -> None:
+        """Set the outstanding held fills gauge. Best effort: a database that does not answer
+        (``meridian_ledger_db_up``) or a ledger not migrated leaves it as it was."""
+        try:
+            conn = await self._conn()
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.execute(OUTSTANDING_COUNT_SQL, (self.region,))
+                row = await cur.fetchone()
+            self.metrics.held_outstanding.set(int(row[0]) if row else 0)  # type: ignore[index]
+        except Exception as e:
+            log.debug("ledger %s: could not count held fills: %s", self.region, e)
+            if is_retryable(e):
+                await self._close_db()
 
     async def _top_up(self, psub: Any, room: int) -> list[Msg]:
         await asyncio.sleep(self.config.linger_s)

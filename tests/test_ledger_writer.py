@@ -265,6 +265,7 @@ async def test_a_held_fill_posted_from_its_row_is_then_acked_by_the_writer(
     import ledger.writer as lw
 
     monkeypatch.setattr(lw, "HOLD_S", 0.3)
+    monkeypatch.setattr(lw, "HELD_COUNT_S", 0.2)
     dsn = pg.create_database("t_" + uuid.uuid4().hex[:12])
     migrate(dsn, topology)
     tag = "h" + uuid.uuid4().hex[:8]
@@ -287,6 +288,8 @@ async def test_a_held_fill_posted_from_its_row_is_then_acked_by_the_writer(
             cli = _cli(["held", "--dsn", dsn])
             assert cli[0] == 1 and "1 fills held, not posted" in cli[1]
             assert fill.trade_id in cli[1] and "sell_account" in cli[1]
+            gauge = "meridian_ledger_held_outstanding"
+            await wait_for(lambda: w.metric(gauge) == 1, 10, "the gauge counting it")
 
             knows = dataclasses.replace(
                 topology,
@@ -304,6 +307,7 @@ async def test_a_held_fill_posted_from_its_row_is_then_acked_by_the_writer(
             while await pending() and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert await pending() == 0  # acked: it stops coming back
+            await wait_for(lambda: w.metric(gauge) == 0, 10, "the gauge at 0 once posted")
             assert w.metric("meridian_ledger_transfers_total") == 0  # the writer posted nothing
     finally:
         await nc.close()
