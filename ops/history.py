@@ -6,7 +6,8 @@ order path):
 * entry: the request in the home region's ``ORDERS`` stream (subject derived from account
   and cl_ord_id; headers carry the entry region, accept time and order id);
 * routing and risk decision: the home region's ``RISKLOG`` (decision records with the
-  recorded reference price and rate verdict, and risk rejects);
+  recorded reference price and rate verdict, requests risk could not read, and risk
+  rejects);
 * execution: every report of the order in every region's ``EXECOUT``;
 * ledger: the transfers and postings of each of the order's trades.
 
@@ -29,6 +30,7 @@ from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
 from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, H_ORDER_ID
+from router.risk_worker import UNREAD
 
 
 @dataclass
@@ -172,11 +174,24 @@ async def order_history(
         )
         if hdr.get(H_ORDER_ID) and op == "new":
             h.order_id = hdr[H_ORDER_ID]
-    # risk decisions
+    # risk decisions, and requests risk could not read (recorded with their answer only)
+    keys = {f"o:{subjects.request_key(account, cl)}": cl for cl in cl_ids}
     for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home)):
         with contextlib.suppress(Exception):
             body = msgpack.unpackb(m.data, raw=False)
             for rec in body.get("b", [body]):
+                if rec.get("k") == UNREAD and rec.get("in") in keys:
+                    answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
+                    h.events.append(
+                        Event(
+                            int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1,
+                            f"{home}/RISKLOG",
+                            "risk: not readable",
+                            f"cl={keys[rec['in']]} this build could not read the request: "
+                            f"decided nothing, answered {answers}",
+                        )
+                    )
+                    continue
                 if rec.get("k") != "order":
                     continue
                 p = msgpack.unpackb(rec["p"], raw=False)

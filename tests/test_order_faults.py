@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import math
 import signal
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -24,9 +25,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ops.history import order_history
 from ops.loadgen import REFERENCE_MIDS
 from regions.topology import load_topology
-from router import contract, subjects
+from router import contract, ids, subjects
 from router.book import Submit
 from router.client import DeskClient
 from router.commands import decode_command
@@ -35,14 +37,17 @@ from router.contract import (
     ExecType,
     ExecutionReport,
     Fill,
+    NewOrder,
     OrderAck,
     OrderReject,
     OrdStatus,
+    OrdType,
     RejectReason,
     Side,
+    TimeInForce,
 )
 from router.gateway import validate
-from router.natsutil import H_KIND
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_MSG_ID, H_OP, H_ORDER_ID
 from tests.conftest import Mesh
 from tests.test_risk_checks import (
     BUY,
@@ -435,6 +440,58 @@ async def test_valid_order_right_after_garbage_works(order_path: Mesh) -> None:
     for r in mesh.topology.codes:
         for svc in ("gateway", "risk", "execution"):
             assert mesh.procs[f"{svc}-{r}"].alive(), f"{svc}-{r}"
+
+
+async def test_an_order_risk_cannot_read_is_rejected_and_in_its_history(order_path: Mesh) -> None:
+    """An order a newer gateway stored (a field this build does not know) reaches risk,
+    which cannot read it: the desk gets a typed REJECTED report, nothing is decided, and the
+    order's history shows its entry, risk's record of it and the report."""
+    mesh = order_path
+    clid = cl("unreadable")
+    key = subjects.request_key(ACCOUNT, clid)
+    order_id = ids.order_id(ACCOUNT, clid)
+    body = msgpack.unpackb(
+        contract.encode(
+            NewOrder(
+                account=ACCOUNT,
+                cl_ord_id=clid,
+                symbol="EURGBP",
+                side=SELL,
+                ord_type=OrdType.LIMIT,
+                tif=TimeInForce.GTC,
+                qty=10_000,
+                price_ticks=REFERENCE_MIDS["EURGBP"] + 700,
+            )
+        )
+    )
+    body["fee_bps"] = 3  # what a newer contract might add
+    async with desks(mesh, (GATEWAY_REGION, ACCOUNT)) as (c,):
+        nc = await mesh.connect(GATEWAY_REGION)
+        try:
+            await nc.jetstream(domain=GATEWAY_REGION).publish(
+                subjects.orders(GATEWAY_REGION, ACCOUNT, key),
+                msgpack.packb(body),
+                headers={
+                    H_MSG_ID: f"new:{key}",
+                    H_OP: "new",
+                    H_ORDER_ID: order_id,
+                    H_ACCEPTED_NS: str(time.time_ns()),
+                    H_ENTRY_REGION: GATEWAY_REGION,
+                },
+            )
+            rep = await c.wait_report(
+                order_id, lambda r: getattr(r, "exec_type", None) is ExecType.REJECTED, 10
+            )
+            assert isinstance(rep, ExecutionReport) and rep.reject_reason == "MALFORMED"
+            h = await order_history(nc, mesh.topology, clid, account=ACCOUNT)
+        finally:
+            await nc.close()
+    assert h is not None
+    what = [e.what for e in h.events]
+    assert "accepted (new)" in what and "REJECTED REJECTED" in what, what
+    (risk,) = [e for e in h.events if e.what.startswith("risk")]
+    assert risk.what == "risk: not readable" and risk.where == f"{GATEWAY_REGION}/RISKLOG"
+    assert "decided nothing, answered ExecutionReport" in risk.detail
 
 
 @pytest.mark.parametrize("how", ["cut", "blackhole"])
