@@ -205,8 +205,11 @@ def _peek_order_id(data: bytes) -> str | None:
         return None
 
 
-def snapshot_parts(region: str, applied: int, books: dict[str, OrderBook]) -> Iterator[bytes]:
-    """The execution snapshot ``{"v": 1, "applied", "region", "books": {symbol: bin}}`` as
+def snapshot_parts(
+    region: str, applied: int, books: dict[str, OrderBook], saved_ns: int = 0
+) -> Iterator[bytes]:
+    """The execution snapshot ``{"v": 1, "applied", "region", "saved_ns", "books": {symbol:
+    bin}}`` (``saved_ns``: when it was captured, UTC ns) as
     the pieces whose concatenation it is: each book's
     :meth:`~router.book.OrderBook.snapshot_groups` behind a bin header, spliced rather than
     packed. The pieces are captured (copied lists of immutable bytes) before this returns,
@@ -214,8 +217,8 @@ def snapshot_parts(region: str, applied: int, books: dict[str, OrderBook]) -> It
     next commands. At full memory (four books) capturing takes a few ms of the batch loop;
     listing every piece in one list and summing the books' lengths took ~50."""
     p = msgpack.Packer(use_bin_type=True)
-    head = [p.pack_map_header(4)]
-    for k, v in (("v", 1), ("applied", applied), ("region", region)):
+    head = [p.pack_map_header(5)]
+    for k, v in (("v", 1), ("applied", applied), ("region", region), ("saved_ns", saved_ns)):
         head += (p.pack(k), p.pack(v))
     head += (p.pack("books"), p.pack_map_header(len(books)))
     groups = [head]
@@ -226,9 +229,11 @@ def snapshot_parts(region: str, applied: int, books: dict[str, OrderBook]) -> It
     return itertools.chain.from_iterable(groups)
 
 
-def snapshot_body(region: str, applied: int, books: dict[str, OrderBook]) -> bytes:
+def snapshot_body(
+    region: str, applied: int, books: dict[str, OrderBook], saved_ns: int = 0
+) -> bytes:
     """:func:`snapshot_parts` joined: the bytes a restore reads."""
-    return b"".join(snapshot_parts(region, applied, books))
+    return b"".join(snapshot_parts(region, applied, books, saved_ns))
 
 
 def _bin_header(n: int) -> bytes:
@@ -262,8 +267,13 @@ class ExecutionWorker:
         """... or this long after the last snapshot if any command was applied since."""
         self._snap_seq = 0
         self._snap_at = 0.0
-        self._saved_seq, self._saved_at = 0, time.monotonic()
-        """Position of the last snapshot stored (or restored), and when (or the start)."""
+        self._saved_seq = 0
+        """Position of the last snapshot stored (or restored)."""
+        self._restored_saved_ns = 0
+        """When the restored snapshot was captured (UTC ns; 0: unknown, or none)."""
+        self._ahead_since: float | None = None
+        """Since when (monotonic) the books have been ahead of the last stored snapshot
+        (None: covered); after a rebuild that replayed commands, the snapshot's capture."""
         self._saving: asyncio.Task[None] | None = None
         self._sent: list[tuple[str, bytes, dict[str, str]]] = []
         """This batch's outputs as sent, in the order of their PubAck futures."""
@@ -387,6 +397,12 @@ class ExecutionWorker:
         await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
         self._saved_seq = self.applied
+        self._ahead_since = None
+        if last and self.applied < last:  # the replay puts the books ahead of the snapshot
+            age_s = (time.time_ns() - self._restored_saved_ns) / 1e9
+            self._ahead_since = time.monotonic() - (
+                max(0.0, age_s) if self._restored_saved_ns else 0.0
+            )
         if not last or self.applied >= last:
             return
         if self.applied + 1 < sinfo.state.first_seq:
@@ -853,15 +869,18 @@ class ExecutionWorker:
     def snapshot_behind_s(self) -> float:
         """Seconds the books have been ahead of the last stored snapshot (0: covered)."""
         if self.applied <= self._saved_seq:
+            self._ahead_since = None
             return 0.0
-        return time.monotonic() - self._saved_at
+        if self._ahead_since is None:
+            self._ahead_since = time.monotonic()
+        return time.monotonic() - self._ahead_since
 
     async def _maybe_snapshot(self) -> None:
         if self.metrics is not None:
             self.metrics.snapshot_behind().set(self.snapshot_behind_s())
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
-        due_t = (
-            self.applied > self._snap_seq
+        due_t = (  # past the last one stored: a failed put is tried again, idle or not
+            self.applied > self._saved_seq
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
         if (due_n or due_t) and (self._saving is None or self._saving.done()):
@@ -876,7 +895,7 @@ class ExecutionWorker:
         """Every book at :attr:`applied`, as immutable pieces (:func:`snapshot_parts`): call
         only between batches, when every output up to it is stored."""
         seq = self.applied
-        parts = snapshot_parts(self.region, seq, self.books)
+        parts = snapshot_parts(self.region, seq, self.books, time.time_ns())
         self._snap_seq, self._snap_at = seq, time.monotonic()
         if self._refused:  # a rebuild reads those past its snapshot from the bucket again
             self._refused = {k: v for k, v in self._refused.items() if k > seq}
@@ -888,12 +907,13 @@ class ExecutionWorker:
         try:
             body = await join_yielding(parts)
             await self.snapshots.save(body)
-            self._saved_seq, self._saved_at = max(self._saved_seq, seq), time.monotonic()
+            self._saved_seq = max(self._saved_seq, seq)
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
         except Exception as e:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)
 
     async def _restore_snapshot(self, *, max_seq: int) -> None:
+        self._restored_saved_ns = 0
         try:
             snap = await self.snapshots.load_for(self.region, "applied", max_seq)
             if snap is None:
@@ -914,6 +934,7 @@ class ExecutionWorker:
             if sym in self.books:
                 self.books[sym] = book
         self.applied = self.restored_from = seq
+        self._restored_saved_ns = int(snap.get("saved_ns") or 0)
 
     def _update_depth(self) -> None:
         """Book depth gauges; metrics must never fail (or slow) a batch."""

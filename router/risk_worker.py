@@ -166,7 +166,7 @@ class RiskWorker:
         self.snapshot_every = snapshot_every
         """Snapshot the engine after this many RISKLOG records (0: never) ..."""
         self.snapshot_every_s = snapshot_every_s
-        """... or this long after the last snapshot if any record was written since."""
+        """... or this long after the last one, if the state moved past the last one stored."""
         self.restored_from = 0
         """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
         self._risklog_seq = 0
@@ -186,8 +186,12 @@ class RiskWorker:
         than RISKLOG's max_age are gone, and then the subject holds none."""
         self._records_since_snap = 0
         self._snap_at = 0.0
-        self._saved_at = time.monotonic()
-        """When the last snapshot was stored (or this process started)."""
+        self._restored_saved_ns = 0
+        """When the restored snapshot was captured (UTC ns; 0: unknown, or none)."""
+        self._ahead_since: float | None = None
+        """Since when (monotonic) the state has been ahead of the last stored snapshot: the
+        first :meth:`_maybe_snapshot` that saw it ahead, or after a rebuild that replayed
+        records, the restored snapshot's capture time (None: covered)."""
         self._limits_from_cfg = False
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
@@ -200,7 +204,8 @@ class RiskWorker:
         """Part of every RISKLOG record id: a retried batch re-recorded in this process
         collides with (and so detects) a record stored late; another process never does."""
         self._snapshots_ok = True
-        """False when start-up could not re-publish every in-flight decision (see snapshot)."""
+        """False once a batch failed for good (its state may hold decisions with no record):
+        no snapshot is taken after that."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -410,7 +415,7 @@ class RiskWorker:
                 f"{gone_to + 1}) and no snapshot covers them"
             )
         if last is None or last < start:
-            self._apply_file_limits()
+            self._rebuilt_through(info.state.last_seq)
             self._log_rebuilt(0)
             return
         sub = await js.subscribe(
@@ -449,8 +454,19 @@ class RiskWorker:
                     break
         finally:
             await sub.unsubscribe()
-        self._apply_file_limits()
+        self._rebuilt_through(info.state.last_seq)
         self._log_rebuilt(n)
+
+    def _rebuilt_through(self, stream_last: int) -> None:
+        """The end of a rebuild that replayed every record up to the last one, read after
+        ``stream_last``: the state covers all of RISKLOG up to it (what is not a record is a
+        reject report, stored after its record), so a snapshot is due once it is past the
+        restored one, dated from that one's capture."""
+        self._apply_file_limits()
+        self._risklog_seq = max(self._risklog_seq, stream_last)
+        if self._risklog_seq > self._snap_saved:
+            age_s = max(0.0, (time.time_ns() - self._restored_saved_ns) / 1e9)
+            self._ahead_since = time.monotonic() - (age_s if self._restored_saved_ns else 0.0)
 
     def _apply_file_limits(self) -> None:
         """After a rebuild: limits.toml as it is now, unless a RISKCFG entry set the limits."""
@@ -474,12 +490,16 @@ class RiskWorker:
     def snapshot_behind_s(self) -> float:
         """Seconds the state has been ahead of the last stored snapshot (0: covered)."""
         if self._risklog_seq <= self._snap_saved:
+            self._ahead_since = None
             return 0.0
-        return time.monotonic() - self._saved_at
+        if self._ahead_since is None:
+            self._ahead_since = time.monotonic()
+        return time.monotonic() - self._ahead_since
 
     async def _maybe_snapshot(self) -> None:
+        behind = self.snapshot_behind_s()
         if self.metrics is not None:
-            self.metrics.snapshot_behind().set(self.snapshot_behind_s())
+            self.metrics.snapshot_behind().set(behind)
         due_n = self.snapshot_every and self._records_since_snap >= self.snapshot_every
         due_t = (
             self._risklog_seq > self._snap_saved
@@ -489,8 +509,10 @@ class RiskWorker:
             await self.snapshot()
 
     async def snapshot(self) -> None:
-        """Store the engine as of the last RISKLOG record (taken between batches, so every
-        record up to it is applied).
+        """Store the engine as of :attr:`_risklog_seq` (taken between batches, so every record
+        up to it is applied): its last record, or a reject report of its own stored after
+        it, but never past a record another risk worker wrote (a deploy overlap), which the
+        state does not hold: the position then stays at its own last record.
 
         It also keeps the ids of the latest order and report inputs, so an input redelivered
         after a restart, because its ack was lost, is recognised as decided. Kill switches and
@@ -512,8 +534,12 @@ class RiskWorker:
             await self._between_batches.wait()
         if not self._snapshots_ok:
             return  # a batch that never completed
+        seq, mine = self._risklog_seq, self._last_record
+        if seq > mine and not await self._last_record_is(mine):
+            seq = mine
+        if not self._between_batches.is_set() or self._last_record != mine:
+            return  # a batch ran meanwhile (a caller outside the loop): the next one
         t0 = time.perf_counter()
-        seq = self._risklog_seq
         # kill/limits entries are left out: the KV watchers re-deliver the current ones at start
         decided = list(reversed(self._recent))  # newest first, as before
         pending = {  # decided, outputs maybe not stored yet: re-published on redelivery
@@ -525,6 +551,7 @@ class RiskWorker:
             "v": 1,
             "region": self.region,
             "risklog_seq": seq,
+            "saved_ns": time.time_ns(),
             "engine": self.engine.snapshot(),  # copies: the engine goes on changing
             "limits_from_cfg": self._limits_from_cfg,
             "decided": decided,
@@ -543,7 +570,6 @@ class RiskWorker:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
             self._snap_saved = max(self._snap_saved, seq)
-            self._saved_at = time.monotonic()
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, captured in %.1f ms)",
                 self.region,
@@ -554,7 +580,21 @@ class RiskWorker:
         except Exception as e:
             log.warning("risk %s: snapshot at RISKLOG %d failed: %s", self.region, seq, e)
 
+    async def _last_record_is(self, seq: int) -> bool:
+        """Is ``seq`` the last record on this region's RISKLOG subject? Read before a
+        snapshot is captured past its own last record: the reports it covers were stored
+        before this read, so a record another worker stored before them shows here."""
+        try:
+            last = (await self.js.get_last_msg("RISKLOG", subjects.risklog(self.region))).seq
+        except NotFoundError:
+            last = 0
+        except Exception as e:  # not covered this time: the next snapshot tries again
+            log.warning("risk %s: RISKLOG's last record unreadable: %r", self.region, e)
+            return False
+        return last == seq
+
     async def _restore_snapshot(self, *, max_seq: int) -> None:
+        self._restored_saved_ns = 0
         try:
             snap = await self.snapshots.load_for(self.region, "risklog_seq", max_seq)
             if snap is None:
@@ -587,6 +627,7 @@ class RiskWorker:
                 self._recent.append(input_id)
             self.done[input_id] = packed  # its outputs may not have been stored
         self.restored_from = seq
+        self._restored_saved_ns = int(snap.get("saved_ns") or 0)
 
     async def _decide_queued(self) -> int:
         """Decide, before the batch loop starts, what the region's own loops queued at start:
@@ -886,7 +927,7 @@ class RiskWorker:
         failed = set(await unstored(p.futs, PUB_TIMEOUT_S + 1.0))
         own = self._own_reports
         for i, (o, f) in enumerate(zip(p.outs, p.futs, strict=True)):
-            if o.subject.startswith(own) and i not in failed:
+            if o.subject.startswith(own) and i not in failed and f.result().stream == "RISKLOG":
                 self._risklog_seq = max(self._risklog_seq, f.result().seq)
         return [o for i, o in enumerate(p.outs) if i in failed]
 

@@ -79,11 +79,34 @@ async def _scenario(ds: Devstack) -> None:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.5)  # idle for more than snapshot_every_s
+        assert w_idle._saved_seq == 71 and w_idle.snapshot_behind_s() == 0.0
+        # its put fails once (an object-store blip): idle, it tries again, and the gauge of
+        # MeridianSnapshotBehind shows the books ahead until then
+        save, fails = w_idle.snapshots.save, [1]
+
+        async def blip(*a: object, **k: object) -> None:
+            if fails:
+                fails.pop()
+                raise ConnectionError("injected")
+            await save(*a, **k)
+
+        w_idle.snapshots.save = blip  # type: ignore[method-assign]
+        await js.publish(subjects.exec_in("sgp", "USDJPY"), _submit(71, Side.BUY, 149001))
+        for _ in range(50):
+            if not fails:
+                break
+            await asyncio.sleep(0.1)
+        assert not fails and w_idle._saved_seq == 71 and w_idle.snapshot_behind_s() > 0.0
+        for _ in range(60):
+            if w_idle._saved_seq >= 72:
+                break
+            await asyncio.sleep(0.1)
+        assert w_idle._saved_seq == 72, "an idle worker did not try its failed snapshot again"
         await w_idle.stop()
         w_after = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
         await w_after.start()
         try:
-            assert w_after.restored_from == 71, "the idle worker's last command was not snapshot"
+            assert w_after.restored_from == 72, "the idle worker's last command was not snapshot"
         finally:
             await w_after.stop()
 

@@ -660,11 +660,13 @@ async def _late_record_scenario(ds: Devstack) -> None:
 
 def test_an_idle_regions_snapshot_covers_its_last_reject_reports() -> None:
     """An idle region's last batch rejected an order: its report is stored in RISKLOG after
-    the batch's record. The worker's own next snapshot (taken while idle) covers that
-    report, so when max_age takes all of RISKLOG, a new process starts from it and records
-    on. Before, the snapshot stopped at the record, and the gone report after it could not be
-    told from a gone record: a new process refused to start."""
-    _on_a_mesh(_aged_out_scenario, 60)
+    the batch's record. A snapshot covers that report, whether the worker that stored it
+    takes it or, restarted before it could, the next process does; so when max_age takes
+    all of RISKLOG, a new process starts from it and records on, and so does a running
+    worker whose next record expects a gone one. Before, the snapshot stopped at the record,
+    and the gone report after it could not be told from a gone record: a new process refused
+    to start. While its snapshots fail, the worker's snapshot-behind gauge grows."""
+    _on_a_mesh(_aged_out_scenario, 90)
 
 
 def _far(i: int) -> NewOrder:
@@ -672,53 +674,130 @@ def _far(i: int) -> NewOrder:
     return replace(_new(i), price_ticks=REFERENCE_MIDS["EURUSD"] * 2)
 
 
+def _fast(ds: Devstack, nc: Any, r: Any, metrics: Any = None) -> RiskWorker:
+    """lon's risk worker, snapshotting every second while anything is past the last one."""
+    return RiskWorker(
+        nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=1.0, metrics=metrics
+    )
+
+
+def _reported(w: RiskWorker) -> bool:
+    """The worker's last reject report is stored (its PubAck moved the position)."""
+    return w._risklog_seq > w._last_record > 0
+
+
 async def _aged_out_scenario(ds: Devstack) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ops.telemetry.metrics import MeridianMetrics
+
     async with _lon(ds) as (nc, js, r):
-        # snapshots every second while anything is stored past the last one
-        w = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=1.0)
-        try:
+        w = _fast(ds, nc, r)
+        try:  # the worker that stored the report covers it
             await w.start()
             for i in range(2):
                 await _send(js, i)
             await _send(js, 9, _far(9))
-            await _decided(w, 3)
-            await _until(lambda: not w._inflight)
-            last_report = (await js.get_last_msg("RISKLOG", "mrd.lon.er.r.>")).seq
-            assert last_report > w._last_record  # the reject's report, after its record
-            await _until(lambda: w._snap_saved >= last_report, 100)
-            assert w._snap_saved >= last_report, "no snapshot covered the last report"
+            await _until(lambda: _key(9) in w.done and _reported(w))
+            assert _reported(w), "the reject's report was not stored after its record"
+            await _until(lambda: w._snap_saved >= w._risklog_seq, 100)
+            assert w._snap_saved >= w._risklog_seq, "no snapshot covered the last report"
             assert w.snapshot_behind_s() == 0.0
-            await js.purge_stream("RISKLOG")  # everything gone, as max_age would
         finally:
             await w.stop()
-        w2 = RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=1.0)
-        try:
-            await w2.start()  # from that snapshot: nothing after it is missing
-            assert w2.restored_from >= last_report and _key(9) in w2.done
-            await _send(js, 2)  # and it records on
-            await _until(lambda: _key(2) in w2.done)
-            assert _key(2) in w2.done and w2._last_record > last_report
-            # aged out under the running worker too: its next record expects the gone one,
-            # is refused, and the rebuild from its own snapshot lets it record on
-            stored = w2._last_record
-            await _until(lambda: w2._snap_saved >= stored, 100)
-            await js.purge_stream("RISKLOG")
-            await _send(js, 3)
-            await _until(lambda: _key(3) in w2.done and w2._last_record > stored)
-            assert _key(3) in w2.done and w2._last_record > stored
-            assert not w2.fatal.done()
-
-            async def no_save(*a: object, **k: object) -> None:  # the object store fails
-                raise ConnectionError("injected")
-
-            w2.snapshots.save = no_save  # type: ignore[method-assign]
-            await _until(lambda: not w2._inflight and w2._snap_put is not None)
-            await _until(lambda: w2._snap_put is not None and w2._snap_put.done())
-            await _send(js, 4)
-            await _until(lambda: _key(4) in w2.done)
-            assert w2.snapshot_behind_s() > 0.0  # MeridianSnapshotBehind's gauge
+        w1 = _worker(ds, nc, r)  # snapshots only when asked
+        try:  # another report, and a stop before any snapshot covers it
+            await w1.start()
+            await _send(js, 10, _far(10))
+            await _until(lambda: _key(10) in w1.done and _reported(w1))
+            assert _reported(w1) and w1._snap_saved < w1._risklog_seq
+            last_report = w1._risklog_seq
+        finally:
+            await w1.stop()
+        w2 = _fast(ds, nc, r)
+        try:  # the next process covers it
+            await w2.start()
+            await _until(lambda: w2._snap_saved >= last_report, 100)
+            assert w2._snap_saved >= last_report, "the restarted worker left the report uncovered"
         finally:
             await w2.stop()
+        await js.purge_stream("RISKLOG")  # everything gone, as max_age would
+        reg = CollectorRegistry()
+        w3 = _fast(ds, nc, r, MeridianMetrics(reg, region="lon", service="risk"))
+        try:
+            await w3.start()  # from that snapshot: nothing after it is missing
+            assert w3.restored_from >= last_report and _key(10) in w3.done
+            await _send(js, 2)  # and it records on
+            await _until(lambda: w3._last_record > last_report)
+            assert _key(2) in w3.done and w3._last_record > last_report
+            # aged out under the running worker too: its next record expects the gone one,
+            # is refused, and the rebuild from its own snapshot lets it record on
+            stored = w3._last_record
+            await _until(lambda: w3._snap_saved >= stored, 100)
+            await js.purge_stream("RISKLOG")
+            await _send(js, 3)
+            await _until(lambda: w3._last_record > stored)
+            assert _key(3) in w3.done and w3._last_record > stored
+            assert not w3.fatal.done()
+            # the object store fails: the gauge shows the state ahead of the last snapshot,
+            # and goes back to 0 once one is stored again
+            save, tried = w3.snapshots.save, []
+
+            async def no_save(*a: object, **k: object) -> None:
+                tried.append(w3._risklog_seq)
+                raise ConnectionError("injected")
+
+            w3.snapshots.save = no_save  # type: ignore[method-assign]
+            stored = w3._last_record
+            await _send(js, 4)
+            await _until(lambda: w3._last_record > stored)
+            at = w3._last_record
+            await _until(lambda: any(t >= at for t in tried), 100)
+            await asyncio.sleep(1.5)  # a wake after the failed put
+            gauge = reg.get_sample_value(
+                "meridian_snapshot_behind_seconds", {"region": "lon", "service": "risk"}
+            )
+            assert w3._snap_saved < at and gauge is not None and gauge > 0.0
+            w3.snapshots.save = save  # type: ignore[method-assign]
+            await _until(lambda: w3._snap_saved >= at, 100)
+            await asyncio.sleep(1.5)
+            gauge = reg.get_sample_value(
+                "meridian_snapshot_behind_seconds", {"region": "lon", "service": "risk"}
+            )
+            assert w3._snap_saved >= at and gauge == 0.0
+        finally:
+            await w3.stop()
+
+
+def test_a_snapshot_never_covers_another_workers_record() -> None:
+    """A second risk worker (a deploy overlap) stored a record after this worker's last one,
+    and a reject report of this worker's was stored after that (its PubAck late). The
+    snapshot must not claim the report's position: a restore there would skip the other
+    worker's record, whose decisions this state does not hold: it stays at its own last
+    record."""
+    _on_a_mesh(_other_writer_scenario, 60)
+
+
+async def _other_writer_scenario(ds: Devstack) -> None:
+    async with _lon(ds) as (nc, js, r):
+        w = _worker(ds, nc, r)
+        try:
+            await w.start()
+            await _send(js, 0)
+            await _until(lambda: _key(0) in w.done and w._last_record > 0)
+            mine = w._last_record
+            other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
+            await js.publish(
+                subjects.risklog("lon"),
+                msgpack.packb({"b": [other]}),
+                headers={H_MSG_ID: "rec:another:o:other:1"},
+            )
+            late = await js.publish(subjects.report_risk("lon", ACCOUNTS[0]), b"report")
+            w._risklog_seq = late.seq  # as its late PubAck would
+            await _snapshot_now(w)
+            assert w._snap_saved == mine, "the snapshot claimed past the other worker's record"
+        finally:
+            await w.stop()
 
 
 def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:

@@ -112,13 +112,14 @@ def test_execution_snapshot_body_is_the_packed_map_byte_for_byte() -> None:
             "v": 1,
             "applied": seq,
             "region": "lon",
+            "saved_ns": 12345,
             "books": {s: b.snapshot() for s, b in books.items()},
         },
         use_bin_type=True,
     )
-    assert snapshot_body("lon", seq, books) == expected
+    assert snapshot_body("lon", seq, books, 12345) == expected
     # joined in slices beside the next commands (what the worker stores), the same bytes
-    parts = snapshot_parts("lon", seq, books)
+    parts = snapshot_parts("lon", seq, books, 12345)
     assert asyncio.run(join_yielding(parts, slice_len=7)) == expected
 
 
@@ -153,7 +154,13 @@ def test_a_book_keeps_the_length_of_its_snapshot_through_evictions_and_replaces(
     exact(again)
     assert again.snapshot() == book.snapshot()
     expected = msgpack.packb(
-        {"v": 1, "applied": seq, "region": "lon", "books": {"EURUSD": book.snapshot()}},
+        {
+            "v": 1,
+            "applied": seq,
+            "region": "lon",
+            "saved_ns": 0,
+            "books": {"EURUSD": book.snapshot()},
+        },
         use_bin_type=True,
     )
     assert asyncio.run(join_yielding(snapshot_parts("lon", seq, {"EURUSD": book}), 3)) == expected

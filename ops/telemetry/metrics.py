@@ -203,9 +203,10 @@ class MeridianMetrics:
         )
         self._snapshot_behind = gauge(
             "meridian_snapshot_behind_seconds",
-            "How long a single writer's state (risk, execution) has been ahead of its last"
-            " stored snapshot (0: covered). A restart replays what is after it, and cannot"
-            " start once the stream's max_age (7 days) has taken any of that.",
+            "Seconds since a single writer's state (risk, execution) went ahead of its last"
+            " stored snapshot (0: covered; after a restart that replayed past the snapshot,"
+            " since that snapshot was captured). A restart replays what is after it, and"
+            " cannot start once the stream's max_age (7 days) has taken any of that.",
         )
         self._consumer_pending = gauge(
             "meridian_consumer_pending",
