@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topology.toml")
 
@@ -123,6 +124,23 @@ class Desk:
     accounts: tuple[str, ...]
 
 
+DEFAULT_ROLL, DEFAULT_TZ = "17:00", "America/New_York"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """The trading day (``[session]``): it rolls daily at ``roll`` (HH:MM) in ``tz``, and
+    DAY orders expire then (:mod:`router.session`). FX's day ends at 17:00 New York."""
+
+    roll: str = DEFAULT_ROLL
+    tz: str = DEFAULT_TZ
+
+    @property
+    def hh_mm(self) -> tuple[int, int]:
+        hh, mm = self.roll.split(":")
+        return int(hh), int(mm)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Topology:
     version: int
@@ -132,6 +150,7 @@ class Topology:
     instruments: tuple[Instrument, ...]
     currencies: tuple[Currency, ...]
     desks: tuple[Desk, ...]
+    session: Session = field(default_factory=Session)
     source: str = field(default="<memory>", compare=False)
 
     # ---- lookups -------------------------------------------------------------------------
@@ -309,6 +328,7 @@ def parse_topology(raw: Mapping[str, Any], *, source: str = "<memory>") -> Topol
         instruments=instruments,
         currencies=currencies,
         desks=desks,
+        session=_session(raw.get("session", {})),
         source=source,
     )
 
@@ -328,6 +348,25 @@ def _region(raw: Any, where: str) -> Region:
         accepts_leaf=_bool(raw, "accepts_leaf", f"{where}.accepts_leaf"),
         leaf_dial=_strs(raw, "leaf_dial", f"{where}.leaf_dial", _CODE, "a region code"),
     )
+
+
+_ROLL = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+
+
+def _session(raw: Any) -> Session:
+    _table(raw, "session")
+    unknown = set(raw) - {"roll", "tz"}
+    if unknown:
+        raise TopologyError("session", f"unknown keys {sorted(unknown)}")
+    s = Session(
+        roll=_str(raw, "roll", "session.roll", _ROLL, "HH:MM") if "roll" in raw else DEFAULT_ROLL,
+        tz=_str(raw, "tz", "session.tz") if "tz" in raw else DEFAULT_TZ,
+    )
+    try:
+        ZoneInfo(s.tz)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise TopologyError("session.tz", f"{s.tz!r} is not a known time zone ({e})") from e
+    return s
 
 
 def _link(raw: Any, where: str, codes: list[str]) -> Link:

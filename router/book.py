@@ -30,7 +30,10 @@ Semantics (FIX 4.4):
 * A CANCELED report for a Cancel command has ``cl_ord_id`` = the cancel's id and
   ``orig_cl_ord_id`` = the order's id (FIX); a system reason (``"KILL_SWITCH"``, or
   ``"KILL_SWITCH: text"``) goes to ``reject_reason`` (code) and ``text``.
-* ExpireDay -> EXPIRED for every resting DAY order.
+* ExpireDay (a trading day's roll, :mod:`router.session`) -> EXPIRED for every resting DAY
+  order accepted before the roll; a DAY order accepted before the latest roll the book has
+  applied that arrives later is NEW, then EXPIRED at once (it never rests or trades). A roll
+  the book has already passed changes nothing, so a second command for it is harmless.
 * A Submit whose ``order_id`` the book already knows is a redelivery: no output, no change.
   A command with ``seq <= last_seq`` was already applied: no output, no change (so a worker
   may replay its stream from any point after :meth:`OrderBook.restore`).
@@ -164,7 +167,10 @@ class Replace:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExpireDay:
-    """End of the trading day: every resting DAY order expires."""
+    """End of the trading day: every DAY order accepted before ``cutoff_ns`` expires."""
+
+    cutoff_ns: int
+    """The roll instant, UTC ns (:func:`router.session.last_roll_ns`)."""
 
 
 Command = Submit | Cancel | Replace | ExpireDay
@@ -400,6 +406,9 @@ class OrderBook:
         self.terminal_memory = terminal_memory
         self.last_seq = 0
         """Sequence of the last applied command (0 before any)."""
+        self.day_cutoff_ns = 0
+        """The latest trading-day roll applied (UTC ns; 0: none): DAY orders accepted before
+        it have expired, or expire on arrival."""
         self._bids = _BookSide(is_bid=True)
         self._asks = _BookSide(is_bid=False)
         self._orders: dict[str, _Order] = {}  # live orders
@@ -456,7 +465,7 @@ class OrderBook:
         elif isinstance(cmd, Replace):
             self._replace(cmd)
         else:
-            self._expire_day()
+            self._expire_day(cmd.cutoff_ns)
         self.last_seq = seq
         self._out = []
         return out
@@ -506,6 +515,11 @@ class OrderBook:
             return
         self._index(c.account, c.cl_ord_id, o.order_id)
         self._report(o, ExecType.NEW, OrdStatus.NEW)
+        if c.tif is TimeInForce.DAY and c.entry_ns < self.day_cutoff_ns:
+            # accepted on a day that has ended (in flight over the roll): it never trades
+            self._report(o, ExecType.EXPIRED, OrdStatus.EXPIRED, text="trading day ended")
+            self._remember(o)
+            return
         if c.tif is TimeInForce.FOK:
             got, blocked = self._available(o)
             if got < o.qty:
@@ -574,12 +588,15 @@ class OrderBook:
         if not keep:
             self._place(o, self._match(o))
 
-    def _expire_day(self) -> None:
+    def _expire_day(self, cutoff_ns: int) -> None:
+        if cutoff_ns <= self.day_cutoff_ns:
+            return  # that roll is applied already (a second command for it)
+        self.day_cutoff_ns = cutoff_ns
         day = [
             o
             for side in (self._bids, self._asks)
             for o in side.orders()
-            if o.tif is TimeInForce.DAY
+            if o.tif is TimeInForce.DAY and o.entry_ns < cutoff_ns
         ]
         for o in day:
             self._side(o).remove(o)
@@ -903,7 +920,7 @@ class OrderBook:
 
     def snapshot(self) -> bytes:
         """msgpack of the whole state: resting orders in priority, remembered terminal
-        orders, the (account, cl_ord_id) index and ``last_seq``."""
+        orders, the (account, cl_ord_id) index, ``last_seq`` and ``day_cutoff_ns``."""
         groups, _ = self.snapshot_groups()
         return b"".join(itertools.chain.from_iterable(groups))
 
@@ -920,6 +937,7 @@ class OrderBook:
             "symbol": self.symbol,
             "exec_region": self.exec_region,
             "last_seq": self.last_seq,
+            "day_cutoff_ns": self.day_cutoff_ns,
             "terminal_memory": self.terminal_memory,
             "bids": bids,
             "asks": asks,
@@ -957,6 +975,7 @@ class OrderBook:
         try:
             book = cls(instrument, exec_region, terminal_memory=int(raw["terminal_memory"]))
             book.last_seq = int(raw["last_seq"])
+            book.day_cutoff_ns = int(raw.get("day_cutoff_ns", 0))
             for key in ("bids", "asks"):
                 for row in raw[key]:
                     o = _Order.unpack(row)

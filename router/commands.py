@@ -34,7 +34,12 @@ def encode_command(cmd: Command) -> bytes:
 _IDS = frozenset({"order_id", "cl_ord_id", "orig_cl_ord_id", "account", "home_region"})
 """Fields that name something: non-empty text of at most 64 characters, without NUL (the
 book's index keys join two of them with one)."""
-_INTS = {"qty": (1, 10**12), "price_ticks": (0, 10**12), "entry_ns": (0, 2**63 - 1)}
+_INTS = {
+    "qty": (1, 10**12),
+    "price_ticks": (0, 10**12),
+    "entry_ns": (0, 2**63 - 1),
+    "cutoff_ns": (1, 2**63 - 1),
+}
 """Integer fields and their ranges (a book rejects a zero LIMIT price itself, with a report)."""
 
 

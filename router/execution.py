@@ -48,8 +48,8 @@ from opentelemetry import trace
 from ops.telemetry.tracing import NOOP_TRACER, inject, process_span
 from regions.topology import Topology
 from router import contract, subjects
-from router.book import OrderBook
-from router.commands import decode_command
+from router.book import ExpireDay, OrderBook
+from router.commands import decode_command, encode_command
 from router.contract import (
     CancelReject,
     ExecType,
@@ -72,6 +72,7 @@ from router.natsutil import (
     unstored,
     wake_every,
 )
+from router.session import last_roll_ns, next_roll_ns
 from router.yielding import Turn, join_yielding
 
 log = logging.getLogger("meridian.execution")
@@ -260,7 +261,11 @@ class ExecutionWorker:
         tracer: Any = None,
         snapshot_every: int = 50_000,
         snapshot_every_s: float = 300.0,
+        day_roll: bool = False,
     ) -> None:
+        self.day_roll = day_roll
+        """Store each trading day's roll in EXEC for this region's books (:meth:`roll`); the
+        process entry point turns it on, tests that count commands leave it off."""
         self.snapshot_every = snapshot_every
         """Snapshot the books after this many commands (0: never) ..."""
         self.snapshot_every_s = snapshot_every_s
@@ -351,6 +356,50 @@ class ExecutionWorker:
         self._tasks.append(
             asyncio.create_task(wake_every(self.queue, max(1.0, self.snapshot_every_s / 4)))
         )
+        if self.day_roll:
+            self._tasks.append(asyncio.create_task(self._roll_daily()))
+
+    # ---- the trading day's roll ------------------------------------------------------------
+    async def roll(self, cutoff_ns: int) -> None:
+        """Store the roll at ``cutoff_ns`` in EXEC, one ExpireDay command per book of this
+        region (:mod:`router.session`), then apply it like any command: the book expires its
+        DAY orders accepted before it, and takes later arrivals of that day as expired. The
+        message id names the roll, and a book ignores a roll it has passed, so storing it
+        again (a restart, another attempt) changes nothing. Retries until stored."""
+        data = encode_command(ExpireDay(cutoff_ns=cutoff_ns))
+        delay = 0.5
+        for sym in self.books:
+            while True:
+                try:
+                    await self.js.publish(
+                        subjects.exec_in(self.region, sym),
+                        data,
+                        timeout=PUB_TIMEOUT_S,
+                        headers={H_MSG_ID: f"roll:{sym}:{cutoff_ns}"},
+                    )
+                    break
+                except Exception as e:  # the server or the stream away: the roll must land
+                    log.warning("exec %s: roll of %s not stored (%r); again", self.region, sym, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        log.info(
+            "exec %s: trading day rolled at %s",
+            self.region,
+            datetime.datetime.fromtimestamp(cutoff_ns / 1e9, datetime.UTC).isoformat(),
+        )
+
+    async def _roll_daily(self) -> None:
+        """At start, the latest roll for books that have not applied it (one missed while
+        the region was down, or a new book); then each roll as it comes."""
+        session = self.topology.session
+        last = last_roll_ns(session, time.time_ns())
+        if any(b.day_cutoff_ns < last for b in self.books.values()):
+            await self.roll(last)
+        while True:
+            due = next_roll_ns(session, time.time_ns())
+            while (left := due - time.time_ns()) > 0:  # by the wall clock, checked each minute
+                await asyncio.sleep(min(60.0, left / 1e9))
+            await self.roll(due)
 
     async def stop(self) -> None:
         if self.loop is not None:
@@ -1000,6 +1049,7 @@ async def _main(args: argparse.Namespace) -> None:
             snapshot_every=args.snapshot_every,
             metrics=ctx.metrics,
             tracer=ctx.tracer,
+            day_roll=not args.no_day_roll,
         ),
         describe=lambda w: (
             f"snapshot at EXEC {w.restored_from}, then {w.stats['replayed']} commands"
@@ -1016,6 +1066,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=50_000,
         help="snapshot the books every N commands (and every 300 s); 0: never",
+    )
+    ap.add_argument(
+        "--no-day-roll",
+        action="store_true",
+        help="do not store the trading day's roll (the topology's [session]): DAY orders "
+        "then rest until cancelled",
     )
     args = ap.parse_args(argv)
     from ops.runtime import run

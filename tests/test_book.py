@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -304,10 +305,22 @@ def test_day_orders_expire_at_end_of_day_gtc_stay() -> None:
     d(sub("g1", BUY, 10, 98))
     d(sub("d2", SELL, 10, 105, tif=DAY, acct="S"))
     d(sub("b", BUY, 4, 105, acct="B"))  # d2 partially filled
-    out = d(ExpireDay())
+    d(dataclasses.replace(sub("d3", BUY, 10, 97, tif=DAY), entry_ns=200))  # the next day's
+    out = d(ExpireDay(cutoff_ns=100))  # the roll: DAY orders accepted before it expire
     assert kinds(out) == [("d1", "EXPIRED", "EXPIRED"), ("d2", "EXPIRED", "EXPIRED")]
     assert [(e.cum_qty, e.leaves_qty) for e in ers(out)] == [(0, 0), (4, 0)]
-    assert [o.order_id for o in d.book.open_orders()] == ["g1"]
+    assert [o.order_id for o in d.book.open_orders()] == ["g1", "d3"]
+    assert d.book.day_cutoff_ns == 100
+    # a DAY order of the ended day reaching the book after the roll never rests or trades
+    out = d(sub("d4", SELL, 10, 97, tif=DAY, acct="S"))
+    assert kinds(out) == [("d4", "NEW", "NEW"), ("d4", "EXPIRED", "EXPIRED")]
+    assert [o.order_id for o in d.book.open_orders()] == ["g1", "d3"]
+    # the same roll again, or an older one, changes nothing; the next one takes d3
+    assert d(ExpireDay(cutoff_ns=100)) == [] and d(ExpireDay(cutoff_ns=50)) == []
+    assert kinds(d(ExpireDay(cutoff_ns=300))) == [("d3", "EXPIRED", "EXPIRED")]
+    # and the roll is part of the book's state: a restored book expires late arrivals too
+    again = OrderBook.restore(d.book.snapshot(), INST, REGION)
+    assert again.day_cutoff_ns == 300
 
 
 def test_cancel_resting_then_too_late_then_unknown() -> None:
@@ -632,7 +645,12 @@ replace_op = st.tuples(
     st.one_of(st.just(0), PRICES),  # 0: keep the order's price (priority rules by size)
     st.sampled_from(["id", "clid", "stale"]),
 )
-_OPS = {"new": new_op, "cancel": cancel_op, "replace": replace_op, "expire": st.just(("expire",))}
+_OPS = {
+    "new": new_op,
+    "cancel": cancel_op,
+    "replace": replace_op,
+    "expire": st.tuples(st.just("expire"), st.booleans()),
+}
 # weighted: mostly new orders, so books fill up and cross
 _KINDS = ["new"] * 12 + ["cancel"] * 3 + ["replace"] * 3 + ["expire"]
 ops_strategy = st.lists(
@@ -686,7 +704,9 @@ def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
             entry_ns=k,
         )
     if op[0] == "expire":
-        return ExpireDay()
+        # the roll instant: past the last few orders' entry times (the next ones, in flight
+        # over the roll, expire on arrival), or an older roll again (a no-op)
+        return ExpireDay(cutoff_ns=k + 2 if op[1] else max(1, k - 5))
     oid = ids[int(op[1]) % len(ids)]
     t = run.orders[oid]
     how = op[-1]
@@ -739,7 +759,9 @@ def check_apply(book: OrderBook, cmd: Command, out: list[Output], run: Run) -> N
                 if x.price_ticks != t.price or x.qty > t.qty:  # loses time priority
                     t.stamp = book.last_seq
             if x.exec_type is ExecType.EXPIRED:
-                assert isinstance(cmd, ExpireDay) and x.tif is DAY
+                assert x.tif is DAY and book.day_cutoff_ns > 0
+                if isinstance(cmd, Submit):  # in flight over the roll: never rested
+                    assert cmd.entry_ns < book.day_cutoff_ns and x.cum_qty == 0
             t.qty = x.qty
             t.price = x.price_ticks
             assert x.cum_qty == t.cum + x.last_qty
@@ -784,8 +806,8 @@ def check_apply(book: OrderBook, cmd: Command, out: list[Output], run: Run) -> N
         sign = -1 if side is BUY else 1
         want = sorted(got, key=lambda oid: (sign * run.orders[oid].price, run.orders[oid].stamp))
         assert got == want
-    if isinstance(cmd, ExpireDay):
-        assert all(v.tif is not DAY for v in views)
+    # no DAY order of an ended day rests
+    assert all(v.tif is not DAY or v.entry_ns >= book.day_cutoff_ns for v in views)
     # never crossed
     bid, ask = book.best_bid(), book.best_ask()
     if bid is not None and ask is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import subprocess
 import tomllib
 from pathlib import Path
@@ -12,7 +13,14 @@ import pytest
 
 from ops.procs import nats_server_binary
 from regions.natsconf import Credentials, ServerLayout, render_server_config
-from regions.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology, parse_topology
+from regions.topology import (
+    DEFAULT_TOPOLOGY,
+    Session,
+    TopologyError,
+    load_topology,
+    parse_topology,
+)
+from router.session import last_roll_ns, next_roll_ns
 
 
 def raw() -> dict[str, Any]:
@@ -88,6 +96,52 @@ def test_malformed_topology_names_the_field(path: str, value: Any, field: str, r
         parse_topology(_mutate(path, value))
     assert ei.value.field == field
     assert rule in ei.value.rule
+
+
+@pytest.mark.parametrize(
+    ("session", "field", "rule"),
+    [
+        ({"roll": "25:00"}, "session.roll", "HH:MM"),
+        ({"roll": "5pm"}, "session.roll", "HH:MM"),
+        ({"tz": "Mars/Olympus"}, "session.tz", "not a known time zone"),
+        ({"close": "17:00"}, "session", "unknown keys"),
+        ("17:00", "session", "must be a table"),
+    ],
+)
+def test_a_malformed_session_names_the_field(session: Any, field: str, rule: str) -> None:
+    doc = copy.deepcopy(raw())
+    doc["session"] = session
+    with pytest.raises(TopologyError) as ei:
+        parse_topology(doc)
+    assert ei.value.field == field and rule in ei.value.rule
+
+
+def _utc_ns(text: str) -> int:
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()) * 10**9
+
+
+@pytest.mark.parametrize(
+    ("now", "last", "nxt"),
+    [
+        # New York on daylight time: 17:00 is 21:00 UTC
+        ("2026-07-01T12:00:00", "2026-06-30T21:00:00", "2026-07-01T21:00:00"),
+        ("2026-07-01T21:00:00", "2026-07-01T21:00:00", "2026-07-02T21:00:00"),  # at the roll
+        # on standard time: 22:00 UTC
+        ("2026-12-01T21:30:00", "2026-11-30T22:00:00", "2026-12-01T22:00:00"),
+        # over the change back (1 November 2026): the day before on daylight time
+        ("2026-11-01T12:00:00", "2026-10-31T21:00:00", "2026-11-01T22:00:00"),
+        # a Saturday: the roll is daily (a market that trades all week)
+        ("2026-11-28T23:00:00", "2026-11-28T22:00:00", "2026-11-29T22:00:00"),
+    ],
+)
+def test_the_trading_day_rolls_at_17_new_york(now: str, last: str, nxt: str) -> None:
+    session = load_topology().session
+    assert (session.roll, session.tz) == ("17:00", "America/New_York")
+    assert last_roll_ns(session, _utc_ns(now)) == _utc_ns(last)
+    assert next_roll_ns(session, _utc_ns(now)) == _utc_ns(nxt)
+    assert next_roll_ns(Session(roll="00:00", tz="UTC"), _utc_ns(now)) == _utc_ns(
+        (dt.datetime.fromisoformat(now).date() + dt.timedelta(days=1)).isoformat() + "T00:00:00"
+    )
 
 
 def test_spokes_dialling_each_other_is_refused() -> None:
