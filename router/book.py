@@ -30,10 +30,14 @@ Semantics (FIX 4.4):
 * A CANCELED report for a Cancel command has ``cl_ord_id`` = the cancel's id and
   ``orig_cl_ord_id`` = the order's id (FIX); a system reason (``"KILL_SWITCH"``, or
   ``"KILL_SWITCH: text"``) goes to ``reject_reason`` (code) and ``text``.
-* ExpireDay (a trading day's roll, :mod:`router.session`) -> EXPIRED for every resting DAY
-  order accepted before the roll; a DAY order accepted before the latest roll the book has
-  applied that arrives later is NEW, then EXPIRED at once (it never rests or trades). A roll
-  the book has already passed changes nothing, so a second command for it is harmless.
+* The trading day rolls (:mod:`router.session`): an ExpireDay command names the roll and the
+  next one. At a roll every resting DAY order accepted before it is EXPIRED, and a DAY order
+  accepted before the latest roll that arrives later is NEW, then EXPIRED at once: a DAY
+  order never trades after its day. The next roll happens before the first command stored at
+  or after it (by the command's stored time), whenever its ExpireDay comes: commands stored
+  while execution was down, or in flight over the roll, never meet an ended day's orders.
+  A roll the book has passed changes nothing, so another command for it is harmless; one
+  named in the future of its own stored time (a clock ahead) is ignored.
 * A Submit whose ``order_id`` the book already knows is a redelivery: no output, no change.
   A command with ``seq <= last_seq`` was already applied: no output, no change (so a worker
   may replay its stream from any point after :meth:`OrderBook.restore`).
@@ -171,6 +175,17 @@ class ExpireDay:
 
     cutoff_ns: int
     """The roll instant, UTC ns (:func:`router.session.last_roll_ns`)."""
+    next_ns: int = 0
+    """The following roll (0: unknown), taken before the first command stored at or after
+    it if its own ExpireDay has not come by then."""
+
+
+ROLL_CLOCK_SKEW_NS = 60 * 10**9
+"""An ExpireDay naming a roll later than this past its own stored time is ignored (the clock
+that named it runs ahead): a roll in the future would expire every DAY order on arrival."""
+DAY_NS = 86_400 * 10**9
+"""After a roll taken before its ExpireDay came, the next is expected a day later, until an
+ExpireDay names it (a DST change then moves that one by an hour)."""
 
 
 Command = Submit | Cancel | Replace | ExpireDay
@@ -409,6 +424,9 @@ class OrderBook:
         self.day_cutoff_ns = 0
         """The latest trading-day roll applied (UTC ns; 0: none): DAY orders accepted before
         it have expired, or expire on arrival."""
+        self.next_cutoff_ns = 0
+        """The next roll (UTC ns; 0: unknown), taken before the first command stored at or
+        after it."""
         self._bids = _BookSide(is_bid=True)
         self._asks = _BookSide(is_bid=False)
         self._orders: dict[str, _Order] = {}  # live orders
@@ -458,14 +476,19 @@ class OrderBook:
         out: list[Output] = []
         self._out = out
         self._seq, self._ts, self._n, self._m = seq, ts_ns, 0, 0
+        if 0 < self.next_cutoff_ns <= ts_ns:  # the day ended before this command was stored
+            # (and so did any day after it, an outage later: the latest of them is the roll)
+            cutoff = self.next_cutoff_ns + (ts_ns - self.next_cutoff_ns) // DAY_NS * DAY_NS
+            self._roll(cutoff, cutoff + DAY_NS)
         if isinstance(cmd, Submit):
             self._submit(cmd)
         elif isinstance(cmd, Cancel):
             self._cancel(cmd)
         elif isinstance(cmd, Replace):
             self._replace(cmd)
-        else:
-            self._expire_day(cmd.cutoff_ns)
+        elif cmd.cutoff_ns <= ts_ns + ROLL_CLOCK_SKEW_NS:
+            nxt = cmd.next_ns if 0 < cmd.next_ns - cmd.cutoff_ns <= 2 * DAY_NS else 0
+            self._roll(cmd.cutoff_ns, nxt)
         self.last_seq = seq
         self._out = []
         return out
@@ -515,7 +538,7 @@ class OrderBook:
             return
         self._index(c.account, c.cl_ord_id, o.order_id)
         self._report(o, ExecType.NEW, OrdStatus.NEW)
-        if c.tif is TimeInForce.DAY and c.entry_ns < self.day_cutoff_ns:
+        if c.tif is TimeInForce.DAY and (c.entry_ns or self._ts) < self.day_cutoff_ns:
             # accepted on a day that has ended (in flight over the roll): it never trades
             self._report(o, ExecType.EXPIRED, OrdStatus.EXPIRED, text="trading day ended")
             self._remember(o)
@@ -588,7 +611,13 @@ class OrderBook:
         if not keep:
             self._place(o, self._match(o))
 
-    def _expire_day(self, cutoff_ns: int) -> None:
+    def _roll(self, cutoff_ns: int, next_ns: int) -> None:
+        """Apply the roll at ``cutoff_ns`` (nothing if applied already) and expect the next
+        at ``next_ns`` (0: unknown)."""
+        if next_ns > max(cutoff_ns, self.day_cutoff_ns):
+            self.next_cutoff_ns = next_ns
+        elif self.next_cutoff_ns <= max(cutoff_ns, self.day_cutoff_ns):
+            self.next_cutoff_ns = 0
         if cutoff_ns <= self.day_cutoff_ns:
             return  # that roll is applied already (a second command for it)
         self.day_cutoff_ns = cutoff_ns
@@ -920,7 +949,7 @@ class OrderBook:
 
     def snapshot(self) -> bytes:
         """msgpack of the whole state: resting orders in priority, remembered terminal
-        orders, the (account, cl_ord_id) index, ``last_seq`` and ``day_cutoff_ns``."""
+        orders, the (account, cl_ord_id) index, ``last_seq`` and the day's rolls."""
         groups, _ = self.snapshot_groups()
         return b"".join(itertools.chain.from_iterable(groups))
 
@@ -938,6 +967,7 @@ class OrderBook:
             "exec_region": self.exec_region,
             "last_seq": self.last_seq,
             "day_cutoff_ns": self.day_cutoff_ns,
+            "next_cutoff_ns": self.next_cutoff_ns,
             "terminal_memory": self.terminal_memory,
             "bids": bids,
             "asks": asks,
@@ -976,6 +1006,7 @@ class OrderBook:
             book = cls(instrument, exec_region, terminal_memory=int(raw["terminal_memory"]))
             book.last_seq = int(raw["last_seq"])
             book.day_cutoff_ns = int(raw.get("day_cutoff_ns", 0))
+            book.next_cutoff_ns = int(raw.get("next_cutoff_ns", 0))
             for key in ("bids", "asks"):
                 for row in raw[key]:
                     o = _Order.unpack(row)

@@ -1,7 +1,8 @@
 """Book commands on the EXEC stream (risk -> execution), msgpack-encoded.
 
 Internal to the order path (not part of the public wire contract): ``{"op": "submit" |
-"cancel" | "replace" | "expire", ...fields of router.book.Submit/Cancel/Replace}``.
+"cancel" | "replace" | "expire", ...fields of router.book.Submit/Cancel/Replace/ExpireDay}``
+(risk stores the first three; each execution worker stores its books' ExpireDay).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _INTS = {
     "price_ticks": (0, 10**12),
     "entry_ns": (0, 2**63 - 1),
     "cutoff_ns": (1, 2**63 - 1),
+    "next_ns": (0, 2**63 - 1),
 }
 """Integer fields and their ranges (a book rejects a zero LIMIT price itself, with a report)."""
 

@@ -78,6 +78,9 @@ from router.yielding import Turn, join_yielding
 log = logging.getLogger("meridian.execution")
 
 PUB_TIMEOUT_S = 10.0
+ROLL_CHECK_S = 30.0
+"""How often a worker checks that its books took the latest trading-day roll (and stores it
+again for those that did not)."""
 REPLAY_BATCH = 1024
 """Replayed commands taken from the queue at a time."""
 RESEND_WAITS_S = (2.0, 4.0, 8.0)
@@ -360,46 +363,62 @@ class ExecutionWorker:
             self._tasks.append(asyncio.create_task(self._roll_daily()))
 
     # ---- the trading day's roll ------------------------------------------------------------
-    async def roll(self, cutoff_ns: int) -> None:
-        """Store the roll at ``cutoff_ns`` in EXEC, one ExpireDay command per book of this
-        region (:mod:`router.session`), then apply it like any command: the book expires its
-        DAY orders accepted before it, and takes later arrivals of that day as expired. The
-        message id names the roll, and a book ignores a roll it has passed, so storing it
-        again (a restart, another attempt) changes nothing. Retries until stored."""
-        data = encode_command(ExpireDay(cutoff_ns=cutoff_ns))
-        delay = 0.5
-        for sym in self.books:
-            while True:
-                try:
-                    await self.js.publish(
-                        subjects.exec_in(self.region, sym),
-                        data,
-                        timeout=PUB_TIMEOUT_S,
-                        headers={H_MSG_ID: f"roll:{sym}:{cutoff_ns}"},
-                    )
-                    break
-                except Exception as e:  # the server or the stream away: the roll must land
-                    log.warning("exec %s: roll of %s not stored (%r); again", self.region, sym, e)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-        log.info(
-            "exec %s: trading day rolled at %s",
-            self.region,
-            datetime.datetime.fromtimestamp(cutoff_ns / 1e9, datetime.UTC).isoformat(),
-        )
+    async def roll(self, cutoff_ns: int, next_ns: int, symbols: list[str] | None = None) -> int:
+        """Store the roll at ``cutoff_ns`` (the next at ``next_ns``) in EXEC, one ExpireDay
+        command per book (``symbols``: these books only), applied like any command
+        (:mod:`router.session`, :class:`router.book.ExpireDay`). A book ignores a roll it
+        has passed, so storing one again (a restart, another attempt) changes nothing: each
+        attempt has a message id of its own, so the stream's dedup never drops a needed one.
+        One attempt per book; returns how many were stored (:meth:`_roll_daily` tries the
+        rest again)."""
+        data = encode_command(ExpireDay(cutoff_ns=cutoff_ns, next_ns=next_ns))
+        stored = 0
+        for sym in symbols if symbols is not None else list(self.books):
+            try:
+                await self.js.publish(
+                    subjects.exec_in(self.region, sym),
+                    data,
+                    timeout=PUB_TIMEOUT_S,
+                    headers={H_MSG_ID: f"roll:{sym}:{cutoff_ns}:{time.time_ns():x}"},
+                )
+                stored += 1
+            except Exception as e:  # the server or the stream away: tried again
+                log.warning("exec %s: roll of %s not stored: %r", self.region, sym, e)
+        return stored
+
+    def day_roll_behind_s(self, now_ns: int) -> float:
+        """Seconds since the latest roll that a book of this region has not applied (0: all
+        have): ``MeridianDayRollLate``."""
+        last = last_roll_ns(self.topology.session, now_ns)
+        if all(b.day_cutoff_ns >= last for b in self.books.values()):
+            return 0.0
+        return (now_ns - last) / 1e9
 
     async def _roll_daily(self) -> None:
-        """At start, the latest roll for books that have not applied it (one missed while
-        the region was down, or a new book); then each roll as it comes."""
+        """Keep every book at the latest roll: at start (one missed while the region was
+        down, or a new book), at each roll as it comes, and again while a book has not
+        applied it (a roll not stored, or refused), checked every :data:`ROLL_CHECK_S`."""
         session = self.topology.session
-        last = last_roll_ns(session, time.time_ns())
-        if any(b.day_cutoff_ns < last for b in self.books.values()):
-            await self.roll(last)
+        tried: dict[int, float] = {}  # roll -> when last stored (monotonic)
         while True:
-            due = next_roll_ns(session, time.time_ns())
-            while (left := due - time.time_ns()) > 0:  # by the wall clock, checked each minute
-                await asyncio.sleep(min(60.0, left / 1e9))
-            await self.roll(due)
+            now = time.time_ns()
+            last = last_roll_ns(session, now)
+            behind = [s for s, b in self.books.items() if b.day_cutoff_ns < last]
+            if self.metrics is not None:
+                self.metrics.day_roll_behind().set(self.day_roll_behind_s(now))
+            if behind and time.monotonic() - tried.get(last, float("-inf")) >= ROLL_CHECK_S:
+                tried = {last: time.monotonic()}
+                n = await self.roll(last, next_roll_ns(session, last), behind)
+                day = datetime.datetime.fromtimestamp(last // 10**9, datetime.UTC)
+                log.info(
+                    "exec %s: trading day roll at %s stored for %d of %d books",
+                    self.region,
+                    day.isoformat(),
+                    n,
+                    len(behind),
+                )
+            left = (next_roll_ns(session, time.time_ns()) - time.time_ns()) / 1e9
+            await asyncio.sleep(min(ROLL_CHECK_S, max(0.0, left)))
 
     async def stop(self) -> None:
         if self.loop is not None:

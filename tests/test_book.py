@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from regions.topology import load_topology
 from router.book import (
+    DAY_NS,
+    ROLL_CLOCK_SKEW_NS,
     Cancel,
     Command,
     ExpireDay,
@@ -321,6 +323,57 @@ def test_day_orders_expire_at_end_of_day_gtc_stay() -> None:
     # and the roll is part of the book's state: a restored book expires late arrivals too
     again = OrderBook.restore(d.book.snapshot(), INST, REGION)
     assert again.day_cutoff_ns == 300
+    out = again.apply(sub("d5", BUY, 10, 96, tif=DAY), seq=d.seq + 1, ts_ns=10**6)
+    assert kinds(out) == [("d5", "NEW", "NEW"), ("d5", "EXPIRED", "EXPIRED")]
+
+
+def test_the_next_roll_comes_before_a_command_stored_after_it() -> None:
+    """Execution was down over the roll (or its ExpireDay is late): the first command stored
+    at or after the roll the last ExpireDay named is applied after that roll, so a day-old
+    DAY order never trades with it; the ExpireDay that comes later changes nothing."""
+    book = OrderBook(INST, REGION)
+    day, day2 = 1_000_000, 2_000_000  # two roll instants (ns)
+
+    def at(cmd: Command, seq: int, ts: int) -> list[Output]:
+        return book.apply(cmd, seq=seq, ts_ns=ts)
+
+    assert at(ExpireDay(cutoff_ns=day - 10, next_ns=day), 1, day - 5) == []
+    at(dataclasses.replace(sub("old", BUY, 10, 100, tif=DAY), entry_ns=day - 3), 2, day - 2)
+    at(dataclasses.replace(sub("gtc", BUY, 10, 99), entry_ns=day - 3), 3, day - 1)
+    assert book.next_cutoff_ns == day
+    # stored after the roll: the old DAY bid expires first, and the sell rests on its own
+    out = at(dataclasses.replace(sub("s", SELL, 10, 100, acct="S"), entry_ns=day + 1), 4, day + 2)
+    assert kinds(out) == [("old", "EXPIRED", "EXPIRED"), ("s", "NEW", "NEW")]
+    assert not [x for x in out if isinstance(x, Fill)]
+    assert (book.day_cutoff_ns, book.next_cutoff_ns) == (day, day + DAY_NS)
+    # the roll's own command, late: nothing more, and it names the next roll exactly
+    assert at(ExpireDay(cutoff_ns=day, next_ns=day2), 5, day + 3) == []
+    assert (book.day_cutoff_ns, book.next_cutoff_ns) == (day, day2)
+    # days later (a long outage): the latest roll before the command is the one taken
+    late = day2 + 3 * DAY_NS + 7
+    at(dataclasses.replace(sub("d", BUY, 10, 90, tif=DAY), entry_ns=day + 9), 6, day + 9)
+    out = at(cxl("gtc"), 7, late)
+    assert kinds(out)[0] == ("d", "EXPIRED", "EXPIRED")
+    assert book.day_cutoff_ns == day2 + 3 * DAY_NS
+
+
+def test_a_roll_named_in_the_future_is_ignored() -> None:
+    """An ExpireDay whose roll is past its own stored time by more than a minute comes from a
+    clock running ahead: taken, it would expire every DAY order on arrival until then."""
+    d = Driver()
+    d(sub("d1", BUY, 10, 99, tif=DAY))
+    assert d(ExpireDay(cutoff_ns=d.seq * 1000 + ROLL_CLOCK_SKEW_NS + 10**9)) == []
+    assert d.book.day_cutoff_ns == 0 and [o.order_id for o in d.book.open_orders()] == ["d1"]
+    # a next roll more than two days after the roll is not believed either
+    d(ExpireDay(cutoff_ns=5, next_ns=5 + 3 * DAY_NS))
+    assert (d.book.day_cutoff_ns, d.book.next_cutoff_ns) == (5, 0)
+
+
+def test_a_day_order_with_no_accept_time_takes_its_stored_time() -> None:
+    d = Driver()
+    d(ExpireDay(cutoff_ns=1500))  # seq 1, stored at 1000
+    out = d(dataclasses.replace(sub("d0", BUY, 10, 99, tif=DAY), entry_ns=0))  # stored at 2000
+    assert kinds(out) == [("d0", "NEW", "NEW")]  # not taken as accepted at 0
 
 
 def test_cancel_resting_then_too_late_then_unknown() -> None:
@@ -683,6 +736,8 @@ class Run:
     commands: list[Command] = field(default_factory=list)
     outputs: list[list[Output]] = field(default_factory=list)
     orders: dict[str, Tracked] = field(default_factory=dict)
+    cutoff: int = 0
+    """The book's latest roll before the command being checked."""
 
 
 def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
@@ -701,12 +756,15 @@ def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
             tif=tif,
             qty=int(qty),
             price_ticks=int(px),
-            entry_ns=k,
+            entry_ns=10 * k - 5,  # accepted just before it was stored (at k * 10)
         )
     if op[0] == "expire":
-        # the roll instant: past the last few orders' entry times (the next ones, in flight
-        # over the roll, expire on arrival), or an older roll again (a no-op)
-        return ExpireDay(cutoff_ns=k + 2 if op[1] else max(1, k - 5))
+        # the roll, just past this command's stored time (k * 10): the next order, in flight
+        # over it, expires on arrival; and the next roll three commands on, taken before
+        # the command stored after it. Or an earlier instant, a no-op once a later roll is in
+        if op[1]:
+            return ExpireDay(cutoff_ns=10 * k + 15, next_ns=10 * (k + 4))
+        return ExpireDay(cutoff_ns=max(1, 10 * k - 50))
     oid = ids[int(op[1]) % len(ids)]
     t = run.orders[oid]
     how = op[-1]
@@ -759,9 +817,14 @@ def check_apply(book: OrderBook, cmd: Command, out: list[Output], run: Run) -> N
                 if x.price_ticks != t.price or x.qty > t.qty:  # loses time priority
                     t.stamp = book.last_seq
             if x.exec_type is ExecType.EXPIRED:
-                assert x.tif is DAY and book.day_cutoff_ns > 0
-                if isinstance(cmd, Submit):  # in flight over the roll: never rested
-                    assert cmd.entry_ns < book.day_cutoff_ns and x.cum_qty == 0
+                # only a DAY order of an ended day, at a roll this command brought (its own,
+                # or the next one, due before it), or arriving after its day ended
+                assert x.tif is DAY and x.entry_ns < book.day_cutoff_ns
+                rolled = book.day_cutoff_ns > run.cutoff
+                arrived = isinstance(cmd, Submit) and cmd.order_id == x.order_id
+                assert rolled or arrived
+                if arrived and not rolled:
+                    assert x.cum_qty == 0
             t.qty = x.qty
             t.price = x.price_ticks
             assert x.cum_qty == t.cum + x.last_qty
@@ -857,7 +920,10 @@ def run_ops(ops: list[tuple[Any, ...]], *, check: bool = True) -> tuple[Run, Ord
     for k, op in enumerate(ops, start=1):
         cmd = make_command(op, run, k)
         pre = [(o.order_id, o.side, o.leaves_qty, o.price_ticks) for o in book.open_orders()]
+        run.cutoff = book.day_cutoff_ns
         out = book.apply(cmd, seq=k, ts_ns=k * 10)
+        expired = {x.order_id for x in ers(out) if x.exec_type is ExecType.EXPIRED}
+        pre = [p for p in pre if p[0] not in expired]  # a roll before the command took them
         run.commands.append(cmd)
         run.outputs.append(out)
         if check:

@@ -208,6 +208,11 @@ class MeridianMetrics:
             " since that snapshot was captured). A restart replays what is after it, and"
             " cannot start once the stream's max_age (7 days) has taken any of that.",
         )
+        self._day_roll_behind = gauge(
+            "meridian_day_roll_behind_seconds",
+            "Seconds since the latest trading-day roll that a book of this execution worker"
+            " has not applied (0: all have): DAY orders of the ended day may still rest.",
+        )
         self._consumer_pending = gauge(
             "meridian_consumer_pending",
             "Messages not yet processed by this worker's JetStream consumer.",
@@ -294,6 +299,10 @@ class MeridianMetrics:
     def snapshot_behind(self) -> Gauge:
         """Gauge (seconds) of a single writer's state ahead of its stored snapshot."""
         return self._snapshot_behind.labels(*self._base)
+
+    def day_roll_behind(self) -> Gauge:
+        """Gauge (seconds) of a trading-day roll not yet applied by every book (execution)."""
+        return self._day_roll_behind.labels(*self._base)
 
     def consumer_pending(self, stream: str, consumer: str) -> Gauge:
         """Gauge of messages pending for this worker's durable ``consumer`` on ``stream``."""
