@@ -764,42 +764,27 @@ class RiskWorker:
                 continue
             if it.input_id in stale:
                 continue  # decided long ago, beyond memory: acked with the batch only
+            ext: Externals | None = None
             if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
                 produced = self._refuse_unread(it)
-                if produced:
-                    # recorded with its answer: a build that can read it, taking over or
-                    # replaying, finds it answered and never decides it after the REJECTED
-                    self._remember(it.input_id, produced)
-                    self._mark(it)
-                    records.append(
-                        {
-                            "in": it.input_id,
-                            "k": UNREAD,
-                            # not its bytes (up to max_payload: the record must fit a
-                            # message); ORDERS keeps them, and a replay needs only the answer
-                            "p": b"",
-                            "h": it.headers,
-                            "o": [
-                                [o.subject, o.msg_id, o.kind, o.payload, o.headers]
-                                for o in produced
-                            ],
-                        }
-                    )
-                    outs.extend(produced)
-                continue
-            ext = exts.get(it.input_id, Externals())
-            produced = self._decide(it, ext)
+                if not produced:
+                    continue
+                # recorded with its answer: a build that can read it, taking over or
+                # replaying, finds it answered and never decides it after the REJECTED; not
+                # its bytes (up to max_payload: the record must fit a message): ORDERS keeps
+                # them, and a replay needs only the answer
+                kind, payload = UNREAD, b""
+            else:
+                ext = exts.get(it.input_id, Externals())
+                produced = self._decide(it, ext)
+                kind, payload = it.kind, it.payload
+                if it.kind == "order":
+                    approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
             self._remember(it.input_id, produced)
             self._mark(it)
-            if it.kind == "order":
-                approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
-            rec: dict[str, Any] = {
-                "in": it.input_id,
-                "k": it.kind,
-                "p": it.payload,
-                "h": it.headers,
-                "x": _ext_to(ext),
-            }
+            rec: dict[str, Any] = {"in": it.input_id, "k": kind, "p": payload, "h": it.headers}
+            if ext is not None:
+                rec["x"] = _ext_to(ext)
             if it.kind == "kill":
                 # a kill cancels every open order of what it halts: thousands of cancels would
                 # not fit one message (max_payload 1 MiB). They are a pure function of the
