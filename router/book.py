@@ -30,14 +30,15 @@ Semantics (FIX 4.4):
 * A CANCELED report for a Cancel command has ``cl_ord_id`` = the cancel's id and
   ``orig_cl_ord_id`` = the order's id (FIX); a system reason (``"KILL_SWITCH"``, or
   ``"KILL_SWITCH: text"``) goes to ``reject_reason`` (code) and ``text``.
-* The trading day rolls (:mod:`router.session`): an ExpireDay command names the roll and the
-  next one. At a roll every resting DAY order accepted before it is EXPIRED, and a DAY order
-  accepted before the latest roll that arrives later is NEW, then EXPIRED at once: a DAY
-  order never trades after its day. The next roll happens before the first command stored at
-  or after it (by the command's stored time), whenever its ExpireDay comes: commands stored
-  while execution was down, or in flight over the roll, never meet an ended day's orders.
-  A roll the book has passed changes nothing, so another command for it is harmless; one
-  named in the future of its own stored time (a clock ahead) is ignored.
+* The trading day rolls (:mod:`router.session`): an ExpireDay command names a roll and the
+  next ones (its schedule). A roll is taken before the first command stored at or after it
+  (by the stream's stored time, so replays are exact), whichever command that is: its own
+  ExpireDay, or any other when that has not come yet (execution down over 17:00, a
+  backlog). At a roll every resting DAY order of an ended day is EXPIRED, and a DAY order
+  of an ended day that arrives later is NEW, then EXPIRED at once: a DAY order never trades
+  after its day. A DAY order's day is its accept time (``entry_ns``), or its stored time
+  when that is missing or later (a clock ahead). A roll the book has passed changes
+  nothing, and an ExpireDay older than the book's last roll is ignored, schedule and all.
 * A Submit whose ``order_id`` the book already knows is a redelivery: no output, no change.
   A command with ``seq <= last_seq`` was already applied: no output, no change (so a worker
   may replay its stream from any point after :meth:`OrderBook.restore`).
@@ -175,17 +176,16 @@ class ExpireDay:
 
     cutoff_ns: int
     """The roll instant, UTC ns (:func:`router.session.last_roll_ns`)."""
-    next_ns: int = 0
-    """The following roll (0: unknown), taken before the first command stored at or after
-    it if its own ExpireDay has not come by then."""
+    schedule: tuple[int, ...] = ()
+    """The rolls after it (UTC ns, ascending; :data:`ROLL_SCHEDULE` of them): each is taken
+    before the first command stored at or after it, if its own ExpireDay has not come."""
 
 
-ROLL_CLOCK_SKEW_NS = 60 * 10**9
-"""An ExpireDay naming a roll later than this past its own stored time is ignored (the clock
-that named it runs ahead): a roll in the future would expire every DAY order on arrival."""
-DAY_NS = 86_400 * 10**9
-"""After a roll taken before its ExpireDay came, the next is expected a day later, until an
-ExpireDay names it (a DST change then moves that one by an hour)."""
+ROLL_SCHEDULE = 8
+"""Rolls an ExpireDay names after its own: more than EXEC's 7 days of max_age, so the rolls
+of any backlog a restarted worker replays are known, daylight saving changes included."""
+ROLL_HORIZON_NS = 10 * 86_400 * 10**9
+"""Rolls further than this after an ExpireDay's own are not believed."""
 
 
 Command = Submit | Cancel | Replace | ExpireDay
@@ -424,9 +424,9 @@ class OrderBook:
         self.day_cutoff_ns = 0
         """The latest trading-day roll applied (UTC ns; 0: none): DAY orders accepted before
         it have expired, or expire on arrival."""
-        self.next_cutoff_ns = 0
-        """The next roll (UTC ns; 0: unknown), taken before the first command stored at or
-        after it."""
+        self.rolls: tuple[int, ...] = ()
+        """The rolls to come (UTC ns, ascending), each taken before the first command stored
+        at or after it (empty: none known, and none is taken until an ExpireDay comes)."""
         self._bids = _BookSide(is_bid=True)
         self._asks = _BookSide(is_bid=False)
         self._orders: dict[str, _Order] = {}  # live orders
@@ -476,19 +476,21 @@ class OrderBook:
         out: list[Output] = []
         self._out = out
         self._seq, self._ts, self._n, self._m = seq, ts_ns, 0, 0
-        if 0 < self.next_cutoff_ns <= ts_ns:  # the day ended before this command was stored
-            # (and so did any day after it, an outage later: the latest of them is the roll)
-            cutoff = self.next_cutoff_ns + (ts_ns - self.next_cutoff_ns) // DAY_NS * DAY_NS
-            self._roll(cutoff, cutoff + DAY_NS)
+        if self.rolls and self.rolls[0] <= ts_ns:  # a day ended before this was stored
+            self._take_rolls(ts_ns)
         if isinstance(cmd, Submit):
             self._submit(cmd)
         elif isinstance(cmd, Cancel):
             self._cancel(cmd)
         elif isinstance(cmd, Replace):
             self._replace(cmd)
-        elif cmd.cutoff_ns <= ts_ns + ROLL_CLOCK_SKEW_NS:
-            nxt = cmd.next_ns if 0 < cmd.next_ns - cmd.cutoff_ns <= 2 * DAY_NS else 0
-            self._roll(cmd.cutoff_ns, nxt)
+        elif cmd.cutoff_ns >= self.day_cutoff_ns:  # an older roll's command: nothing
+            # its rolls not due yet by this command's stored time (a clock ahead named them
+            # early) wait for their time like the rest of the schedule
+            horizon = cmd.cutoff_ns + ROLL_HORIZON_NS
+            named = {cmd.cutoff_ns, *(r for r in cmd.schedule if cmd.cutoff_ns < r <= horizon)}
+            self.rolls = tuple(sorted(r for r in named if r > self.day_cutoff_ns))
+            self._take_rolls(ts_ns)
         self.last_seq = seq
         self._out = []
         return out
@@ -507,7 +509,11 @@ class OrderBook:
             tif=c.tif,
             qty=c.qty,
             price_ticks=0 if market else (c.price_ticks or 0),
-            entry_ns=c.entry_ns,
+            # a DAY order's day is its accept time, never after its stored time (a missing
+            # accept time, or a clock ahead, would carry it past the day's roll)
+            entry_ns=min(c.entry_ns or self._ts, self._ts)
+            if c.tif is TimeInForce.DAY
+            else c.entry_ns,
         )
         self._orders[o.order_id] = o
         problem = ""
@@ -538,7 +544,7 @@ class OrderBook:
             return
         self._index(c.account, c.cl_ord_id, o.order_id)
         self._report(o, ExecType.NEW, OrdStatus.NEW)
-        if c.tif is TimeInForce.DAY and (c.entry_ns or self._ts) < self.day_cutoff_ns:
+        if c.tif is TimeInForce.DAY and o.entry_ns < self.day_cutoff_ns:
             # accepted on a day that has ended (in flight over the roll): it never trades
             self._report(o, ExecType.EXPIRED, OrdStatus.EXPIRED, text="trading day ended")
             self._remember(o)
@@ -611,15 +617,16 @@ class OrderBook:
         if not keep:
             self._place(o, self._match(o))
 
-    def _roll(self, cutoff_ns: int, next_ns: int) -> None:
-        """Apply the roll at ``cutoff_ns`` (nothing if applied already) and expect the next
-        at ``next_ns`` (0: unknown)."""
-        if next_ns > max(cutoff_ns, self.day_cutoff_ns):
-            self.next_cutoff_ns = next_ns
-        elif self.next_cutoff_ns <= max(cutoff_ns, self.day_cutoff_ns):
-            self.next_cutoff_ns = 0
+    def _take_rolls(self, ts_ns: int) -> None:
+        """Take the latest scheduled roll at or before ``ts_ns`` (an outage may have passed
+        several: the latest ends every day before it)."""
+        due = [r for r in self.rolls if r <= ts_ns]
+        if not due:
+            return
+        self.rolls = tuple(r for r in self.rolls if r > ts_ns)
+        cutoff_ns = max(due)
         if cutoff_ns <= self.day_cutoff_ns:
-            return  # that roll is applied already (a second command for it)
+            return  # that roll is applied already
         self.day_cutoff_ns = cutoff_ns
         day = [
             o
@@ -967,7 +974,7 @@ class OrderBook:
             "exec_region": self.exec_region,
             "last_seq": self.last_seq,
             "day_cutoff_ns": self.day_cutoff_ns,
-            "next_cutoff_ns": self.next_cutoff_ns,
+            "rolls": list(self.rolls),
             "terminal_memory": self.terminal_memory,
             "bids": bids,
             "asks": asks,
@@ -1006,7 +1013,7 @@ class OrderBook:
             book = cls(instrument, exec_region, terminal_memory=int(raw["terminal_memory"]))
             book.last_seq = int(raw["last_seq"])
             book.day_cutoff_ns = int(raw.get("day_cutoff_ns", 0))
-            book.next_cutoff_ns = int(raw.get("next_cutoff_ns", 0))
+            book.rolls = tuple(int(r) for r in raw.get("rolls", ()))
             for key in ("bids", "asks"):
                 for row in raw[key]:
                     o = _Order.unpack(row)

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from router.book import Cancel, Command, ExpireDay, Replace, Submit
+from router.book import ROLL_SCHEDULE, Cancel, Command, ExpireDay, Replace, Submit
 from router.contract import OrdType, Side, TimeInForce
 
 _OPS: dict[str, type[Any]] = {
@@ -40,7 +40,6 @@ _INTS = {
     "price_ticks": (0, 10**12),
     "entry_ns": (0, 2**63 - 1),
     "cutoff_ns": (1, 2**63 - 1),
-    "next_ns": (0, 2**63 - 1),
 }
 """Integer fields and their ranges (a book rejects a zero LIMIT price itself, with a report)."""
 
@@ -48,10 +47,11 @@ _INTS = {
 def decode_command(data: bytes) -> Command:
     """Raises ValueError on anything that is not a well-formed command.
 
-    Only risk publishes commands, and it decodes every order strictly first; this checks
-    again, field by field, so that a command from anywhere else (a bug, a rogue publisher
-    on ``mrd.<region>.exe.>``) can never put a NaN or a string quantity into a book, where
-    the first would rest and absorb flow and the second fail half way through a submit.
+    Risk publishes the order commands, decoding every order strictly first, and each
+    execution worker its own books' ExpireDay; this checks again, field by field, so that a
+    command from anywhere else (a bug, a rogue publisher on ``mrd.<region>.exe.>``) can never
+    put a NaN or a string quantity into a book, where the first would rest and absorb flow
+    and the second fail half way through a submit.
     """
     try:
         raw = msgpack.unpackb(data, raw=False)
@@ -74,6 +74,14 @@ def decode_command(data: bytes) -> Command:
                 raise ValueError(f"{name}: must be an integer in {lo}..{hi}, got {v!r}")
         elif name == "reason" and type(v) is not str:
             raise ValueError("reason: must be text")
+        elif name == "schedule":
+            if (
+                type(v) is not list
+                or len(v) > ROLL_SCHEDULE
+                or any(type(r) is not int or not 0 < r < 2**63 for r in v)
+            ):
+                raise ValueError(f"schedule: at most {ROLL_SCHEDULE} roll instants (ns)")
+            raw[name] = tuple(v)
     try:
         if cls is Submit:
             raw["side"] = Side(raw["side"])

@@ -48,7 +48,7 @@ from opentelemetry import trace
 from ops.telemetry.tracing import NOOP_TRACER, inject, process_span
 from regions.topology import Topology
 from router import contract, subjects
-from router.book import ExpireDay, OrderBook
+from router.book import ROLL_SCHEDULE, ExpireDay, OrderBook
 from router.commands import decode_command, encode_command
 from router.contract import (
     CancelReject,
@@ -72,7 +72,7 @@ from router.natsutil import (
     unstored,
     wake_every,
 )
-from router.session import last_roll_ns, next_roll_ns
+from router.session import last_roll_ns, next_roll_ns, rolls_after
 from router.yielding import Turn, join_yielding
 
 log = logging.getLogger("meridian.execution")
@@ -267,6 +267,8 @@ class ExecutionWorker:
         day_roll: bool = False,
     ) -> None:
         self.day_roll = day_roll
+        self._rebuilding = False
+        """A rebuild is running (its books are fresh, not behind on the day's roll)."""
         """Store each trading day's roll in EXEC for this region's books (:meth:`roll`); the
         process entry point turns it on, tests that count commands leave it off."""
         self.snapshot_every = snapshot_every
@@ -363,15 +365,16 @@ class ExecutionWorker:
             self._tasks.append(asyncio.create_task(self._roll_daily()))
 
     # ---- the trading day's roll ------------------------------------------------------------
-    async def roll(self, cutoff_ns: int, next_ns: int, symbols: list[str] | None = None) -> int:
-        """Store the roll at ``cutoff_ns`` (the next at ``next_ns``) in EXEC, one ExpireDay
-        command per book (``symbols``: these books only), applied like any command
+    async def roll(self, cutoff_ns: int, symbols: list[str] | None = None) -> int:
+        """Store the roll at ``cutoff_ns`` in EXEC with the schedule of the next ones, one
+        ExpireDay command per book (``symbols``: these books only), applied like any command
         (:mod:`router.session`, :class:`router.book.ExpireDay`). A book ignores a roll it
         has passed, so storing one again (a restart, another attempt) changes nothing: each
         attempt has a message id of its own, so the stream's dedup never drops a needed one.
         One attempt per book; returns how many were stored (:meth:`_roll_daily` tries the
         rest again)."""
-        data = encode_command(ExpireDay(cutoff_ns=cutoff_ns, next_ns=next_ns))
+        schedule = rolls_after(self.topology.session, cutoff_ns, ROLL_SCHEDULE)
+        data = encode_command(ExpireDay(cutoff_ns=cutoff_ns, schedule=schedule))
         stored = 0
         for sym in symbols if symbols is not None else list(self.books):
             try:
@@ -401,24 +404,31 @@ class ExecutionWorker:
         session = self.topology.session
         tried: dict[int, float] = {}  # roll -> when last stored (monotonic)
         while True:
-            now = time.time_ns()
-            last = last_roll_ns(session, now)
-            behind = [s for s, b in self.books.items() if b.day_cutoff_ns < last]
-            if self.metrics is not None:
-                self.metrics.day_roll_behind().set(self.day_roll_behind_s(now))
-            if behind and time.monotonic() - tried.get(last, float("-inf")) >= ROLL_CHECK_S:
-                tried = {last: time.monotonic()}
-                n = await self.roll(last, next_roll_ns(session, last), behind)
-                day = datetime.datetime.fromtimestamp(last // 10**9, datetime.UTC)
-                log.info(
-                    "exec %s: trading day roll at %s stored for %d of %d books",
-                    self.region,
-                    day.isoformat(),
-                    n,
-                    len(behind),
-                )
-            left = (next_roll_ns(session, time.time_ns()) - time.time_ns()) / 1e9
-            await asyncio.sleep(min(ROLL_CHECK_S, max(0.0, left)))
+            try:
+                now = time.time_ns()
+                last = last_roll_ns(session, now)
+                if not self._rebuilding:  # (fresh books while it runs: not behind)
+                    behind = [s for s, b in self.books.items() if b.day_cutoff_ns < last]
+                    if self.metrics is not None:
+                        self.metrics.day_roll_behind().set(self.day_roll_behind_s(now))
+                    due = time.monotonic() - tried.get(last, float("-inf")) >= ROLL_CHECK_S
+                    if behind and due:
+                        tried = {last: time.monotonic()}
+                        n = await self.roll(last, behind)
+                        log.info(
+                            "exec %s: trading day roll at %s stored for %d of %d books",
+                            self.region,
+                            datetime.datetime.fromtimestamp(last // 10**9, datetime.UTC),
+                            n,
+                            len(behind),
+                        )
+                left = (next_roll_ns(session, time.time_ns()) - time.time_ns()) / 1e9
+                await asyncio.sleep(min(ROLL_CHECK_S, max(0.0, left)))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # it must go on: a roll not stored is tried again
+                log.exception("exec %s: trading day roll check failed", self.region)
+                await asyncio.sleep(ROLL_CHECK_S)
 
     async def stop(self) -> None:
         if self.loop is not None:
@@ -446,6 +456,13 @@ class ExecutionWorker:
         past ``applied + 1`` first fills the gap from the stream (:meth:`_process`), so the
         books never see a command out of stream order, whatever the durable redelivers when.
         """
+        self._rebuilding = True
+        try:
+            await self._rebuild()
+        finally:
+            self._rebuilding = False
+
+    async def _rebuild(self) -> None:
         # a put still storing the last snapshot would purge the chunks of the one being read
         await self._saved(timeout_s=60.0)
         self._fresh_books()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,8 +17,6 @@ from hypothesis import strategies as st
 
 from regions.topology import load_topology
 from router.book import (
-    DAY_NS,
-    ROLL_CLOCK_SKEW_NS,
     Cancel,
     Command,
     ExpireDay,
@@ -44,6 +43,7 @@ from router.contract import (
 )
 from router.errors import IllegalTransition, SnapshotError
 from router.lifecycle import transition
+from router.session import rolls_after
 
 INST = load_topology().instrument("EURUSD")
 REGION = "lon"
@@ -302,78 +302,102 @@ def test_self_trade_cancels_incoming_remainder_and_keeps_earlier_fills() -> None
 
 
 def test_day_orders_expire_at_end_of_day_gtc_stay() -> None:
-    d = Driver()
+    d = Driver()  # command n is stored at n * 1000 ns
     d(sub("d1", BUY, 10, 99, tif=DAY))
     d(sub("g1", BUY, 10, 98))
     d(sub("d2", SELL, 10, 105, tif=DAY, acct="S"))
     d(sub("b", BUY, 4, 105, acct="B"))  # d2 partially filled
-    d(dataclasses.replace(sub("d3", BUY, 10, 97, tif=DAY), entry_ns=200))  # the next day's
-    out = d(ExpireDay(cutoff_ns=100))  # the roll: DAY orders accepted before it expire
+    d(dataclasses.replace(sub("d3", BUY, 10, 97, tif=DAY), entry_ns=4500))  # after the roll
+    out = d(ExpireDay(cutoff_ns=4200))  # the roll: DAY orders accepted before it expire
     assert kinds(out) == [("d1", "EXPIRED", "EXPIRED"), ("d2", "EXPIRED", "EXPIRED")]
     assert [(e.cum_qty, e.leaves_qty) for e in ers(out)] == [(0, 0), (4, 0)]
     assert [o.order_id for o in d.book.open_orders()] == ["g1", "d3"]
-    assert d.book.day_cutoff_ns == 100
+    assert d.book.day_cutoff_ns == 4200
     # a DAY order of the ended day reaching the book after the roll never rests or trades
     out = d(sub("d4", SELL, 10, 97, tif=DAY, acct="S"))
     assert kinds(out) == [("d4", "NEW", "NEW"), ("d4", "EXPIRED", "EXPIRED")]
     assert [o.order_id for o in d.book.open_orders()] == ["g1", "d3"]
     # the same roll again, or an older one, changes nothing; the next one takes d3
-    assert d(ExpireDay(cutoff_ns=100)) == [] and d(ExpireDay(cutoff_ns=50)) == []
-    assert kinds(d(ExpireDay(cutoff_ns=300))) == [("d3", "EXPIRED", "EXPIRED")]
+    assert d(ExpireDay(cutoff_ns=4200)) == [] and d(ExpireDay(cutoff_ns=50)) == []
+    assert kinds(d(ExpireDay(cutoff_ns=8000))) == [("d3", "EXPIRED", "EXPIRED")]
     # and the roll is part of the book's state: a restored book expires late arrivals too
     again = OrderBook.restore(d.book.snapshot(), INST, REGION)
-    assert again.day_cutoff_ns == 300
+    assert again.day_cutoff_ns == 8000
     out = again.apply(sub("d5", BUY, 10, 96, tif=DAY), seq=d.seq + 1, ts_ns=10**6)
     assert kinds(out) == [("d5", "NEW", "NEW"), ("d5", "EXPIRED", "EXPIRED")]
 
 
-def test_the_next_roll_comes_before_a_command_stored_after_it() -> None:
-    """Execution was down over the roll (or its ExpireDay is late): the first command stored
-    at or after the roll the last ExpireDay named is applied after that roll, so a day-old
-    DAY order never trades with it; the ExpireDay that comes later changes nothing."""
+def _utc(text: str) -> int:
+    return int(datetime.datetime.fromisoformat(text + "+00:00").timestamp()) * 10**9
+
+
+def test_a_roll_comes_before_the_first_command_stored_after_it_over_dst() -> None:
+    """Execution was down over several rolls, one of them a daylight saving change (New York
+    springs forward on 14 March 2027: the roll moves from 22:00 to 21:00 UTC). The commands
+    stored meanwhile replay after the rolls the last ExpireDay scheduled, each taken before
+    the first command stored at or after it: a day-old DAY order never trades with them, and
+    a DAY order of the day still running is not expired early."""
+    session = load_topology().session
     book = OrderBook(INST, REGION)
-    day, day2 = 1_000_000, 2_000_000  # two roll instants (ns)
+    seq = iter(range(1, 100))
 
-    def at(cmd: Command, seq: int, ts: int) -> list[Output]:
-        return book.apply(cmd, seq=seq, ts_ns=ts)
+    def at(cmd: Command, when: str, entry: str | None = None) -> list[Output]:
+        if entry is not None:
+            cmd = dataclasses.replace(cmd, entry_ns=_utc(entry))  # type: ignore[type-var]
+        return book.apply(cmd, seq=next(seq), ts_ns=_utc(when))
 
-    assert at(ExpireDay(cutoff_ns=day - 10, next_ns=day), 1, day - 5) == []
-    at(dataclasses.replace(sub("old", BUY, 10, 100, tif=DAY), entry_ns=day - 3), 2, day - 2)
-    at(dataclasses.replace(sub("gtc", BUY, 10, 99), entry_ns=day - 3), 3, day - 1)
-    assert book.next_cutoff_ns == day
-    # stored after the roll: the old DAY bid expires first, and the sell rests on its own
-    out = at(dataclasses.replace(sub("s", SELL, 10, 100, acct="S"), entry_ns=day + 1), 4, day + 2)
-    assert kinds(out) == [("old", "EXPIRED", "EXPIRED"), ("s", "NEW", "NEW")]
+    roll = _utc("2027-03-12T22:00:00")
+    first = ExpireDay(cutoff_ns=roll, schedule=rolls_after(session, roll, 8))
+    assert at(first, "2027-03-12T22:00:01") == []
+    assert book.rolls[:2] == (_utc("2027-03-13T22:00:00"), _utc("2027-03-14T21:00:00"))
+    at(sub("fri", BUY, 10, 100, tif=DAY), "2027-03-13T10:00:00", "2027-03-13T10:00:00")
+    at(sub("gtc", BUY, 10, 99), "2027-03-13T10:00:01", "2027-03-13T10:00:01")
+    # the worker is down from here: the next command is stored after Saturday's roll
+    at(sub("sun", BUY, 10, 100, tif=DAY, acct="B"), "2027-03-14T20:30:00", "2027-03-14T20:30:00")
+    assert book.day_cutoff_ns == _utc("2027-03-13T22:00:00")
+    assert [o.order_id for o in book.open_orders()] == ["sun", "gtc"]  # "fri" expired
+    # stored at 21:30 UTC on the 14th: past that day's roll (17:00 EDT = 21:00 UTC)
+    out = at(sub("s", SELL, 10, 100, acct="S"), "2027-03-14T21:30:00", "2027-03-14T21:30:00")
+    assert kinds(out) == [("sun", "EXPIRED", "EXPIRED"), ("s", "NEW", "NEW")]
     assert not [x for x in out if isinstance(x, Fill)]
-    assert (book.day_cutoff_ns, book.next_cutoff_ns) == (day, day + DAY_NS)
-    # the roll's own command, late: nothing more, and it names the next roll exactly
-    assert at(ExpireDay(cutoff_ns=day, next_ns=day2), 5, day + 3) == []
-    assert (book.day_cutoff_ns, book.next_cutoff_ns) == (day, day2)
-    # days later (a long outage): the latest roll before the command is the one taken
-    late = day2 + 3 * DAY_NS + 7
-    at(dataclasses.replace(sub("d", BUY, 10, 90, tif=DAY), entry_ns=day + 9), 6, day + 9)
-    out = at(cxl("gtc"), 7, late)
-    assert kinds(out)[0] == ("d", "EXPIRED", "EXPIRED")
-    assert book.day_cutoff_ns == day2 + 3 * DAY_NS
+    assert book.day_cutoff_ns == _utc("2027-03-14T21:00:00")
+    # the restarted worker's ExpireDay for that roll, late: nothing more
+    late = _utc("2027-03-14T21:00:00")
+    again = ExpireDay(cutoff_ns=late, schedule=rolls_after(session, late, 8))
+    assert at(again, "2027-03-14T21:31:00") == []
+    # a week later, with nothing stored between: the latest roll due is the one taken
+    out = at(cxl("gtc"), "2027-03-21T21:30:00")
+    assert book.day_cutoff_ns == _utc("2027-03-21T21:00:00") and kinds(out)[0][0] == "gtc"
 
 
-def test_a_roll_named_in_the_future_is_ignored() -> None:
-    """An ExpireDay whose roll is past its own stored time by more than a minute comes from a
-    clock running ahead: taken, it would expire every DAY order on arrival until then."""
-    d = Driver()
-    d(sub("d1", BUY, 10, 99, tif=DAY))
-    assert d(ExpireDay(cutoff_ns=d.seq * 1000 + ROLL_CLOCK_SKEW_NS + 10**9)) == []
-    assert d.book.day_cutoff_ns == 0 and [o.order_id for o in d.book.open_orders()] == ["d1"]
-    # a next roll more than two days after the roll is not believed either
-    d(ExpireDay(cutoff_ns=5, next_ns=5 + 3 * DAY_NS))
-    assert (d.book.day_cutoff_ns, d.book.next_cutoff_ns) == (5, 0)
+def test_an_older_rolls_command_changes_nothing_and_a_future_roll_waits() -> None:
+    d = Driver()  # command n is stored at n * 1000 ns
+    d(ExpireDay(cutoff_ns=500, schedule=(5000, 9000)))
+    d(dataclasses.replace(sub("d1", BUY, 10, 99, tif=DAY), entry_ns=1500))  # expires at 5000
+    # an older roll's command cannot move the schedule (nor expire anything)
+    assert d(ExpireDay(cutoff_ns=400, schedule=(3500,))) == []
+    assert d.book.rolls == (5000, 9000) and d.book.day_cutoff_ns == 500
+    # a roll named ahead of its own stored time (a clock ahead) waits for its time
+    assert d(ExpireDay(cutoff_ns=4500, schedule=(5000,))) == []  # stored at 4000
+    assert d.book.rolls == (4500, 5000) and d.book.day_cutoff_ns == 500
+    out = d(cxl("nothing"))  # stored at 5000: both rolls due, the latest taken
+    assert kinds(out)[0] == ("d1", "EXPIRED", "EXPIRED") and d.book.day_cutoff_ns == 5000
+    # rolls further than ten days after the command's own are not believed
+    far = 8000 + 11 * 86_400 * 10**9
+    d(ExpireDay(cutoff_ns=5500, schedule=(8000, far)))  # stored at 6000
+    assert d.book.rolls == (8000,)
 
 
-def test_a_day_order_with_no_accept_time_takes_its_stored_time() -> None:
-    d = Driver()
-    d(ExpireDay(cutoff_ns=1500))  # seq 1, stored at 1000
-    out = d(dataclasses.replace(sub("d0", BUY, 10, 99, tif=DAY), entry_ns=0))  # stored at 2000
-    assert kinds(out) == [("d0", "NEW", "NEW")]  # not taken as accepted at 0
+def test_a_day_orders_day_is_never_after_its_stored_time() -> None:
+    """A DAY order with no accept time, or one stamped by a clock ahead, is dated by its
+    stored time: not by 0 (expired at any roll), nor past the roll it was stored before."""
+    d = Driver()  # command n is stored at n * 1000 ns
+    d(ExpireDay(cutoff_ns=500, schedule=(3500,)))
+    d(dataclasses.replace(sub("none", BUY, 10, 99, tif=DAY), entry_ns=0))  # stored at 2000
+    d(dataclasses.replace(sub("ahead", BUY, 10, 98, tif=DAY), entry_ns=10**9))  # at 3000
+    assert [o.entry_ns for o in d.book.open_orders()] == [2000, 3000]
+    out = d(cxl("nothing"))  # stored at 4000: the roll at 3500 ends that day
+    assert kinds(out)[:2] == [("none", "EXPIRED", "EXPIRED"), ("ahead", "EXPIRED", "EXPIRED")]
 
 
 def test_cancel_resting_then_too_late_then_unknown() -> None:
@@ -737,7 +761,34 @@ class Run:
     outputs: list[list[Output]] = field(default_factory=list)
     orders: dict[str, Tracked] = field(default_factory=dict)
     cutoff: int = 0
-    """The book's latest roll before the command being checked."""
+    """The roll model's latest roll (the book's must equal it)."""
+    rolls: tuple[int, ...] = ()
+    """The roll model's schedule."""
+    expire: set[str] = field(default_factory=set)
+    """Orders the roll model expects the command being checked to expire."""
+
+
+def roll_model(run: Run, book: OrderBook, cmd: Command, ts: int) -> set[str]:
+    """Advance the model of the trading day's rolls over ``cmd`` stored at ``ts``: a roll is
+    taken before the first command stored at or after it (the latest due, if several), an
+    ExpireDay older than the last roll taken is ignored, and a newer one replaces the
+    schedule with its own roll and rolls. Returns the resting DAY orders accepted before a
+    roll the command brings: what it must expire, with a DAY Submit it takes (NEW) after
+    its day ended (dated by its stored time when not accepted before it)."""
+    resting = [(v.order_id, v.entry_ns) for v in book.open_orders() if v.tif is DAY]
+    old = run.cutoff
+
+    def take(rolls: tuple[int, ...]) -> None:
+        due = [r for r in rolls if r <= ts]
+        run.rolls = tuple(r for r in rolls if r > ts)
+        if due:
+            run.cutoff = max(run.cutoff, *due)
+
+    take(run.rolls)
+    if isinstance(cmd, ExpireDay) and cmd.cutoff_ns >= run.cutoff:
+        named = {cmd.cutoff_ns, *(r for r in cmd.schedule if r > cmd.cutoff_ns)}
+        take(tuple(sorted(r for r in named if r > run.cutoff)))
+    return {oid for oid, entry in resting if entry < run.cutoff} if run.cutoff > old else set()
 
 
 def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
@@ -759,12 +810,13 @@ def make_command(op: tuple[Any, ...], run: Run, k: int) -> Command:
             entry_ns=10 * k - 5,  # accepted just before it was stored (at k * 10)
         )
     if op[0] == "expire":
-        # the roll, just past this command's stored time (k * 10): the next order, in flight
-        # over it, expires on arrival; and the next roll three commands on, taken before
-        # the command stored after it. Or an earlier instant, a no-op once a later roll is in
+        # Command m is accepted at 10m - 5 and stored at 10m. A roll just before this one's
+        # stored time, and a schedule of rolls at 10m - 2 (between command m's acceptance
+        # and its storing: taken before it, so an order it submits expires on arrival). Or
+        # a roll from the past with a schedule: nothing once a later roll is taken
         if op[1]:
-            return ExpireDay(cutoff_ns=10 * k + 15, next_ns=10 * (k + 4))
-        return ExpireDay(cutoff_ns=max(1, 10 * k - 50))
+            return ExpireDay(cutoff_ns=10 * k - 3, schedule=(10 * k + 18, 10 * k + 48))
+        return ExpireDay(cutoff_ns=max(1, 10 * k - 50), schedule=(10 * k + 28,))
     oid = ids[int(op[1]) % len(ids)]
     t = run.orders[oid]
     how = op[-1]
@@ -817,14 +869,7 @@ def check_apply(book: OrderBook, cmd: Command, out: list[Output], run: Run) -> N
                 if x.price_ticks != t.price or x.qty > t.qty:  # loses time priority
                     t.stamp = book.last_seq
             if x.exec_type is ExecType.EXPIRED:
-                # only a DAY order of an ended day, at a roll this command brought (its own,
-                # or the next one, due before it), or arriving after its day ended
-                assert x.tif is DAY and x.entry_ns < book.day_cutoff_ns
-                rolled = book.day_cutoff_ns > run.cutoff
-                arrived = isinstance(cmd, Submit) and cmd.order_id == x.order_id
-                assert rolled or arrived
-                if arrived and not rolled:
-                    assert x.cum_qty == 0
+                assert x.order_id in run.expire, "expired, but not by the roll model"
             t.qty = x.qty
             t.price = x.price_ticks
             assert x.cum_qty == t.cum + x.last_qty
@@ -920,9 +965,15 @@ def run_ops(ops: list[tuple[Any, ...]], *, check: bool = True) -> tuple[Run, Ord
     for k, op in enumerate(ops, start=1):
         cmd = make_command(op, run, k)
         pre = [(o.order_id, o.side, o.leaves_qty, o.price_ticks) for o in book.open_orders()]
-        run.cutoff = book.day_cutoff_ns
+        run.expire = roll_model(run, book, cmd, k * 10)
         out = book.apply(cmd, seq=k, ts_ns=k * 10)
+        new = {x.order_id for x in ers(out) if x.exec_type is ExecType.NEW}
+        late = isinstance(cmd, Submit) and min(cmd.entry_ns or k * 10, k * 10) < run.cutoff
+        if isinstance(cmd, Submit) and cmd.tif is DAY and cmd.order_id in new and late:
+            run.expire.add(cmd.order_id)  # taken after its day ended
         expired = {x.order_id for x in ers(out) if x.exec_type is ExecType.EXPIRED}
+        assert (book.day_cutoff_ns, book.rolls) == (run.cutoff, run.rolls)
+        assert expired == run.expire
         pre = [p for p in pre if p[0] not in expired]  # a roll before the command took them
         run.commands.append(cmd)
         run.outputs.append(out)

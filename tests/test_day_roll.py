@@ -21,7 +21,7 @@ from router.book import ExpireDay, Submit
 from router.commands import decode_command, encode_command
 from router.contract import ExecType, ExecutionReport, OrdType, Side, TimeInForce
 from router.execution import ExecutionWorker
-from router.session import last_roll_ns, next_roll_ns
+from router.session import last_roll_ns, rolls_after
 from tests.private_mesh import on_a_private_mesh
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,7 @@ async def _scenario(ds: Devstack) -> None:
         for seq in range(1, rolls + 1):
             m = await js.get_msg("EXEC", seq)
             assert decode_command(m.data) == ExpireDay(
-                cutoff_ns=last, next_ns=next_roll_ns(topology.session, last)
+                cutoff_ns=last, schedule=rolls_after(topology.session, last, 8)
             )
 
         sym, px = "USDJPY", 150_000
@@ -127,13 +127,13 @@ async def _scenario(ds: Devstack) -> None:
 
         # the next roll: the resting DAY order of that day expires, the GTC one stays
         cutoff = time.time_ns()
-        assert await w.roll(cutoff, next_roll_ns(topology.session, cutoff)) == n_books
+        assert await w.roll(cutoff) == n_books
         await _until(lambda: len(of("D-today")) == 2)
         expired = [r for r in reports if r.order_id == "D-today"][-1]
         assert expired.exec_type is ExecType.EXPIRED and expired.text == "end of trading day"
         assert [o.order_id for o in w.books[sym].open_orders()] == ["G-late"]
         n_reports = len(reports)
-        await w.roll(cutoff, next_roll_ns(topology.session, cutoff))  # again: nothing more
+        await w.roll(cutoff)  # again: nothing more
         await asyncio.sleep(0.3)
         assert len(reports) == n_reports
         stored = (await js.stream_info("EXEC")).state.last_seq

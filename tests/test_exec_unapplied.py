@@ -20,7 +20,7 @@ import pytest
 
 from regions.topology import load_topology
 from router import subjects
-from router.book import Cancel, OrderBook, Submit
+from router.book import Cancel, ExpireDay, OrderBook, Submit
 from router.commands import decode_command, encode_command
 from router.contract import (
     CancelReject,
@@ -86,6 +86,28 @@ def test_a_command_with_a_field_of_the_wrong_type_or_range_never_reaches_a_book(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         decode_command(msgpack.packb(_submit(**{field: value})))
+
+
+@pytest.mark.parametrize(
+    "expire",
+    [
+        {"op": "expire"},  # no roll
+        {"op": "expire", "cutoff_ns": 0},
+        {"op": "expire", "cutoff_ns": 5, "schedule": 7},
+        {"op": "expire", "cutoff_ns": 5, "schedule": [7.5]},
+        {"op": "expire", "cutoff_ns": 5, "schedule": [-1]},
+        {"op": "expire", "cutoff_ns": 5, "schedule": list(range(1, 10))},  # more than 8
+    ],
+)
+def test_a_malformed_roll_never_reaches_a_book(expire: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        decode_command(msgpack.packb(expire))
+
+
+def test_a_roll_round_trips() -> None:
+    roll = ExpireDay(cutoff_ns=5, schedule=(7, 9))
+    assert decode_command(encode_command(roll)) == roll
+    assert decode_command(msgpack.packb({"op": "expire", "cutoff_ns": 5})) == ExpireDay(cutoff_ns=5)
 
 
 def test_well_formed_commands_still_decode() -> None:

@@ -144,6 +144,20 @@ def test_the_trading_day_rolls_at_17_new_york(now: str, last: str, nxt: str) -> 
     )
 
 
+@pytest.mark.parametrize("roll", ["17:00", "01:30", "02:30", "00:00", "23:59"])
+def test_the_last_roll_is_never_after_now_nor_the_next_at_or_before_it(roll: str) -> None:
+    """Around both of New York's daylight saving changes, for roll times the change skips or
+    repeats too: instants are compared, never wall-clock times (which once made the next
+    roll one already past, and the worker's wait a busy loop)."""
+    session = Session(roll=roll, tz="America/New_York")
+    for start in ("2026-10-31T00:00:00", "2027-03-13T00:00:00"):
+        t0 = _utc_ns(start)
+        for step in range(0, 3 * 86_400, 599):  # three days, about every ten minutes
+            now = t0 + step * 10**9
+            last, nxt = last_roll_ns(session, now), next_roll_ns(session, now)
+            assert last <= now < nxt and nxt - last <= 25 * 3600 * 10**9
+
+
 def test_spokes_dialling_each_other_is_refused() -> None:
     doc = _mutate("regions.1.leaf_dial", ["lon", "sgp"])
     doc["regions"][2]["accepts_leaf"] = True
