@@ -313,6 +313,8 @@ class LedgerWriter:
         try:
             conn = await self._conn()
             async with conn.transaction(), conn.cursor() as cur:
+                # on the posting connection, between batches: never for long
+                await cur.execute("SET LOCAL statement_timeout = '2s'")
                 await cur.execute(OUTSTANDING_COUNT_SQL, (self.region,))
                 row = await cur.fetchone()
             self.metrics.held_outstanding.set(int(row[0]) if row else 0)  # type: ignore[index]

@@ -177,41 +177,15 @@ async def order_history(
     # risk decisions, and requests risk could not read (recorded with their answer only)
     keys = {f"o:{subjects.request_key(account, cl)}": cl for cl in cl_ids}
     for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home)):
-        with contextlib.suppress(Exception):
+        records: Any = []
+        with contextlib.suppress(Exception):  # not a record batch this build can read
             body = msgpack.unpackb(m.data, raw=False)
-            for rec in body.get("b", [body]):
-                if rec.get("k") == UNREAD and rec.get("in") in keys:
-                    answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
-                    h.events.append(
-                        Event(
-                            int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1,
-                            f"{home}/RISKLOG",
-                            "risk: not readable",
-                            f"cl={keys[rec['in']]} this build could not read the request: "
-                            f"decided nothing, answered {answers}",
-                        )
-                    )
-                    continue
-                if rec.get("k") != "order":
-                    continue
-                p = msgpack.unpackb(rec["p"], raw=False)
-                if p.get("account") != account or p.get("cl_ord_id") not in cl_ids:
-                    continue
-                ok, ref_px = rec.get("x") or [True, None]
-                outs = rec.get("o") or []
-                verdict = (
-                    "approved -> " + ", ".join(o[0] for o in outs)
-                    if outs and ".exe." in outs[0][0]
-                    else "rejected"
-                )
-                h.events.append(
-                    Event(
-                        int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1,
-                        f"{home}/RISKLOG",
-                        "risk decision",
-                        f"cl={p.get('cl_ord_id')} {verdict}; reference {ref_px}, rate ok {ok}",
-                    )
-                )
+            records = body.get("b", [body])
+        for rec in records if isinstance(records, list) else []:
+            with contextlib.suppress(Exception):  # one record: the others still count
+                ev = _risk_event(rec, keys, account, cl_ids, f"{home}/RISKLOG")
+                if ev is not None:
+                    h.events.append(ev)
     for where, r in reports:
         if isinstance(r, CancelReject):
             h.events.append(
@@ -236,6 +210,40 @@ async def order_history(
     if dsn and h.trade_ids:
         await asyncio.to_thread(_ledger_events, h, dsn, reports)
     return h
+
+
+def _risk_event(
+    rec: dict[str, Any], keys: dict[str, str], account: str, cl_ids: set[str], where: str
+) -> Event | None:
+    """One RISKLOG record as an event of this order's history, or None if not one of its."""
+    at = int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1
+    if rec.get("k") == UNREAD and rec.get("in") in keys:
+        answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
+        return Event(
+            at,
+            where,
+            "risk: not readable",
+            f"cl={keys[rec['in']]} this build could not read the request: "
+            f"decided nothing, answered {answers}",
+        )
+    if rec.get("k") != "order":
+        return None
+    p = msgpack.unpackb(rec["p"], raw=False)
+    if p.get("account") != account or p.get("cl_ord_id") not in cl_ids:
+        return None
+    ok, ref_px = rec.get("x") or [True, None]
+    outs = rec.get("o") or []
+    verdict = (
+        "approved -> " + ", ".join(o[0] for o in outs)
+        if outs and ".exe." in outs[0][0]
+        else "rejected"
+    )
+    return Event(
+        at,
+        where,
+        "risk decision",
+        f"cl={p.get('cl_ord_id')} {verdict}; reference {ref_px}, rate ok {ok}",
+    )
 
 
 def _ledger_events(h: History, dsn: str, reports: list[Any]) -> None:

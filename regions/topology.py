@@ -364,7 +364,7 @@ def _session(raw: Any) -> Session:
     )
     try:
         ZoneInfo(s.tz)
-    except (ZoneInfoNotFoundError, ValueError) as e:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as e:  # a directory: "America"
         raise TopologyError("session.tz", f"{s.tz!r} is not a known time zone ({e})") from e
     return s
 

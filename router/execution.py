@@ -64,8 +64,10 @@ from router.natsutil import (
     PullLoop,
     RebuildError,
     RebuildUnavailable,
+    SnapshotLag,
     SnapshotStore,
     cancel_and_wait,
+    snapshot_age_s,
     stream_position,
     take_batch,
     transient,
@@ -267,23 +269,21 @@ class ExecutionWorker:
         day_roll: bool = False,
     ) -> None:
         self.day_roll = day_roll
-        self._rebuilding = False
-        """A rebuild is running (its books are fresh, not behind on the day's roll)."""
         """Store each trading day's roll in EXEC for this region's books (:meth:`roll`); the
         process entry point turns it on, tests that count commands leave it off."""
+        self._rebuilding = False
+        """A rebuild is running (its books are fresh, not behind on the day's roll)."""
         self.snapshot_every = snapshot_every
         """Snapshot the books after this many commands (0: never) ..."""
         self.snapshot_every_s = snapshot_every_s
-        """... or this long after the last snapshot if any command was applied since."""
+        """... or this long after the last one, if the books moved past the last one stored."""
         self._snap_seq = 0
         self._snap_at = 0.0
         self._saved_seq = 0
         """Position of the last snapshot stored (or restored)."""
         self._restored_saved_ns = 0
         """When the restored snapshot was captured (UTC ns; 0: unknown, or none)."""
-        self._ahead_since: float | None = None
-        """Since when (monotonic) the books have been ahead of the last stored snapshot
-        (None: covered); after a rebuild that replayed commands, the snapshot's capture."""
+        self._lag = SnapshotLag()
         self._saving: asyncio.Task[None] | None = None
         self._sent: list[tuple[str, bytes, dict[str, str]]] = []
         """This batch's outputs as sent, in the order of their PubAck futures."""
@@ -482,12 +482,10 @@ class ExecutionWorker:
         await self._load_refused(after=self.applied)
         self._snap_seq, self._snap_at = self.applied, time.monotonic()
         self._saved_seq = self.applied
-        self._ahead_since = None
-        if last and self.applied < last:  # the replay puts the books ahead of the snapshot
-            age_s = (time.time_ns() - self._restored_saved_ns) / 1e9
-            self._ahead_since = time.monotonic() - (
-                max(0.0, age_s) if self._restored_saved_ns else 0.0
-            )
+        # the next snapshot is due by the restored one's age (a long stop: at once)
+        age_s = snapshot_age_s(self._restored_saved_ns)
+        self._snap_at = time.monotonic() - age_s
+        self._lag.rebuilt(bool(last) and self.applied < last, age_s)
         if not last or self.applied >= last:
             return
         if self.applied + 1 < sinfo.state.first_seq:
@@ -953,16 +951,12 @@ class ExecutionWorker:
 
     def snapshot_behind_s(self) -> float:
         """Seconds the books have been ahead of the last stored snapshot (0: covered)."""
-        if self.applied <= self._saved_seq:
-            self._ahead_since = None
-            return 0.0
-        if self._ahead_since is None:
-            self._ahead_since = time.monotonic()
-        return time.monotonic() - self._ahead_since
+        return self._lag.seconds(self.applied > self._saved_seq)
 
     async def _maybe_snapshot(self) -> None:
+        behind = self.snapshot_behind_s()
         if self.metrics is not None:
-            self.metrics.snapshot_behind().set(self.snapshot_behind_s())
+            self.metrics.snapshot_behind().set(behind)
         due_n = self.snapshot_every and self.applied - self._snap_seq >= self.snapshot_every
         due_t = (  # past the last one stored: a failed put is tried again, idle or not
             self.applied > self._saved_seq
@@ -993,6 +987,8 @@ class ExecutionWorker:
             body = await join_yielding(parts)
             await self.snapshots.save(body)
             self._saved_seq = max(self._saved_seq, seq)
+            if self.metrics is not None:
+                self.metrics.snapshot_behind().set(self.snapshot_behind_s())
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))
         except Exception as e:
             log.warning("exec %s: snapshot at seq %d failed: %s", self.region, seq, e)

@@ -710,6 +710,33 @@ class _PacedReader(io.RawIOBase):
         return n
 
 
+class SnapshotLag:
+    """How long a single writer's state has been ahead of its last stored snapshot (the
+    gauge ``meridian_snapshot_behind_seconds``): from the first check that saw it ahead, or,
+    after a rebuild that replayed past a snapshot, from that snapshot's capture."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        """Monotonic time the state went ahead (None: covered)."""
+
+    def seconds(self, ahead: bool) -> float:
+        if not ahead:
+            self.since = None
+            return 0.0
+        if self.since is None:
+            self.since = time.monotonic()
+        return time.monotonic() - self.since
+
+    def rebuilt(self, ahead: bool, age_s: float) -> None:
+        """After a rebuild: ahead (or not) of a snapshot captured ``age_s`` ago."""
+        self.since = time.monotonic() - age_s if ahead else None
+
+
+def snapshot_age_s(captured_ns: int) -> float:
+    """Seconds since a snapshot was captured (UTC ns; 0: unknown, or none: 0)."""
+    return max(0.0, (time.time_ns() - captured_ns) / 1e9) if captured_ns else 0.0
+
+
 class SnapshotStore:
     """The latest snapshot of a single writer (risk, execution): one entry of a JetStream
     object store of its own domain, created on first use.

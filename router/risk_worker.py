@@ -88,8 +88,10 @@ from router.natsutil import (
     RebuildError,
     RebuildUnavailable,
     Recovered,
+    SnapshotLag,
     SnapshotStore,
     cancel_and_wait,
+    snapshot_age_s,
     stream_position,
     take_batch,
     transient,
@@ -171,7 +173,8 @@ class RiskWorker:
         """RISKLOG sequence of the snapshot the engine was restored from at start (0: none)."""
         self._risklog_seq = 0
         """How far this process's state covers RISKLOG: its last record replayed or stored,
-        or a later risk reject report it stored (the snapshot position). Every record up to
+        a later risk reject report it stored, or after a rebuild the stream's last message
+        (a predecessor's reports included) (the snapshot position). Every record up to
         it is applied between batches (the only writer's), so a snapshot there leaves after
         itself nothing of this process's but later batches: if RISKLOG's max_age takes
         messages after a snapshot, records went with them, and a rebuild stops."""
@@ -188,10 +191,7 @@ class RiskWorker:
         self._snap_at = 0.0
         self._restored_saved_ns = 0
         """When the restored snapshot was captured (UTC ns; 0: unknown, or none)."""
-        self._ahead_since: float | None = None
-        """Since when (monotonic) the state has been ahead of the last stored snapshot: the
-        first :meth:`_maybe_snapshot` that saw it ahead, or after a rebuild that replayed
-        records, the restored snapshot's capture time (None: covered)."""
+        self._lag = SnapshotLag()
         self._limits_from_cfg = False
         """The limits in force came from the RISKCFG bucket (not limits.toml)."""
         self._snap_put: asyncio.Task[None] | None = None
@@ -464,9 +464,10 @@ class RiskWorker:
         restored one, dated from that one's capture."""
         self._apply_file_limits()
         self._risklog_seq = max(self._risklog_seq, stream_last)
-        if self._risklog_seq > self._snap_saved:
-            age_s = max(0.0, (time.time_ns() - self._restored_saved_ns) / 1e9)
-            self._ahead_since = time.monotonic() - (age_s if self._restored_saved_ns else 0.0)
+        # the next snapshot is due by the restored one's age (a long stop: at once)
+        age_s = snapshot_age_s(self._restored_saved_ns)
+        self._snap_at = time.monotonic() - age_s
+        self._lag.rebuilt(self._risklog_seq > self._snap_saved, age_s)
 
     def _apply_file_limits(self) -> None:
         """After a rebuild: limits.toml as it is now, unless a RISKCFG entry set the limits."""
@@ -489,12 +490,7 @@ class RiskWorker:
 
     def snapshot_behind_s(self) -> float:
         """Seconds the state has been ahead of the last stored snapshot (0: covered)."""
-        if self._risklog_seq <= self._snap_saved:
-            self._ahead_since = None
-            return 0.0
-        if self._ahead_since is None:
-            self._ahead_since = time.monotonic()
-        return time.monotonic() - self._ahead_since
+        return self._lag.seconds(self._risklog_seq > self._snap_saved)
 
     async def _maybe_snapshot(self) -> None:
         behind = self.snapshot_behind_s()
@@ -570,6 +566,8 @@ class RiskWorker:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
             self._snap_saved = max(self._snap_saved, seq)
+            if self.metrics is not None:
+                self.metrics.snapshot_behind().set(self.snapshot_behind_s())
             log.info(
                 "risk %s: snapshot at RISKLOG %d (%d bytes, captured in %.1f ms)",
                 self.region,

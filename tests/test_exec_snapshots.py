@@ -5,6 +5,7 @@ snapshots")."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,10 @@ async def _scenario(ds: Devstack) -> None:
             if w_idle.applied >= 71:
                 break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(2.5)  # idle for more than snapshot_every_s
+        for _ in range(100):  # idle for more than snapshot_every_s: snapshot, stored
+            if w_idle._saved_seq >= 71:
+                break
+            await asyncio.sleep(0.1)
         assert w_idle._saved_seq == 71 and w_idle.snapshot_behind_s() == 0.0
         # its put fails once (an object-store blip): idle, it tries again, and the gauge of
         # MeridianSnapshotBehind shows the books ahead until then
@@ -96,7 +100,9 @@ async def _scenario(ds: Devstack) -> None:
             if not fails:
                 break
             await asyncio.sleep(0.1)
-        assert not fails and w_idle._saved_seq == 71 and w_idle.snapshot_behind_s() > 0.0
+        assert not fails and w_idle._saved_seq == 71
+        await asyncio.sleep(0.2)
+        assert w_idle.snapshot_behind_s() >= 0.2  # ahead since the command, and counting
         for _ in range(60):
             if w_idle._saved_seq >= 72:
                 break
@@ -118,6 +124,50 @@ async def _scenario(ds: Devstack) -> None:
         with pytest.raises(RebuildError, match="are gone"):
             await w3.start()
         await w3.stop()
+        await nc.close()
+
+
+def test_a_restart_long_after_the_last_snapshot_takes_one_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Execution was down longer than its snapshot interval: after the rebuild the books are
+    ahead of a snapshot that old, so the gauge of MeridianSnapshotBehind counts from its
+    capture (a restart hides no failing snapshots), and the next snapshot is due at once
+    (a healthy worker is not left looking behind for another interval)."""
+    import router.execution as ex
+
+    on_a_private_mesh(lambda ds: _long_stop_scenario(ds, monkeypatch, ex), 60)
+
+
+async def _long_stop_scenario(ds: Devstack, monkeypatch: pytest.MonkeyPatch, ex: Any) -> None:
+    nc = await ds.connect("sgp")
+    js = nc.jetstream(domain="sgp")
+    try:
+        w1 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=5, snapshot_every_s=3600)
+        await w1.start()
+        for i in range(8):
+            await js.publish(subjects.exec_in("sgp", "USDJPY"), _submit(i, Side.BUY, 150000 + i))
+        for _ in range(100):
+            if w1.applied >= 8:
+                break
+            await asyncio.sleep(0.05)
+        await w1.stop()
+        assert w1._saved_seq == 5  # commands 6-8 are past it
+        monkeypatch.setattr(ex, "snapshot_age_s", lambda captured_ns: 4000.0)  # long ago
+        w2 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
+        await w2.start()
+        try:
+            assert w2.restored_from == 5 and w2.applied == 8
+            assert w2.snapshot_behind_s() >= 4000.0  # since that snapshot's capture
+            await js.publish(subjects.exec_in("sgp", "USDJPY"), _submit(8, Side.BUY, 149000))
+            for _ in range(100):  # the next batch finds a snapshot due: taken, stored
+                if w2._saved_seq >= 9:
+                    break
+                await asyncio.sleep(0.05)
+            assert w2._saved_seq == 9 and w2.snapshot_behind_s() == 0.0
+        finally:
+            await w2.stop()
+    finally:
         await nc.close()
 
 

@@ -734,6 +734,7 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             # is refused, and the rebuild from its own snapshot lets it record on
             stored = w3._last_record
             await _until(lambda: w3._snap_saved >= stored, 100)
+            assert w3._snap_saved >= stored, "no snapshot covered the record before the purge"
             await js.purge_stream("RISKLOG")
             await _send(js, 3)
             await _until(lambda: w3._last_record > stored)
@@ -753,18 +754,16 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             await _until(lambda: w3._last_record > stored)
             at = w3._last_record
             await _until(lambda: any(t >= at for t in tried), 100)
-            await asyncio.sleep(1.5)  # a wake after the failed put
-            gauge = reg.get_sample_value(
-                "meridian_snapshot_behind_seconds", {"region": "lon", "service": "risk"}
-            )
-            assert w3._snap_saved < at and gauge is not None and gauge > 0.0
+
+            def gauge() -> float | None:
+                labels = {"region": "lon", "service": "risk"}
+                return reg.get_sample_value("meridian_snapshot_behind_seconds", labels)
+
+            await _until(lambda: (gauge() or 0.0) > 0.0, 100)  # set at a wake after the put
+            assert w3._snap_saved < at and (gauge() or 0.0) > 0.0
             w3.snapshots.save = save  # type: ignore[method-assign]
-            await _until(lambda: w3._snap_saved >= at, 100)
-            await asyncio.sleep(1.5)
-            gauge = reg.get_sample_value(
-                "meridian_snapshot_behind_seconds", {"region": "lon", "service": "risk"}
-            )
-            assert w3._snap_saved >= at and gauge == 0.0
+            await _until(lambda: w3._snap_saved >= at and gauge() == 0.0, 100)
+            assert w3._snap_saved >= at and gauge() == 0.0
         finally:
             await w3.stop()
 
