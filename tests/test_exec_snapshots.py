@@ -145,14 +145,16 @@ async def _long_stop_scenario(ds: Devstack, monkeypatch: pytest.MonkeyPatch, ex:
     try:
         w1 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=5, snapshot_every_s=3600)
         await w1.start()
-        for i in range(8):
-            await js.publish(subjects.exec_in("sgp", "USDJPY"), _submit(i, Side.BUY, 150000 + i))
-        for _ in range(100):
-            if w1.applied >= 8:
-                break
-            await asyncio.sleep(0.05)
+        for n in (5, 8):  # a snapshot at 5 (stored before going on), then 3 past it
+            for i in range(w1.applied, n):
+                cmd = _submit(i, Side.BUY, 150000 + i)
+                await js.publish(subjects.exec_in("sgp", "USDJPY"), cmd)
+            for _ in range(200):
+                if w1.applied >= n and w1._saved_seq >= 5:
+                    break
+                await asyncio.sleep(0.05)
         await w1.stop()
-        assert w1._saved_seq == 5  # commands 6-8 are past it
+        assert (w1._saved_seq, w1.applied) == (5, 8)
         monkeypatch.setattr(ex, "snapshot_age_s", lambda captured_ns: 4000.0)  # long ago
         w2 = ExecutionWorker(nc, ds.topology, "sgp", snapshot_every=0, snapshot_every_s=3600)
         await w2.start()
