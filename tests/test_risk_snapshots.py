@@ -108,6 +108,16 @@ def _worker(ds: Devstack, nc: Any, r: Any) -> RiskWorker:
     return RiskWorker(nc, ds.topology, "lon", r, snapshot_every=0, snapshot_every_s=3600)
 
 
+@contextlib.asynccontextmanager
+async def _started(w: RiskWorker) -> AsyncIterator[RiskWorker]:
+    """``w`` started, and stopped at the end whatever happened."""
+    try:
+        await w.start()
+        yield w
+    finally:
+        await w.stop()
+
+
 async def _snapshot_now(w: RiskWorker) -> None:
     await w.snapshot()
     assert w._snap_put is not None
@@ -448,45 +458,40 @@ def test_an_undecodable_order_request_is_acked_in_its_place() -> None:
 
 
 async def _undecodable_scenario(ds: Devstack) -> None:
-    async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
-            await _send(js, 0)
-            bad = await js.publish(
-                subjects.orders("lon", "LON-HF-01", "garbage-1"),
-                b"\xc1 not an order",
-                headers={H_MSG_ID: "new:garbage-1", H_OP: "new"},
-            )
-            await _send(js, 1)
-            await _decided(w, 2)
+    async with _lon(ds) as (nc, js, r), _started(_worker(ds, nc, r)) as w:
+        await _send(js, 0)
+        bad = await js.publish(
+            subjects.orders("lon", "LON-HF-01", "garbage-1"),
+            b"\xc1 not an order",
+            headers={H_MSG_ID: "new:garbage-1", H_OP: "new"},
+        )
+        await _send(js, 1)
+        await _decided(w, 2)
 
-            async def floor() -> int:
-                ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
-                return int(ci.ack_floor.stream_seq)
+        async def floor() -> int:
+            ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
+            return int(ci.ack_floor.stream_seq)
 
-            for _ in range(100):
-                if await floor() > bad.seq:
-                    break
-                await asyncio.sleep(0.05)
-            assert await floor() > bad.seq and w.stats["bad"] == 1
-            assert not w.fatal.done()
-            # the last input undecodable too: nothing after it acks it, so its own ack must
-            last_bad = await js.publish(
-                subjects.orders("lon", "LON-HF-01", "garbage-2"),
-                b"\xc1 not an order either",
-                headers={H_MSG_ID: "new:garbage-2", H_OP: "new"},
-            )
-            for _ in range(100):
-                if await floor() >= last_bad.seq:
-                    break
-                await asyncio.sleep(0.05)
-            assert await floor() == last_bad.seq and w.stats["bad"] == 2
-            # and neither is in a decision record
-            recorded = {rec["in"] for rec in await _records(js)}
-            assert {"o:garbage-1", "o:garbage-2"}.isdisjoint(recorded) and len(recorded) >= 2
-        finally:
-            await w.stop()
+        for _ in range(100):
+            if await floor() > bad.seq:
+                break
+            await asyncio.sleep(0.05)
+        assert await floor() > bad.seq and w.stats["bad"] == 1
+        assert not w.fatal.done()
+        # the last input undecodable too: nothing after it acks it, so its own ack must
+        last_bad = await js.publish(
+            subjects.orders("lon", "LON-HF-01", "garbage-2"),
+            b"\xc1 not an order either",
+            headers={H_MSG_ID: "new:garbage-2", H_OP: "new"},
+        )
+        for _ in range(100):
+            if await floor() >= last_bad.seq:
+                break
+            await asyncio.sleep(0.05)
+        assert await floor() == last_bad.seq and w.stats["bad"] == 2
+        # and neither is in a decision record
+        recorded = {rec["in"] for rec in await _records(js)}
+        assert {"o:garbage-1", "o:garbage-2"}.isdisjoint(recorded) and len(recorded) >= 2
 
 
 def test_an_order_request_risk_cannot_read_is_answered_recorded_and_stays_answered() -> None:
@@ -504,9 +509,7 @@ async def _unread_scenario(ds: Devstack) -> None:
             answers.append(contract.decode(contract.ExecutionReport, m.data))
 
         await nc.subscribe(subjects.report_risk("lon", "LON-HF-01"), cb=on_report)
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
+        async with _started(_worker(ds, nc, r)) as w:
             newer = {**msgpack.unpackb(contract.encode(_new(0))), "v": 2}
             spoof = {**msgpack.unpackb(contract.encode(_new(1))), "account": "LON-HF-02", "v": 2}
             for key, body in (("v2-1", newer), ("spoof-1", spoof)):
@@ -528,14 +531,9 @@ async def _unread_scenario(ds: Devstack) -> None:
             assert rejected == [(newer["cl_ord_id"], "UNSUPPORTED_VERSION")]
             kinds = {rec["in"]: rec["k"] for rec in await _records(js)}
             assert kinds.get("o:v2-1") == "unread" and "o:spoof-1" not in kinds
-        finally:
-            await w.stop()
-        w2 = _worker(ds, nc, r)
-        try:
-            await w2.start()  # rebuilt from RISKLOG: answered, never to be decided
+        async with _started(_worker(ds, nc, r)) as w2:
+            # rebuilt from RISKLOG: answered, never to be decided
             assert "o:v2-1" in w2.done and "o:spoof-1" not in w2.done
-        finally:
-            await w2.stop()
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
@@ -559,31 +557,23 @@ def test_a_recreated_consumer_does_not_get_old_orders_decided_again(
 
 async def _recreated_scenario(ds: Devstack, *, snapshot: bool) -> None:
     async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
+        async with _started(_worker(ds, nc, r)) as w:
             for i in range(4):
                 await _send(js, i)
             await _decided(w, 4)
             await asyncio.sleep(0.5)  # outputs stored, inputs acked
             if snapshot:
                 await _snapshot_now(w)
-        finally:
-            await w.stop()
         await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
         before = [rec["in"] for rec in await _records(js)]
         assert len(before) == 4
-        w2 = _worker(ds, nc, r)
-        try:
-            await w2.start()
+        async with _started(_worker(ds, nc, r)) as w2:
             await _send(js, 4)
             await _until(lambda: _key(4) in w2.done and w2.stats["stale"] >= 2)
             assert w2.restored_from == (w._risklog_seq if snapshot else 0)
             assert w2.stats["stale"] == 2  # the two it no longer remembered
             after = [rec["in"] for rec in await _records(js)]
             assert sorted(after) == sorted([*before, _key(4)])  # each input recorded once
-        finally:
-            await w2.stop()
 
 
 def test_orders_of_a_recreated_orders_stream_are_decided() -> None:
@@ -595,29 +585,22 @@ def test_orders_of_a_recreated_orders_stream_are_decided() -> None:
 
 async def _recreated_stream_scenario(ds: Devstack) -> None:
     async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
+        async with _started(_worker(ds, nc, r)) as w:
             for i in range(4):
                 await _send(js, i)
             await _decided(w, 4)
             await asyncio.sleep(0.5)
-        finally:
-            await w.stop()
         cfg = (await js.stream_info("ORDERS")).config
         await js.delete_stream("ORDERS")
         await js.add_stream(cfg)
-        w2 = _worker(ds, nc, r)
-        try:
-            await w2.start()  # its mark: ORDERS up to 4, from the records
+        async with _started(_worker(ds, nc, r)) as w2:
+            # its mark: ORDERS up to 4, from the records
             for i in (10, 11):
                 ack = await _send(js, i)
                 assert ack.seq <= 2
             keys = [_key(10), _key(11)]
             await _until(lambda: all(k in w2.done for k in keys))
             assert all(k in w2.done for k in keys) and w2.stats["stale"] == 0
-        finally:
-            await w2.stop()
 
 
 def test_a_record_another_attempt_stored_late_fails_the_next_batch_not_forks_the_log() -> None:
@@ -629,33 +612,28 @@ def test_a_record_another_attempt_stored_late_fails_the_next_batch_not_forks_the
 
 
 async def _late_record_scenario(ds: Devstack) -> None:
-    async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
-            await _send(js, 0)
-            await _decided(w, 1)
-            ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
-            late = {H_MSG_ID: f"rec:{w._epoch}:o:ghost:1"}  # this process's, stored late
-            await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}), headers=late)
-            await _send(js, 1)
-            # (decided in the refused attempt too: wait for the retry)
-            await _until(lambda: _key(1) in w.done and "o:ghost" in w.done)
-            assert _key(1) in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
-            assert not w.fatal.done()
-            # a record another worker wrote (a second risk worker of the region): the worker
-            # stops rather than skip the inputs that worker took
-            other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
-            await js.publish(
-                subjects.risklog("lon"),
-                msgpack.packb({"b": [other]}),
-                headers={H_MSG_ID: "rec:another:o:other:1"},
-            )
-            await _send(js, 2)
-            got = await asyncio.wait_for(w.fatal, 30)
-            assert isinstance(got, RebuildError) and "only one may run" in str(got)
-        finally:
-            await w.stop()
+    async with _lon(ds) as (nc, js, r), _started(_worker(ds, nc, r)) as w:
+        await _send(js, 0)
+        await _decided(w, 1)
+        ghost = {"in": "o:ghost", "k": "unread", "p": b"", "h": {}, "o": []}
+        late = {H_MSG_ID: f"rec:{w._epoch}:o:ghost:1"}  # this process's, stored late
+        await js.publish(subjects.risklog("lon"), msgpack.packb({"b": [ghost]}), headers=late)
+        await _send(js, 1)
+        # (decided in the refused attempt too: wait for the retry)
+        await _until(lambda: _key(1) in w.done and "o:ghost" in w.done)
+        assert _key(1) in w.done and "o:ghost" in w.done  # rebuilt with it, then decided
+        assert not w.fatal.done()
+        # a record another worker wrote (a second risk worker of the region): the worker
+        # stops rather than skip the inputs that worker took
+        other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
+        await js.publish(
+            subjects.risklog("lon"),
+            msgpack.packb({"b": [other]}),
+            headers={H_MSG_ID: "rec:another:o:other:1"},
+        )
+        await _send(js, 2)
+        got = await asyncio.wait_for(w.fatal, 30)
+        assert isinstance(got, RebuildError) and "only one may run" in str(got)
 
 
 def test_an_idle_regions_snapshot_covers_its_last_reject_reports() -> None:
@@ -692,9 +670,8 @@ async def _aged_out_scenario(ds: Devstack) -> None:
     from ops.telemetry.metrics import MeridianMetrics
 
     async with _lon(ds) as (nc, js, r):
-        w = _fast(ds, nc, r)
-        try:  # the worker that stored the report covers it
-            await w.start()
+        async with _started(_fast(ds, nc, r)) as w:
+            # the worker that stored the report covers it
             for i in range(2):
                 await _send(js, i)
             await _send(js, 9, _far(9))
@@ -703,29 +680,23 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             await _until(lambda: w._snap_saved >= w._risklog_seq, 100)
             assert w._snap_saved >= w._risklog_seq, "no snapshot covered the last report"
             assert w.snapshot_behind_s() == 0.0
-        finally:
-            await w.stop()
-        w1 = _worker(ds, nc, r)  # snapshots only when asked
-        try:  # another report, and a stop before any snapshot covers it
-            await w1.start()
+        async with _started(_worker(ds, nc, r)) as w1:
+            # snapshots only when asked
+            # another report, and a stop before any snapshot covers it
             await _send(js, 10, _far(10))
             await _until(lambda: _key(10) in w1.done and _reported(w1))
             assert _reported(w1) and w1._snap_saved < w1._risklog_seq
             last_report = w1._risklog_seq
-        finally:
-            await w1.stop()
-        w2 = _fast(ds, nc, r)
-        try:  # the next process covers it
-            await w2.start()
+        async with _started(_fast(ds, nc, r)) as w2:
+            # the next process covers it
             await _until(lambda: w2._snap_saved >= last_report, 100)
             assert w2._snap_saved >= last_report, "the restarted worker left the report uncovered"
-        finally:
-            await w2.stop()
         await js.purge_stream("RISKLOG")  # everything gone, as max_age would
         reg = CollectorRegistry()
-        w3 = _fast(ds, nc, r, MeridianMetrics(reg, region="lon", service="risk"))
-        try:
-            await w3.start()  # from that snapshot: nothing after it is missing
+        async with _started(
+            _fast(ds, nc, r, MeridianMetrics(reg, region="lon", service="risk"))
+        ) as w3:
+            # from that snapshot: nothing after it is missing
             assert w3.restored_from >= last_report and _key(10) in w3.done
             await _send(js, 2)  # and it records on
             await _until(lambda: w3._last_record > last_report)
@@ -764,8 +735,6 @@ async def _aged_out_scenario(ds: Devstack) -> None:
             w3.snapshots.save = save  # type: ignore[method-assign]
             await _until(lambda: w3._snap_saved >= at and gauge() == 0.0, 100)
             assert w3._snap_saved >= at and gauge() == 0.0
-        finally:
-            await w3.stop()
 
 
 def test_a_snapshot_never_covers_another_workers_record() -> None:
@@ -778,25 +747,20 @@ def test_a_snapshot_never_covers_another_workers_record() -> None:
 
 
 async def _other_writer_scenario(ds: Devstack) -> None:
-    async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
-            await _send(js, 0)
-            await _until(lambda: _key(0) in w.done and w._last_record > 0)
-            mine = w._last_record
-            other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
-            await js.publish(
-                subjects.risklog("lon"),
-                msgpack.packb({"b": [other]}),
-                headers={H_MSG_ID: "rec:another:o:other:1"},
-            )
-            late = await js.publish(subjects.report_risk("lon", ACCOUNTS[0]), b"report")
-            w._risklog_seq = late.seq  # as its late PubAck would
-            await _snapshot_now(w)
-            assert w._snap_saved == mine, "the snapshot claimed past the other worker's record"
-        finally:
-            await w.stop()
+    async with _lon(ds) as (nc, js, r), _started(_worker(ds, nc, r)) as w:
+        await _send(js, 0)
+        await _until(lambda: _key(0) in w.done and w._last_record > 0)
+        mine = w._last_record
+        other = {"in": "o:other", "k": "unread", "p": b"", "h": {}, "o": []}
+        await js.publish(
+            subjects.risklog("lon"),
+            msgpack.packb({"b": [other]}),
+            headers={H_MSG_ID: "rec:another:o:other:1"},
+        )
+        late = await js.publish(subjects.report_risk("lon", ACCOUNTS[0]), b"report")
+        w._risklog_seq = late.seq  # as its late PubAck would
+        await _snapshot_now(w)
+        assert w._snap_saved == mine, "the snapshot claimed past the other worker's record"
 
 
 def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:
@@ -808,21 +772,16 @@ def test_an_own_record_purged_from_inside_the_stream_stops_the_worker() -> None:
 
 
 async def _purged_inside_scenario(ds: Devstack) -> None:
-    async with _lon(ds) as (nc, js, r):
-        w = _worker(ds, nc, r)
-        try:
-            await w.start()
-            await _send(js, 9, _far(9))  # a reject report
-            await _decided(w, 1)
-            await asyncio.sleep(0.3)
-            await _snapshot_now(w)
-            await _send(js, 0)  # its record is past the snapshot
-            await _decided(w, 2)
-            await asyncio.sleep(0.3)
-            await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))
-            _fail_externals_once(w)
-            await _send(js, 1)
-            got = await asyncio.wait_for(w.fatal, 20)
-            assert isinstance(got, RebuildError) and "is gone" in str(got)
-        finally:
-            await w.stop()
+    async with _lon(ds) as (nc, js, r), _started(_worker(ds, nc, r)) as w:
+        await _send(js, 9, _far(9))  # a reject report
+        await _decided(w, 1)
+        await asyncio.sleep(0.3)
+        await _snapshot_now(w)
+        await _send(js, 0)  # its record is past the snapshot
+        await _decided(w, 2)
+        await asyncio.sleep(0.3)
+        await js.purge_stream("RISKLOG", subject=subjects.risklog("lon"))
+        _fail_externals_once(w)
+        await _send(js, 1)
+        got = await asyncio.wait_for(w.fatal, 20)
+        assert isinstance(got, RebuildError) and "is gone" in str(got)
