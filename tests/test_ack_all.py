@@ -10,6 +10,8 @@ works by stream sequence, and if acking a redelivery never acks messages deliver
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,26 @@ from ops.procs import standalone_jetstream
 pytestmark = pytest.mark.integration
 
 
-async def test_ack_all_works_by_stream_sequence_across_redeliveries(tmp_path: Path) -> None:
-    srv, url = standalone_jetstream("ackall", tmp_path)
+@contextlib.asynccontextmanager
+async def _stream_s(
+    name: str, tmp_path: Path, domain: str | None = None
+) -> AsyncIterator[tuple[Any, Any]]:
+    """A nats-server of its own with stream ``S`` on ``s.>``: (connection, JetStream)."""
+    srv, url = standalone_jetstream(name, tmp_path, domain=domain)
     try:
         nc = await nats.connect(url)
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        try:
+            js = nc.jetstream(domain=domain)
+            await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+            yield nc, js
+        finally:
+            await nc.close()
+    finally:
+        srv.stop()
+
+
+async def test_ack_all_works_by_stream_sequence_across_redeliveries(tmp_path: Path) -> None:
+    async with _stream_s("ackall", tmp_path) as (_, js):
         for i in range(6):
             await js.publish(f"s.{i}", b"x")
         await js.add_consumer(
@@ -51,9 +67,6 @@ async def test_ack_all_works_by_stream_sequence_across_redeliveries(tmp_path: Pa
         await asyncio.sleep(0.3)
         ci = await js.consumer_info("S", "c")
         assert ci.ack_floor.stream_seq == 3 and ci.num_ack_pending == 3
-        await nc.close()
-    finally:
-        srv.stop()
 
 
 # ---- deliveries that never reached the worker (PullLoop(fill_gaps=True)) ----------------------
@@ -87,11 +100,7 @@ async def test_a_restart_hands_on_what_the_dead_predecessor_was_delivered(tmp_pa
     pull loop reads them back first, in order, marked so that nobody acks them."""
     from router.natsutil import PullLoop
 
-    srv, url = standalone_jetstream("fillstart", tmp_path, domain="lon")
-    try:
-        nc = await nats.connect(url)
-        js = nc.jetstream(domain="lon")
-        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+    async with _stream_s("fillstart", tmp_path, domain="lon") as (nc, js):
         for i in range(10):
             await js.publish(f"s.{i}", b"x")
         q: asyncio.Queue[object] = asyncio.Queue()
@@ -109,9 +118,6 @@ async def test_a_restart_hands_on_what_the_dead_predecessor_was_delivered(tmp_pa
         assert got[:4] == [(3, True), (4, True), (5, True), (6, True)]
         assert [s for s, _ in got[4:]] == [7, 8, 9, 10]
         assert lp.gaps_filled == 4
-        await nc.close()
-    finally:
-        srv.stop()
 
 
 def _lossy_loop(nc: object, q: asyncio.Queue[object], *, lost: tuple[int, ...]) -> Any:
@@ -140,11 +146,7 @@ async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_pa
     ones come with a jump in the consumer's delivery numbers. Those in between are read back
     from the stream and handed on first, so no ack covers a message the worker never had."""
 
-    srv, url = standalone_jetstream("fillgap", tmp_path, domain="lon")
-    try:
-        nc = await nats.connect(url)
-        js = nc.jetstream(domain="lon")
-        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+    async with _stream_s("fillgap", tmp_path, domain="lon") as (nc, js):
         q: asyncio.Queue[object] = asyncio.Queue()
         lp = _lossy_loop(nc, q, lost=(5, 6))
         await lp.start()
@@ -163,9 +165,6 @@ async def test_deliveries_lost_on_the_way_are_read_back_before_later_ones(tmp_pa
         await asyncio.sleep(0.3)
         ci = await js.consumer_info("S", "w")
         assert ci.ack_floor.stream_seq == 8 and ci.num_ack_pending == 0
-        await nc.close()
-    finally:
-        srv.stop()
 
 
 async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
@@ -185,11 +184,7 @@ async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
 
-    srv, url = standalone_jetstream("fillgap2", tmp_path, domain="lon")
-    try:
-        nc = await nats.connect(url)
-        js = nc.jetstream(domain="lon")
-        await js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+    async with _stream_s("fillgap2", tmp_path, domain="lon") as (nc, js):
         q: asyncio.Queue[object] = asyncio.Queue()
         lp = _lossy_loop(nc, q, lost=(3, 6))
         await lp.start()
@@ -198,6 +193,3 @@ async def test_two_gaps_among_the_held_deliveries_are_both_read_back_in_order(
         await lp.stop()
         assert got == [(s, s in (3, 6)) for s in range(1, 11)]
         assert lp.gaps_filled == 2 and backoffs == []
-        await nc.close()
-    finally:
-        srv.stop()
