@@ -81,6 +81,20 @@ def new_order(
     )
 
 
+def replace_order(
+    account: str, cl: str, orig: str, symbol: str, qty: int, price: int
+) -> ReplaceOrder:
+    """A ReplaceOrder of ``orig`` to ``qty`` at ``price`` ticks."""
+    return ReplaceOrder(
+        account=account,
+        cl_ord_id=cl,
+        orig_cl_ord_id=orig,
+        symbol=symbol,
+        qty=qty,
+        price_ticks=price,
+    )
+
+
 @dataclass
 class Rig:
     """A risk engine of one home region wired to real books (instant execution)."""
@@ -193,14 +207,7 @@ class Rig:
     ) -> Decision:
         """Risk's decision on a replace; its command executed unless not ``run``."""
         s = next(_seq)
-        msg = ReplaceOrder(
-            account=account,
-            cl_ord_id=f"R{s}",
-            orig_cl_ord_id=orig,
-            symbol=symbol,
-            qty=qty,
-            price_ticks=price,
-        )
+        msg = replace_order(account, f"R{s}", orig, symbol, qty, price)
         d = self.engine.on_replace(msg, ext=ext(symbol), seq=s)
         if d.command is not None and run:
             self.execute(symbol, d.command)
@@ -633,14 +640,7 @@ def test_a_refused_replace_does_not_end_an_earlier_one_not_reported_yet() -> Non
     acct, r1 = _first_replace(rig)  # B: 1M -> 2M, applied, its report held back
     b = rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000)  # applied too
     assert isinstance(b.command, Replace)
-    c_msg = ReplaceOrder(
-        account=acct,
-        cl_ord_id="C-late",
-        orig_cl_ord_id=b.command.cl_ord_id,
-        symbol="USDJPY",
-        qty=2_000_000,
-        price_ticks=151000,
-    )
+    c_msg = replace_order(acct, "C-late", b.command.cl_ord_id, "USDJPY", 2_000_000, 151000)
     c = rig.engine.on_replace(c_msg, ext=ext("USDJPY"), seq=next(_seq))
     assert isinstance(c.command, Replace)
     rig.counterparty("USDJPY", SELL, 3_000_000, 151000)
@@ -869,14 +869,7 @@ def test_restored_engine_decides_like_the_original(
                     d = eng.on_cancel(msg_c, seq=i)
                 else:
                     _, _, qty, off = op
-                    msg_r = ReplaceOrder(
-                        account=ACCT,
-                        cl_ord_id=f"R{tag}{i}",
-                        orig_cl_ord_id=orig,
-                        symbol=sym,
-                        qty=qty,
-                        price_ticks=MIDS[sym] + off,
-                    )
+                    msg_r = replace_order(ACCT, f"R{tag}{i}", orig, sym, qty, MIDS[sym] + off)
                     d = eng.on_replace(msg_r, ext=ext(sym), seq=i)
                     if d.command is not None:
                         sent.append((msg_r.cl_ord_id, sym))
@@ -917,14 +910,7 @@ def test_replaying_recorded_verdicts_rebuilds_the_state_whatever_the_limits_now(
     assert tight.engine.exposure_usd(acct) == loose.engine.exposure_usd(acct)
     # a replace, replayed approved under limits that would refuse it
     orig = next(m.cl_ord_id for m, ok in inputs if ok and m.ord_type is OrdType.LIMIT)
-    rep = ReplaceOrder(
-        account=acct,
-        cl_ord_id="v-r",
-        orig_cl_ord_id=orig,
-        symbol=sym,
-        qty=2_000_000,
-        price_ticks=150001,
-    )
+    rep = replace_order(acct, "v-r", orig, sym, 2_000_000, 150001)
     assert loose.engine.on_replace(rep, ext=ext(sym), seq=99).command is not None
     assert tight.engine.on_replace(rep, ext=ext(sym), seq=99).command is None
     # the live refusal above changed nothing; now the recorded approval
@@ -940,9 +926,7 @@ def test_a_recorded_approval_the_state_cannot_take_is_an_error() -> None:
     rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=1, verdict=True)
     with pytest.raises(ValueError, match="open already"):
         rig.engine.on_new(msg, order_id="O-twice", accepted_ns=1, ext=ext(sym), seq=2, verdict=True)
-    rep = ReplaceOrder(
-        account=acct, cl_ord_id="r", orig_cl_ord_id="gone", symbol=sym, qty=1, price_ticks=150000
-    )
+    rep = replace_order(acct, "r", "gone", sym, 1, 150000)
     with pytest.raises(ValueError, match="no open order"):
         rig.engine.on_replace(rep, ext=ext(sym), seq=3, verdict=True)
 
