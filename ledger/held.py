@@ -7,9 +7,12 @@ EXECOUT deletes a message after its max_age whether it was posted or not.
 
 A row is *outstanding* while its region has no transfer of the trade, found by its trade id
 (a row with none readable stays outstanding until ``post-held`` reads it). Rows are never deleted:
-once the fill posts, the row stays as the record of the hold. So nothing here writes to
-``held_fills``, and posting from a row is the writer's own posting (deterministic transfer ids:
-posting a fill the stream has since delivered too is a replay, not a second trade).
+once the fill posts, the row stays as the record of the hold. So nothing here inserts into or
+deletes from ``held_fills`` (``post-held`` only sets a row's trade id once it can read it), and
+posting from a row is the writer's own posting (deterministic transfer ids: posting a fill the
+stream has since delivered too is a replay, not a second trade). ``post-held`` reads the
+amounts' currencies from the topology it is given, and posts nothing whose minor units
+disagree with the ledger's own ``currencies`` table.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ UPSERT_SQL = (
     "trade_id = COALESCE(EXCLUDED.trade_id, held_fills.trade_id)"
 )
 """One hold of a fill: the first inserts its row, each later one counts."""
+
+_MINOR_UNITS_SQL = "SELECT code, minor_units FROM currencies"
 
 _SET_TRADE_ID = (
     "UPDATE held_fills SET trade_id = %s WHERE region = %s AND stream_seq = %s "
@@ -150,16 +155,30 @@ async def post_held(
     read, in one transaction (the writer's :func:`ledger.store.post_transfers`)."""
     rows = await (await conn.execute(OUTSTANDING_SQL, ([region],))).fetchall()
     held = [_held(r) for r in rows]
+    # the ledger's own currencies, as migrate stored them from the topology the writers run
+    minor = dict(await (await conn.execute(_MINOR_UNITS_SQL)).fetchall())
     await conn.commit()  # end the read's transaction
     posted: list[HeldFill] = []
     still: list[tuple[HeldFill, str]] = []
     transfers: list[Transfer] = []
     for h in held:
         try:
-            transfers.extend(transfers_of(h, topology))
+            legs = transfers_of(h, topology)
         except (ContractError, FillRejected) as e:
             still.append((h, str(e)))
             continue
+        # a topology file that disagrees with the ledger (a stale copy) would scale the
+        # amounts by powers of ten, for good: posted once, a trade is never posted again
+        bad = [
+            f"currency {t.currency}: {topology.currency(t.currency).minor_units} minor units "
+            f"in this topology, {minor.get(t.currency)} in the ledger"
+            for t in legs
+            if minor.get(t.currency) != topology.currency(t.currency).minor_units
+        ]
+        if bad:
+            still.append((h, "; ".join(bad)))
+            continue
+        transfers.extend(legs)
         posted.append(h)
     batch = None
     async with conn.transaction():

@@ -308,8 +308,10 @@ class LedgerWriter:
                 await nc.close()
 
     async def _count_held(self) -> None:
-        """Set the outstanding held fills gauge. Best effort: a database that does not answer
-        (``meridian_ledger_db_up``) or a ledger not migrated leaves it as it was."""
+        """Set the outstanding held fills gauge, and ``meridian_ledger_db_up`` (at start and
+        every HELD_COUNT_S, so an idle writer reports its database too, not only commits).
+        Best effort: a database that does not answer, or a ledger not migrated, leaves the
+        count as it was."""
         try:
             conn = await self._conn()
             async with conn.transaction(), conn.cursor() as cur:
@@ -318,8 +320,12 @@ class LedgerWriter:
                 await cur.execute(OUTSTANDING_COUNT_SQL, (self.region,))
                 row = await cur.fetchone()
             self.metrics.held_outstanding.set(int(row[0]) if row else 0)  # type: ignore[index]
+            self.metrics.db_up.set(1)
         except Exception as e:
             log.debug("ledger %s: could not count held fills: %s", self.region, e)
+            # an error the server sent (a SQLSTATE): it answered; anything else: down
+            answered = isinstance(e, psycopg.Error) and e.sqlstate is not None
+            self.metrics.db_up.set(1 if answered else 0)
             if is_retryable(e):
                 await self._close_db()
 

@@ -11,7 +11,9 @@ The DSN comes from ``--dsn`` or the environment variable ``MERIDIAN_PG_DSN``.
 * ``held [--regions]`` lists the fills the writers hold and have not posted (exit 1 if any).
 * ``post-held --region R`` posts them from ``held_fills`` with this build and topology, once
   the cause is mended; for fills the stream has deleted (EXECOUT max_age). While the stream
-  still holds them, the running writer posts them itself within 30 s.
+  still holds them, a writer whose build and topology can read them posts them itself within
+  30 s. A fill whose currencies the topology given disagrees on with the ledger is not
+  posted.
 
 Exit codes: 0 ok, 1 verify found problems, 2 bad arguments or configuration, 3 database
 unreachable.
@@ -259,8 +261,9 @@ def _post_held(args: argparse.Namespace) -> int:
                     res = await post_held(conn, topology, args.region)
         new = res.batch.transfers_new if res.batch else 0
         print(
-            f"posted {len(res.posted)} held fills of {args.region} ({new} new transfers; "
-            f"the rest were posted already); {len(res.still_held)} still cannot be posted"
+            f"posted {len(res.posted)} held fills of {args.region} ({new} new transfers, two "
+            f"a fill; any other fill was posted already); {len(res.still_held)} still cannot "
+            "be posted"
         )
         for h, why in res.still_held:
             print(f"  {h.region} EXECOUT seq {h.stream_seq} trade {h.trade_id or '?'}: {why}")

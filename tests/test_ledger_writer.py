@@ -290,6 +290,8 @@ async def test_a_held_fill_posted_from_its_row_is_then_acked_by_the_writer(
             assert fill.trade_id in cli[1] and "sell_account" in cli[1]
             gauge = "meridian_ledger_held_outstanding"
             await wait_for(lambda: w.metric(gauge) == 1, 10, "the gauge counting it")
+            # it has committed nothing, and still says its database answers
+            assert w.metric("meridian_ledger_db_up") == 1
 
             knows = dataclasses.replace(
                 topology,
