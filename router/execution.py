@@ -967,7 +967,8 @@ class ExecutionWorker:
             # to kept encodings); joining them (55 MB at full memory) and the put, in
             # object-store chunks, go on beside the next commands instead of holding them.
             # While a put runs, a due snapshot is left for a later batch or wake-up.
-            self._saving = asyncio.create_task(self._save(*self._snapshot_body()))
+            seq, parts = self._snapshot_body()
+            self._saving = asyncio.create_task(self._save(seq, parts, self._snap_at))
             self._faults = 0
 
     def _snapshot_body(self) -> tuple[int, Iterator[bytes]]:
@@ -982,11 +983,12 @@ class ExecutionWorker:
             self._faulted = {k: v for k, v in self._faulted.items() if k > seq}
         return seq, parts
 
-    async def _save(self, seq: int, parts: Iterator[bytes]) -> None:
+    async def _save(self, seq: int, parts: Iterator[bytes], captured: float) -> None:
         try:
             body = await join_yielding(parts)
             await self.snapshots.save(body)
             self._saved_seq = max(self._saved_seq, seq)
+            self._lag.stored(self.applied > self._saved_seq, captured)
             if self.metrics is not None:
                 self.metrics.snapshot_behind().set(self.snapshot_behind_s())
             log.info("exec %s: snapshot at seq %d (%d bytes)", self.region, seq, len(body))

@@ -712,8 +712,9 @@ class _PacedReader(io.RawIOBase):
 
 class SnapshotLag:
     """How long a single writer's state has been ahead of its last stored snapshot (the
-    gauge ``meridian_snapshot_behind_seconds``): from the first check that saw it ahead, or,
-    after a rebuild that replayed past a snapshot, from that snapshot's capture."""
+    gauge ``meridian_snapshot_behind_seconds``): from that snapshot's capture when it was
+    stored (a busy worker moves on while it is stored), or after a rebuild that replayed past
+    it; otherwise from the first check that saw the state ahead."""
 
     def __init__(self) -> None:
         self.since: float | None = None
@@ -726,6 +727,11 @@ class SnapshotLag:
         if self.since is None:
             self.since = time.monotonic()
         return time.monotonic() - self.since
+
+    def stored(self, ahead: bool, captured: float) -> None:
+        """A snapshot captured at monotonic time ``captured`` is stored; the state has moved
+        past it since (or not)."""
+        self.since = captured if ahead else None
 
     def rebuilt(self, ahead: bool, age_s: float) -> None:
         """After a rebuild: ahead (or not) of a snapshot captured ``age_s`` ago."""

@@ -559,13 +559,18 @@ class RiskWorker:
         # the batch loop only pays for capturing the state (~20 ms at full memory); encoding
         # it (~45 ms, in slices with yields between: msgpack keeps the GIL, so a thread would
         # not free the loop) and storing it run beside the next batches
-        self._snap_put = asyncio.create_task(self._put_snapshot(seq, state, built_ms))
+        self._snap_put = asyncio.create_task(
+            self._put_snapshot(seq, state, built_ms, self._snap_at)
+        )
 
-    async def _put_snapshot(self, seq: int, state: dict[str, Any], built_ms: float) -> None:
+    async def _put_snapshot(
+        self, seq: int, state: dict[str, Any], built_ms: float, captured: float
+    ) -> None:
         try:
             body = await packb_yielding(state)
             await self.snapshots.save(body)
             self._snap_saved = max(self._snap_saved, seq)
+            self._lag.stored(self._risklog_seq > self._snap_saved, captured)
             if self.metrics is not None:
                 self.metrics.snapshot_behind().set(self.snapshot_behind_s())
             log.info(

@@ -369,3 +369,22 @@ async def _fault_scenario(ds: Devstack) -> None:
     finally:
         await w2.stop()
         await nc.close()
+
+
+def test_the_snapshot_lag_counts_from_the_latest_stored_capture() -> None:
+    """A busy worker moves on while each snapshot is stored, so its state is never caught up
+    with one: the lag must count from the capture of the latest stored snapshot, not from
+    the first time the state went ahead (that made MeridianSnapshotBehind fire an hour
+    after start in any busy region)."""
+    import time
+
+    from router.natsutil import SnapshotLag
+
+    lag = SnapshotLag()
+    assert lag.seconds(True) < 1.0
+    assert lag.since is not None
+    lag.since -= 4000  # ahead, with snapshots stored all along, for over an hour
+    lag.stored(True, time.monotonic() - 5)  # one captured 5 s ago is stored; moved on since
+    assert 5.0 <= lag.seconds(True) < 60.0
+    lag.stored(False, time.monotonic())  # stored, and nothing since
+    assert lag.seconds(False) == 0.0 and lag.since is None
