@@ -99,23 +99,14 @@ def reject(reason: RejectReason, field: str, rule: str, cl_ord_id: str = "") -> 
     )
 
 
-def validate(topology: Topology, region: str, subject: str, data: bytes) -> Routed:
-    """Everything the gateway checks before storing a request. Raises ContractError."""
-    parts = subject.split(".")
-    if len(parts) != 6 or parts[3] != region:
-        raise ContractError(
-            RejectReason.INVALID_FIELD, "subject", f"expected mrd.v1.entry.{region}.<account>.<op>"
-        )
-    account, op = parts[4], parts[5]
-    cls = contract.ENTRY_OPS.get(op)
-    if cls is None:
-        raise ContractError(
-            RejectReason.INVALID_FIELD,
-            "subject",
-            f"unknown op {op!r}; one of {', '.join(contract.ENTRY_OPS)}",
-        )
-    msg = contract.decode(cls, data)
-    assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+def check_request(
+    topology: Topology, account: str, msg: NewOrder | CancelOrder | ReplaceOrder
+) -> tuple[str, str]:
+    """The checks of a decoded request beyond its fields' types and ranges: its account is
+    the subject's and known, its symbol traded, its order type, price, time in force and lot
+    consistent. The gateway runs them before storing a request, and risk again on what it
+    reads from ORDERS (another build's or publisher's request must never reach the engine
+    unchecked). Returns (home region, executing region); raises ContractError."""
     if msg.account != account:
         raise ContractError(
             RejectReason.INVALID_FIELD, "account", "must equal the account token of the subject"
@@ -155,6 +146,27 @@ def validate(topology: Topology, region: str, subject: str, data: bytes) -> Rout
         raise ContractError(
             RejectReason.INVALID_FIELD, "cl_ord_id", "must differ from orig_cl_ord_id"
         )
+    return home, exec_region
+
+
+def validate(topology: Topology, region: str, subject: str, data: bytes) -> Routed:
+    """Everything the gateway checks before storing a request. Raises ContractError."""
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[3] != region:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "subject", f"expected mrd.v1.entry.{region}.<account>.<op>"
+        )
+    account, op = parts[4], parts[5]
+    cls = contract.ENTRY_OPS.get(op)
+    if cls is None:
+        raise ContractError(
+            RejectReason.INVALID_FIELD,
+            "subject",
+            f"unknown op {op!r}; one of {', '.join(contract.ENTRY_OPS)}",
+        )
+    msg = contract.decode(cls, data)
+    assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+    home, exec_region = check_request(topology, account, msg)
     key = subjects.request_key(account, msg.cl_ord_id)
     oid = ids.order_id(account, msg.cl_ord_id)
     return Routed(

@@ -75,6 +75,7 @@ from router.contract import (
     ReplaceOrder,
 )
 from router.externals import RedisExternals, externals_for
+from router.gateway import check_request
 from router.natsutil import (
     H_ACCEPTED_NS,
     H_EXPECTED_LAST_SUBJECT_SEQ,
@@ -657,7 +658,6 @@ class RiskWorker:
         if rec["k"] == UNREAD:  # answered unread: its answer stands, nothing was decided
             self._remember(rec["in"], [Out(*o) for o in rec["o"]])
             return
-        item.decoded = self._decode(item)
         ext = _ext_from(rec.get("x"))
         # an order is applied as it was decided (approved iff it sent a command to EXEC), not
         # checked again: limits.toml, or the checks themselves, may have changed since, and
@@ -666,9 +666,12 @@ class RiskWorker:
         if item.kind == "order" and not rec.get("oc"):
             verdict = any(o[2] in COMMAND_KINDS for o in rec["o"])
         try:
+            item.decoded = self._decode(item, check=False)
             produced = self._decide(item, ext, verdict=verdict)  # the recorded outputs stand
-        except ValueError as e:  # a recorded approval the state cannot take: it diverged
-            raise RebuildError(f"risk {self.region}: replay of {item.input_id}: {e}") from e
+        except Exception as e:
+            # a record this build cannot read, or a recorded approval the state cannot take
+            # (it diverged): the state cannot be rebuilt exactly, so the worker stops
+            raise RebuildError(f"risk {self.region}: replay of {item.input_id}: {e!r}") from e
         self._remember(item.input_id, produced if rec.get("oc") else [Out(*o) for o in rec["o"]])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -999,17 +1002,14 @@ class RiskWorker:
             )
         try:
             it.decoded = self._decode(it)
-            if it.kind == "order" and it.decoded.account != it.account:
-                raise ContractError(
-                    RejectReason.INVALID_FIELD, "account", "is not the account of the subject"
-                )
         except (ContractError, ValueError) as e:
             # Not term()ed: with AckPolicy.ALL a term acks every earlier input too, decided or
             # not (inputs of this batch not yet recorded, earlier batches waiting for their
             # outputs). It is acked in its place instead, deciding nothing; an order request
             # is answered and that answer recorded (:meth:`_refuse_unread`).
             log.error(
-                "risk %s: undecodable input %s (%s); acking it in its place, deciding nothing",
+                "risk %s: input %s not readable or not valid (%s); acking it in its place, "
+                "deciding nothing",
                 self.region,
                 it.input_id,
                 e,
@@ -1019,7 +1019,9 @@ class RiskWorker:
             it.decoded = e
         return it
 
-    def _decode(self, it: Item) -> Any:
+    def _decode(self, it: Item, *, check: bool = True) -> Any:
+        """The input's message. An order request is checked too (``check``): a replay takes
+        a recorded one as it was decided, whatever this build's checks say of it now."""
         if it.kind == "order":
             # the headers are input too (a newer gateway's, or a rogue publisher's): one this
             # build cannot read makes the input "bad", never a batch that fails for good
@@ -1027,10 +1029,17 @@ class RiskWorker:
             cls = contract.ENTRY_OPS.get(op)
             if cls is None:
                 raise ValueError(f"unknown op {op!r}")
+            if not check:
+                return contract.decode(cls, it.payload)
             accepted_ns(it.headers)
             if op == "new" and not contract.is_id(it.headers.get(H_ORDER_ID, "")):
                 raise ValueError(f"order id header {it.headers.get(H_ORDER_ID)!r:.80}")
-            return contract.decode(cls, it.payload)
+            msg = contract.decode(cls, it.payload)
+            assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+            # the gateway's checks again (its account the subject's, a traded symbol, a
+            # LIMIT's price...): the engine must never meet a request that breaks them
+            check_request(self.topology, it.account, msg)
+            return msg
         if it.kind == "report":
             return contract.decode(ExecutionReport, it.payload)
         if it.kind == "cancel_reject":

@@ -124,6 +124,12 @@ def _order_map(**over: Any) -> dict[str, Any]:
         (_order_map(v=2), "UNSUPPORTED_VERSION"),  # a newer gateway's contract
         (_order_map(fee_bps=3), "MALFORMED"),  # a field this build does not know
         (_order_map(qty=1.5), "MALFORMED"),
+        # readable, but breaking the gateway's checks (another build's or publisher's): the
+        # engine must never meet it (an unknown symbol, or a LIMIT with no price, stopped
+        # the worker and stalled the region's orders)
+        (_order_map(symbol="XAUUSD"), "UNKNOWN_SYMBOL"),
+        (_order_map(price_ticks=None), "INVALID_FIELD"),
+        (_order_map(tif="DAY", ord_type="MARKET", price_ticks=None), "INVALID_FIELD"),
     ],
 )
 async def test_an_order_this_build_cannot_read_is_answered_with_a_typed_reject(
@@ -186,8 +192,8 @@ async def test_an_order_whose_payload_names_another_account_than_its_subject_is_
     import msgpack
 
     w = _worker()
-    body = msgpack.packb(_order_map(account="LON-HF-02"))
+    body = msgpack.packb(_order_map(account="LON-BANK-02"))
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", body))
     assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
-    ok = w._classify(_delivery("mrd.lon.ord.LON-HF-02.k1", body))
+    ok = w._classify(_delivery("mrd.lon.ord.LON-BANK-02.k1", body))
     assert ok is not None and ok.kind == "order"
