@@ -484,11 +484,14 @@ class OrderBook:
             self._cancel(cmd)
         elif isinstance(cmd, Replace):
             self._replace(cmd)
-        elif cmd.cutoff_ns >= self.day_cutoff_ns:  # an older roll's command: nothing
-            # its rolls not due yet by this command's stored time (a clock ahead named them
-            # early) wait for their time like the rest of the schedule
+        elif self.day_cutoff_ns <= cmd.cutoff_ns <= ts_ns + ROLL_HORIZON_NS:
+            # (an older roll's command: nothing; one far past its own stored time: a clock
+            # days ahead, or a rogue publisher, nothing either.) Its rolls not due yet by
+            # this command's stored time (a clock ahead named them early) wait for their time
+            # like the rest of the schedule, and rolls already pending before its own stay
             horizon = cmd.cutoff_ns + ROLL_HORIZON_NS
             named = {cmd.cutoff_ns, *(r for r in cmd.schedule if cmd.cutoff_ns < r <= horizon)}
+            named.update(r for r in self.rolls if r < cmd.cutoff_ns)
             self.rolls = tuple(sorted(r for r in named if r > self.day_cutoff_ns))
             self._take_rolls(ts_ns)
         self.last_seq = seq

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from regions.topology import load_topology
 from router.book import (
+    ROLL_HORIZON_NS,
     Cancel,
     Command,
     ExpireDay,
@@ -382,10 +383,16 @@ def test_an_older_rolls_command_changes_nothing_and_a_future_roll_waits() -> Non
     assert d.book.rolls == (4500, 5000) and d.book.day_cutoff_ns == 500
     out = d(cxl("nothing"))  # stored at 5000: both rolls due, the latest taken
     assert kinds(out)[0] == ("d1", "EXPIRED", "EXPIRED") and d.book.day_cutoff_ns == 5000
+    # a roll command far past its own stored time (a rogue one: 2**62) changes nothing, and
+    # one naming a later roll keeps the rolls still pending before it
+    assert d(ExpireDay(cutoff_ns=2**62)) == [] and d.book.day_cutoff_ns == 5000
     # rolls further than ten days after the command's own are not believed
     far = 8000 + 11 * 86_400 * 10**9
-    d(ExpireDay(cutoff_ns=5500, schedule=(8000, far)))  # stored at 6000
+    d(ExpireDay(cutoff_ns=5500, schedule=(8000, far)))  # stored at 7000
     assert d.book.rolls == (8000,)
+    # a command naming a roll ahead of one still pending keeps that one (stored at 7500)
+    d.book.apply(ExpireDay(cutoff_ns=9500, schedule=(12000,)), seq=d.seq + 1, ts_ns=7500)
+    assert d.book.rolls == (8000, 9500, 12000)
 
 
 def test_a_day_orders_day_is_never_after_its_stored_time() -> None:
@@ -785,8 +792,9 @@ def roll_model(run: Run, book: OrderBook, cmd: Command, ts: int) -> set[str]:
             run.cutoff = max(run.cutoff, *due)
 
     take(run.rolls)
-    if isinstance(cmd, ExpireDay) and cmd.cutoff_ns >= run.cutoff:
+    if isinstance(cmd, ExpireDay) and run.cutoff <= cmd.cutoff_ns <= ts + ROLL_HORIZON_NS:
         named = {cmd.cutoff_ns, *(r for r in cmd.schedule if r > cmd.cutoff_ns)}
+        named.update(r for r in run.rolls if r < cmd.cutoff_ns)  # pending before it: kept
         take(tuple(sorted(r for r in named if r > run.cutoff)))
     return {oid for oid, entry in resting if entry < run.cutoff} if run.cutoff > old else set()
 
