@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -106,9 +107,12 @@ FAULT = "fault"
 """Third element of a refusal-bucket record that marks a command whose application failed."""
 
 
-MAX_FAULTS = 100
-"""More commands than this failing between two snapshots (each costs a rebuild) is a systematic
-fault of the build, not a command's: the worker stops (fails closed) rather than crawl."""
+MAX_FAULTS = 20
+FAULT_WINDOW_S = 3600.0
+"""More than :data:`MAX_FAULTS` commands failing within this long (each costs a rebuild, seconds
+at full memory, while every book of the region waits) is a systematic fault of the build,
+not a command's: the worker stops (fails closed) rather than crawl. Counted by time, not
+between snapshots: snapshots go on between faults, and a count they reset never got there."""
 
 
 class CommandFault(RuntimeError):
@@ -323,8 +327,8 @@ class ExecutionWorker:
         }
         self.applied = 0
         """Highest EXEC stream sequence applied to the books."""
-        self._faults = 0
-        """Commands whose application failed since the last snapshot (:data:`MAX_FAULTS`)."""
+        self._faults: deque[float] = deque()
+        """When commands failed to apply, within the last :data:`FAULT_WINDOW_S`."""
         self._out_through = -1
         """Highest EXEC sequence whose outputs may have gone out: every command stored when
         this worker first rebuilt (a predecessor, handed them or rebuilding, may have sent
@@ -793,16 +797,19 @@ class ExecutionWorker:
         predecessor, or published by this worker: :attr:`_out_through`) was applied before,
         and this build fails on it: the rebuild stops (:class:`RebuildError`) rather than
         refuse an order whose reports and fills went out. More than :data:`MAX_FAULTS`
-        between two snapshots stop it too."""
+        within :data:`FAULT_WINDOW_S` stop it too."""
         symbol = cmd.subject.rsplit(".", 1)[1]
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.execution_faults(symbol).inc()
-        self._faults += 1
-        if self._faults > MAX_FAULTS:
+        now = time.monotonic()
+        self._faults.append(now)
+        while self._faults[0] < now - FAULT_WINDOW_S:
+            self._faults.popleft()
+        if len(self._faults) > MAX_FAULTS:
             raise RebuildError(
-                f"{self._faults} commands failed since the last snapshot, the last {cmd.seq} "
-                f"on {cmd.subject} ({e!r}): a systematic fault of this build"
+                f"{len(self._faults)} commands failed within {FAULT_WINDOW_S:.0f} s, the last "
+                f"{cmd.seq} on {cmd.subject} ({e!r}): a systematic fault of this build"
             ) from e
         if not publish or cmd.seq <= self._out_through:
             raise RebuildError(
@@ -969,7 +976,6 @@ class ExecutionWorker:
             # While a put runs, a due snapshot is left for a later batch or wake-up.
             seq, parts = self._snapshot_body()
             self._saving = asyncio.create_task(self._save(seq, parts, self._snap_at))
-            self._faults = 0
 
     def _snapshot_body(self) -> tuple[int, Iterator[bytes]]:
         """Every book at :attr:`applied`, as immutable pieces (:func:`snapshot_parts`): call

@@ -429,13 +429,25 @@ async def test_a_command_whose_application_failed_is_refused_by_the_replay() -> 
     handed.books["USDJPY"].apply = broken  # type: ignore[method-assign]
     with pytest.raises(RebuildError, match="command 2"):
         await handed._apply_and_send(faulting, True, None)
-    # a fault on every command is the build's, not theirs: past MAX_FAULTS since the last
-    # snapshot (each a rebuild), the worker stops rather than crawl
+    # a fault on every command is the build's, not theirs: past MAX_FAULTS within the window
+    # (each a rebuild), the worker stops rather than crawl, however many snapshots between
+    import time
+    from collections import deque
+
     from router.execution import MAX_FAULTS
 
     systematic = worker()
-    systematic._faults = MAX_FAULTS
+    systematic._faults = deque([time.monotonic()] * MAX_FAULTS)
     systematic.books["USDJPY"].apply = broken  # type: ignore[method-assign]
     with pytest.raises(RebuildError, match="systematic"):
         await systematic._apply_and_send(_cmd(_submit(order_id="O-8"), seq=8), True, None)
     assert recorded["2"][0] == _digest(faulting.data) and len(recorded["2"]) == 2
+    # as many faults over an hour ago count for nothing: a fault now is refused as usual
+    from router.execution import FAULT_WINDOW_S, CommandFault
+
+    spread = worker()
+    spread._faults = deque([time.monotonic() - 2 * FAULT_WINDOW_S] * MAX_FAULTS)
+    spread.books["USDJPY"].apply = broken  # type: ignore[method-assign]
+    with pytest.raises(CommandFault):
+        await spread._apply_and_send(_cmd(_submit(order_id="O-9"), seq=9), True, None)
+    assert list(spread._faults) == [spread._faults[-1]]
