@@ -162,7 +162,7 @@ def _ns(doc: str, **kw: Any) -> Any:
 
 def is_id(value: str) -> bool:
     """Whether ``value`` is an id as the contract's id fields take them (order ids, ...)."""
-    return bool(_ID.match(value))
+    return bool(_ID.fullmatch(value))
 
 
 def _id(doc: str, **kw: Any) -> Any:

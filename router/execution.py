@@ -484,8 +484,7 @@ class ExecutionWorker:
             self._out_through = last or 0
         await self._restore_snapshot(max_seq=last)
         await self._load_refused(after=self.applied)
-        self._snap_seq, self._snap_at = self.applied, time.monotonic()
-        self._saved_seq = self.applied
+        self._snap_seq = self._saved_seq = self.applied
         # the next snapshot is due by the restored one's age (a long stop: at once)
         age_s = snapshot_age_s(self._restored_saved_ns)
         self._snap_at = time.monotonic() - age_s

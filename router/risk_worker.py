@@ -390,7 +390,6 @@ class RiskWorker:
         except Exception as e:
             cls = RebuildUnavailable if transient(e) else RebuildError
             raise cls(f"RISKLOG unreadable: {e!r}") from e
-        self._snap_at = time.monotonic()
         await self._restore_snapshot(max_seq=info.state.last_seq)
         self._risklog_seq = self.restored_from
         start = self.restored_from + 1

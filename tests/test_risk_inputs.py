@@ -96,6 +96,7 @@ def test_the_ack_handle_is_the_delivery_with_the_highest_stream_sequence() -> No
         {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": " 12"},
         {"Mrd-Op": "new", "Mrd-Accepted-Ns": "1"},
         {"Mrd-Op": "new", "Mrd-Order-Id": "O 1\x00", "Mrd-Accepted-Ns": "1"},
+        {"Mrd-Op": "new", "Mrd-Order-Id": "O1\n", "Mrd-Accepted-Ns": "1"},
     ],
 )
 async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
