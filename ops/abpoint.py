@@ -19,6 +19,8 @@ again, run the tool twice.
 * ``noledger``: stop every ledger writer (what the post-trade path costs the order path);
 * ``linger<ms>``: restart ledger-lon with ``--linger-ms <ms>``;
 * ``stop:<process>``: stop one process of the mesh (e.g. ``gateway-lon``);
+* ``entry:direct`` / ``entry:gateway``: how the load generators enter orders from then on
+  (direct: stored in ORDERS by the desk, contract.md);
 * ``env:<NAME>=<value>``: restart the order-path workers (gateway, risk, execution) with
   that variable in their environment (how a prototype behind a variable is measured; see
   docs/decisions/0006-risk-at-the-entry.md).
@@ -47,7 +49,7 @@ ORDER_PATH = ("gateway", "risk", "execution")
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    kind: str  # base | noledger | linger | stop | env
+    kind: str  # base | noledger | linger | stop | env | entry
     arg: str = ""
 
 
@@ -63,12 +65,16 @@ def parse_mode(mode: str) -> list[Step]:
             steps.append(Step("stop", part[5:]))
         elif part.startswith("env:") and "=" in part[4:] and not part[4:].startswith("="):
             steps.append(Step("env", part[4:]))
+        elif part in ("entry:direct", "entry:gateway"):
+            steps.append(Step("entry", part[6:]))
         else:
             raise ValueError(f"unknown step {part!r} in mode {mode!r}")
     return steps
 
 
 def _apply(ds: Devstack, step: Step) -> None:
+    if step.kind == "entry":
+        return  # the load generators' (main)
     if step.kind == "noledger":
         for name in [n for n in ds.procs if n.startswith("ledger-")]:
             ds.stop(name)  # out of the mesh: a later env step does not start it again
@@ -92,7 +98,9 @@ def _apply(ds: Devstack, step: Step) -> None:
     time.sleep(2.0)
 
 
-def point(ds: Devstack, *, rate: float, seconds: float, run_id: str) -> dict[str, Any]:
+def point(
+    ds: Devstack, *, rate: float, seconds: float, run_id: str, entry: str = "gateway"
+) -> dict[str, Any]:
     b.wait_idle(ds)
     c0, me0, busy0, t0 = (
         b.cpu_seconds(ds),
@@ -100,7 +108,9 @@ def point(ds: Devstack, *, rate: float, seconds: float, run_id: str) -> dict[str
         b.machine_busy_s(),
         time.monotonic(),
     )
-    lat = asyncio.run(b._in_process(ds, "lon", seconds=seconds, rate=rate, run_id=run_id))
+    lat = asyncio.run(
+        b._in_process(ds, "lon", seconds=seconds, rate=rate, run_id=run_id, entry=entry)
+    )
     c1, me1, busy1, t1 = (
         b.cpu_seconds(ds),
         time.process_time(),
@@ -164,11 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         b.restart_order_path(ds, tracing=False)
         asyncio.run(b._set_limits(ds))
+        entry = "gateway"
         for k, (mode, steps) in enumerate(modes):
             for step in steps:
                 _apply(ds, step)
+                entry = step.arg if step.kind == "entry" else entry
             for i in range(args.reps):
-                p = point(ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{k}p{i}")
+                p = point(
+                    ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{k}p{i}", entry=entry
+                )
                 print(line(mode, i, p), flush=True)
             for i in range(2 if args.max else 0):
                 b.wait_idle(ds)
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                     inflight=args.inflight or (256 if len(regions) == 1 else 128),
                     run_id=f"ab{k}m{i}",  # short: cl_ord_ids carry it (<= 64)
                     window=args.window,
+                    entry=entry,
                 )
                 each = ", ".join(
                     f"{r} {g['completed_per_s']:.0f}" for r, g in zip(regions, got, strict=True)

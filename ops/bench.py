@@ -332,6 +332,7 @@ def subprocess_load(
     inflight: int,
     run_id: str,
     window: str = "ack",
+    entry: str = "gateway",
 ) -> list[dict[str, Any]]:
     procs = []
     for r in regions:
@@ -339,6 +340,8 @@ def subprocess_load(
             sys.executable,
             "-m",
             "ops.loadgen",
+            "--entry",
+            entry,
             "--region",
             r,
             "--seconds",
@@ -385,6 +388,7 @@ async def _in_process(
     run_id: str,
     inflight: int = 256,
     timeline: dict[str, tuple[int, int, int, int]] | None = None,
+    entry: str = "gateway",
 ) -> dict[str, Any]:
     return await run_load(
         ds.urls(region, "desk"),
@@ -395,6 +399,7 @@ async def _in_process(
         rate=rate,
         inflight=inflight,
         timeline=timeline,
+        entry=entry,
     )
 
 
@@ -522,7 +527,43 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
         "acked_per_s": round(sum(x["acked_per_s"] for x in three), 1),
     }
     wait_idle(ds)
+    res["direct"] = direct_entry(ds, dur, quick)
     return res
+
+
+def direct_entry(ds: Devstack, dur: float, quick: bool) -> dict[str, Any]:
+    """The same points with desks storing their orders in ORDERS themselves (direct entry,
+    contract.md): no gateway hop. Tracing off; the gateways stay up, idle."""
+    out: dict[str, Any] = {"latency_1000": []}
+    for i in range(1 if quick else 2):
+        say(f"direct entry: lon, 1,000 orders/s offered for {dur:.0f} s ({i + 1})")
+        c0, me0, b0, t0 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
+        lat = asyncio.run(
+            _in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"d1k{i}", entry="direct")
+        )
+        c1, me1, b1, t1 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
+        out["latency_1000"].append(lat)
+        out.setdefault(
+            "cpu_us_per_order_1000", cpu_us_per_order(c0, c1, me1 - me0, max(1, lat["completed"]))
+        )
+        out.setdefault("machine_busy_cores_1000", round((b1 - b0) / (t1 - t0), 2))
+        wait_idle(ds)
+    say(f"direct entry: max sustainable, one region (closed loop) for {dur:.0f} s")
+    out["max_one_region"] = subprocess_load(
+        ds, ["lon"], seconds=dur, inflight=256, run_id="dm1", entry="direct"
+    )[0]
+    wait_idle(ds)
+    if not quick:
+        say(f"direct entry: max sustainable, three regions at once for {dur:.0f} s")
+        three = subprocess_load(
+            ds, list(ds.topology.codes), seconds=dur, inflight=128, run_id="dm3", entry="direct"
+        )
+        out["max_three_regions"] = {
+            "per_region": three,
+            "completed_per_s": round(sum(x["completed_per_s"] for x in three), 1),
+        }
+        wait_idle(ds)
+    return out
 
 
 def worker_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
@@ -624,6 +665,42 @@ def _row(name: str, d: dict[str, Any]) -> str:
     )
 
 
+def _direct_lines(d: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Direct entry (desks store their orders in ORDERS; tracing off)",
+        "",
+        "submit->ack: the PubAck of the desk's own store. Same points as above, same mesh.",
+        "",
+        "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
+        " order->execution ms p50/p99/p99.9/max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lat in d.get("latency_1000", []):
+        lines.append(_row("direct, 1,000/s", lat))
+    if d.get("max_one_region"):
+        lines.append(_row("direct, max, one region", d["max_one_region"]))
+    three = d.get("max_three_regions")
+    for x in (three or {}).get("per_region", []):
+        lines.append(_row(f"direct, max, all three at once: {x['region']}", x))
+    lines.append("")
+    if three:
+        lines += [
+            f"All three regions together, direct entry: **{three['completed_per_s']:,} "
+            "orders/s** executed end to end.",
+            "",
+        ]
+    cpu = d.get("cpu_us_per_order_1000", {})
+    if cpu:
+        lines += [
+            "Direct entry at 1,000 orders/s: CPU per executed order "
+            + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items() if v >= 5)
+            + f"; total {sum(cpu.values()):,.0f} us ({d.get('machine_busy_cores_1000', 0)} "
+            "cores busy).",
+            "",
+        ]
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     raw, mesh = r["raw"], r.get("mesh", {})
     lines = [
@@ -705,6 +782,8 @@ def markdown(r: dict[str, Any]) -> str:
                 f"p99 {fl.get('p99_ms', 0):.1f} ms.",
                 "",
             ]
+    if mesh.get("direct"):
+        lines += _direct_lines(mesh["direct"])
     for tag in ("off", "on"):
         hs = mesh.get("tracing_" + tag, {}).get("hop_split_1000")
         if hs and hs.get("orders"):

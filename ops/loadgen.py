@@ -27,6 +27,8 @@ from nats.aio.msg import Msg
 
 from regions.topology import Topology, load_topology
 from router import subjects
+from router.client import ENTRIES
+from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_MSG_ID, H_OP
 
 REFERENCE_MIDS = {
     "EURUSD": 108450,
@@ -128,6 +130,7 @@ class Loader:
         accounts: tuple[str, str] | None = None,
         qty: int = 1_000_000,
         timeline: dict[str, tuple[int, int, int, int]] | None = None,
+        entry: str = "gateway",
     ) -> None:
         self.nc = nc
         self.timeline = timeline
@@ -152,6 +155,11 @@ class Loader:
         self._free = asyncio.Event()
         self.window = "ack"
         """What frees a closed loop's slot: the ack, or the order's first execution report."""
+        if entry not in ENTRIES:
+            raise ValueError(f"entry must be one of {ENTRIES}, not {entry!r}")
+        self.entry = entry
+        """``gateway`` (request/reply) or ``direct`` (a JetStream publish into ORDERS)."""
+        self.homes = {a: topology.account_home(a) for a in (self.buyer, self.seller)}
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -193,6 +201,21 @@ class Loader:
         self.inflight += 1
         self._open.add(cl)
         self._res.sent += 1
+        if self.entry == "direct":  # stored in ORDERS by the desk; the PubAck is the ack
+            acct = self.buyer if i % 2 == 0 else self.seller
+            key = subjects.request_key(acct, cl)
+            await self.nc.publish(
+                subjects.orders(self.homes[acct], acct, key),
+                payload,
+                reply=f"{self._inbox}.{cl}",
+                headers={
+                    H_MSG_ID: key,
+                    H_EXPECTED_LAST_SUBJECT_SEQ: "0",
+                    H_OP: "new",
+                    "Nats-Expected-Stream": "ORDERS",
+                },
+            )
+            return
         await self.nc.publish(subject, payload, reply=f"{self._inbox}.{cl}")
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -202,7 +225,11 @@ class Loader:
         cl = msg.subject.rsplit(".", 1)[1]
         t0 = self.sent_ns.get(cl)
         try:
-            raw = msgpack.unpackb(msg.data)
+            if msg.data[:1] == b"{":  # a PubAck (direct entry): JSON
+                ack = json.loads(msg.data)
+                raw = {"status": "ACCEPTED"} if "seq" in ack else {"reason": "UNAVAILABLE"}
+            else:
+                raw = msgpack.unpackb(msg.data)
         except Exception:
             raw = {}
         accepted = raw.get("status") == "ACCEPTED"
@@ -319,12 +346,13 @@ async def run_load(
     inflight: int = 256,
     window: str = "ack",
     timeline: dict[str, tuple[int, int, int, int]] | None = None,
+    entry: str = "gateway",
 ) -> dict[str, Any]:
     from ops.devstack import connect
 
     nc = await connect(urls, name=f"loadgen-{region}")
     try:
-        ld = Loader(nc, topology, region, run_id=run_id, timeline=timeline)
+        ld = Loader(nc, topology, region, run_id=run_id, timeline=timeline, entry=entry)
         await ld.start()
         res = await ld.run(seconds=seconds, rate=rate, inflight=inflight, window=window)
         return res.to_dict()
@@ -346,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
         default="ack",
         help="closed loop: a slot is freed by the ack (default) or by the first report",
     )
+    ap.add_argument(
+        "--entry",
+        choices=ENTRIES,
+        default="gateway",
+        help="through the gateway (default), or stored in ORDERS by the desk (direct entry)",
+    )
     ap.add_argument("--run-id", default=str(time.time_ns() % 10**9))
     args = ap.parse_args(argv)
     from ops.runtime import run
@@ -360,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             rate=args.rate,
             inflight=args.inflight,
             window=args.window,
+            entry=args.entry,
         )
         sys.stdout.write(json.dumps(out) + "\n")
 

@@ -7,7 +7,8 @@ spokes dial the hub first and then the next acceptor, through the link's latency
 
 Roles and what they may do (least privilege, refined further by the zero-trust work):
 
-    desk, bridge  request order entry, read their reports, replay report streams, read md
+    desk, bridge  order entry (the gateway's, or direct into ORDERS), read their reports,
+                  replay report streams, read md
     worker        the services: order path, ledger writer, md feed (application subjects, JS)
     compliance    read-only: reports, fills, stream reads; no order entry, no stream writes
     sre           everything in the application account
@@ -50,11 +51,13 @@ _JS_READ = [
 
 PERMISSIONS: dict[str, dict[str, Any]] = {
     "desk": {
-        "publish": {"allow": ["mrd.v1.entry.>", "_INBOX.>", *_JS_READ]},
+        # mrd.*.ord.>: direct entry, a request stored in its home region's ORDERS by the
+        # desk itself (contract.md); risk derives what a gateway would have stamped
+        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.>", "_INBOX.>", *_JS_READ]},
         "subscribe": {"allow": ["_INBOX.>", "mrd.*.er.>", "mrd.*.md.>"]},
     },
     "bridge": {
-        "publish": {"allow": ["mrd.v1.entry.>", "_INBOX.>", *_JS_READ]},
+        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.>", "_INBOX.>", *_JS_READ]},
         "subscribe": {"allow": ["_INBOX.>", "mrd.*.er.>", "mrd.*.md.>"]},
     },
     "worker": {

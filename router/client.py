@@ -24,27 +24,46 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NoStreamResponseError
 
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import (
     CancelOrder,
     CancelReject,
+    ContractError,
     ExecutionReport,
     Message,
     NewOrder,
     OrderAck,
     OrderReject,
     OrdType,
+    RejectReason,
     ReplaceOrder,
     Side,
     TimeInForce,
 )
-from router.natsutil import H_KIND
+from router.gateway import ERR_WRONG_LAST_SEQUENCE, check_request, reject, same_request
+from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_KIND, H_MSG_ID, H_OP
 
 Report = ExecutionReport | CancelReject
 
 _counter = itertools.count(1)
+
+ENTRIES = ("gateway", "direct")
+
+
+def _rfc3339_ns(text: str) -> int:
+    """``Nats-Time-Stamp`` (RFC 3339, ns precision, UTC) as UTC ns; 0 if unreadable."""
+    import datetime as dt
+
+    try:
+        head, _, frac = text.rstrip("Z").partition(".")
+        t = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        digits = "".join(c for c in frac if c.isdigit())[:9].ljust(9, "0")
+        return int(t.timestamp()) * 10**9 + int(digits)
+    except ValueError:
+        return 0
 
 
 def new_cl_ord_id(prefix: str = "C") -> str:
@@ -73,7 +92,13 @@ class DeskClient:
         account: str,
         timeout_s: float = 5.0,
         tracer: Any = None,
+        entry: str = "gateway",
     ) -> None:
+        if entry not in ENTRIES:
+            raise ValueError(f"entry must be one of {ENTRIES}, not {entry!r}")
+        self.entry = entry
+        """``gateway``: requests go to the entry region's gateway (request/reply);
+        ``direct``: this client stores them in the home region's ORDERS itself."""
         self.tracer = tracer
         """When set, every request starts a trace (W3C traceparent in the NATS headers)."""
         self.nc = nc
@@ -105,6 +130,8 @@ class DeskClient:
     async def request(
         self, op: str, msg: Message, *, headers: dict[str, str] | None = None
     ) -> OrderAck | OrderReject:
+        if self.entry == "direct":
+            return await self._store(op, msg, headers or {})
         subject = subjects.entry(self.region, self.account, op)
         headers = dict(headers or {})
         if self.tracer is not None:
@@ -123,6 +150,98 @@ class DeskClient:
         if raw.get("status") == "ACCEPTED":
             return contract.decode(OrderAck, raw)
         return contract.decode(OrderReject, raw)
+
+    async def _store(
+        self, op: str, msg: Message, headers: dict[str, str]
+    ) -> OrderAck | OrderReject:
+        """Direct entry (contract.md): the request is stored in the home region's ORDERS by
+        this client, on its own subject, and the PubAck is the ack. The gateway's checks run
+        here first (a typed reject, nothing stored); risk runs them again on what it reads."""
+        assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+        try:
+            payload = contract.encode(msg)
+            home, exec_region = check_request(self.topology, self.account, msg)
+        except ContractError as e:
+            return reject(e.reason, e.field, e.rule, msg.cl_ord_id)
+        key = subjects.request_key(self.account, msg.cl_ord_id)
+        subject = subjects.orders(home, self.account, key)
+        hdrs = {H_MSG_ID: key, H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: op, **headers}
+        js = self.nc.jetstream(domain=home)
+        seq, dup_seq = 0, 0
+        try:
+            if self.tracer is not None:
+                from ops.telemetry.tracing import send_span
+
+                oid = ids.order_id(self.account, msg.cl_ord_id)
+                with send_span(self.tracer, subject, hdrs, order_id=oid, operation="publish"):
+                    ack = await js.publish(
+                        subject, payload, timeout=self.timeout_s, stream="ORDERS", headers=hdrs
+                    )
+            else:
+                ack = await js.publish(
+                    subject, payload, timeout=self.timeout_s, stream="ORDERS", headers=hdrs
+                )
+            if ack.duplicate:
+                dup_seq = ack.seq
+            else:
+                seq = ack.seq
+        except APIError as e:
+            if e.err_code != ERR_WRONG_LAST_SEQUENCE:
+                return reject(
+                    RejectReason.UNAVAILABLE,
+                    "",
+                    f"home region {home} refused: {e.description}",
+                    msg.cl_ord_id,
+                )
+            dup_seq = -1  # beyond the dedup window: the subject holds the request
+        except (TimeoutError, NoStreamResponseError) as e:
+            what = "no responders" if isinstance(e, NoStreamResponseError) else "timeout"
+            return reject(
+                RejectReason.UNAVAILABLE,
+                "",
+                f"home region {home} did not confirm ({what}); outcome unknown: re-send the "
+                "same request (same cl_ord_id) to learn it",
+                msg.cl_ord_id,
+            )
+        accepted = time.time_ns()
+        if dup_seq:
+            try:
+                if dup_seq > 0:
+                    stored = await js.get_msg("ORDERS", dup_seq, direct=True)
+                else:
+                    stored = await js.get_last_msg("ORDERS", subject, direct=True)
+                assert stored.data is not None and stored.seq is not None
+                original = contract.decode(type(msg), stored.data)
+            except Exception as e:
+                return reject(
+                    RejectReason.UNAVAILABLE,
+                    "",
+                    f"could not read the original request: {e!r}",
+                    msg.cl_ord_id,
+                )
+            if not same_request(original, msg):
+                return reject(
+                    RejectReason.DUPLICATE_CL_ORD_ID,
+                    "cl_ord_id",
+                    "already used by a different request of this account",
+                    msg.cl_ord_id,
+                )
+            seq = stored.seq
+            when = (stored.headers or {}).get("Nats-Time-Stamp", "")
+            accepted = _rfc3339_ns(when) or accepted
+        return OrderAck(
+            status="ACCEPTED",
+            order_id=ids.order_id(self.account, msg.cl_ord_id),
+            cl_ord_id=msg.cl_ord_id,
+            account=self.account,
+            op=op,
+            entry_region=self.region,
+            risk_region=home,
+            exec_region=exec_region,
+            stream_seq=seq,
+            accepted_ns=accepted,
+            duplicate=bool(dup_seq),
+        )
 
     async def new_order(
         self,

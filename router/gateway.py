@@ -182,7 +182,7 @@ def validate(topology: Topology, region: str, subject: str, data: bytes) -> Rout
     )
 
 
-def _same_request(a: Message, b: Message) -> bool:
+def same_request(a: Message, b: Message) -> bool:
     """Equal apart from the client's send time (a resend after reconnect restamps it)."""
     if type(a) is not type(b):
         return False
@@ -378,7 +378,7 @@ class Gateway:
             )
             return
         self.stats["duplicates"] += 1
-        if not _same_request(original, routed.msg):
+        if not same_request(original, routed.msg):
             await self._reply(
                 msg,
                 reject(

@@ -61,7 +61,7 @@ from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
 from regions.topology import Topology
-from router import contract, subjects
+from router import contract, ids, subjects
 from router.book import Cancel
 from router.commands import encode_command
 from router.contract import (
@@ -1030,14 +1030,22 @@ class RiskWorker:
                 raise ValueError(f"unknown op {op!r}")
             if not check:
                 return contract.decode(cls, it.payload)
-            accepted_ns(it.headers)
-            if op == "new" and not contract.is_id(it.headers.get(H_ORDER_ID, "")):
-                raise ValueError(f"order id header {it.headers.get(H_ORDER_ID)!r:.80}")
+            claimed = accepted_ns(it.headers)
             msg = contract.decode(cls, it.payload)
             assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
             # the gateway's checks again (its account the subject's, a traded symbol, a
             # LIMIT's price...): the engine must never meet a request that breaks them
             check_request(self.topology, it.account, msg)
+            # A desk may store its request itself (direct entry, contract.md): the order id
+            # and the accept time are then derived here, never taken from its headers, and
+            # the record keeps what was derived, so that a replay decides the same.
+            if isinstance(msg, NewOrder):
+                oid = ids.order_id(it.account, msg.cl_ord_id)
+                given = it.headers.get(H_ORDER_ID)
+                if given is not None and given != oid:
+                    raise ValueError(f"order id header {given!r:.80} is not the order's {oid}")
+                it.headers[H_ORDER_ID] = oid
+            it.headers[H_ACCEPTED_NS] = str(entry_time(claimed, int(it.headers.get("ts", "0"))))
             return msg
         if it.kind == "report":
             return contract.decode(ExecutionReport, it.payload)
@@ -1203,11 +1211,16 @@ class RiskWorker:
             accepted = accepted_ns(it.headers)
         except ValueError:
             accepted = 0
+        accepted = entry_time(accepted, int(it.headers.get("ts", "0")))
+        cl = raw.get("cl_ord_id")
         fields = {
             **raw,
-            # the order's id is the gateway's for a new order; a cancel's or replace's names
-            # an order this answer cannot look up
-            "order_id": it.headers.get(H_ORDER_ID, "") if op == "new" else "NONE",
+            # a new order's id is derived from its cl_ord_id (as the gateway derives it; a
+            # header naming another is what made it unreadable); a cancel's or replace's
+            # names an order this answer cannot look up
+            "order_id": (
+                ids.order_id(it.account, cl) if op == "new" and isinstance(cl, str) else "NONE"
+            ),
             "home_region": self.region,
             "entry_ns": accepted,
         }
@@ -1315,6 +1328,23 @@ MAX_INFLIGHT_BATCHES = 100_000
 MAX_RECORD_BYTES = 512 * 1024
 SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
+
+
+ACCEPT_WINDOW_NS = 10 * 10**9
+"""How long before its stored time a gateway's accept stamp may lie (a store retried, a WAN
+hop to the home region): beyond it, or after the stored time, the stored time stands."""
+
+
+def entry_time(claimed_ns: int, stored_ns: int) -> int:
+    """An order request's accept time: the gateway's stamp (``Mrd-Accepted-Ns``) when it lies
+    within :data:`ACCEPT_WINDOW_NS` before the time ORDERS stored the request, else that stored
+    time. A desk that stores its own request (direct entry) sends no stamp, and one it sends
+    can move its order's time at most that far back."""
+    if stored_ns <= 0:
+        return claimed_ns
+    if stored_ns - ACCEPT_WINDOW_NS <= claimed_ns <= stored_ns:
+        return claimed_ns
+    return stored_ns
 
 
 def accepted_ns(headers: dict[str, str]) -> int:

@@ -165,6 +165,10 @@ def riskcfg_bucket(region: str) -> str:
     return f"RISKCFG_{region}"
 
 
+ORDERS_MAX_MSG_BYTES = 8192
+"""An ORDERS message, headers included: the contract's 4 KiB payload limit plus 4 KiB."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StreamSpec:
     name: str
@@ -173,7 +177,10 @@ class StreamSpec:
     duplicate_window_s: float = 120.0
     max_msgs_per_subject: int = -1
     discard_new_per_subject: bool = False
+    """With ``max_msgs_per_subject``: a message past the limit is refused, not the oldest
+    dropped (the stream then discards new messages; its other limits are unlimited)."""
     max_bytes: int = -1
+    max_msg_size: int = -1
 
 
 def region_streams(region: str) -> tuple[StreamSpec, ...]:
@@ -185,6 +192,12 @@ def region_streams(region: str) -> tuple[StreamSpec, ...]:
             subjects=(f"{PREFIX}.{region}.ord.>",),
             max_age_s=7 * day,
             duplicate_window_s=600.0,
+            # one request per (account, cl_ord_id) subject, whoever stores it (the gateway,
+            # or a desk: direct entry), header or not; and none larger than a request can be
+            # (the contract's payload limit, plus room for headers)
+            max_msgs_per_subject=1,
+            discard_new_per_subject=True,
+            max_msg_size=ORDERS_MAX_MSG_BYTES,
         ),
         StreamSpec(
             name="RISKLOG",

@@ -185,8 +185,9 @@ async def _retry(fn, timeout_s: float):  # type: ignore[no-untyped-def]
 
 
 async def test_roles_are_least_privilege(mesh: Mesh) -> None:
-    """A desk enters orders but cannot write streams directly; compliance cannot enter
-    orders; a worker cannot impersonate the system account."""
+    """A desk enters orders (through the gateway, or stored in ORDERS itself: direct entry)
+    but cannot write any other stream; compliance cannot enter orders; a worker cannot
+    impersonate the system account."""
     errors: list[str] = []
 
     async def on_error(e: Exception) -> None:
@@ -195,7 +196,7 @@ async def test_roles_are_least_privilege(mesh: Mesh) -> None:
     desk = await mesh.connect("lon", role="desk", error_cb=on_error)
     comp = await mesh.connect("lon", role="compliance", error_cb=on_error)
     try:
-        await desk.publish("mrd.lon.ord.LON-HF-01.forged", b"x")
+        await desk.publish("mrd.lon.risk.rec", b"x")
         await desk.publish("mrd.lon.exe.EURUSD", b"x")
         await comp.publish("mrd.v1.entry.lon.LON-HF-01.new", b"x")
         await desk.flush()
@@ -205,7 +206,7 @@ async def test_roles_are_least_privilege(mesh: Mesh) -> None:
         await desk.close()
         await comp.close()
     violations = [e for e in errors if "permissions violation" in e.lower()]
-    assert any("mrd.lon.ord" in e for e in violations), errors
+    assert any("mrd.lon.risk" in e for e in violations), errors
     assert any("mrd.lon.exe" in e for e in violations), errors
     assert any("mrd.v1.entry" in e for e in violations), errors
 

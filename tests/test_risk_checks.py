@@ -56,15 +56,20 @@ REPORT_TIMEOUT_S = 10.0
 
 
 @contextlib.asynccontextmanager
-async def desks(mesh: Mesh, *pairs: tuple[str, str]) -> AsyncIterator[list[DeskClient]]:
-    """Desk clients for (region, account) pairs, each on its own connection in that region."""
+async def desks(
+    mesh: Mesh, *pairs: tuple[str, str], entry: str = "gateway"
+) -> AsyncIterator[list[DeskClient]]:
+    """Desk clients for (region, account) pairs, each on its own connection in that region
+    (``entry``: through the gateway, or direct into ORDERS)."""
     conns: list[NATS] = []
     out: list[DeskClient] = []
     try:
         for region, account in pairs:
             nc = await mesh.connect(region, role="desk")
             conns.append(nc)
-            c = DeskClient(nc, mesh.topology, region=region, account=account, timeout_s=10.0)
+            c = DeskClient(
+                nc, mesh.topology, region=region, account=account, timeout_s=10.0, entry=entry
+            )
             await c.start()
             out.append(c)
         yield out

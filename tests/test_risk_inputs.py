@@ -12,10 +12,17 @@ import pytest
 from nats.aio.msg import Msg
 
 from regions.topology import load_topology
-from router import contract
+from router import contract, ids
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.natsutil import PullLoop
-from router.risk_worker import Item, RiskWorker, ack_handles, once_each
+from router.risk_worker import (
+    ACCEPT_WINDOW_NS,
+    Item,
+    RiskWorker,
+    ack_handles,
+    entry_time,
+    once_each,
+)
 
 
 class _Nc:
@@ -40,6 +47,10 @@ def _order() -> NewOrder:
     )
 
 
+OID = ids.order_id("LON-HF-01", "c1")
+STORED_NS = 1700000000000000000  # the time in _delivery's ack subject
+
+
 def _delivery(
     subject: str, data: bytes, seq: int = 5, headers: dict[str, str] | None = None
 ) -> Msg:
@@ -52,7 +63,7 @@ def _delivery(
         subject=subject,
         reply=f"$JS.ACK.ORDERS.risk_lon.1.{seq}.{seq}.1700000000000000000.0",
         data=data,
-        headers=headers or {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
+        headers=headers or {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": "1"},
     )
 
 
@@ -90,11 +101,12 @@ def test_the_ack_handle_is_the_delivery_with_the_highest_stream_sequence() -> No
         {"Mrd-Op": "frobnicate", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
         {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "soon"},
         # past int64 (msgpack could not encode its report: the batch failed for good),
-        # negative, padded, and an order id missing or not one
-        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": str(2**64)},
-        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "-5"},
-        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": " 12"},
-        {"Mrd-Op": "new", "Mrd-Accepted-Ns": "1"},
+        # negative, padded, and an order id that is not the order's (another's, or none)
+        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": str(2**64)},
+        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": "-5"},
+        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": " 12"},
+        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
+        {"Mrd-Op": "new", "Mrd-Order-Id": ids.order_id("LON-HF-01", "c2")},
         {"Mrd-Op": "new", "Mrd-Order-Id": "O 1\x00", "Mrd-Accepted-Ns": "1"},
         {"Mrd-Op": "new", "Mrd-Order-Id": "O1\n", "Mrd-Accepted-Ns": "1"},
     ],
@@ -108,6 +120,42 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
     order = contract.encode(_order())
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=headers))
     assert it is not None and it.kind == "bad" and it.msg is not None
+
+
+@pytest.mark.parametrize(
+    "headers, accepted",
+    [
+        # a desk's own store (direct entry): nothing but the op; both derived
+        ({"Mrd-Op": "new"}, STORED_NS),
+        # the gateway's stamp, just before the store: kept (its ack carries it too)
+        ({"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": str(STORED_NS - 10**6)},
+         STORED_NS - 10**6),
+        # a stamp a desk made up, far before the store or after it: the stored time
+        ({"Mrd-Op": "new", "Mrd-Accepted-Ns": "1"}, STORED_NS),
+        ({"Mrd-Op": "new", "Mrd-Accepted-Ns": str(STORED_NS + 10**9)}, STORED_NS),
+    ],
+)  # fmt: skip
+async def test_an_orders_id_and_accept_time_are_derived_not_taken_from_its_publisher(
+    headers: dict[str, str], accepted: int
+) -> None:
+    """A desk may store its request in ORDERS itself (direct entry): risk derives the order
+    id from the account and cl_ord_id, and takes the accept time from the stored time unless
+    a stamp lies just before it. The record keeps what was derived (a replay decides the same)."""
+    w = _worker()
+    order = contract.encode(_order())
+    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=dict(headers)))
+    assert it is not None and it.kind == "order"
+    assert it.headers["Mrd-Order-Id"] == OID
+    assert int(it.headers["Mrd-Accepted-Ns"]) == accepted
+
+
+def test_an_accept_stamp_counts_only_just_before_its_stored_time() -> None:
+    stored = 5 * ACCEPT_WINDOW_NS
+    assert entry_time(stored - ACCEPT_WINDOW_NS, stored) == stored - ACCEPT_WINDOW_NS
+    assert entry_time(stored - ACCEPT_WINDOW_NS - 1, stored) == stored
+    assert entry_time(stored + 1, stored) == stored
+    assert entry_time(0, stored) == stored
+    assert entry_time(123, 0) == 123  # no stored time known: the stamp
 
 
 def _order_map(**over: Any) -> dict[str, Any]:
@@ -146,7 +194,7 @@ async def test_an_order_this_build_cannot_read_is_answered_with_a_typed_reject(
     (out,) = w._refuse_unread(it)
     rep = contract.decode(contract.ExecutionReport, out.payload)
     assert out.subject == "mrd.lon.er.r.lon.LON-HF-01" and out.msg_id == "lon-risk-9"
-    assert (rep.order_id, rep.cl_ord_id, rep.exec_type.value) == ("O1", "c1", "REJECTED")
+    assert (rep.order_id, rep.cl_ord_id, rep.exec_type.value) == (OID, "c1", "REJECTED")
     assert rep.reject_reason == reason and rep.qty == (0 if body["qty"] == 1.5 else 1_000_000)
     assert w.engine.exposure_usd("LON-HF-01") == 0
 
@@ -196,5 +244,5 @@ async def test_an_order_whose_payload_names_another_account_than_its_subject_is_
     body = msgpack.packb(_order_map(account="LON-BANK-02"))
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", body))
     assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
-    ok = w._classify(_delivery("mrd.lon.ord.LON-BANK-02.k1", body))
+    ok = w._classify(_delivery("mrd.lon.ord.LON-BANK-02.k1", body, headers={"Mrd-Op": "new"}))
     assert ok is not None and ok.kind == "order"
