@@ -16,6 +16,13 @@ def register(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=300.0, help="target orders/s, all desks")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
+        "--entry",
+        choices=("mixed", "gateway", "direct"),
+        default="mixed",
+        help="how desks enter orders: each desk's first account stores its orders in ORDERS "
+        "itself and the others use the gateway (mixed, default), or all one way",
+    )
+    p.add_argument(
         "--export-dir",
         type=Path,
         default=None,
@@ -50,7 +57,7 @@ async def _demo(ds: Any, args: argparse.Namespace) -> int:
         f"{len(ds.topology.desks)} desks in {', '.join(ds.topology.codes)}",
         flush=True,
     )
-    demo = Demo(ds, rate=args.rate, seconds=args.seconds, seed=args.seed)
+    demo = Demo(ds, rate=args.rate, seconds=args.seconds, seed=args.seed, entry=args.entry)
     try:
         res = await demo.run()
     finally:

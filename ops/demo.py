@@ -78,9 +78,19 @@ class DemoResult:
 
 class Demo:
     def __init__(
-        self, ds: Devstack, *, rate: float, seconds: float, seed: int = 7, out: TextIO = sys.stdout
+        self,
+        ds: Devstack,
+        *,
+        rate: float,
+        seconds: float,
+        seed: int = 7,
+        out: TextIO = sys.stdout,
+        entry: str = "mixed",
     ) -> None:
         self.ds = ds
+        self.entry = entry
+        """``mixed`` (each desk's first account direct, the rest through the gateway),
+        ``gateway`` or ``direct``: how the desks enter orders."""
         self.topo = ds.topology
         self.rate = rate
         self.seconds = seconds
@@ -106,8 +116,13 @@ class Demo:
         for desk in self.topo.desks:
             nc = await self.ds.connect(desk.region, role="desk", name=f"demo-{desk.code}")
             self.ncs.append(nc)
-            for acct in desk.accounts:
-                c = DeskClient(nc, self.topo, region=desk.region, account=acct, timeout_s=10)
+            for i, acct in enumerate(desk.accounts):
+                # each desk's first account (its latency-sensitive one) stores its orders in
+                # ORDERS itself (direct entry); the others go through the gateway
+                entry = self.entry if self.entry != "mixed" else ("direct" if i == 0 else "gateway")
+                c = DeskClient(
+                    nc, self.topo, region=desk.region, account=acct, timeout_s=10, entry=entry
+                )
                 c.on_report = self._on_report
                 await c.start()
                 self.clients[acct] = c

@@ -29,7 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
-from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, H_ORDER_ID
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, stamp_ns
 from router.risk_worker import UNREAD
 
 
@@ -164,16 +164,20 @@ async def order_history(
         hdr = m.headers or {}
         op = hdr.get(H_OP, "?")
         body = msgpack.unpackb(m.data, raw=False)
-        detail = (
-            f"cl={cl} entered in {hdr.get(H_ENTRY_REGION, '?')}, stored in {home} "
-            f"ORDERS seq {m.seq}: "
-            + ", ".join(f"{k}={v}" for k, v in body.items() if k not in ("v", "account"))
+        # a desk that stored its request itself (direct entry) sent no gateway headers: its
+        # accept time is the stored time, as risk takes it
+        entered = (
+            f"entered in {hdr[H_ENTRY_REGION]}"
+            if H_ENTRY_REGION in hdr
+            else "stored by the desk (direct entry)"
         )
-        h.events.append(
-            Event(int(hdr.get(H_ACCEPTED_NS, 0) or 0), f"{home}/ORDERS", f"accepted ({op})", detail)
+        detail = f"cl={cl} {entered}, stored in {home} ORDERS seq {m.seq}: " + ", ".join(
+            f"{k}={v}" for k, v in body.items() if k not in ("v", "account")
         )
-        if hdr.get(H_ORDER_ID) and op == "new":
-            h.order_id = hdr[H_ORDER_ID]
+        at = int(hdr.get(H_ACCEPTED_NS, 0) or 0) or stamp_ns(hdr.get("Nats-Time-Stamp", ""))
+        h.events.append(Event(at, f"{home}/ORDERS", f"accepted ({op})", detail))
+        if op == "new" and isinstance(body.get("cl_ord_id"), str):
+            h.order_id = ids.order_id(account, body["cl_ord_id"])
     # risk decisions, and requests risk could not read (recorded with their answer only)
     keys = {f"o:{subjects.request_key(account, cl)}": cl for cl in cl_ids}
     for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home)):
@@ -216,7 +220,7 @@ def _risk_event(
     rec: dict[str, Any], keys: dict[str, str], account: str, cl_ids: set[str], where: str
 ) -> Event | None:
     """One RISKLOG record as an event of this order's history, or None if not one of its."""
-    at = int(rec["h"].get(H_ACCEPTED_NS, 0) or 0) + 1
+    at = int(rec["h"].get(H_ACCEPTED_NS, 0) or rec["h"].get("ts", 0) or 0) + 1
     if rec.get("k") == UNREAD and rec.get("in") in keys:
         answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
         return Event(

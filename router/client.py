@@ -44,26 +44,13 @@ from router.contract import (
     TimeInForce,
 )
 from router.gateway import ERR_WRONG_LAST_SEQUENCE, check_request, reject, same_request
-from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_KIND, H_MSG_ID, H_OP
+from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_KIND, H_MSG_ID, H_OP, stamp_ns
 
 Report = ExecutionReport | CancelReject
 
 _counter = itertools.count(1)
 
 ENTRIES = ("gateway", "direct")
-
-
-def _rfc3339_ns(text: str) -> int:
-    """``Nats-Time-Stamp`` (RFC 3339, ns precision, UTC) as UTC ns; 0 if unreadable."""
-    import datetime as dt
-
-    try:
-        head, _, frac = text.rstrip("Z").partition(".")
-        t = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
-        digits = "".join(c for c in frac if c.isdigit())[:9].ljust(9, "0")
-        return int(t.timestamp()) * 10**9 + int(digits)
-    except ValueError:
-        return 0
 
 
 def new_cl_ord_id(prefix: str = "C") -> str:
@@ -228,7 +215,7 @@ class DeskClient:
                 )
             seq = stored.seq
             when = (stored.headers or {}).get("Nats-Time-Stamp", "")
-            accepted = _rfc3339_ns(when) or accepted
+            accepted = stamp_ns(when) or accepted
         return OrderAck(
             status="ACCEPTED",
             order_id=ids.order_id(self.account, msg.cl_ord_id),

@@ -95,6 +95,20 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def stamp_ns(text: str) -> int:
+    """A stored message's ``Nats-Time-Stamp`` header (RFC 3339, ns precision, UTC, as a
+    direct get returns it) as UTC ns; 0 if unreadable."""
+    import datetime as dt
+
+    try:
+        head, _, frac = text.rstrip("Z").partition(".")
+        t = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        digits = "".join(c for c in frac if c.isdigit())[:9].ljust(9, "0")
+        return int(t.timestamp()) * 10**9 + int(digits)
+    except ValueError:
+        return 0
+
+
 class PullLoop:
     """A durable pull consumer that streams messages into ``queue``.
 

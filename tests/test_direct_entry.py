@@ -11,6 +11,7 @@ import msgpack
 import pytest
 from nats.js.errors import APIError
 
+from ops.history import order_history
 from router import contract, ids, subjects
 from router.contract import ExecType, OrderAck, OrderReject, OrdStatus, RejectReason
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
@@ -43,6 +44,16 @@ async def test_a_direct_order_is_acked_by_its_store_and_trades(order_path: Mesh)
         trade = await buyer.wait_report(buy.order_id, lambda r: r.exec_type is ExecType.TRADE, 10)
         assert trade.ord_status is OrdStatus.FILLED and trade.last_px == px
         assert before <= trade.entry_ns <= buy.accepted_ns  # stored, then acked
+    # compliance reconstructs it: the request as the desk stored it, at its stored time
+    nc = await order_path.connect("lon")
+    try:
+        h = await order_history(nc, order_path.topology, buy.cl_ord_id, account="LON-CORP-03")
+    finally:
+        await nc.close()
+    assert h is not None and h.order_id == buy.order_id
+    (entry,) = [e for e in h.events if e.what == "accepted (new)"]
+    assert entry.ts_ns == trade.entry_ns and "stored by the desk (direct entry)" in entry.detail
+    assert any(e.what == "TRADE FILLED" for e in h.events), [e.what for e in h.events]
 
 
 async def test_a_direct_resend_gets_the_original_ack_and_other_content_is_refused(
