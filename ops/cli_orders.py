@@ -29,6 +29,11 @@ def register(sub: Any) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--region", default="lon", help="entry region (nearest hub)")
         q.add_argument("--account", required=True)
+        q.add_argument(
+            "--direct",
+            action="store_true",
+            help="store the request in the home region's ORDERS yourself (direct entry)",
+        )
 
     q = osub.add_parser("new", help="submit a new order and wait for its first report")
     common(q)
@@ -108,7 +113,8 @@ async def _client(args: argparse.Namespace) -> Any:
     from router.client import DeskClient
 
     ds, nc = await _connect(args)
-    c = DeskClient(nc, ds.topology, region=args.region, account=args.account)
+    entry = "direct" if getattr(args, "direct", False) else "gateway"
+    c = DeskClient(nc, ds.topology, region=args.region, account=args.account, entry=entry)
     await c.start()
     return ds, nc, c
 
