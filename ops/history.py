@@ -29,6 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
+from router.entry import stored_accept_ns
 from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, stamp_ns
 from router.risk_worker import UNREAD
 
@@ -174,7 +175,9 @@ async def order_history(
         detail = f"cl={cl} {entered}, stored in {home} ORDERS seq {m.seq}: " + ", ".join(
             f"{k}={v}" for k, v in body.items() if k not in ("v", "account")
         )
-        at = int(hdr.get(H_ACCEPTED_NS, 0) or 0) or stamp_ns(hdr.get("Nats-Time-Stamp", ""))
+        # when ORDERS stored it (what risk takes as its accept time): a publisher's stamp is
+        # not evidence
+        at = stamp_ns(hdr.get("Nats-Time-Stamp", "")) or stored_accept_ns(hdr)
         h.events.append(Event(at, f"{home}/ORDERS", f"accepted ({op})", detail))
         if op == "new" and isinstance(body.get("cl_ord_id"), str):
             h.order_id = ids.order_id(account, body["cl_ord_id"])
@@ -220,7 +223,9 @@ def _risk_event(
     rec: dict[str, Any], keys: dict[str, str], account: str, cl_ids: set[str], where: str
 ) -> Event | None:
     """One RISKLOG record as an event of this order's history, or None if not one of its."""
-    at = int(rec["h"].get(H_ACCEPTED_NS, 0) or rec["h"].get("ts", 0) or 0) + 1
+    # a record's stored time (its input's, as risk took it); older records: the gateway's stamp
+    raw = str(rec["h"].get("ts") or rec["h"].get(H_ACCEPTED_NS) or "0")
+    at = (int(raw) if raw.isascii() and raw.isdigit() else 0) + 1
     if rec.get("k") == UNREAD and rec.get("in") in keys:
         answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
         return Event(

@@ -24,11 +24,12 @@ import msgpack
 from hdrh.histogram import HdrHistogram
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import Header
 
 from regions.topology import Topology, load_topology
 from router import subjects
 from router.client import ENTRIES
-from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_MSG_ID, H_OP
+from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_OP
 
 REFERENCE_MIDS = {
     "EURUSD": 108450,
@@ -208,11 +209,11 @@ class Loader:
                 subjects.orders(self.homes[acct], acct, key),
                 payload,
                 reply=f"{self._inbox}.{cl}",
+                # router.entry.store_headers, and the stream js.publish(stream=) would name
                 headers={
-                    H_MSG_ID: key,
                     H_EXPECTED_LAST_SUBJECT_SEQ: "0",
                     H_OP: "new",
-                    "Nats-Expected-Stream": "ORDERS",
+                    Header.EXPECTED_STREAM: "ORDERS",
                 },
             )
             return

@@ -43,8 +43,15 @@ from router.contract import (
     Side,
     TimeInForce,
 )
-from router.gateway import ERR_WRONG_LAST_SEQUENCE, check_request, reject, same_request
-from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_KIND, H_MSG_ID, H_OP, stamp_ns
+from router.entry import (
+    ERR_WRONG_LAST_SEQUENCE,
+    make_ack,
+    original_ack,
+    reject,
+    store_headers,
+    validate,
+)
+from router.natsutil import H_KIND
 
 Report = ExecutionReport | CancelReject
 
@@ -141,94 +148,54 @@ class DeskClient:
     async def _store(
         self, op: str, msg: Message, headers: dict[str, str]
     ) -> OrderAck | OrderReject:
-        """Direct entry (contract.md): the request is stored in the home region's ORDERS by
-        this client, on its own subject, and the PubAck is the ack. The gateway's checks run
-        here first (a typed reject, nothing stored); risk runs them again on what it reads."""
-        assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+        """Direct entry (contract.md): the gateway's checks run here (a typed reject, nothing
+        stored), then the request is stored in the home region's ORDERS on its own subject,
+        with the gateway's store headers, and the PubAck is the ack. A re-send is answered
+        from the stored original, as the gateway answers it (:mod:`router.entry`)."""
+        subject = subjects.entry(self.region, self.account, op)
         try:
-            payload = contract.encode(msg)
-            home, exec_region = check_request(self.topology, self.account, msg)
+            routed = validate(self.topology, self.region, subject, contract.encode(msg))
         except ContractError as e:
-            return reject(e.reason, e.field, e.rule, msg.cl_ord_id)
-        key = subjects.request_key(self.account, msg.cl_ord_id)
-        subject = subjects.orders(home, self.account, key)
-        hdrs = {H_MSG_ID: key, H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: op, **headers}
-        js = self.nc.jetstream(domain=home)
-        seq, dup_seq = 0, 0
+            return reject(e.reason, e.field, e.rule, getattr(msg, "cl_ord_id", ""))
+        hdrs = {**headers, **store_headers(routed)}
+        js = self.nc.jetstream(domain=routed.home)
         try:
             if self.tracer is not None:
                 from ops.telemetry.tracing import send_span
 
-                oid = ids.order_id(self.account, msg.cl_ord_id)
-                with send_span(self.tracer, subject, hdrs, order_id=oid, operation="publish"):
+                with send_span(
+                    self.tracer, routed.subject, hdrs, order_id=routed.order_id, operation="publish"
+                ):
                     ack = await js.publish(
-                        subject, payload, timeout=self.timeout_s, stream="ORDERS", headers=hdrs
+                        routed.subject, routed.payload, self.timeout_s, "ORDERS", hdrs
                     )
             else:
                 ack = await js.publish(
-                    subject, payload, timeout=self.timeout_s, stream="ORDERS", headers=hdrs
+                    routed.subject, routed.payload, self.timeout_s, "ORDERS", hdrs
                 )
-            if ack.duplicate:
-                dup_seq = ack.seq
-            else:
-                seq = ack.seq
         except APIError as e:
-            if e.err_code != ERR_WRONG_LAST_SEQUENCE:
-                return reject(
-                    RejectReason.UNAVAILABLE,
-                    "",
-                    f"home region {home} refused: {e.description}",
-                    msg.cl_ord_id,
-                )
-            dup_seq = -1  # beyond the dedup window: the subject holds the request
+            if e.err_code == ERR_WRONG_LAST_SEQUENCE:  # a re-send: the subject holds one
+                return await original_ack(js, routed, self.region, time.time_ns())
+            return reject(
+                RejectReason.UNAVAILABLE,
+                "",
+                f"home region {routed.home} refused: {e.description}",
+                routed.msg.cl_ord_id,
+            )
         except (TimeoutError, NoStreamResponseError) as e:
             what = "no responders" if isinstance(e, NoStreamResponseError) else "timeout"
             return reject(
                 RejectReason.UNAVAILABLE,
                 "",
-                f"home region {home} did not confirm ({what}); outcome unknown: re-send the "
-                "same request (same cl_ord_id) to learn it",
-                msg.cl_ord_id,
+                f"home region {routed.home} did not confirm ({what}); outcome unknown: re-send "
+                "the same request (same cl_ord_id) to learn it",
+                routed.msg.cl_ord_id,
             )
-        accepted = time.time_ns()
-        if dup_seq:
-            try:
-                if dup_seq > 0:
-                    stored = await js.get_msg("ORDERS", dup_seq, direct=True)
-                else:
-                    stored = await js.get_last_msg("ORDERS", subject, direct=True)
-                assert stored.data is not None and stored.seq is not None
-                original = contract.decode(type(msg), stored.data)
-            except Exception as e:
-                return reject(
-                    RejectReason.UNAVAILABLE,
-                    "",
-                    f"could not read the original request: {e!r}",
-                    msg.cl_ord_id,
-                )
-            if not same_request(original, msg):
-                return reject(
-                    RejectReason.DUPLICATE_CL_ORD_ID,
-                    "cl_ord_id",
-                    "already used by a different request of this account",
-                    msg.cl_ord_id,
-                )
-            seq = stored.seq
-            when = (stored.headers or {}).get("Nats-Time-Stamp", "")
-            accepted = stamp_ns(when) or accepted
-        return OrderAck(
-            status="ACCEPTED",
-            order_id=ids.order_id(self.account, msg.cl_ord_id),
-            cl_ord_id=msg.cl_ord_id,
-            account=self.account,
-            op=op,
-            entry_region=self.region,
-            risk_region=home,
-            exec_region=exec_region,
-            stream_seq=seq,
-            accepted_ns=accepted,
-            duplicate=bool(dup_seq),
-        )
+        if ack.duplicate:  # no msg id is sent: another publisher's, on this subject
+            return await original_ack(js, routed, self.region, time.time_ns())
+        # the PubAck carries no stored time: the desk's clock just after it (reports carry
+        # the stored time as entry_ns)
+        return make_ack(routed, self.region, ack.seq, time.time_ns(), duplicate=False)
 
     async def new_order(
         self,

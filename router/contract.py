@@ -265,7 +265,10 @@ class OrderAck(Message):
     risk_region: str = _f("str", "Home region of the account (runs risk).", pattern=_REGION)
     exec_region: str = _f("str", "Region executing the symbol.", pattern=_REGION)
     stream_seq: int = _f("int", "Sequence in the home region's ORDERS stream.", lo=1, hi=MAX_INT64)
-    accepted_ns: int = _ns("When the gateway accepted the request, UTC ns.")
+    accepted_ns: int = _ns(
+        "When the gateway accepted the request (direct entry: the desk's clock at its PubAck), "
+        "UTC ns."
+    )
     duplicate: bool = _f("bool", "True when this repeats the ack of an earlier identical request.")
 
 
@@ -321,7 +324,7 @@ class ExecutionReport(Message):
     home_region: str = _f("str", "Account's home region.", pattern=_REGION)
     exec_region: str = _f("str", "Region that produced the report.", pattern=_REGION)
     transact_ns: int = _ns("FIX 60: when it happened (matching time), UTC ns.")
-    entry_ns: int = _ns("When the order entered Meridian (gateway accept), UTC ns.", default=0)
+    entry_ns: int = _ns("When the order entered Meridian (stored in ORDERS), UTC ns.", default=0)
 
     @classmethod
     def refused(cls, *, reason: RejectReason, text: str, **order: Any) -> ExecutionReport:

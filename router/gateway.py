@@ -6,9 +6,8 @@ Request/reply on ``mrd.v1.entry.<region>.<account>.<op>``. For every request the
    field and rule; nothing is stored);
 2. routes it: the account's home region runs risk, the symbol's region executes it;
 3. stores it durably in the home region's ``ORDERS`` stream, on a subject unique to
-   (account, cl_ord_id), with ``Nats-Msg-Id`` (dedup window) and
-   ``Nats-Expected-Last-Subject-Sequence: 0`` (beyond the window: the stream refuses a second
-   message on that subject);
+   (account, cl_ord_id), with ``Nats-Expected-Last-Subject-Sequence: 0`` (the stream refuses a
+   second message on that subject; it also holds one per subject whoever publishes);
 4. replies :class:`~router.contract.OrderAck` only after the PubAck - *an ack means the request
    is in the home region's stream* (decision 0002 says what survives what).
 
@@ -28,11 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -41,25 +38,21 @@ from opentelemetry import trace
 
 from ops.telemetry.tracing import ORDER_ID, extract, inject
 from regions.topology import Topology
-from router import contract, ids, subjects
-from router.contract import (
-    CancelOrder,
-    ContractError,
-    Message,
-    NewOrder,
-    OrderAck,
-    OrderReject,
-    OrdType,
-    RejectReason,
-    ReplaceOrder,
-    TimeInForce,
+from router import contract, subjects
+from router.contract import ContractError, Message, OrderAck, RejectReason
+from router.entry import (
+    ERR_WRONG_LAST_SEQUENCE,
+    Routed,
+    check_request,
+    make_ack,
+    original_ack,
+    reject,
+    store_headers,
+    validate,
 )
 from router.natsutil import (
     H_ACCEPTED_NS,
     H_ENTRY_REGION,
-    H_EXPECTED_LAST_SUBJECT_SEQ,
-    H_MSG_ID,
-    H_OP,
     H_ORDER_ID,
     AsyncPublisher,
     NoResponders,
@@ -67,126 +60,11 @@ from router.natsutil import (
     now_ns,
 )
 
+__all__ = ["Gateway", "check_request", "validate"]
+
 log = logging.getLogger("meridian.gateway")
 
 PUBACK_TIMEOUT_S = 5.0
-ERR_WRONG_LAST_SEQUENCE = 10071
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Routed:
-    """A validated request and where it goes."""
-
-    msg: NewOrder | CancelOrder | ReplaceOrder
-    op: str
-    account: str
-    home: str
-    exec_region: str
-    key: str
-    order_id: str
-    subject: str
-    payload: bytes
-
-
-def reject(reason: RejectReason, field: str, rule: str, cl_ord_id: str = "") -> OrderReject:
-    return OrderReject(
-        status="REJECTED",
-        cl_ord_id=cl_ord_id[:64],
-        reason=reason,
-        field=field,
-        rule=rule[:512],
-        rejected_ns=now_ns(),
-    )
-
-
-def check_request(
-    topology: Topology, account: str, msg: NewOrder | CancelOrder | ReplaceOrder
-) -> tuple[str, str]:
-    """The checks of a decoded request beyond its fields' types and ranges: its account is
-    the subject's and known, its symbol traded, its order type, price, time in force and lot
-    consistent. The gateway runs them before storing a request, and risk again on what it
-    reads from ORDERS (another build's or publisher's request must never reach the engine
-    unchecked). Returns (home region, executing region); raises ContractError."""
-    if msg.account != account:
-        raise ContractError(
-            RejectReason.INVALID_FIELD, "account", "must equal the account token of the subject"
-        )
-    try:
-        home = topology.account_home(account)
-    except KeyError:
-        raise ContractError(
-            RejectReason.UNKNOWN_ACCOUNT, "account", f"{account!r} is not a known account"
-        ) from None
-    try:
-        instrument = topology.instrument(msg.symbol)
-        exec_region = topology.exec_region(msg.symbol)
-    except KeyError:
-        raise ContractError(
-            RejectReason.UNKNOWN_SYMBOL, "symbol", f"{msg.symbol!r} is not a traded instrument"
-        ) from None
-    if isinstance(msg, NewOrder):
-        if msg.ord_type is OrdType.LIMIT and msg.price_ticks is None:
-            raise ContractError(
-                RejectReason.INVALID_FIELD, "price_ticks", "is required for LIMIT orders"
-            )
-        if msg.ord_type is OrdType.MARKET:
-            if msg.price_ticks is not None:
-                raise ContractError(
-                    RejectReason.INVALID_FIELD, "price_ticks", "must be absent for MARKET orders"
-                )
-            if msg.tif not in (TimeInForce.IOC, TimeInForce.FOK):
-                raise ContractError(
-                    RejectReason.INVALID_FIELD, "tif", "MARKET orders must be IOC or FOK"
-                )
-    if isinstance(msg, NewOrder | ReplaceOrder) and msg.qty < instrument.min_qty:
-        raise ContractError(
-            RejectReason.INVALID_FIELD, "qty", f"below the minimum lot of {instrument.min_qty}"
-        )
-    if isinstance(msg, CancelOrder | ReplaceOrder) and msg.orig_cl_ord_id == msg.cl_ord_id:
-        raise ContractError(
-            RejectReason.INVALID_FIELD, "cl_ord_id", "must differ from orig_cl_ord_id"
-        )
-    return home, exec_region
-
-
-def validate(topology: Topology, region: str, subject: str, data: bytes) -> Routed:
-    """Everything the gateway checks before storing a request. Raises ContractError."""
-    parts = subject.split(".")
-    if len(parts) != 6 or parts[3] != region:
-        raise ContractError(
-            RejectReason.INVALID_FIELD, "subject", f"expected mrd.v1.entry.{region}.<account>.<op>"
-        )
-    account, op = parts[4], parts[5]
-    cls = contract.ENTRY_OPS.get(op)
-    if cls is None:
-        raise ContractError(
-            RejectReason.INVALID_FIELD,
-            "subject",
-            f"unknown op {op!r}; one of {', '.join(contract.ENTRY_OPS)}",
-        )
-    msg = contract.decode(cls, data)
-    assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
-    home, exec_region = check_request(topology, account, msg)
-    key = subjects.request_key(account, msg.cl_ord_id)
-    oid = ids.order_id(account, msg.cl_ord_id)
-    return Routed(
-        msg=msg,
-        op=op,
-        account=account,
-        home=home,
-        exec_region=exec_region,
-        key=key,
-        order_id=oid,
-        subject=subjects.orders(home, account, key),
-        payload=contract.encode(msg),
-    )
-
-
-def same_request(a: Message, b: Message) -> bool:
-    """Equal apart from the client's send time (a resend after reconnect restamps it)."""
-    if type(a) is not type(b):
-        return False
-    return dataclasses.replace(a, sent_ns=0) == dataclasses.replace(b, sent_ns=0)  # type: ignore[type-var]
 
 
 class Gateway:
@@ -267,9 +145,7 @@ class Gateway:
             )
             return
         headers = {
-            H_MSG_ID: routed.key,
-            H_EXPECTED_LAST_SUBJECT_SEQ: "0",
-            H_OP: routed.op,
+            **store_headers(routed),
             H_ENTRY_REGION: self.region,
             H_ACCEPTED_NS: str(t0),
             H_ORDER_ID: routed.order_id,
@@ -317,7 +193,7 @@ class Gateway:
                 ack = await asyncio.wait_for(fut, PUBACK_TIMEOUT_S)
             except PublishError as e:
                 if e.err_code == ERR_WRONG_LAST_SEQUENCE:
-                    # beyond the dedup window: the subject already holds this request
+                    # a re-send: the subject already holds this request
                     self._spawn(self._resend(msg, routed, t0))
                     continue
                 await self._reply(
@@ -345,70 +221,22 @@ class Gateway:
                     t0,
                 )
                 continue
-            if ack.duplicate:
-                self._spawn(self._resend(msg, routed, t0, seq=ack.seq))
+            if ack.duplicate:  # no msg id is sent: another publisher's, on this subject
+                self._spawn(self._resend(msg, routed, t0))
                 continue
-            await self._reply(msg, self._ack(routed, ack.seq, t0, duplicate=False), t0)
+            await self._reply(msg, make_ack(routed, self.region, ack.seq, t0, duplicate=False), t0)
 
     def _spawn(self, coro: Any) -> None:
         t = asyncio.create_task(coro)
         self._side_tasks.add(t)
         t.add_done_callback(self._side_tasks.discard)
 
-    async def _resend(self, msg: Msg, routed: Routed, t0: int, seq: int | None = None) -> None:
+    async def _resend(self, msg: Msg, routed: Routed, t0: int) -> None:
         """A request we have seen: answer with the original ack, or refuse a conflicting one."""
-        js = self._js[routed.home]
-        try:
-            if seq is not None:
-                stored = await js.get_msg("ORDERS", seq, direct=True)
-            else:
-                stored = await js.get_last_msg("ORDERS", routed.subject, direct=True)
-            assert stored.data is not None
-            original = contract.decode(type(routed.msg), stored.data)
-        except Exception as e:
-            await self._reply(
-                msg,
-                reject(
-                    RejectReason.UNAVAILABLE,
-                    "",
-                    f"could not read the original request: {e!r}",
-                    routed.msg.cl_ord_id,
-                ),
-                t0,
-            )
-            return
-        self.stats["duplicates"] += 1
-        if not same_request(original, routed.msg):
-            await self._reply(
-                msg,
-                reject(
-                    RejectReason.DUPLICATE_CL_ORD_ID,
-                    "cl_ord_id",
-                    "already used by a different request of this account",
-                    routed.msg.cl_ord_id,
-                ),
-                t0,
-            )
-            return
-        hdrs = stored.headers or {}
-        accepted = int(hdrs.get(H_ACCEPTED_NS, "0") or 0)
-        assert stored.seq is not None
-        await self._reply(msg, self._ack(routed, stored.seq, accepted or t0, duplicate=True), t0)
-
-    def _ack(self, routed: Routed, seq: int, accepted_ns: int, *, duplicate: bool) -> OrderAck:
-        return OrderAck(
-            status="ACCEPTED",
-            order_id=routed.order_id,
-            cl_ord_id=routed.msg.cl_ord_id,
-            account=routed.account,
-            op=routed.op,
-            entry_region=self.region,
-            risk_region=routed.home,
-            exec_region=routed.exec_region,
-            stream_seq=seq,
-            accepted_ns=accepted_ns,
-            duplicate=duplicate,
-        )
+        out = await original_ack(self._js[routed.home], routed, self.region, t0)
+        if isinstance(out, OrderAck):
+            self.stats["duplicates"] += 1
+        await self._reply(msg, out, t0)
 
     async def _reply(self, msg: Msg, out: Message, t0: int) -> None:
         if isinstance(out, OrderAck):

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -74,8 +75,8 @@ from router.contract import (
     RejectReason,
     ReplaceOrder,
 )
+from router.entry import check_request
 from router.externals import RedisExternals, externals_for
-from router.gateway import check_request
 from router.natsutil import (
     H_ACCEPTED_NS,
     H_EXPECTED_LAST_SUBJECT_SEQ,
@@ -979,7 +980,7 @@ class RiskWorker:
         hdrs = dict(msg.headers or {})
         if msg.subject.startswith(f"mrd.{self.region}.ord."):
             key = msg.subject.rsplit(".", 1)[1]
-            keep = {k: hdrs[k] for k in (H_OP, H_ACCEPTED_NS, H_ORDER_ID, TRACEPARENT) if k in hdrs}
+            keep = kept_headers(hdrs)
             pos = stream_position(msg)
             keep["seq"], keep["ts"] = str(pos.seq), str(pos.ts_ns)
             it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
@@ -1035,16 +1036,33 @@ class RiskWorker:
             assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
             # the gateway's checks again (its account the subject's, a traded symbol, a
             # LIMIT's price...): the engine must never meet a request that breaks them
-            check_request(self.topology, it.account, msg)
+            home, _ = check_request(self.topology, it.account, msg)
+            if home != self.region:  # stored in another region's ORDERS (direct entry)
+                raise ContractError(
+                    RejectReason.INVALID_FIELD,
+                    "subject",
+                    f"{it.account} is homed in {home}: its requests go to {home}'s ORDERS",
+                )
+            # the subject is the request's index entry (a re-send finds it there): one not
+            # derived from its cl_ord_id would let the same request be stored and decided twice
+            if it.input_id != f"o:{subjects.request_key(it.account, msg.cl_ord_id)}":
+                raise ContractError(
+                    RejectReason.INVALID_FIELD,
+                    "subject",
+                    "the last token must be the request key of (account, cl_ord_id)",
+                )
             # A desk may store its request itself (direct entry, contract.md): the order id
-            # and the accept time are then derived here, never taken from its headers, and
-            # the record keeps what was derived, so that a replay decides the same.
+            # and the accept time are derived here, never taken from a publisher's headers
+            # (the accept time is the stored time), and the record keeps what was derived,
+            # so that a replay decides the same.
             if isinstance(msg, NewOrder):
                 oid = ids.order_id(it.account, msg.cl_ord_id)
                 given = it.headers.get(H_ORDER_ID)
                 if given is not None and given != oid:
                     raise ValueError(f"order id header {given!r:.80} is not the order's {oid}")
                 it.headers[H_ORDER_ID] = oid
+            else:
+                it.headers.pop(H_ORDER_ID, None)  # the request's own, not the order's
             it.headers[H_ACCEPTED_NS] = str(entry_time(claimed, int(it.headers.get("ts", "0"))))
             return msg
         if it.kind == "report":
@@ -1330,21 +1348,28 @@ SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
 
 
-ACCEPT_WINDOW_NS = 10 * 10**9
-"""How long before its stored time a gateway's accept stamp may lie (a store retried, a WAN
-hop to the home region): beyond it, or after the stored time, the stored time stands."""
-
-
 def entry_time(claimed_ns: int, stored_ns: int) -> int:
-    """An order request's accept time: the gateway's stamp (``Mrd-Accepted-Ns``) when it lies
-    within :data:`ACCEPT_WINDOW_NS` before the time ORDERS stored the request, else that stored
-    time. A desk that stores its own request (direct entry) sends no stamp, and one it sends
-    can move its order's time at most that far back."""
-    if stored_ns <= 0:
-        return claimed_ns
-    if stored_ns - ACCEPT_WINDOW_NS <= claimed_ns <= stored_ns:
-        return claimed_ns
-    return stored_ns
+    """An order request's accept time, as risk decides it and reports carry it (``entry_ns``):
+    the time ORDERS stored the request. Only when that is unknown, the gateway's stamp
+    (``Mrd-Accepted-Ns``, which any publisher into ORDERS could set)."""
+    return stored_ns if stored_ns > 0 else claimed_ns
+
+
+_KEPT = {H_OP: 16, H_ACCEPTED_NS: 24, H_ORDER_ID: 24}
+"""Headers of an ORDERS message risk keeps (in its records too), and how much of each: enough
+for any valid value, so that a longer one still reads as invalid, and a publisher's 8 KiB
+header cannot fill a RISKLOG record (1 MiB per message)."""
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def kept_headers(hdrs: dict[str, str]) -> dict[str, str]:
+    """What risk keeps of an ORDERS message's headers: the op, the gateway's stamps (bounded),
+    and a W3C traceparent only when it is one."""
+    keep = {k: hdrs[k][:n] for k, n in _KEPT.items() if k in hdrs}
+    tp = hdrs.get(TRACEPARENT)
+    if tp is not None and _TRACEPARENT.fullmatch(tp):
+        keep[TRACEPARENT] = tp
+    return keep
 
 
 def accepted_ns(headers: dict[str, str]) -> int:

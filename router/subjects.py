@@ -8,7 +8,7 @@ Stream subjects carry the region that stores them first, so each region's stream
 and ``js.publish`` is routed by interest to exactly one domain:
 
     stream    region  subjects                                 writer
-    ORDERS    home    mrd.<r>.ord.<account>.<key>              gateways of every region
+    ORDERS    home    mrd.<r>.ord.<account>.<key>              gateways, and desks (direct entry)
     RISKLOG   home    mrd.<r>.risk.rec , mrd.<r>.er.r.>        the home region's risk worker
     EXEC      exec    mrd.<r>.exe.<symbol>                     risk workers of every region
     EXECOUT   exec    mrd.<r>.er.n.<home>.<account> ,           the exec region's execution worker

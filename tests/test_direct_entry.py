@@ -84,6 +84,26 @@ async def test_a_direct_resend_gets_the_original_ack_and_other_content_is_refuse
         assert abs(again.accepted_ns - time.time_ns()) < 60 * 10**9  # the stored time
 
 
+async def test_another_publishers_msg_id_cannot_take_a_requests_place(order_path: Mesh) -> None:
+    """A publisher into ORDERS stores a copy of another account's request on its own subject,
+    under the msg id the gateway used to send for that request: the victim's own store (and
+    its ack) is unaffected, because stores carry no msg id; the copy is refused by risk."""
+    async with desks(order_path, ("lon", "LON-HF-01"), entry="direct") as (victim,):
+        js = victim.nc.jetstream(domain="lon")
+        clid = cl("dvictim")
+        px = deep("EURGBP", BUY)
+        key = subjects.request_key("LON-HF-01", clid)
+        await js.publish(
+            subjects.orders("lon", "LON-BANK-02", subjects.request_key("LON-BANK-02", clid)),
+            contract.encode(_new("LON-HF-01", clid, "EURGBP", px)),
+            headers={H_MSG_ID: key, H_OP: "new"},
+        )
+        ack = await victim.new_order("EURGBP", BUY, 1_000_000, px, cl_ord_id=clid)
+        assert isinstance(ack, OrderAck) and not ack.duplicate, ack
+        er = await outcome(victim, ack)
+        assert er.exec_type is ExecType.NEW
+
+
 async def test_orders_holds_one_request_per_subject_whoever_stores_it(order_path: Mesh) -> None:
     """A publisher that sends neither a msg id nor the expected-sequence header still cannot
     store a second request on a subject; nor a message larger than a request can be."""
@@ -138,6 +158,11 @@ async def test_a_direct_request_the_checks_refuse_is_refused_before_it_is_stored
     async with desks(order_path, ("lon", "LON-HF-01"), entry="direct") as (c,):
         rej = await c.new_order("XAUUSD", BUY, 1_000_000, 1, cl_ord_id=cl("dsym"))
         assert isinstance(rej, OrderReject) and rej.reason is RejectReason.UNKNOWN_SYMBOL
+        # the contract's field rules too, exactly as the gateway decodes them
+        for bad in ({"cl_ord_id": "a b"}, {"price_ticks": 0}):
+            kw = {"cl_ord_id": cl("dfield"), "price_ticks": deep("EURGBP", BUY), **bad}
+            rej = await c.new_order("EURGBP", BUY, 1_000_000, **kw)  # type: ignore[arg-type]
+            assert isinstance(rej, OrderReject) and rej.reason is RejectReason.INVALID_FIELD, rej
         ok = await c.new_order("EURGBP", BUY, 1_000_000, deep("EURGBP", BUY), cl_ord_id=cl("d"))
         er = await outcome(c, ok)
         assert er.exec_type is ExecType.NEW

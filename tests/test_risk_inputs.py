@@ -12,15 +12,14 @@ import pytest
 from nats.aio.msg import Msg
 
 from regions.topology import load_topology
-from router import contract, ids
+from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.natsutil import PullLoop
 from router.risk_worker import (
-    ACCEPT_WINDOW_NS,
     Item,
     RiskWorker,
     ack_handles,
-    entry_time,
+    kept_headers,
     once_each,
 )
 
@@ -48,6 +47,7 @@ def _order() -> NewOrder:
 
 
 OID = ids.order_id("LON-HF-01", "c1")
+KEY = subjects.request_key("LON-HF-01", "c1")
 STORED_NS = 1700000000000000000  # the time in _delivery's ack subject
 
 
@@ -118,7 +118,7 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
     # ValueError failed the batch for good, and the same read-back failed it after a restart
     w = _worker()
     order = contract.encode(_order())
-    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=headers))
+    it = w._classify(_delivery(f"mrd.lon.ord.LON-HF-01.{KEY}", order, headers=headers))
     assert it is not None and it.kind == "bad" and it.msg is not None
 
 
@@ -127,10 +127,9 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
     [
         # a desk's own store (direct entry): nothing but the op; both derived
         ({"Mrd-Op": "new"}, STORED_NS),
-        # the gateway's stamp, just before the store: kept (its ack carries it too)
+        # the gateway's stamp, or one a desk made up: the stored time either way
         ({"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": str(STORED_NS - 10**6)},
-         STORED_NS - 10**6),
-        # a stamp a desk made up, far before the store or after it: the stored time
+         STORED_NS),
         ({"Mrd-Op": "new", "Mrd-Accepted-Ns": "1"}, STORED_NS),
         ({"Mrd-Op": "new", "Mrd-Accepted-Ns": str(STORED_NS + 10**9)}, STORED_NS),
     ],
@@ -139,23 +138,50 @@ async def test_an_orders_id_and_accept_time_are_derived_not_taken_from_its_publi
     headers: dict[str, str], accepted: int
 ) -> None:
     """A desk may store its request in ORDERS itself (direct entry): risk derives the order
-    id from the account and cl_ord_id, and takes the accept time from the stored time unless
-    a stamp lies just before it. The record keeps what was derived (a replay decides the same)."""
+    id from the account and cl_ord_id, and the accept time is the stored time. The record
+    keeps what was derived (a replay decides the same)."""
     w = _worker()
     order = contract.encode(_order())
-    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", order, headers=dict(headers)))
+    it = w._classify(_delivery(f"mrd.lon.ord.LON-HF-01.{KEY}", order, headers=dict(headers)))
     assert it is not None and it.kind == "order"
     assert it.headers["Mrd-Order-Id"] == OID
     assert int(it.headers["Mrd-Accepted-Ns"]) == accepted
 
 
-def test_an_accept_stamp_counts_only_just_before_its_stored_time() -> None:
-    stored = 5 * ACCEPT_WINDOW_NS
-    assert entry_time(stored - ACCEPT_WINDOW_NS, stored) == stored - ACCEPT_WINDOW_NS
-    assert entry_time(stored - ACCEPT_WINDOW_NS - 1, stored) == stored
-    assert entry_time(stored + 1, stored) == stored
-    assert entry_time(0, stored) == stored
-    assert entry_time(123, 0) == 123  # no stored time known: the stamp
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "mrd.lon.ord.LON-HF-01.k1",  # a key that is not the request's: it could be stored twice
+        f"mrd.lon.ord.NYC-HF-01.{KEY}",  # another account than the payload's
+    ],
+)
+async def test_a_request_on_a_subject_that_is_not_its_own_is_bad(subject: str) -> None:
+    w = _worker()
+    it = w._classify(_delivery(subject, contract.encode(_order()), headers={"Mrd-Op": "new"}))
+    assert it is not None and it.kind == "bad"
+
+
+async def test_a_request_stored_outside_its_accounts_home_region_is_refused() -> None:
+    """Direct entry lets a desk publish into any region's ORDERS: nyc's risk must not decide
+    (or hold exposure for) an account lon's risk owns."""
+    w = RiskWorker(_Nc(), load_topology(), "nyc", None)  # type: ignore[arg-type]
+    d = _delivery(f"mrd.nyc.ord.LON-HF-01.{KEY}", contract.encode(_order()), 3, {"Mrd-Op": "new"})
+    it = w._classify(d)
+    assert it is not None and it.kind == "bad"
+    (out,) = w._refuse_unread(it)
+    rep = contract.decode(contract.ExecutionReport, out.payload)
+    assert rep.reject_reason == "INVALID_FIELD" and rep.order_id == OID
+
+
+async def test_what_risk_keeps_of_a_publishers_headers_is_bounded() -> None:
+    big = "x" * 8000
+    tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    kept = kept_headers(
+        {"Mrd-Op": big, "Mrd-Order-Id": big, "Mrd-Accepted-Ns": big, "traceparent": big, "X": big}
+    )
+    assert set(kept) == {"Mrd-Op", "Mrd-Order-Id", "Mrd-Accepted-Ns"}
+    assert max(len(v) for v in kept.values()) <= 24
+    assert kept_headers({"traceparent": tp}) == {"traceparent": tp}
 
 
 def _order_map(**over: Any) -> dict[str, Any]:
@@ -189,7 +215,7 @@ async def test_an_order_this_build_cannot_read_is_answered_with_a_typed_reject(
     import msgpack
 
     w = _worker()
-    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", msgpack.packb(body), seq=9))
+    it = w._classify(_delivery(f"mrd.lon.ord.LON-HF-01.{KEY}", msgpack.packb(body), seq=9))
     assert it is not None and it.kind == "bad"
     (out,) = w._refuse_unread(it)
     rep = contract.decode(contract.ExecutionReport, out.payload)
@@ -244,5 +270,6 @@ async def test_an_order_whose_payload_names_another_account_than_its_subject_is_
     body = msgpack.packb(_order_map(account="LON-BANK-02"))
     it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k1", body))
     assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
-    ok = w._classify(_delivery("mrd.lon.ord.LON-BANK-02.k1", body, headers={"Mrd-Op": "new"}))
+    key = subjects.request_key("LON-BANK-02", "c1")
+    ok = w._classify(_delivery(f"mrd.lon.ord.LON-BANK-02.{key}", body, headers={"Mrd-Op": "new"}))
     assert ok is not None and ok.kind == "order"

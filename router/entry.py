@@ -1,0 +1,215 @@
+"""Order entry, whoever does it: the checks a request must pass before it is stored, where it
+is stored, and the answer to a re-sent one. The gateway (request/reply) and a desk that stores
+its own requests (direct entry, ``DeskClient(entry="direct")``) both use this module, so the
+two paths check, store and answer alike; risk runs :func:`check_request` again on what it
+reads from ORDERS."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from regions.topology import Topology
+from router import contract, ids, subjects
+from router.contract import (
+    CancelOrder,
+    ContractError,
+    Message,
+    NewOrder,
+    OrderAck,
+    OrderReject,
+    OrdType,
+    RejectReason,
+    ReplaceOrder,
+    TimeInForce,
+)
+from router.natsutil import (
+    H_ACCEPTED_NS,
+    H_EXPECTED_LAST_SUBJECT_SEQ,
+    H_OP,
+    now_ns,
+    stamp_ns,
+)
+
+ERR_WRONG_LAST_SEQUENCE = 10071
+"""The stream's answer to a request whose subject already holds one (a re-send)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routed:
+    """A validated request and where it goes."""
+
+    msg: NewOrder | CancelOrder | ReplaceOrder
+    op: str
+    account: str
+    home: str
+    exec_region: str
+    key: str
+    order_id: str
+    subject: str
+    payload: bytes
+
+
+def reject(reason: RejectReason, field: str, rule: str, cl_ord_id: str = "") -> OrderReject:
+    return OrderReject(
+        status="REJECTED",
+        cl_ord_id=cl_ord_id[:64],
+        reason=reason,
+        field=field,
+        rule=rule[:512],
+        rejected_ns=now_ns(),
+    )
+
+
+def check_request(
+    topology: Topology, account: str, msg: NewOrder | CancelOrder | ReplaceOrder
+) -> tuple[str, str]:
+    """The checks of a decoded request beyond its fields' types and ranges: its account is
+    the subject's and known, its symbol traded, its order type, price, time in force and lot
+    consistent. The gateway runs them before storing a request, and risk again on what it
+    reads from ORDERS (another build's or publisher's request must never reach the engine
+    unchecked). Returns (home region, executing region); raises ContractError."""
+    if msg.account != account:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "account", "must equal the account token of the subject"
+        )
+    try:
+        home = topology.account_home(account)
+    except KeyError:
+        raise ContractError(
+            RejectReason.UNKNOWN_ACCOUNT, "account", f"{account!r} is not a known account"
+        ) from None
+    try:
+        instrument = topology.instrument(msg.symbol)
+        exec_region = topology.exec_region(msg.symbol)
+    except KeyError:
+        raise ContractError(
+            RejectReason.UNKNOWN_SYMBOL, "symbol", f"{msg.symbol!r} is not a traded instrument"
+        ) from None
+    if isinstance(msg, NewOrder):
+        if msg.ord_type is OrdType.LIMIT and msg.price_ticks is None:
+            raise ContractError(
+                RejectReason.INVALID_FIELD, "price_ticks", "is required for LIMIT orders"
+            )
+        if msg.ord_type is OrdType.MARKET:
+            if msg.price_ticks is not None:
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, "price_ticks", "must be absent for MARKET orders"
+                )
+            if msg.tif not in (TimeInForce.IOC, TimeInForce.FOK):
+                raise ContractError(
+                    RejectReason.INVALID_FIELD, "tif", "MARKET orders must be IOC or FOK"
+                )
+    if isinstance(msg, NewOrder | ReplaceOrder) and msg.qty < instrument.min_qty:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "qty", f"below the minimum lot of {instrument.min_qty}"
+        )
+    if isinstance(msg, CancelOrder | ReplaceOrder) and msg.orig_cl_ord_id == msg.cl_ord_id:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "cl_ord_id", "must differ from orig_cl_ord_id"
+        )
+    return home, exec_region
+
+
+def validate(topology: Topology, region: str, subject: str, data: bytes) -> Routed:
+    """Everything the gateway checks before storing a request. Raises ContractError."""
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[3] != region:
+        raise ContractError(
+            RejectReason.INVALID_FIELD, "subject", f"expected mrd.v1.entry.{region}.<account>.<op>"
+        )
+    account, op = parts[4], parts[5]
+    cls = contract.ENTRY_OPS.get(op)
+    if cls is None:
+        raise ContractError(
+            RejectReason.INVALID_FIELD,
+            "subject",
+            f"unknown op {op!r}; one of {', '.join(contract.ENTRY_OPS)}",
+        )
+    msg = contract.decode(cls, data)
+    assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+    home, exec_region = check_request(topology, account, msg)
+    key = subjects.request_key(account, msg.cl_ord_id)
+    oid = ids.order_id(account, msg.cl_ord_id)
+    return Routed(
+        msg=msg,
+        op=op,
+        account=account,
+        home=home,
+        exec_region=exec_region,
+        key=key,
+        order_id=oid,
+        subject=subjects.orders(home, account, key),
+        payload=contract.encode(msg),
+    )
+
+
+def same_request(a: Message, b: Message) -> bool:
+    """Equal apart from the client's send time (a resend after reconnect restamps it)."""
+    if type(a) is not type(b):
+        return False
+    return dataclasses.replace(a, sent_ns=0) == dataclasses.replace(b, sent_ns=0)  # type: ignore[type-var]
+
+
+def store_headers(routed: Routed) -> dict[str, str]:
+    """The headers of a request's store in ORDERS: the stream refuses a second message on
+    its subject (a re-send: answered by :func:`original_ack`). No ``Nats-Msg-Id``: the
+    subject is the index, and a msg id is a name any publisher into ORDERS could take first."""
+    return {H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: routed.op}
+
+
+def make_ack(
+    routed: Routed, entry_region: str, seq: int, accepted_ns: int, *, duplicate: bool
+) -> OrderAck:
+    return OrderAck(
+        status="ACCEPTED",
+        order_id=routed.order_id,
+        cl_ord_id=routed.msg.cl_ord_id,
+        account=routed.account,
+        op=routed.op,
+        entry_region=entry_region,
+        risk_region=routed.home,
+        exec_region=routed.exec_region,
+        stream_seq=seq,
+        accepted_ns=accepted_ns,
+        duplicate=duplicate,
+    )
+
+
+def stored_accept_ns(headers: dict[str, str] | None) -> int:
+    """When a stored request was accepted: the gateway's stamp, or (a desk's own store) the
+    stored time; 0 if neither can be read."""
+    h = headers or {}
+    raw = h.get(H_ACCEPTED_NS, "")
+    if raw.isascii() and raw.isdigit() and 0 < int(raw) <= contract.MAX_INT64:
+        return int(raw)
+    return stamp_ns(h.get("Nats-Time-Stamp", ""))
+
+
+async def original_ack(
+    js: Any, routed: Routed, entry_region: str, fallback_ns: int
+) -> OrderAck | OrderReject:
+    """The answer to a re-sent request, whose subject in the home region's ORDERS already
+    holds one: the original's ack (``duplicate``) if it is the same request, else
+    ``DUPLICATE_CL_ORD_ID``; ``UNAVAILABLE`` if the original cannot be read."""
+    try:
+        stored = await js.get_last_msg("ORDERS", routed.subject, direct=True)
+        assert stored.data is not None and stored.seq is not None
+        original = contract.decode(type(routed.msg), stored.data)
+    except Exception as e:
+        return reject(
+            RejectReason.UNAVAILABLE,
+            "",
+            f"could not read the original request: {e!r}",
+            routed.msg.cl_ord_id,
+        )
+    if not same_request(original, routed.msg):
+        return reject(
+            RejectReason.DUPLICATE_CL_ORD_ID,
+            "cl_ord_id",
+            "already used by a different request of this account",
+            routed.msg.cl_ord_id,
+        )
+    accepted = stored_accept_ns(stored.headers) or fallback_ns
+    return make_ack(routed, entry_region, stored.seq, accepted, duplicate=True)
