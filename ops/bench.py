@@ -420,9 +420,15 @@ async def _hop_split(
     nc = await ds.connect(region)
     try:
         js = nc.jetstream(domain=region)
-        stored = {s: await hopsplit.stored_ns(js, s, seq) for s, seq in after.items()}
+        stamps: dict[str, int] = {}
+        stored = {
+            s: await hopsplit.stored_ns(js, s, seq, stamps=stamps if s == "ORDERS" else None)
+            for s, seq in after.items()
+        }
     finally:
         await nc.close()
+    # the gateway's accept time (reports carry the stored time): direct entries have none
+    timeline = {cl: (t[0], stamps.get(cl, t[1]), t[2], t[3]) for cl, t in timeline.items()}
     return hopsplit.split(timeline, stored)
 
 

@@ -168,7 +168,7 @@ async def order_history(
         # a desk that stored its request itself (direct entry) sent no gateway headers: its
         # accept time is the stored time, as risk takes it
         entered = (
-            f"entered in {hdr[H_ENTRY_REGION]}"
+            f"entered in {hdr[H_ENTRY_REGION][:16]} (as its publisher stamped it)"
             if H_ENTRY_REGION in hdr
             else "stored by the desk (direct entry)"
         )

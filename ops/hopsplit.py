@@ -3,7 +3,9 @@
 For each order of a load run (same machine, one wall clock):
 
 * the desk's send time (``sent_ns`` in the request) and the time its first report arrived;
-* the gateway's accept time (``entry_ns`` in the report);
+* the gateway's accept time (its ``Mrd-Accepted-Ns`` on the order's ORDERS message; reports'
+  ``entry_ns`` is the stored time since stop 20). A desk that stored its order itself (direct
+  entry) has none: its "desk -> gateway" stage is then its store, and "gateway -> ORDERS" 0;
 * the time JetStream stored the order in ORDERS, its risk record in RISKLOG and its report in
   EXECOUT (each stored message's own timestamp);
 * the EXEC command's stored time, which the book uses as its matching time (``transact_ns``).
@@ -22,6 +24,8 @@ from typing import Any
 import msgpack
 from hdrh.histogram import HdrHistogram
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from router.natsutil import H_ACCEPTED_NS
 
 STAGES = (
     "desk -> gateway",
@@ -58,10 +62,16 @@ def _cl_ids(stream: str, data: bytes) -> list[str]:
 
 
 async def stored_ns(
-    js: Any, stream: str, after_seq: int, *, timeout_s: float = 2.0
+    js: Any,
+    stream: str,
+    after_seq: int,
+    *,
+    timeout_s: float = 2.0,
+    stamps: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """cl_ord_id -> when ``stream`` first stored a message about it, for messages after
-    ``after_seq`` (an ephemeral consumer that acks nothing)."""
+    ``after_seq`` (an ephemeral consumer that acks nothing). ``stamps``, if given, gets
+    cl_ord_id -> the gateway's accept stamp of each message that has one (ORDERS)."""
     info = await js.stream_info(stream)
     want = info.state.last_seq - after_seq
     sub = await js.pull_subscribe(
@@ -85,8 +95,11 @@ async def stored_ns(
             for m in msgs:
                 got += 1
                 at = int(m.metadata.timestamp.timestamp() * 1e9)
+                stamp = (m.headers or {}).get(H_ACCEPTED_NS, "")
                 for cl in _cl_ids(stream, m.data):
                     out.setdefault(cl, at)
+                    if stamps is not None and stamp.isdigit():
+                        stamps.setdefault(cl, int(stamp))
     finally:
         await sub.unsubscribe()
     return out

@@ -228,7 +228,11 @@ class Loader:
         try:
             if msg.data[:1] == b"{":  # a PubAck (direct entry): JSON
                 ack = json.loads(msg.data)
-                raw = {"status": "ACCEPTED"} if "seq" in ack else {"reason": "UNAVAILABLE"}
+                err = ack.get("error")
+                if err is None and ack.get("seq", 0) > 0:
+                    raw = {"status": "ACCEPTED"}
+                else:  # refused by the stream (a refusal also names the stream, seq 0)
+                    raw = {"reason": f"STORE_{(err or {}).get('err_code', 'REFUSED')}"}
             else:
                 raw = msgpack.unpackb(msg.data)
         except Exception:

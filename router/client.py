@@ -157,7 +157,9 @@ class DeskClient:
             routed = validate(self.topology, self.region, subject, contract.encode(msg))
         except ContractError as e:
             return reject(e.reason, e.field, e.rule, getattr(msg, "cl_ord_id", ""))
-        hdrs = {**headers, **store_headers(routed)}
+        # of the caller's headers only trace context: the rest are the store's to set
+        trace_ctx = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
+        hdrs = {**trace_ctx, **store_headers(routed)}
         js = self.nc.jetstream(domain=routed.home)
         try:
             if self.tracer is not None:

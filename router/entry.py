@@ -196,7 +196,6 @@ async def original_ack(
     try:
         stored = await js.get_last_msg("ORDERS", routed.subject, direct=True)
         assert stored.data is not None and stored.seq is not None
-        original = contract.decode(type(routed.msg), stored.data)
     except Exception as e:
         return reject(
             RejectReason.UNAVAILABLE,
@@ -204,7 +203,14 @@ async def original_ack(
             f"could not read the original request: {e!r}",
             routed.msg.cl_ord_id,
         )
-    if not same_request(original, routed.msg):
+    # read: anything but this very request (another op, content, or bytes that are no
+    # request at all) holds the cl_ord_id for good, so a re-send cannot change the answer
+    try:
+        original: Message | None = contract.decode(type(routed.msg), stored.data)
+    except ContractError:
+        original = None
+    op = (stored.headers or {}).get(H_OP, routed.op)
+    if original is None or op != routed.op or not same_request(original, routed.msg):
         return reject(
             RejectReason.DUPLICATE_CL_ORD_ID,
             "cl_ord_id",

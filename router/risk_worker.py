@@ -1031,7 +1031,9 @@ class RiskWorker:
                 raise ValueError(f"unknown op {op!r}")
             if not check:
                 return contract.decode(cls, it.payload)
-            claimed = accepted_ns(it.headers)
+            stored_ns = int(it.headers.get("ts", "0"))
+            # a stamp is read only where no stored time is known (it is then the accept time)
+            claimed = accepted_ns(it.headers) if stored_ns <= 0 else 0
             msg = contract.decode(cls, it.payload)
             assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
             # the gateway's checks again (its account the subject's, a traded symbol, a
@@ -1063,7 +1065,7 @@ class RiskWorker:
                 it.headers[H_ORDER_ID] = oid
             else:
                 it.headers.pop(H_ORDER_ID, None)  # the request's own, not the order's
-            it.headers[H_ACCEPTED_NS] = str(entry_time(claimed, int(it.headers.get("ts", "0"))))
+            it.headers[H_ACCEPTED_NS] = str(entry_time(claimed, stored_ns))
             return msg
         if it.kind == "report":
             return contract.decode(ExecutionReport, it.payload)
@@ -1231,6 +1233,8 @@ class RiskWorker:
             accepted = 0
         accepted = entry_time(accepted, int(it.headers.get("ts", "0")))
         cl = raw.get("cl_ord_id")
+        if isinstance(err, ContractError) and err.field == "subject":
+            cl = None  # not on its own subject: perhaps a copy of a live order; name none
         fields = {
             **raw,
             # a new order's id is derived from its cl_ord_id (as the gateway derives it; a
@@ -1356,9 +1360,10 @@ def entry_time(claimed_ns: int, stored_ns: int) -> int:
 
 
 _KEPT = {H_OP: 16, H_ACCEPTED_NS: 24, H_ORDER_ID: 24}
-"""Headers of an ORDERS message risk keeps (in its records too), and how much of each: enough
-for any valid value, so that a longer one still reads as invalid, and a publisher's 8 KiB
-header cannot fill a RISKLOG record (1 MiB per message)."""
+"""Headers of an ORDERS message risk keeps (in its records too), and how much of each: more
+than any valid op or order id, so that a longer one still reads as invalid (a stamp is only
+read where no stored time is known), and a publisher's 8 KiB header cannot fill a RISKLOG
+record (1 MiB per message)."""
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 

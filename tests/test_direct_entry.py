@@ -179,3 +179,17 @@ def _new(account: str, clid: str, symbol: str, px: int) -> contract.NewOrder:
         qty=1_000_000,
         price_ticks=px,
     )
+
+
+@pytest.mark.parametrize("entry", ["gateway", "direct"])
+async def test_a_cancel_reusing_an_orders_cl_ord_id_is_refused_for_good(
+    order_path: Mesh, entry: str
+) -> None:
+    """The subject already holds another op's request under that cl_ord_id: the answer is
+    DUPLICATE_CL_ORD_ID, not UNAVAILABLE (which tells a desk to re-send, for ever)."""
+    async with desks(order_path, ("lon", "LON-HF-01"), entry=entry) as (c,):
+        clid = cl(f"reuse-{entry}")
+        ack = await c.new_order("EURGBP", BUY, 1_000_000, deep("EURGBP", BUY), cl_ord_id=clid)
+        assert isinstance(ack, OrderAck), ack
+        rej = await c.cancel(cl("other"), "EURGBP", cl_ord_id=clid)
+        assert isinstance(rej, OrderReject) and rej.reason is RejectReason.DUPLICATE_CL_ORD_ID

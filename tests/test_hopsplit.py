@@ -59,10 +59,19 @@ async def test_every_executed_order_is_split_on_the_real_path(order_path: Mesh) 
             rate=40,
             timeline=timeline,
         )
-        stored = {s: await hopsplit.stored_ns(js, s, seq) for s, seq in before.items()}
+        stamps: dict[str, int] = {}
+        stored = {
+            s: await hopsplit.stored_ns(js, s, seq, stamps=stamps if s == "ORDERS" else None)
+            for s, seq in before.items()
+        }
     finally:
         await nc.close()
     assert res["completed"] == len(timeline) > 0
+    # the gateway's stamp on each stored request, before its stored time, which reports carry
+    # (read here through a datetime: microseconds)
+    assert set(stamps) == set(timeline)
+    for cl, (_, entry, _, _) in timeline.items():
+        assert stamps[cl] <= entry and abs(stored["ORDERS"][cl] - entry) < 1000, cl
     out = hopsplit.split(timeline, stored)
     assert out["orders"] == len(timeline)
     assert set(out["stages"]) == set(hopsplit.STAGES)

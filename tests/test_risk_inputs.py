@@ -99,12 +99,7 @@ def test_the_ack_handle_is_the_delivery_with_the_highest_stream_sequence() -> No
     "headers",
     [
         {"Mrd-Op": "frobnicate", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
-        {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "soon"},
-        # past int64 (msgpack could not encode its report: the batch failed for good),
-        # negative, padded, and an order id that is not the order's (another's, or none)
-        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": str(2**64)},
-        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": "-5"},
-        {"Mrd-Op": "new", "Mrd-Order-Id": OID, "Mrd-Accepted-Ns": " 12"},
+        # an order id that is not the order's (another's, or none)
         {"Mrd-Op": "new", "Mrd-Order-Id": "O1", "Mrd-Accepted-Ns": "1"},
         {"Mrd-Op": "new", "Mrd-Order-Id": ids.order_id("LON-HF-01", "c2")},
         {"Mrd-Op": "new", "Mrd-Order-Id": "O 1\x00", "Mrd-Accepted-Ns": "1"},
@@ -132,6 +127,11 @@ async def test_an_order_with_headers_this_build_cannot_read_is_bad_not_fatal(
          STORED_NS),
         ({"Mrd-Op": "new", "Mrd-Accepted-Ns": "1"}, STORED_NS),
         ({"Mrd-Op": "new", "Mrd-Accepted-Ns": str(STORED_NS + 10**9)}, STORED_NS),
+        # not even a time (past int64 once failed a batch for good: msgpack could not encode
+        # its report): not read at all where the stored time is known
+        ({"Mrd-Op": "new", "Mrd-Accepted-Ns": "soon"}, STORED_NS),
+        ({"Mrd-Op": "new", "Mrd-Accepted-Ns": str(2**64)}, STORED_NS),
+        ({"Mrd-Op": "new", "Mrd-Accepted-Ns": "-5"}, STORED_NS),
     ],
 )  # fmt: skip
 async def test_an_orders_id_and_accept_time_are_derived_not_taken_from_its_publisher(
@@ -170,7 +170,8 @@ async def test_a_request_stored_outside_its_accounts_home_region_is_refused() ->
     assert it is not None and it.kind == "bad"
     (out,) = w._refuse_unread(it)
     rep = contract.decode(contract.ExecutionReport, out.payload)
-    assert rep.reject_reason == "INVALID_FIELD" and rep.order_id == OID
+    # names no order: it may be a copy of one resting in lon
+    assert rep.reject_reason == "INVALID_FIELD" and rep.order_id == "NONE"
 
 
 async def test_what_risk_keeps_of_a_publishers_headers_is_bounded() -> None:

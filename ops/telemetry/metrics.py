@@ -186,7 +186,9 @@ class MeridianMetrics:
         )
         self._order_to_execution = histogram(
             "meridian_order_to_execution_seconds",
-            "Order accepted at entry to its first execution report in the book's region.",
+            "Order stored in its home region's ORDERS to its first execution report in the book's "
+            "region (the entry hop before the store, and for an order entered in another region "
+            "its WAN leg to the home region, are not in it: the desk's own latency has them).",
             lat,
             "symbol",
         )
