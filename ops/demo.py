@@ -72,6 +72,8 @@ class DemoResult:
     trades: int
     risk_rejects: Counter[str]
     per_region: dict[str, RegionStats]
+    per_entry: dict[str, RegionStats] = field(default_factory=dict)
+    """gateway / direct: the same measures by how the desks entered their orders."""
     ledger_line: str = ""
     ledger_ok: bool | None = None
 
@@ -97,9 +99,11 @@ class Demo:
         self.rng = random.Random(seed)
         self.out = out
         self.stats = {r: RegionStats() for r in self.topo.codes}
+        self.by_entry = {e: RegionStats() for e in ("gateway", "direct")}
         self.clients: dict[str, DeskClient] = {}
         self.ncs: list[Any] = []
-        self.sent_at: dict[str, tuple[str, int, bool]] = {}  # cl_ord_id -> (region, t0, local)
+        self.sent_at: dict[str, tuple[str, int, bool, str]] = {}
+        """cl_ord_id -> (entry region, t0, local, entry path)."""
         self.first_seen: set[str] = set()
         self.trade_ids: set[str] = set()
         self.live_quotes: dict[str, dict[str, str]] = {}  # account -> side -> cl_ord_id
@@ -152,8 +156,9 @@ class Demo:
         st = self.stats[region]
         if sent and r.cl_ord_id not in self.first_seen:
             self.first_seen.add(r.cl_ord_id)
-            h = st.first_report_us if sent[2] else st.first_report_wan_us
-            h.record_value(max(1, (time.time_ns() - sent[1]) // 1000))
+            took = max(1, (time.time_ns() - sent[1]) // 1000)
+            for s in (st, self.by_entry[sent[3]]):
+                (s.first_report_us if sent[2] else s.first_report_wan_us).record_value(took)
         if r.exec_type is ExecType.REJECTED and r.reject_reason:
             st.risk_rejects[r.reject_reason] += 1
         elif r.exec_type is ExecType.TRADE:
@@ -172,15 +177,20 @@ class Demo:
         st.sent += 1
         t0 = time.time_ns()
         local = c.region == self.topo.account_home(c.account) == self.topo.exec_region(sym)
-        self.sent_at[cl] = (c.region, t0, local)
+        self.sent_at[cl] = (c.region, t0, local, c.entry)
+        by = self.by_entry[c.entry]
+        by.sent += 1
         try:
             ack: OrderAck | OrderReject = await coro
         except Exception:
             st.gateway_rejects += 1
             return None
-        st.ack_us.record_value(max(1, (time.time_ns() - t0) // 1000))
+        took = max(1, (time.time_ns() - t0) // 1000)
+        st.ack_us.record_value(took)
+        by.ack_us.record_value(took)
         if isinstance(ack, OrderAck):
             st.acked += 1
+            by.acked += 1
         else:
             st.gateway_rejects += 1
         return ack
@@ -329,6 +339,7 @@ class Demo:
             trades=len(self.trade_ids),
             risk_rejects=rr,
             per_region=self.stats,
+            per_entry={e: s for e, s in self.by_entry.items() if s.sent},
         )
 
     async def _wait_for_prices(self, timeout_s: float = 30.0) -> None:
@@ -423,10 +434,18 @@ def summary_table(res: DemoResult) -> str:
         ],
     )
     reasons = ", ".join(f"{k} {v}" for k, v in res.risk_rejects.most_common()) or "none"
+    how = {"direct": "stored by the desk in ORDERS", "gateway": "through the gateway"}
+    by_entry = "".join(
+        f"\n{e:<7} ({how[e]}): {s.sent} sent, ack p50/p99 {_ms(s.ack_us, 50)} / "
+        f"{_ms(s.ack_us, 99)} ms, 1st report local {_ms(s.first_report_us, 50)} / "
+        f"{_ms(s.first_report_us, 99)} ms"
+        for e, s in res.per_entry.items()
+    )
     return (
         f"{t}\n(local: entered, risk-checked and executed in one region; over the WAN: the "
         "account's home or the symbol's executing region is another, 35-115 ms each way)"
-        f"\n\n{res.orders} orders in {res.seconds:.0f} s "
+        + (f"\n\nby entry path:{by_entry}" if by_entry else "")
+        + f"\n\n{res.orders} orders in {res.seconds:.0f} s "
         f"({res.orders / max(res.seconds, 1e-9):.0f}/s), {res.trades} trades, "
         f"{res.fills} fill reports\nrisk rejects by reason: {reasons}"
     )

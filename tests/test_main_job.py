@@ -71,6 +71,9 @@ def test_up_demo_verify_history_down() -> None:
         assert m, line
         assert int(m.group(1)) > 0, "the session produced no trades"
         assert "risk rejects by reason" in demo.stdout
+        # each desk's first account stores its orders itself, the others use the gateway
+        assert "\ngateway (through the gateway): " in demo.stdout, demo.stdout[-2000:]
+        assert "\ndirect  (stored by the desk in ORDERS): " in demo.stdout, demo.stdout[-2000:]
         assert (run_dir / "export" / "manifest.json").exists()
 
         # compliance: a traded order's history spans entry, risk, execution and ledger
@@ -82,6 +85,7 @@ def test_up_demo_verify_history_down() -> None:
             "lon",
             "--account",
             "LON-HF-01",
+            "--direct",  # stored in ORDERS by the CLI itself: history finds it all the same
             "sell",
             "1000000",
             "EURUSD",
