@@ -209,7 +209,7 @@ async def original_ack(
         original: Message | None = contract.decode(type(routed.msg), stored.data)
     except ContractError:
         original = None
-    op = (stored.headers or {}).get(H_OP, routed.op)
+    op = (stored.headers or {}).get(H_OP, "new")  # as risk reads it
     if original is None or op != routed.op or not same_request(original, routed.msg):
         return reject(
             RejectReason.DUPLICATE_CL_ORD_ID,

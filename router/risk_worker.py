@@ -1232,9 +1232,11 @@ class RiskWorker:
         except ValueError:
             accepted = 0
         accepted = entry_time(accepted, int(it.headers.get("ts", "0")))
-        cl = raw.get("cl_ord_id")
         if isinstance(err, ContractError) and err.field == "subject":
-            cl = None  # not on its own subject: perhaps a copy of a live order; name none
+            # not on its own subject (another key, or not the account's home region): perhaps
+            # a copy of another's live order, whose desk must not read a rejection of it
+            return []
+        cl = raw.get("cl_ord_id")
         fields = {
             **raw,
             # a new order's id is derived from its cl_ord_id (as the gateway derives it; a

@@ -193,3 +193,19 @@ async def test_a_cancel_reusing_an_orders_cl_ord_id_is_refused_for_good(
         assert isinstance(ack, OrderAck), ack
         rej = await c.cancel(cl("other"), "EURGBP", cl_ord_id=clid)
         assert isinstance(rej, OrderReject) and rej.reason is RejectReason.DUPLICATE_CL_ORD_ID
+
+
+async def test_a_stored_request_without_an_op_is_read_as_risk_reads_it(order_path: Mesh) -> None:
+    """A publisher stores a cancel with no Mrd-Op: risk reads it as a new order (and refuses
+    it). Re-sending the same cancel must not be acked as its duplicate: it was never a cancel."""
+    async with desks(order_path, ("lon", "LON-HF-01"), entry="direct") as (c,):
+        clid, orig = cl("noop"), cl("orig")
+        cancel = contract.CancelOrder(
+            account="LON-HF-01", cl_ord_id=clid, orig_cl_ord_id=orig, symbol="EURGBP"
+        )
+        key = subjects.request_key("LON-HF-01", clid)
+        await c.nc.jetstream(domain="lon").publish(
+            subjects.orders("lon", "LON-HF-01", key), contract.encode(cancel)
+        )
+        rej = await c.cancel(orig, "EURGBP", cl_ord_id=clid)
+        assert isinstance(rej, OrderReject) and rej.reason is RejectReason.DUPLICATE_CL_ORD_ID
