@@ -69,7 +69,7 @@ async def test_every_executed_order_is_split_on_the_real_path(order_path: Mesh) 
     assert res["completed"] == len(timeline) > 0
     # the gateway's stamp on each stored request, before its stored time, which reports carry
     # (read here through a datetime: microseconds)
-    assert set(stamps) == set(timeline)
+    assert set(timeline) <= set(stamps)
     for cl, (_, entry, _, _) in timeline.items():
         assert stamps[cl] <= entry and abs(stored["ORDERS"][cl] - entry) < 1000, cl
     out = hopsplit.split(timeline, stored)
