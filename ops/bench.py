@@ -543,11 +543,23 @@ def direct_entry(ds: Devstack, dur: float, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"latency_1000": []}
     for i in range(1 if quick else 2):
         say(f"direct entry: lon, 1,000 orders/s offered for {dur:.0f} s ({i + 1})")
+        seqs = asyncio.run(_stream_seqs(ds, "lon"))
+        timeline: dict[str, tuple[int, int, int, int]] = {}
         c0, me0, b0, t0 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
         lat = asyncio.run(
-            _in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"d1k{i}", entry="direct")
+            _in_process(
+                ds,
+                "lon",
+                seconds=dur,
+                rate=1000,
+                run_id=f"d1k{i}",
+                entry="direct",
+                timeline=timeline if i == 0 else None,
+            )
         )
         c1, me1, b1, t1 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
+        if i == 0:
+            out["hop_split_1000"] = asyncio.run(_hop_split(ds, "lon", seqs, timeline))
         out["latency_1000"].append(lat)
         out.setdefault(
             "cpu_us_per_order_1000", cpu_us_per_order(c0, c1, me1 - me0, max(1, lat["completed"]))
@@ -693,6 +705,21 @@ def _direct_lines(d: dict[str, Any]) -> list[str]:
         lines += [
             f"All three regions together, direct entry: **{three['completed_per_s']:,} "
             "orders/s** executed end to end.",
+            "",
+        ]
+    hs = d.get("hop_split_1000")
+    if hs and hs.get("orders"):
+        # no gateway: its accept is the store, so the first stage is the desk's store
+        stages = {
+            ("desk -> ORDERS" if k == "desk -> gateway" else k): v
+            for k, v in hs["stages"].items()
+            if k != "gateway -> ORDERS"
+        }
+        lines += [
+            f"Where a direct order's time goes at 1,000/s ({hs['orders']:,} orders, the first "
+            "point; `ops/hopsplit.py`):",
+            "",
+            *_stage_rows({**hs, "stages": stages}),
             "",
         ]
     cpu = d.get("cpu_us_per_order_1000", {})

@@ -113,3 +113,45 @@ def test_the_steady_state_point_is_reported_with_its_full_collections() -> None:
         in text
     )
     assert "| EXEC -> EXECOUT | 1.50 | 4.00 | 30.00 | 2.50 |" in text
+
+
+def test_direct_entry_is_reported_beside_the_gateway_path() -> None:
+    """Both ways in, one mesh: the direct rows, their ratios, and where a direct order's time
+    goes, with the store as the first stage (no gateway, so no gateway stage)."""
+    lat = {"p50_ms": 5.0, "p99_ms": 20.0, "p99_9_ms": 30.0, "max_ms": 40.0}
+    point = {
+        "offered_per_s": 1000,
+        "acked_per_s": 1000.0,
+        "completed_per_s": 1000.0,
+        "submit_to_ack": lat,
+        "order_to_execution": lat,
+    }
+    stage = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "mean_ms": 1.5}
+    direct = {
+        "latency_1000": [point],
+        "max_one_region": {**point, "offered_per_s": None, "completed_per_s": 2_500.0},
+        "max_three_regions": {"per_region": [{**point, "region": "nyc"}], "completed_per_s": 3_000},
+        "hop_split_1000": {
+            "orders": 900,
+            "stages": {
+                "desk -> gateway": stage,
+                "gateway -> ORDERS": stage,
+                "EXEC -> EXECOUT": stage,
+            },
+        },
+        "cpu_us_per_order_1000": {"risk-lon": 500.0},
+        "machine_busy_cores_1000": 1.7,
+    }
+    mesh = {
+        "tracing_off": {"max_one_region": point, "latency_1000": point},
+        "max_three_regions": {"completed_per_s": 1_500, "per_region": []},
+        "sweep": [],
+        "direct": direct,
+    }
+    out = ratios({"raw": _raw(), "mesh": mesh})
+    assert out["direct entry: one-region orders/s / raw JetStream publishes/s"] == "0.050"
+    assert out["direct entry: three-region orders/s / raw JetStream publishes/s"] == "0.060"
+    text = _report(_raw(), mesh)
+    assert "### Direct entry" in text and "| direct, max, all three at once: nyc |" in text
+    assert "**3,000 orders/s**" in text and "risk-lon 500 us" in text
+    assert "| desk -> ORDERS | 1.00 |" in text and "| gateway -> ORDERS |" not in text
