@@ -79,6 +79,7 @@ from router.entry import check_request
 from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
+    H_ENTRY_REGION,
     H_EXPECTED_LAST_SUBJECT_SEQ,
     H_KIND,
     H_MSG_ID,
@@ -128,6 +129,8 @@ class Item:
     account: str = ""
     """An order request's account as its ORDERS subject names it (the gateway's, never the
     payload's): what the payload must say, and the only account an answer may go to."""
+    entry: str = ""
+    """An order request's entry path: ``gateway`` or ``direct`` (for the metrics only)."""
 
 
 @dataclass(slots=True)
@@ -757,6 +760,10 @@ class RiskWorker:
         items = once_each(items)
         stale = {i.input_id for i in items if i.input_id not in self.done and self._stale(i)}
         fresh = [it for it in items if it.input_id not in self.done and it.input_id not in stale]
+        if self.metrics is not None:
+            for it in fresh:
+                if it.entry:
+                    self.metrics.risk_requests(it.entry).inc()
         spans = self._start_spans(fresh)
         exts = await self._externals(fresh)
         records: list[dict[str, Any]] = []
@@ -985,6 +992,7 @@ class RiskWorker:
             keep["seq"], keep["ts"] = str(pos.seq), str(pos.ts_ns)
             it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
             it.account = msg.subject.split(".")[3]
+            it.entry = "gateway" if H_ENTRY_REGION in hdrs else "direct"
         else:
             kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"
             pos = stream_position(msg)

@@ -53,7 +53,10 @@ async def test_metrics_endpoints_expose_key_series_that_move(order_path: Mesh) -
     nc_b = await order_path.connect("sgp", role="desk")
     nc_s = await order_path.connect("sgp", role="desk")
     try:
-        buyer = DeskClient(nc_b, order_path.topology, region="sgp", account="SGP-HF-01")
+        # the buyer stores its orders itself (direct entry): risk counts both ways in
+        buyer = DeskClient(
+            nc_b, order_path.topology, region="sgp", account="SGP-HF-01", entry="direct"
+        )
         seller = DeskClient(nc_s, order_path.topology, region="sgp", account="SGP-BANK-02")
         await buyer.start()
         await seller.start()
@@ -71,9 +74,14 @@ async def test_metrics_endpoints_expose_key_series_that_move(order_path: Mesh) -
     gw = scrape(ports["gateway-sgp"])
     assert (
         total(gw, "meridian_orders_received_total")
-        >= total(before["gateway-sgp"], "meridian_orders_received_total") + 10
+        >= total(before["gateway-sgp"], "meridian_orders_received_total") + 5
     )
-    assert total(gw, "meridian_submit_to_ack_seconds_count") >= 10
+    assert total(gw, "meridian_submit_to_ack_seconds_count") >= 5
+    risk = scrape(ports["risk-sgp"])
+    for entry in ("gateway", "direct"):
+        name = "meridian_risk_requests_total"
+        was = total(before["risk-sgp"], name, entry=entry)
+        assert total(risk, name, entry=entry) >= was + 5, entry
     assert 'le="0.0005"' in gw, "latency buckets must resolve sub-millisecond work"
     ex = scrape(ports["execution-sgp"])
     assert (

@@ -183,6 +183,7 @@ def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     assert _value(reg, "meridian_kill_switch_engaged", scope="desk", **base) == 1
     # Closed label sets start at 0 so rate()/alerts work before the first event.
     assert _value(reg, "meridian_risk_decisions_total", decision="reject", **base) == 0
+    assert _value(reg, "meridian_risk_requests_total", entry="direct", **base) == 0
     assert _value(reg, "meridian_kill_switch_engaged", scope="global", **base) == 0
     # Sub-millisecond buckets: 120 us lands in the 200 us bucket, not in the first 50 us one.
     assert _value(reg, "meridian_submit_to_ack_seconds_bucket", le="5e-05") == 0
@@ -208,6 +209,8 @@ def test_label_values_are_bounded(topo: Topology) -> None:
         m.order_rejects("SOMETHING_ELSE")
     with pytest.raises(LabelError):
         m.risk_decisions("maybe")
+    with pytest.raises(LabelError):
+        m.risk_requests("fax")
     with pytest.raises(LabelError):
         m.book_depth("EURUSD", "middle")
     with pytest.raises(LabelError):

@@ -54,6 +54,10 @@ BATCH_SIZE_BUCKETS: Final[tuple[float, ...]] = (
 RISK_DECISIONS: Final[tuple[str, ...]] = ("accept", "reject")
 """Values of the ``decision`` label of ``meridian_risk_decisions_total``."""
 
+ENTRY_PATHS: Final[tuple[str, ...]] = ("gateway", "direct")
+"""Values of the ``entry`` label of ``meridian_risk_requests_total``: stored in ORDERS by a
+gateway, or by the desk itself (direct entry, decision 0007)."""
+
 SIDES: Final[tuple[str, ...]] = tuple(s.value.lower() for s in Side)
 KILL_SCOPES: Final[tuple[str, ...]] = tuple(s.value for s in KillScope)
 REJECT_REASONS: Final[tuple[str, ...]] = tuple(r.value for r in RejectReason)
@@ -195,6 +199,13 @@ class MeridianMetrics:
         self._risk_decisions = counter(
             "meridian_risk_decisions", "Pre-trade risk decisions.", "decision"
         )
+        self._risk_requests = counter(
+            "meridian_risk_requests",
+            "Order requests risk read from ORDERS, by who stored them (a gateway, or the desk: "
+            "direct entry; a request carrying the gateway's entry-region header counts as a "
+            "gateway's).",
+            "entry",
+        )
         self._book_depth = gauge(
             "meridian_book_depth", "Resting orders in the book.", "symbol", "side"
         )
@@ -249,6 +260,8 @@ class MeridianMetrics:
         # Closed sets are initialised at 0 so rate() and absent() work from the first scrape.
         for d in RISK_DECISIONS:
             self.risk_decisions(d)
+        for e in ENTRY_PATHS:
+            self.risk_requests(e)
         for s in KILL_SCOPES:
             self.kill_switch_engaged(s)
 
@@ -288,6 +301,10 @@ class MeridianMetrics:
     def risk_decisions(self, decision: str) -> Counter:
         """Counter of risk decisions; ``decision`` is ``accept`` or ``reject``."""
         return self._child(self._risk_decisions, "decision", decision, RISK_DECISIONS)
+
+    def risk_requests(self, entry: str) -> Counter:
+        """Counter of order requests risk read; ``entry`` is ``gateway`` or ``direct``."""
+        return self._child(self._risk_requests, "entry", entry, ENTRY_PATHS)
 
     def book_depth(self, symbol: str, side: str | Side) -> Gauge:
         """Gauge of resting orders on one side (``buy``/``sell``) of ``symbol``'s book."""
