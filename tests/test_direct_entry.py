@@ -17,6 +17,7 @@ from router.contract import ExecType, OrderAck, OrderReject, OrdStatus, RejectRe
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
 from tests.conftest import Mesh
 from tests.test_risk_checks import BUY, SELL, cl, deep, desks, outcome
+from tests.test_risk_engine import new_order
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,9 @@ async def test_a_direct_resend_gets_the_original_ack_and_other_content_is_refuse
         # holds the request: the same content is its ack again
         late = cl("dlate")
         key = subjects.request_key("NYC-HF-01", late)
-        body = {**msgpack.unpackb(contract.encode(_new("NYC-HF-01", late, "USDCAD", px))), "v": 1}
+        body = msgpack.unpackb(
+            contract.encode(new_order("NYC-HF-01", late, "USDCAD", BUY, 1_000_000, px))
+        )
         js = c.nc.jetstream(domain="nyc")
         first = await js.publish(
             subjects.orders("nyc", "NYC-HF-01", key),
@@ -95,7 +98,7 @@ async def test_another_publishers_msg_id_cannot_take_a_requests_place(order_path
         key = subjects.request_key("LON-HF-01", clid)
         await js.publish(
             subjects.orders("lon", "LON-BANK-02", subjects.request_key("LON-BANK-02", clid)),
-            contract.encode(_new("LON-HF-01", clid, "EURGBP", px)),
+            contract.encode(new_order("LON-HF-01", clid, "EURGBP", BUY, 1_000_000, px)),
             headers={H_MSG_ID: key, H_OP: "new"},
         )
         ack = await victim.new_order("EURGBP", BUY, 1_000_000, px, cl_ord_id=clid)
@@ -112,7 +115,9 @@ async def test_orders_holds_one_request_per_subject_whoever_stores_it(order_path
         js = nc.jetstream(domain="lon")
         clid = cl("dtwice")
         subject = subjects.orders("lon", "LON-HF-01", subjects.request_key("LON-HF-01", clid))
-        body = contract.encode(_new("LON-HF-01", clid, "EURGBP", deep("EURGBP", BUY)))
+        body = contract.encode(
+            new_order("LON-HF-01", clid, "EURGBP", BUY, 1_000_000, deep("EURGBP", BUY))
+        )
         await js.publish(subject, body, headers={H_OP: "new"})
         with pytest.raises(APIError):
             await js.publish(subject, body, headers={H_OP: "new"})
@@ -139,7 +144,7 @@ async def test_what_a_desk_stamps_itself_is_not_believed(order_path: Mesh) -> No
             key = subjects.request_key("LON-HF-01", clid)
             await js.publish(
                 subjects.orders("lon", "LON-HF-01", key),
-                contract.encode(_new("LON-HF-01", clid, "EURGBP", px)),
+                contract.encode(new_order("LON-HF-01", clid, "EURGBP", BUY, 1_000_000, px)),
                 headers={H_MSG_ID: key, H_OP: "new", **headers},
             )
         rej = await c.wait_report(
@@ -166,19 +171,6 @@ async def test_a_direct_request_the_checks_refuse_is_refused_before_it_is_stored
         ok = await c.new_order("EURGBP", BUY, 1_000_000, deep("EURGBP", BUY), cl_ord_id=cl("d"))
         er = await outcome(c, ok)
         assert er.exec_type is ExecType.NEW
-
-
-def _new(account: str, clid: str, symbol: str, px: int) -> contract.NewOrder:
-    return contract.NewOrder(
-        account=account,
-        cl_ord_id=clid,
-        symbol=symbol,
-        side=BUY,
-        ord_type=contract.OrdType.LIMIT,
-        tif=contract.TimeInForce.GTC,
-        qty=1_000_000,
-        price_ticks=px,
-    )
 
 
 @pytest.mark.parametrize("entry", ["gateway", "direct"])
