@@ -29,7 +29,7 @@ from nats.js.api import Header
 from regions.topology import Topology, load_topology
 from router import subjects
 from router.client import ENTRIES
-from router.natsutil import H_EXPECTED_LAST_SUBJECT_SEQ, H_OP
+from router.entry import store_headers
 
 REFERENCE_MIDS = {
     "EURUSD": 108450,
@@ -209,12 +209,8 @@ class Loader:
                 subjects.orders(self.homes[acct], acct, key),
                 payload,
                 reply=f"{self._inbox}.{cl}",
-                # router.entry.store_headers, and the stream js.publish(stream=) would name
-                headers={
-                    H_EXPECTED_LAST_SUBJECT_SEQ: "0",
-                    H_OP: "new",
-                    Header.EXPECTED_STREAM: "ORDERS",
-                },
+                # the store's headers, and the stream js.publish(stream=) would name
+                headers={**store_headers("new"), Header.EXPECTED_STREAM: "ORDERS"},
             )
             return
         await self.nc.publish(subject, payload, reply=f"{self._inbox}.{cl}")

@@ -159,7 +159,7 @@ class DeskClient:
             return reject(e.reason, e.field, e.rule, getattr(msg, "cl_ord_id", ""))
         # of the caller's headers only trace context: the rest are the store's to set
         trace_ctx = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
-        hdrs = {**trace_ctx, **store_headers(routed)}
+        hdrs = {**trace_ctx, **store_headers(routed.op)}
         js = self.nc.jetstream(domain=routed.home)
         try:
             if self.tracer is not None:

@@ -152,11 +152,11 @@ def same_request(a: Message, b: Message) -> bool:
     return dataclasses.replace(a, sent_ns=0) == dataclasses.replace(b, sent_ns=0)  # type: ignore[type-var]
 
 
-def store_headers(routed: Routed) -> dict[str, str]:
+def store_headers(op: str) -> dict[str, str]:
     """The headers of a request's store in ORDERS: the stream refuses a second message on
     its subject (a re-send: answered by :func:`original_ack`). No ``Nats-Msg-Id``: the
     subject is the index, and a msg id is a name any publisher into ORDERS could take first."""
-    return {H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: routed.op}
+    return {H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: op}
 
 
 def make_ack(

@@ -145,7 +145,7 @@ class Gateway:
             )
             return
         headers = {
-            **store_headers(routed),
+            **store_headers(routed.op),
             H_ENTRY_REGION: self.region,
             H_ACCEPTED_NS: str(t0),
             H_ORDER_ID: routed.order_id,

@@ -201,3 +201,21 @@ async def test_a_stored_request_without_an_op_is_read_as_risk_reads_it(order_pat
         )
         rej = await c.cancel(orig, "EURGBP", cl_ord_id=clid)
         assert isinstance(rej, OrderReject) and rej.reason is RejectReason.DUPLICATE_CL_ORD_ID
+
+
+async def test_the_load_generator_enters_orders_directly(order_path: Mesh) -> None:
+    """The bench's direct points: every order stored by the desk, acked by its PubAck, and
+    executed; none counted twice or refused."""
+    from ops.loadgen import run_load
+
+    res = await run_load(
+        order_path.urls("lon", "desk"),
+        order_path.topology,
+        "lon",
+        run_id=cl("dl")[-8:],
+        seconds=1.0,
+        rate=40,
+        entry="direct",
+    )
+    assert res["sent"] == res["acked"] == res["completed"] > 0, res
+    assert res["rejected"] == 0 and res["timeouts"] == 0, res
