@@ -75,7 +75,7 @@ from router.contract import (
     RejectReason,
     ReplaceOrder,
 )
-from router.entry import check_request
+from router.entry import check_request, request_op
 from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
@@ -131,6 +131,8 @@ class Item:
     payload's): what the payload must say, and the only account an answer may go to."""
     entry: str = ""
     """An order request's entry path: ``gateway`` or ``direct`` (for the metrics only)."""
+    unanswered: str = ""
+    """Why an unreadable order request got no answer, when it got none (for the metrics)."""
 
 
 @dataclass(slots=True)
@@ -781,6 +783,8 @@ class RiskWorker:
             if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
                 produced = self._refuse_unread(it)
                 if not produced:
+                    if self.metrics is not None and it.input_id.startswith("o:"):
+                        self.metrics.risk_unanswered(it.unanswered or "unreadable").inc()
                     continue
                 # recorded with its answer: a build that can read it, taking over or
                 # replaying, finds it answered and never decides it after the REJECTED; not
@@ -1033,7 +1037,7 @@ class RiskWorker:
         if it.kind == "order":
             # the headers are input too (a newer gateway's, or a rogue publisher's): one this
             # build cannot read makes the input "bad", never a batch that fails for good
-            op = it.headers.get(H_OP, "new")
+            op = request_op(it.headers)
             cls = contract.ENTRY_OPS.get(op)
             if cls is None:
                 raise ValueError(f"unknown op {op!r}")
@@ -1044,23 +1048,14 @@ class RiskWorker:
             claimed = accepted_ns(it.headers) if stored_ns <= 0 else 0
             msg = contract.decode(cls, it.payload)
             assert isinstance(msg, NewOrder | CancelOrder | ReplaceOrder)
+            # its subject first: a request not on its own is never answered, whatever else
+            # is wrong with it (:meth:`_refuse_unread`)
+            fault = self._subject_fault(it, msg.cl_ord_id)
+            if fault:
+                raise ContractError(RejectReason.INVALID_FIELD, "subject", fault)
             # the gateway's checks again (its account the subject's, a traded symbol, a
             # LIMIT's price...): the engine must never meet a request that breaks them
-            home, _ = check_request(self.topology, it.account, msg)
-            if home != self.region:  # stored in another region's ORDERS (direct entry)
-                raise ContractError(
-                    RejectReason.INVALID_FIELD,
-                    "subject",
-                    f"{it.account} is homed in {home}: its requests go to {home}'s ORDERS",
-                )
-            # the subject is the request's index entry (a re-send finds it there): one not
-            # derived from its cl_ord_id would let the same request be stored and decided twice
-            if it.input_id != f"o:{subjects.request_key(it.account, msg.cl_ord_id)}":
-                raise ContractError(
-                    RejectReason.INVALID_FIELD,
-                    "subject",
-                    "the last token must be the request key of (account, cl_ord_id)",
-                )
+            check_request(self.topology, it.account, msg)
             # A desk may store its request itself (direct entry, contract.md): the order id
             # and the accept time are derived here, never taken from a publisher's headers
             # (the accept time is the stored time), and the record keeps what was derived,
@@ -1217,6 +1212,22 @@ class RiskWorker:
             )
         return True
 
+    def _subject_fault(self, it: Item, cl_ord_id: str) -> str | None:
+        """Why an order request is not on its own subject, or None. The subject is the
+        request's index entry (a re-send finds it there): a key not derived from its
+        cl_ord_id would let the same request be stored and decided twice, and a region that
+        is not its account's home would decide it against an empty view of the account
+        (direct entry lets a desk publish into any region's ORDERS)."""
+        if it.input_id != f"o:{subjects.request_key(it.account, cl_ord_id)}":
+            return "the last token must be the request key of (account, cl_ord_id)"
+        try:
+            home = self.topology.account_home(it.account)
+        except KeyError:
+            return None  # an unknown account: check_request's typed reject
+        if home != self.region:
+            return f"{it.account} is homed in {home}: its requests go to {home}'s ORDERS"
+        return None
+
     def _refuse_unread(self, it: Item) -> list[Out]:
         """The answer to an order request this build cannot read (a newer gateway's, most
         likely): a REJECTED report (a cancel reject for a cancel or replace) with the
@@ -1234,25 +1245,24 @@ class RiskWorker:
             raw = None
         if not isinstance(raw, dict) or raw.get("account") != it.account:
             return []  # an answer goes only to the account the subject names
-        op = str(it.headers.get(H_OP, "new"))
+        cl = raw.get("cl_ord_id")
+        if not isinstance(cl, str) or self._subject_fault(it, cl):
+            # names no request, or not on its own subject: perhaps a copy of another desk's
+            # live order, whose desk must not read a rejection of it
+            it.unanswered = "subject" if isinstance(cl, str) else "unreadable"
+            return []
+        op = request_op(it.headers)
         try:
             accepted = accepted_ns(it.headers)
         except ValueError:
             accepted = 0
         accepted = entry_time(accepted, int(it.headers.get("ts", "0")))
-        if isinstance(err, ContractError) and err.field == "subject":
-            # not on its own subject (another key, or not the account's home region): perhaps
-            # a copy of another's live order, whose desk must not read a rejection of it
-            return []
-        cl = raw.get("cl_ord_id")
         fields = {
             **raw,
             # a new order's id is derived from its cl_ord_id (as the gateway derives it; a
             # header naming another is what made it unreadable); a cancel's or replace's
             # names an order this answer cannot look up
-            "order_id": (
-                ids.order_id(it.account, cl) if op == "new" and isinstance(cl, str) else "NONE"
-            ),
+            "order_id": ids.order_id(it.account, cl) if op == "new" else "NONE",
             "home_region": self.region,
             "entry_ns": accepted,
         }

@@ -46,8 +46,8 @@ from router.contract import (
     Side,
     TimeInForce,
 )
-from router.gateway import validate
-from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_MSG_ID, H_OP, H_ORDER_ID
+from router.entry import store_headers, validate
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_ORDER_ID
 from tests.conftest import Mesh
 from tests.test_risk_checks import (
     BUY,
@@ -471,9 +471,8 @@ async def test_an_order_risk_cannot_read_is_rejected_and_in_its_history(order_pa
             await nc.jetstream(domain=GATEWAY_REGION).publish(
                 subjects.orders(GATEWAY_REGION, ACCOUNT, key),
                 msgpack.packb(body),
-                headers={
-                    H_MSG_ID: f"new:{key}",
-                    H_OP: "new",
+                headers={  # as a gateway stores one
+                    **store_headers("new"),
                     H_ORDER_ID: order_id,
                     H_ACCEPTED_NS: str(time.time_ns()),
                     H_ENTRY_REGION: GATEWAY_REGION,

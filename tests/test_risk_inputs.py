@@ -161,6 +161,25 @@ async def test_a_request_on_a_subject_that_is_not_its_own_is_bad(subject: str) -
     assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [f"mrd.nyc.ord.LON-HF-01.{KEY}", "mrd.nyc.ord.LON-HF-01.k1", "mrd.lon.ord.LON-HF-01.k1"],
+)
+@pytest.mark.parametrize("broken", [{"qty": 1}, {"price_ticks": 0}, {"v": 2}])
+async def test_a_request_off_its_own_subject_is_not_answered_whatever_else_is_wrong(
+    subject: str, broken: dict[str, Any]
+) -> None:
+    """A copy of a live order with a field broken too (below the lot, out of range, a newer
+    version), stored in another region or under another key: no REJECTED may reach the desk
+    whose order it copies."""
+    import msgpack
+
+    w = RiskWorker(_Nc(), load_topology(), subject.split(".")[1], None)  # type: ignore[arg-type]
+    it = w._classify(_delivery(subject, msgpack.packb(_order_map(**broken)), 3, {"Mrd-Op": "new"}))
+    assert it is not None and it.kind == "bad"
+    assert w._refuse_unread(it) == [] and it.unanswered == "subject"
+
+
 async def test_a_request_stored_outside_its_accounts_home_region_is_refused() -> None:
     """Direct entry lets a desk publish into any region's ORDERS: nyc's risk must not decide
     (or hold exposure for) an account lon's risk owns."""
@@ -232,7 +251,8 @@ async def test_an_unreadable_cancel_gets_a_cancel_reject_and_garbage_gets_nothin
     cancel = {"v": 2, "account": "LON-HF-01", "cl_ord_id": "x1", "orig_cl_ord_id": "c1",
               "symbol": "GBPUSD"}  # fmt: skip
     hdrs = {"Mrd-Op": "cancel", "Mrd-Order-Id": "O9", "Mrd-Accepted-Ns": "1"}
-    it = w._classify(_delivery("mrd.lon.ord.LON-HF-01.k2", msgpack.packb(cancel), 4, hdrs))
+    x1 = subjects.request_key("LON-HF-01", "x1")
+    it = w._classify(_delivery(f"mrd.lon.ord.LON-HF-01.{x1}", msgpack.packb(cancel), 4, hdrs))
     assert it is not None
     (out,) = w._refuse_unread(it)
     rej = contract.decode(contract.CancelReject, out.payload)

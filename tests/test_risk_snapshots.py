@@ -19,6 +19,7 @@ from ops.devstack import Devstack
 from ops.loadgen import REFERENCE_MIDS
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
+from router.entry import store_headers
 from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID, AsyncPublisher
 from router.risk import AccountLimits, RiskLimits
 from router.risk_worker import RebuildError, RiskWorker
@@ -61,8 +62,7 @@ async def _send(js: object, i: int, msg: NewOrder | None = None) -> Any:
         subjects.orders("lon", acct, key),
         contract.encode(msg),
         headers={
-            H_MSG_ID: f"new:{key}",
-            H_OP: "new",
+            **store_headers("new"),
             H_ORDER_ID: ids.order_id(acct, cl),
             H_ACCEPTED_NS: str(time.time_ns()),
         },
@@ -512,14 +512,17 @@ async def _unread_scenario(ds: Devstack) -> None:
         async with _started(_worker(ds, nc, r)) as w:
             newer = {**msgpack.unpackb(contract.encode(_new(0))), "v": 2}
             spoof = {**msgpack.unpackb(contract.encode(_new(1))), "account": "LON-HF-02", "v": 2}
-            for key, body in (("v2-1", newer), ("spoof-1", spoof)):
+            # each on its own subject (the request key of the subject's account and its
+            # cl_ord_id): one on another's would get no answer at all
+            v2_key = subjects.request_key("LON-HF-01", newer["cl_ord_id"])
+            spoof_key = subjects.request_key("LON-HF-01", spoof["cl_ord_id"])
+            for key, body in ((v2_key, newer), (spoof_key, spoof)):
                 await js.publish(
                     subjects.orders("lon", "LON-HF-01", key),
                     msgpack.packb(body),
                     headers={
-                        H_MSG_ID: f"new:{key}",
                         H_OP: "new",
-                        H_ORDER_ID: ids.order_id("LON-HF-01", key),
+                        H_ORDER_ID: ids.order_id("LON-HF-01", body["cl_ord_id"]),
                         H_ACCEPTED_NS: "1",
                     },
                 )
@@ -530,10 +533,10 @@ async def _unread_scenario(ds: Devstack) -> None:
             rejected = [(a.cl_ord_id, a.reject_reason) for a in answers if a.reject_reason]
             assert rejected == [(newer["cl_ord_id"], "UNSUPPORTED_VERSION")]
             kinds = {rec["in"]: rec["k"] for rec in await _records(js)}
-            assert kinds.get("o:v2-1") == "unread" and "o:spoof-1" not in kinds
+            assert kinds.get(f"o:{v2_key}") == "unread" and f"o:{spoof_key}" not in kinds
         async with _started(_worker(ds, nc, r)) as w2:
             # rebuilt from RISKLOG: answered, never to be decided
-            assert "o:v2-1" in w2.done and "o:spoof-1" not in w2.done
+            assert f"o:{v2_key}" in w2.done and f"o:{spoof_key}" not in w2.done
 
 
 @pytest.mark.parametrize("snapshot", [False, True])

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from ops.telemetry.errors import LabelError
 from router.contract import KillScope, RejectReason, Side
+from router.entry import ENTRIES
 from router.subjects import region_streams
 
 if TYPE_CHECKING:
@@ -54,9 +55,12 @@ BATCH_SIZE_BUCKETS: Final[tuple[float, ...]] = (
 RISK_DECISIONS: Final[tuple[str, ...]] = ("accept", "reject")
 """Values of the ``decision`` label of ``meridian_risk_decisions_total``."""
 
-ENTRY_PATHS: Final[tuple[str, ...]] = ("gateway", "direct")
-"""Values of the ``entry`` label of ``meridian_risk_requests_total``: stored in ORDERS by a
-gateway, or by the desk itself (direct entry, decision 0007)."""
+UNANSWERED: Final[tuple[str, ...]] = ("subject", "unreadable")
+"""Values of the ``why`` label of ``meridian_risk_unanswered_total``: a request on a subject not
+its own (another key, account or home region), or bytes naming no account to answer."""
+
+ENTRY_PATHS: Final[tuple[str, ...]] = ENTRIES
+"""Values of the ``entry`` label of ``meridian_risk_requests_total`` (router.entry.ENTRIES)."""
 
 SIDES: Final[tuple[str, ...]] = tuple(s.value.lower() for s in Side)
 KILL_SCOPES: Final[tuple[str, ...]] = tuple(s.value for s in KillScope)
@@ -199,6 +203,12 @@ class MeridianMetrics:
         self._risk_decisions = counter(
             "meridian_risk_decisions", "Pre-trade risk decisions.", "decision"
         )
+        self._risk_unanswered = counter(
+            "meridian_risk_unanswered",
+            "Order requests risk read from ORDERS and could neither decide nor answer (their "
+            "publisher holds a PubAck and hears nothing; the worker's log names each).",
+            "why",
+        )
         self._risk_requests = counter(
             "meridian_risk_requests",
             "Order requests risk read from ORDERS, by who stored them (a gateway, or the desk: "
@@ -262,6 +272,8 @@ class MeridianMetrics:
             self.risk_decisions(d)
         for e in ENTRY_PATHS:
             self.risk_requests(e)
+        for w in UNANSWERED:
+            self.risk_unanswered(w)
         for s in KILL_SCOPES:
             self.kill_switch_engaged(s)
 
@@ -301,6 +313,10 @@ class MeridianMetrics:
     def risk_decisions(self, decision: str) -> Counter:
         """Counter of risk decisions; ``decision`` is ``accept`` or ``reject``."""
         return self._child(self._risk_decisions, "decision", decision, RISK_DECISIONS)
+
+    def risk_unanswered(self, why: str) -> Counter:
+        """Counter of requests risk could not answer; ``why``: ``subject`` or ``unreadable``."""
+        return self._child(self._risk_unanswered, "why", why, UNANSWERED)
 
     def risk_requests(self, entry: str) -> Counter:
         """Counter of order requests risk read; ``entry`` is ``gateway`` or ``direct``."""
