@@ -1,6 +1,6 @@
 """A/B of the order path at one offered rate: latency and CPU per order, per process.
 
-``meridian bench`` measures everything once in about 7 minutes; comparing two variants of the
+``meridian bench`` measures everything once in about 8 minutes; comparing two variants of the
 mesh needs the same point repeated under each, on the same mesh, minutes apart (the VM's
 speed drifts by 10-20 % within an hour). This starts one private bench mesh and, for each
 mode in turn, runs ``--reps`` points of ``--seconds`` at ``--rate`` orders/s (lon desk, lon

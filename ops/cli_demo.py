@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from router.entry import ENTRIES
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a realistic 3-region trading session on the mesh")
@@ -17,7 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--entry",
-        choices=("mixed", "gateway", "direct"),
+        choices=("mixed", *ENTRIES),
         default="mixed",
         help="how desks enter orders: each desk's first account stores its orders in ORDERS "
         "itself and the others use the gateway (mixed, default), or all one way",

@@ -26,14 +26,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser("order", help="enter, cancel, replace and watch orders (desk)")
     osub = p.add_subparsers(dest="order_cmd", required=True)
 
-    def common(q: argparse.ArgumentParser) -> None:
+    def common(q: argparse.ArgumentParser, *, entry: bool = True) -> None:
         q.add_argument("--region", default="lon", help="entry region (nearest hub)")
         q.add_argument("--account", required=True)
-        q.add_argument(
-            "--direct",
-            action="store_true",
-            help="store the request in the home region's ORDERS yourself (direct entry)",
-        )
+        if entry:
+            q.add_argument(
+                "--direct",
+                action="store_true",
+                help="store the request in the home region's ORDERS yourself (direct entry)",
+            )
 
     q = osub.add_parser("new", help="submit a new order and wait for its first report")
     common(q)
@@ -60,7 +61,7 @@ def register(sub: Any) -> None:
     q.set_defaults(func=_run(_replace))
 
     q = osub.add_parser("watch", help="stream the account's execution reports")
-    common(q)
+    common(q, entry=False)
     q.add_argument("--replay", action="store_true", help="first replay stored reports")
     q.add_argument("--seconds", type=float, default=0, help="stop after N s (0: never)")
     q.set_defaults(func=_run(_watch))

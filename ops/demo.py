@@ -53,7 +53,8 @@ def _hist() -> HdrHistogram:
 class RegionStats:
     sent: int = 0
     acked: int = 0
-    gateway_rejects: int = 0
+    entry_rejects: int = 0
+    """Requests refused before they were stored (by the gateway, or by a direct desk's checks)."""
     risk_rejects: Counter[str] = field(default_factory=Counter)
     fills: int = 0
     ack_us: HdrHistogram = field(default_factory=_hist)
@@ -183,7 +184,7 @@ class Demo:
         try:
             ack: OrderAck | OrderReject = await coro
         except Exception:
-            st.gateway_rejects += 1
+            st.entry_rejects += 1
             return None
         took = max(1, (time.time_ns() - t0) // 1000)
         st.ack_us.record_value(took)
@@ -192,7 +193,7 @@ class Demo:
             st.acked += 1
             by.acked += 1
         else:
-            st.gateway_rejects += 1
+            st.entry_rejects += 1
         return ack
 
     async def market_maker(self, acct: str) -> None:
@@ -409,7 +410,7 @@ def summary_table(res: DemoResult) -> str:
                 code,
                 s.sent,
                 s.acked,
-                s.gateway_rejects,
+                s.entry_rejects,
                 sum(s.risk_rejects.values()),
                 s.fills,
                 f"{_ms(s.ack_us, 50)} / {_ms(s.ack_us, 99)}",
@@ -425,7 +426,7 @@ def summary_table(res: DemoResult) -> str:
             "region",
             "sent",
             "acked",
-            "gw rejects",
+            "entry rejects",
             "risk rejects",
             "fills",
             "ack ms p50/p99",

@@ -29,8 +29,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
-from router.entry import stored_accept_ns
-from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, H_OP, stamp_ns
+from router.entry import request_op, stored_accept_ns
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, stamp_ns
 from router.risk_worker import UNREAD
 
 
@@ -163,7 +163,7 @@ async def order_history(
         if m is None:
             continue
         hdr = m.headers or {}
-        op = hdr.get(H_OP, "?")
+        op = request_op(hdr)
         body = msgpack.unpackb(m.data, raw=False)
         # a desk that stored its request itself (direct entry) sent no gateway headers: its
         # accept time is the stored time, as risk takes it

@@ -6,7 +6,7 @@ For each order of a load run (same machine, one wall clock):
 * the gateway's accept time (its ``Mrd-Accepted-Ns`` on the order's ORDERS message; reports'
   ``entry_ns`` is the stored time since stop 20). A desk that stored its order itself (direct
   entry) has none: its "desk -> gateway" stage is then its store, and "gateway -> ORDERS" the
-  histogram's floor (1 us); the bench splits gateway points only;
+  histogram's floor (1 us): the bench's report drops that stage for its direct point;
 * the time JetStream stored the order in ORDERS, its risk record in RISKLOG and its report in
   EXECOUT (each stored message's own timestamp);
 * the EXEC command's stored time, which the book uses as its matching time (``transact_ns``).

@@ -28,8 +28,7 @@ from nats.js.api import Header
 
 from regions.topology import Topology, load_topology
 from router import subjects
-from router.client import ENTRIES
-from router.entry import store_headers
+from router.entry import ENTRIES, store_headers
 
 REFERENCE_MIDS = {
     "EURUSD": 108450,

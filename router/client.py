@@ -44,6 +44,7 @@ from router.contract import (
     TimeInForce,
 )
 from router.entry import (
+    ENTRIES,
     ERR_WRONG_LAST_SEQUENCE,
     make_ack,
     original_ack,
@@ -56,8 +57,6 @@ from router.natsutil import H_KIND
 Report = ExecutionReport | CancelReject
 
 _counter = itertools.count(1)
-
-ENTRIES = ("gateway", "direct")
 
 
 def new_cl_ord_id(prefix: str = "C") -> str:
@@ -161,17 +160,15 @@ class DeskClient:
         trace_ctx = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
         hdrs = {**trace_ctx, **store_headers(routed.op)}
         js = self.nc.jetstream(domain=routed.home)
-        try:
-            if self.tracer is not None:
-                from ops.telemetry.tracing import send_span
+        span: Any = contextlib.nullcontext()
+        if self.tracer is not None:
+            from ops.telemetry.tracing import send_span
 
-                with send_span(
-                    self.tracer, routed.subject, hdrs, order_id=routed.order_id, operation="publish"
-                ):
-                    ack = await js.publish(
-                        routed.subject, routed.payload, self.timeout_s, "ORDERS", hdrs
-                    )
-            else:
+            span = send_span(
+                self.tracer, routed.subject, hdrs, order_id=routed.order_id, operation="publish"
+            )
+        try:
+            with span:
                 ack = await js.publish(
                     routed.subject, routed.payload, self.timeout_s, "ORDERS", hdrs
                 )

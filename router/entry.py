@@ -35,6 +35,15 @@ from router.natsutil import (
 ERR_WRONG_LAST_SEQUENCE = 10071
 """The stream's answer to a request whose subject already holds one (a re-send)."""
 
+ENTRIES: tuple[str, ...] = ("gateway", "direct")
+"""How a request reaches ORDERS: stored by a gateway, or by the desk itself (decision 0007)."""
+
+
+def request_op(headers: dict[str, str] | None) -> str:
+    """A stored request's op (``Mrd-Op``), as everything that reads ORDERS takes it: ``new``
+    when absent (the first gateways sent none for new orders)."""
+    return (headers or {}).get(H_OP, "new")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Routed:
@@ -209,7 +218,7 @@ async def original_ack(
         original: Message | None = contract.decode(type(routed.msg), stored.data)
     except ContractError:
         original = None
-    op = (stored.headers or {}).get(H_OP, "new")  # as risk reads it
+    op = request_op(stored.headers)
     if original is None or op != routed.op or not same_request(original, routed.msg):
         return reject(
             RejectReason.DUPLICATE_CL_ORD_ID,

@@ -43,7 +43,6 @@ from router.contract import ContractError, Message, OrderAck, RejectReason
 from router.entry import (
     ERR_WRONG_LAST_SEQUENCE,
     Routed,
-    check_request,
     make_ack,
     original_ack,
     reject,
@@ -59,8 +58,6 @@ from router.natsutil import (
     PublishError,
     now_ns,
 )
-
-__all__ = ["Gateway", "check_request", "validate"]
 
 log = logging.getLogger("meridian.gateway")
 

@@ -20,8 +20,8 @@ and ``js.publish`` is routed by interest to exactly one domain:
 Execution reports reach a desk on ``mrd.*.er.*.*.<account>`` wherever it is connected (leaf
 links propagate interest), and stay replayable from RISKLOG/EXECOUT in every region.
 ``<key>`` in ORDERS is a hash of the client order id: one subject per order request, so
-``Nats-Expected-Last-Subject-Sequence: 0`` makes the stream itself the idempotency record
-beyond the dedup window.
+``Nats-Expected-Last-Subject-Sequence: 0`` and the stream's one message per subject make the
+stream itself the idempotency record (no msg ids: decision 0007).
 """
 
 from __future__ import annotations
