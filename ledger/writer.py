@@ -326,7 +326,9 @@ class LedgerWriter:
             # an error the server sent (a SQLSTATE): it answered; anything else: down
             answered = isinstance(e, psycopg.Error) and e.sqlstate is not None
             self.metrics.db_up.set(1 if answered else 0)
-            if is_retryable(e):
+            # its own statement timeout leaves the connection sound (the transaction rolled
+            # back): closing it would reconnect the posting path every HELD_COUNT_S
+            if is_retryable(e) and not isinstance(e, psycopg.errors.QueryCanceled):
                 await self._close_db()
 
     async def _top_up(self, psub: Any, room: int) -> list[Msg]:

@@ -489,3 +489,36 @@ def test_a_held_fill_is_named_by_its_trade_id_only_when_header_and_payload_agree
     assert held_trade_id(None, body) == "T-1"
     assert held_trade_id({"Nats-Msg-Id": "T-2"}, body) is None  # they disagree
     assert held_trade_id(None, msgpack.packb({"trade_id": 7})) is None
+
+
+async def test_a_held_count_that_times_out_keeps_the_posting_connection() -> None:
+    """The count runs with its own 2 s statement timeout on the posting connection: its
+    QueryCanceled left the connection sound but closed it, so a slow count reconnected the
+    posting path every minute. A connection error still closes it."""
+    from ledger.writer import LedgerWriter, WriterConfig
+    from regions.topology import load_topology
+
+    w = LedgerWriter(
+        topology=load_topology(),
+        config=WriterConfig(region="lon"),
+        nats_url="nats://x",
+        dsn="postgresql://x",
+    )
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    for err, closes in (
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), False),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    ):
+        closed.clear()
+
+        async def conn(err: Exception = err) -> Any:
+            raise err
+
+        w._conn = conn  # type: ignore[method-assign]
+        w._close_db = close  # type: ignore[method-assign]
+        await w._count_held()
+        assert bool(closed) is closes, err
