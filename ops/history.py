@@ -30,7 +30,7 @@ from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
 from router.entry import request_op, stored_accept_ns
-from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND, stamp_ns
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND
 from router.risk_worker import UNREAD
 
 
@@ -177,7 +177,7 @@ async def order_history(
         )
         # when ORDERS stored it (what risk takes as its accept time): a publisher's stamp is
         # not evidence
-        at = stamp_ns(hdr.get("Nats-Time-Stamp", "")) or stored_accept_ns(hdr)
+        at = stored_accept_ns(hdr)
         h.events.append(Event(at, f"{home}/ORDERS", f"accepted ({op})", detail))
         if op == "new" and isinstance(body.get("cl_ord_id"), str):
             h.order_id = ids.order_id(account, body["cl_ord_id"])

@@ -52,7 +52,7 @@ from router.entry import (
     store_headers,
     validate,
 )
-from router.natsutil import H_KIND
+from router.natsutil import H_KIND, trace_context
 
 Report = ExecutionReport | CancelReject
 
@@ -157,8 +157,7 @@ class DeskClient:
         except ContractError as e:
             return reject(e.reason, e.field, e.rule, getattr(msg, "cl_ord_id", ""))
         # of the caller's headers only trace context: the rest are the store's to set
-        trace_ctx = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
-        hdrs = {**trace_ctx, **store_headers(routed.op)}
+        hdrs = {**trace_context(headers), **store_headers(routed.op)}
         js = self.nc.jetstream(domain=routed.home)
         span: Any = contextlib.nullcontext()
         if self.tracer is not None:

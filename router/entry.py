@@ -186,14 +186,21 @@ def make_ack(
     )
 
 
+def entry_time(claimed_ns: int, stored_ns: int) -> int:
+    """An order request's accept time, everywhere (risk's decisions and reports' ``entry_ns``,
+    a re-send's ack, compliance history): the time ORDERS stored the request. Only when that
+    is unknown, the gateway's stamp (``Mrd-Accepted-Ns``, which any publisher into ORDERS
+    could set)."""
+    return stored_ns if stored_ns > 0 else claimed_ns
+
+
 def stored_accept_ns(headers: dict[str, str] | None) -> int:
-    """When a stored request was accepted: the gateway's stamp, or (a desk's own store) the
-    stored time; 0 if neither can be read."""
+    """:func:`entry_time` of a stored request read back whole (a direct get's headers carry
+    its ``Nats-Time-Stamp``); 0 if neither time can be read."""
     h = headers or {}
     raw = h.get(H_ACCEPTED_NS, "")
-    if raw.isascii() and raw.isdigit() and 0 < int(raw) <= contract.MAX_INT64:
-        return int(raw)
-    return stamp_ns(h.get("Nats-Time-Stamp", ""))
+    ok = raw.isascii() and raw.isdigit() and 0 < int(raw) <= contract.MAX_INT64
+    return entry_time(int(raw) if ok else 0, stamp_ns(h.get("Nats-Time-Stamp", "")))
 
 
 async def original_ack(

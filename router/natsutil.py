@@ -41,6 +41,23 @@ H_ACCEPTED_NS = "Mrd-Accepted-Ns"
 H_ORDER_ID = "Mrd-Order-Id"
 H_IN_SEQ = "Mrd-In-Seq"
 TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+W3C_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+MAX_TRACESTATE = 512
+"""W3C Trace Context's own limit on ``tracestate``."""
+
+
+def trace_context(headers: dict[str, str]) -> dict[str, str]:
+    """The W3C trace context among ``headers``, only where it is one (a traceparent of the
+    standard's form, a tracestate within its 512 characters): what a hop may pass on."""
+    out = {}
+    tp = headers.get(TRACEPARENT)
+    if tp is not None and W3C_TRACEPARENT.fullmatch(tp):
+        out[TRACEPARENT] = tp
+        ts = headers.get(TRACESTATE)
+        if ts is not None and len(ts) <= MAX_TRACESTATE:
+            out[TRACESTATE] = ts
+    return out
 
 
 class StreamPos(NamedTuple):

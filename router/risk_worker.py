@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ from router.contract import (
     RejectReason,
     ReplaceOrder,
 )
-from router.entry import check_request, request_op
+from router.entry import check_request, entry_time, request_op
 from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
@@ -86,6 +85,7 @@ from router.natsutil import (
     H_OP,
     H_ORDER_ID,
     TRACEPARENT,
+    W3C_TRACEPARENT,
     AsyncPublisher,
     PullLoop,
     RebuildError,
@@ -1372,19 +1372,11 @@ SNAPSHOT_RECENT_INPUTS = 100_000
 """Input ids a snapshot keeps as decided: far more than can be unacked at any moment."""
 
 
-def entry_time(claimed_ns: int, stored_ns: int) -> int:
-    """An order request's accept time, as risk decides it and reports carry it (``entry_ns``):
-    the time ORDERS stored the request. Only when that is unknown, the gateway's stamp
-    (``Mrd-Accepted-Ns``, which any publisher into ORDERS could set)."""
-    return stored_ns if stored_ns > 0 else claimed_ns
-
-
 _KEPT = {H_OP: 16, H_ACCEPTED_NS: 24, H_ORDER_ID: 24}
 """Headers of an ORDERS message risk keeps (in its records too), and how much of each: more
 than any valid op or order id, so that a longer one still reads as invalid (a stamp is only
 read where no stored time is known), and a publisher's 8 KiB header cannot fill a RISKLOG
 record (1 MiB per message)."""
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def kept_headers(hdrs: dict[str, str]) -> dict[str, str]:
@@ -1392,7 +1384,7 @@ def kept_headers(hdrs: dict[str, str]) -> dict[str, str]:
     and a W3C traceparent only when it is one."""
     keep = {k: hdrs[k][:n] for k, n in _KEPT.items() if k in hdrs}
     tp = hdrs.get(TRACEPARENT)
-    if tp is not None and _TRACEPARENT.fullmatch(tp):
+    if tp is not None and W3C_TRACEPARENT.fullmatch(tp):
         keep[TRACEPARENT] = tp
     return keep
 

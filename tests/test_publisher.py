@@ -205,3 +205,17 @@ def test_bin_header_is_msgpacks(n: int) -> None:
 
     packed = msgpack.packb(b"x" * n, use_bin_type=True)
     assert packed == _bin_header(n) + b"x" * n
+
+
+def test_only_a_well_formed_trace_context_is_passed_on() -> None:
+    """A desk's headers pass a hop only as W3C trace context, bounded: an 8 KiB tracestate
+    would make a direct store too large for ORDERS, answered UNAVAILABLE (re-send) for ever."""
+    from router.natsutil import trace_context
+
+    tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    assert trace_context({"traceparent": tp, "tracestate": "k=v", "Nats-Msg-Id": "x"}) == {
+        "traceparent": tp,
+        "tracestate": "k=v",
+    }
+    assert trace_context({"traceparent": tp, "tracestate": "x" * 513}) == {"traceparent": tp}
+    assert trace_context({"traceparent": "nonsense", "tracestate": "k=v"}) == {}

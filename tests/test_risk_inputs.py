@@ -293,3 +293,16 @@ async def test_an_order_whose_payload_names_another_account_than_its_subject_is_
     key = subjects.request_key("LON-BANK-02", "c1")
     ok = w._classify(_delivery(f"mrd.lon.ord.LON-BANK-02.{key}", body, headers={"Mrd-Op": "new"}))
     assert ok is not None and ok.kind == "order"
+
+
+def test_a_stored_requests_accept_time_is_its_stored_time_wherever_it_is_read() -> None:
+    """One rule (router.entry.entry_time) for risk, a re-send's ack and compliance history:
+    the stored time, a publisher's stamp only when no stored time is known."""
+    from router.entry import stored_accept_ns
+
+    stored = {"Nats-Time-Stamp": "2026-11-28T12:00:00.000000123Z"}
+    at = 1795867200000000123
+    assert stored_accept_ns(stored) == at
+    assert stored_accept_ns({**stored, "Mrd-Accepted-Ns": "1"}) == at
+    assert stored_accept_ns({"Mrd-Accepted-Ns": "17"}) == 17
+    assert stored_accept_ns({"Mrd-Accepted-Ns": "soon"}) == 0
