@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from router.contract import (
 from router.errors import IllegalTransition, SnapshotError
 from router.lifecycle import transition
 from router.session import rolls_after
+from tests.test_topology import _utc_ns
 
 INST = load_topology().instrument("EURUSD")
 REGION = "lon"
@@ -328,10 +328,6 @@ def test_day_orders_expire_at_end_of_day_gtc_stay() -> None:
     assert kinds(out) == [("d5", "NEW", "NEW"), ("d5", "EXPIRED", "EXPIRED")]
 
 
-def _utc(text: str) -> int:
-    return int(datetime.datetime.fromisoformat(text + "+00:00").timestamp()) * 10**9
-
-
 def test_a_roll_comes_before_the_first_command_stored_after_it_over_dst() -> None:
     """Execution was down over several rolls, one of them a daylight saving change (New York
     springs forward on 14 March 2027: the roll moves from 22:00 to 21:00 UTC). The commands
@@ -344,31 +340,31 @@ def test_a_roll_comes_before_the_first_command_stored_after_it_over_dst() -> Non
 
     def at(cmd: Command, when: str, entry: str | None = None) -> list[Output]:
         if entry is not None:
-            cmd = dataclasses.replace(cmd, entry_ns=_utc(entry))  # type: ignore[type-var]
-        return book.apply(cmd, seq=next(seq), ts_ns=_utc(when))
+            cmd = dataclasses.replace(cmd, entry_ns=_utc_ns(entry))  # type: ignore[type-var]
+        return book.apply(cmd, seq=next(seq), ts_ns=_utc_ns(when))
 
-    roll = _utc("2027-03-12T22:00:00")
+    roll = _utc_ns("2027-03-12T22:00:00")
     first = ExpireDay(cutoff_ns=roll, schedule=rolls_after(session, roll, 8))
     assert at(first, "2027-03-12T22:00:01") == []
-    assert book.rolls[:2] == (_utc("2027-03-13T22:00:00"), _utc("2027-03-14T21:00:00"))
+    assert book.rolls[:2] == (_utc_ns("2027-03-13T22:00:00"), _utc_ns("2027-03-14T21:00:00"))
     at(sub("fri", BUY, 10, 100, tif=DAY), "2027-03-13T10:00:00", "2027-03-13T10:00:00")
     at(sub("gtc", BUY, 10, 99), "2027-03-13T10:00:01", "2027-03-13T10:00:01")
     # the worker is down from here: the next command is stored after Saturday's roll
     at(sub("sun", BUY, 10, 100, tif=DAY, acct="B"), "2027-03-14T20:30:00", "2027-03-14T20:30:00")
-    assert book.day_cutoff_ns == _utc("2027-03-13T22:00:00")
+    assert book.day_cutoff_ns == _utc_ns("2027-03-13T22:00:00")
     assert [o.order_id for o in book.open_orders()] == ["sun", "gtc"]  # "fri" expired
     # stored at 21:30 UTC on the 14th: past that day's roll (17:00 EDT = 21:00 UTC)
     out = at(sub("s", SELL, 10, 100, acct="S"), "2027-03-14T21:30:00", "2027-03-14T21:30:00")
     assert kinds(out) == [("sun", "EXPIRED", "EXPIRED"), ("s", "NEW", "NEW")]
     assert not [x for x in out if isinstance(x, Fill)]
-    assert book.day_cutoff_ns == _utc("2027-03-14T21:00:00")
+    assert book.day_cutoff_ns == _utc_ns("2027-03-14T21:00:00")
     # the restarted worker's ExpireDay for that roll, late: nothing more
-    late = _utc("2027-03-14T21:00:00")
+    late = _utc_ns("2027-03-14T21:00:00")
     again = ExpireDay(cutoff_ns=late, schedule=rolls_after(session, late, 8))
     assert at(again, "2027-03-14T21:31:00") == []
     # a week later, with nothing stored between: the latest roll due is the one taken
     out = at(cxl("gtc"), "2027-03-21T21:30:00")
-    assert book.day_cutoff_ns == _utc("2027-03-21T21:00:00") and kinds(out)[0][0] == "gtc"
+    assert book.day_cutoff_ns == _utc_ns("2027-03-21T21:00:00") and kinds(out)[0][0] == "gtc"
 
 
 def test_an_older_rolls_command_changes_nothing_and_a_future_roll_waits() -> None:

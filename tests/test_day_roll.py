@@ -23,6 +23,7 @@ from router.contract import ExecType, ExecutionReport, OrdType, Side, TimeInForc
 from router.execution import ExecutionWorker
 from router.session import last_roll_ns, rolls_after
 from tests.private_mesh import on_a_private_mesh
+from tests.test_risk_snapshots import _until
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +43,6 @@ def _submit(oid: str, tif: TimeInForce, entry_ns: int, px: int) -> bytes:
             entry_ns=entry_ns,
         )
     )
-
-
-async def _until(cond: Any, tries: int = 100) -> None:
-    for _ in range(tries):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
 
 
 def test_day_orders_expire_at_the_roll_and_late_ones_on_arrival(
