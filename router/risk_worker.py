@@ -1234,7 +1234,8 @@ class RiskWorker:
         contract's reason, built from what can be read of it, so the desk that holds its
         OrderAck is not left waiting. It decides nothing; the answer is recorded in RISKLOG
         (kind ``unread``) and its id is the request's ORDERS sequence. A payload whose account
-        is not the subject's gets no answer."""
+        is not the subject's gets no answer. An unknown ``Mrd-Op`` is answered as what its map
+        looks like: a cancel reject if it names ``orig_cl_ord_id``, else a REJECTED report."""
         if not it.input_id.startswith("o:"):
             return []
         err = it.decoded
@@ -1252,6 +1253,10 @@ class RiskWorker:
             it.unanswered = "subject" if isinstance(cl, str) else "unreadable"
             return []
         op = request_op(it.headers)
+        if op not in contract.ENTRY_OPS:
+            # an op this build does not know (a newer client's, or a direct publisher's
+            # typo): answered by the shape of its map, so the desk is not left waiting
+            op = ("replace" if "qty" in raw else "cancel") if "orig_cl_ord_id" in raw else "new"
         try:
             accepted = accepted_ns(it.headers)
         except ValueError:

@@ -20,7 +20,7 @@ from ops.loadgen import REFERENCE_MIDS
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.entry import store_headers
-from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID, AsyncPublisher
+from router.natsutil import H_ACCEPTED_NS, H_KIND, H_MSG_ID, H_OP, H_ORDER_ID, AsyncPublisher
 from router.risk import AccountLimits, RiskLimits
 from router.risk_worker import RebuildError, RiskWorker
 from tests.private_mesh import on_a_private_mesh
@@ -537,6 +537,55 @@ async def _unread_scenario(ds: Devstack) -> None:
         async with _started(_worker(ds, nc, r)) as w2:
             # rebuilt from RISKLOG: answered, never to be decided
             assert f"o:{v2_key}" in w2.done and f"o:{spoof_key}" not in w2.done
+
+
+def test_a_request_with_an_op_risk_does_not_know_is_answered_by_its_shape() -> None:
+    """A direct publisher (or a newer client during a rollout) stores a request whose
+    ``Mrd-Op`` this build does not know: it is answered MALFORMED, as a REJECTED report when
+    its map looks like a new order and as a cancel reject when it names an order to act on,
+    and the answer is recorded (it was stored, so the desk holds a PubAck and waits)."""
+    _on_a_mesh(_unknown_op_scenario, 60)
+
+
+async def _unknown_op_scenario(ds: Devstack) -> None:
+    async with _lon(ds) as (nc, js, r):
+        reports: list[Any] = []
+        rejects: list[Any] = []
+
+        async def on_answer(m: Any) -> None:
+            if (m.headers or {}).get(H_KIND) == "CancelReject":
+                rejects.append(contract.decode(contract.CancelReject, m.data))
+            else:
+                reports.append(contract.decode(contract.ExecutionReport, m.data))
+
+        await nc.subscribe(subjects.report_risk("lon", "LON-HF-01"), cb=on_answer)
+        async with _started(_worker(ds, nc, r)) as w:
+            new_like = msgpack.unpackb(contract.encode(_new(0)))
+            cancel_like = {
+                "account": "LON-HF-01",
+                "cl_ord_id": "unknown-op-cxl",
+                "orig_cl_ord_id": "snap-0",
+                "symbol": "EURUSD",
+                "sent_ns": 1,
+                "v": 1,
+            }
+            for body, op in ((new_like, "mass_new"), (cancel_like, "mass_cancel")):
+                key = subjects.request_key("LON-HF-01", body["cl_ord_id"])
+                await js.publish(
+                    subjects.orders("lon", "LON-HF-01", key),
+                    msgpack.packb(body),
+                    headers={**store_headers("new"), H_OP: op},
+                )
+            await _until(lambda: bool(reports) and bool(rejects) and w.stats["bad"] == 2, 100)
+            assert [(a.cl_ord_id, a.reject_reason) for a in reports] == [
+                ("snap-0", "MALFORMED")
+            ]
+            assert "unknown op 'mass_new'" in reports[0].text
+            assert [(c.cl_ord_id, c.orig_cl_ord_id, c.reason, c.response_to) for c in rejects] == [
+                ("unknown-op-cxl", "snap-0", "MALFORMED", "cancel")
+            ]
+            kinds = [rec["k"] for rec in await _records(js)]
+            assert kinds == ["unread", "unread"]
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
