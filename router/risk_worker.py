@@ -133,6 +133,9 @@ class Item:
     """An order request's entry path: ``gateway`` or ``direct`` (for the metrics only)."""
     unanswered: str = ""
     """Why an unreadable order request got no answer, when it got none (for the metrics)."""
+    reused: bool = False
+    """An order request on a key whose earlier request ORDERS no longer holds
+    (:meth:`RiskWorker._reused`): answered DUPLICATE_CL_ORD_ID, never decided."""
 
 
 @dataclass(slots=True)
@@ -452,7 +455,10 @@ class RiskWorker:
                     )
                 body = msgpack.unpackb(m.data, raw=False)
                 for rec in body.get("b", [body]):
-                    if rec["in"] not in self.done:  # a batch re-recorded after a crash
+                    # a batch re-recorded after a crash is found done; a reused key's answer
+                    # is not (:meth:`_reused`)
+                    item = Item(input_id=rec["in"], kind=rec["k"], headers=rec["h"])
+                    if rec["in"] not in self.done or self._reused(item):
                         self._replay(rec)
                         n += 1
                 self._risklog_seq = max(self._risklog_seq, m.metadata.sequence.stream)
@@ -760,6 +766,12 @@ class RiskWorker:
         # a redelivered input whose batch is still in flight: that batch's ack covers it
         items = [it for it in items if it.input_id not in self._inflight_ids]
         items = once_each(items)
+        for it in items:
+            if self._reused(it):
+                # not a redelivery: another request on a key ORDERS held over 7 days ago;
+                # its answer is its own, not the first's
+                self.done.pop(it.input_id)
+                it.reused = it.kind == "order"  # an unreadable one is answered as such
         stale = {i.input_id for i in items if i.input_id not in self.done and self._stale(i)}
         fresh = [it for it in items if it.input_id not in self.done and it.input_id not in stale]
         if self.metrics is not None:
@@ -767,7 +779,7 @@ class RiskWorker:
                 if it.entry:
                     self.metrics.risk_requests(it.entry).inc()
         spans = self._start_spans(fresh)
-        exts = await self._externals(fresh)
+        exts = await self._externals([it for it in fresh if not it.reused])
         records: list[dict[str, Any]] = []
         outs: list[Out] = []
         approvals: list[bool] = []  # per new order decision, for the metrics
@@ -780,8 +792,8 @@ class RiskWorker:
             if it.input_id in stale:
                 continue  # decided long ago, beyond memory: acked with the batch only
             ext: Externals | None = None
-            if it.kind == "bad":  # undecodable: acked with the batch (see _classify)
-                produced = self._refuse_unread(it)
+            if it.kind == "bad" or it.reused:  # undecodable: acked with the batch (_classify)
+                produced = self._refuse_reused(it) if it.reused else self._refuse_unread(it)
                 if not produced:
                     if self.metrics is not None and it.input_id.startswith("o:"):
                         self.metrics.risk_unanswered(it.unanswered or "unreadable").inc()
@@ -813,8 +825,9 @@ class RiskWorker:
             outs.extend(produced)
         futs = []
         # One RISKLOG message per batch (<= MAX_RECORD_BYTES): one durable write, not one per
-        # input. Its msg id names this process and the first input: a resend of the same
-        # piece is a duplicate, which fails the batch (rebuilt, then retried).
+        # input. Its msg id names this process and the first input, with its stream sequence
+        # (a key re-used once ORDERS dropped it is another input: :meth:`_reused`): a resend
+        # of the same piece is a duplicate, which fails the batch (rebuilt, then retried).
         # Each piece expects the record before it on the subject: what this worker last
         # stored or replayed, then the piece before. A record stored late by a failed
         # attempt (its PubAck lost, the rebuild already done) then fails this attempt instead
@@ -830,7 +843,10 @@ class RiskWorker:
                 subjects.risklog(self.region),
                 msgpack.packb({"b": chunk}, use_bin_type=True),
                 headers={
-                    H_MSG_ID: f"rec:{self._epoch}:{chunk[0]['in']}:{len(chunk)}",
+                    H_MSG_ID: (
+                        f"rec:{self._epoch}:{chunk[0]['in']}:{chunk[0]['h'].get('seq', '')}"
+                        f":{len(chunk)}"
+                    ),
                     H_EXPECTED_LAST_SUBJECT_SEQ: str(expect),
                 },
             )
@@ -1212,6 +1228,44 @@ class RiskWorker:
             )
         return True
 
+    def _reused(self, it: Item) -> bool:
+        """An order request whose key ``done`` holds, stored after every ORDERS input decided
+        (above the high-water mark, in sequence and in stored time). A redelivery of the
+        decided request comes at or below the mark (every decided input is marked with its
+        decision); this is another request on the same ``(account, cl_ord_id)``, stored once
+        ORDERS no longer held the first (its max_age is 7 days). Taken as a redelivery, it
+        was acked and never decided. Both marks, and a mark at all, are required: a
+        redelivery taken for this would be refused instead of having its outputs sent again,
+        so any doubt (a clock stepped back, a snapshot without marks, a recreated stream's low
+        sequences) leaves it a redelivery."""
+        if not it.input_id.startswith("o:") or it.input_id not in self.done:
+            return False
+        pos = self._position(it)
+        if pos is None or pos[0] not in self._hwm:
+            return False
+        key, seq, ts = pos
+        mark_seq, mark_ts = self._hwm[key]
+        return seq > mark_seq and ts > mark_ts
+
+    def _refuse_reused(self, it: Item) -> list[Out]:
+        """The answer to a request on a key risk remembers deciding (:meth:`_reused`):
+        ``DUPLICATE_CL_ORD_ID``, naming no order (the earlier request's order keeps its id),
+        recorded as an answer like an unread request's, so a replay finds it answered."""
+        self.stats["rejected"] += 1
+        log.warning(
+            "risk %s: %s stored again after ORDERS dropped its first request: answered "
+            "DUPLICATE_CL_ORD_ID",
+            self.region,
+            it.input_id,
+        )
+        return self._refusal(
+            it,
+            msgpack.unpackb(it.payload, raw=False),
+            reason=RejectReason.DUPLICATE_CL_ORD_ID,
+            text="cl_ord_id already used (by a request older than ORDERS keeps): use a new one",
+            order_id="NONE",
+        )
+
     def _subject_fault(self, it: Item, cl_ord_id: str) -> str | None:
         """Why an order request is not on its own subject, or None. The subject is the
         request's index entry (a re-send finds it there): a key not derived from its
@@ -1252,6 +1306,26 @@ class RiskWorker:
             # live order, whose desk must not read a rejection of it
             it.unanswered = "subject" if isinstance(cl, str) else "unreadable"
             return []
+        answer = self._refusal(
+            it,
+            raw,
+            reason=reason,
+            text=f"not decided: {err}",
+            # a new order's id is derived from its cl_ord_id (as the gateway derives it; a
+            # header naming another is what made it unreadable); a cancel's or replace's
+            # names an order this answer cannot look up
+            order_id=ids.order_id(it.account, cl),
+        )
+        if answer:
+            log.warning("risk %s: answered unreadable %s with %s", self.region, it.input_id, reason)
+        return answer
+
+    def _refusal(
+        self, it: Item, raw: dict[str, Any], *, reason: RejectReason, text: str, order_id: str
+    ) -> list[Out]:
+        """A refused order request's answer, built from its map ``raw``: a REJECTED report
+        for a new order, a cancel reject for a cancel or replace (``order_id`` only for the
+        former: the latter's names an order this answer does not look up)."""
         op = request_op(it.headers)
         if op not in contract.ENTRY_OPS:
             # an op this build does not know (a newer client's, or a direct publisher's
@@ -1264,10 +1338,7 @@ class RiskWorker:
         accepted = entry_time(accepted, int(it.headers.get("ts", "0")))
         fields = {
             **raw,
-            # a new order's id is derived from its cl_ord_id (as the gateway derives it; a
-            # header naming another is what made it unreadable); a cancel's or replace's
-            # names an order this answer cannot look up
-            "order_id": ids.order_id(it.account, cl) if op == "new" else "NONE",
+            "order_id": order_id if op == "new" else "NONE",
             "home_region": self.region,
             "entry_ns": accepted,
         }
@@ -1275,7 +1346,7 @@ class RiskWorker:
             fields,
             op=op,
             reason=reason,
-            text=f"not decided: {err}",
+            text=text,
             reply_id=f"{self.region}-risk-{it.headers.get('seq', '0')}",
             symbol=str(raw.get("symbol", "")),
             exec_region=self.region,
@@ -1283,7 +1354,6 @@ class RiskWorker:
         )
         if answer is None:
             return []
-        log.warning("risk %s: answered unreadable %s with %s", self.region, it.input_id, reason)
         return [self._report(answer, {})]
 
     def _report(self, r: ExecutionReport | CancelReject, headers: dict[str, str]) -> Out:

@@ -577,15 +577,69 @@ async def _unknown_op_scenario(ds: Devstack) -> None:
                     headers={**store_headers("new"), H_OP: op},
                 )
             await _until(lambda: bool(reports) and bool(rejects) and w.stats["bad"] == 2, 100)
-            assert [(a.cl_ord_id, a.reject_reason) for a in reports] == [
-                ("snap-0", "MALFORMED")
-            ]
+            assert [(a.cl_ord_id, a.reject_reason) for a in reports] == [("snap-0", "MALFORMED")]
             assert "unknown op 'mass_new'" in reports[0].text
             assert [(c.cl_ord_id, c.orig_cl_ord_id, c.reason, c.response_to) for c in rejects] == [
                 ("unknown-op-cxl", "snap-0", "MALFORMED", "cancel")
             ]
             kinds = [rec["k"] for rec in await _records(js)]
             assert kinds == ["unread", "unread"]
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_cl_ord_id_stored_again_after_orders_dropped_it_is_answered_duplicate(
+    snapshot: bool,
+) -> None:
+    """ORDERS keeps a request 7 days; a desk that re-uses the cl_ord_id after that stores a
+    new request on the same subject. Risk still remembers the key: it is not a redelivery
+    (it was stored after everything decided) and not a new order (the order id would be the
+    first's), so it is answered DUPLICATE_CL_ORD_ID, naming no order, and never decided. It
+    was taken as a redelivery: acked, and never answered. A restart (from the records, or
+    from a snapshot) finds it answered."""
+    import functools
+
+    _on_a_mesh(functools.partial(_reused_key_scenario, snapshot=snapshot), 60)
+
+
+async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
+    first = _new(0)
+    again = replace(first, qty=2 * first.qty)
+    key = subjects.request_key(first.account, first.cl_ord_id)
+    async with _lon(ds) as (nc, js, r):
+        answers: list[Any] = []
+
+        async def on_report(m: Any) -> None:
+            answers.append(contract.decode(contract.ExecutionReport, m.data))
+
+        await nc.subscribe(subjects.report_risk("lon", first.account), cb=on_report)
+        async with _started(_worker(ds, nc, r)) as w:
+            await _send(js, 0)
+            await _decided(w, 1)
+            await asyncio.sleep(0.3)  # outputs stored, input acked
+            # max_age took it (a purge of its subject is the same to the stream's index)
+            await js.purge_stream("ORDERS", subject=subjects.orders("lon", first.account, key))
+            ack = await _send(js, 0, again)
+            assert ack.seq > 1  # stored: the subject was empty
+            await _send(js, 2)
+            await _decided(w, 2)
+            await _until(lambda: bool(answers))
+            assert [(a.cl_ord_id, a.order_id, a.reject_reason) for a in answers] == [
+                (first.cl_ord_id, "NONE", "DUPLICATE_CL_ORD_ID")
+            ]
+            kinds = [(rec["in"], rec["k"]) for rec in await _records(js)]
+            assert kinds == [(_key(0), "order"), (_key(0), "unread"), (_key(2), "order")]
+            assert (await js.stream_info("EXEC")).state.messages == 2  # snap-0 once, snap-2
+            answer = w._recorded(_key(0))
+            if snapshot:
+                await _snapshot_now(w)
+        async with _started(_worker(ds, nc, r)) as w2:
+            assert w2.restored_from == (w._risklog_seq if snapshot else 0)
+            # found answered (a snapshot keeps an input whose outputs were stored without
+            # them: a redelivery is only acked), its store at or below the mark: not taken
+            # for another re-use
+            assert w2._recorded(_key(0)) == ([] if snapshot else answer)
+            assert w2._hwm["ORDERS"][0] >= ack.seq
+            assert len(answers) == 1
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
