@@ -7,6 +7,7 @@ region's server at scrape time (in parallel, stdlib ``urllib`` only) and exposes
     meridian_nats_scrape_duration_seconds{region}
     meridian_nats_connections{region}                         client connections
     meridian_nats_pending_bytes{region}                       bytes queued to slow readers
+    meridian_nats_memory_bytes{region}                        the server's resident memory
     meridian_nats_slow_consumers_total{region}
     meridian_nats_messages_total{region,direction}            direction: in | out
     meridian_nats_bytes_total{region,direction}
@@ -75,6 +76,12 @@ _FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
     "meridian_nats_scrape_duration_seconds": ("gauge", "Time to read the endpoints.", _R),
     "meridian_nats_connections": ("gauge", "Client connections.", _R),
     "meridian_nats_pending_bytes": ("gauge", "Bytes pending to all connections.", _R),
+    "meridian_nats_memory_bytes": (
+        "gauge",
+        "Resident memory of the server (its dedup windows and per-subject state grow with the "
+        "orders of the last hour and week: docs/benchmarks.md, stop 21).",
+        _R,
+    ),
     "meridian_nats_slow_consumers": ("counter", "Slow consumers detected.", _R),
     "meridian_nats_messages": ("counter", "Messages in/out.", ("region", "direction")),
     "meridian_nats_bytes": ("counter", "Bytes in/out.", ("region", "direction")),
@@ -261,6 +268,7 @@ class NatsMonitorCollector(Collector):
             v = s.varz
             g("meridian_nats_connections", [r], _num(v, "connections"))
             g("meridian_nats_slow_consumers", [r], _num(v, "slow_consumers"))
+            g("meridian_nats_memory_bytes", [r], _num(v, "mem"))
             for d in ("in", "out"):
                 g("meridian_nats_messages", [r, d], _num(v, f"{d}_msgs"))
                 g("meridian_nats_bytes", [r, d], _num(v, f"{d}_bytes"))

@@ -152,6 +152,7 @@ async def test_stream_and_consumer_series_follow_the_server(
     assert value(s, "meridian_nats_consumer_redelivered", **cons) == 1
     assert value(s, "meridian_nats_consumer_ack_floor_stream_seq", **cons) == 1
     assert value(s, "meridian_nats_leafnodes", region="tst") == 0
+    assert value(s, "meridian_nats_memory_bytes", region="tst") > 1e6  # type: ignore[operator]
     assert value(s, "meridian_nats_messages_total", region="tst", direction="in") >= 5  # type: ignore[operator]
     # The scrape reads live state: one more publish moves the series.
     nc = await nats.connect(url)
