@@ -135,7 +135,8 @@ class Item:
     """Why an unreadable order request got no answer, when it got none (for the metrics)."""
     reused: bool = False
     """An order request on a key whose earlier request ORDERS no longer holds
-    (:meth:`RiskWorker._reused`): answered DUPLICATE_CL_ORD_ID, never decided."""
+    (:meth:`RiskWorker._reused`): answered DUPLICATE_CL_ORD_ID (or as unreadable), never
+    decided, and its record says so (``ru``)."""
 
 
 @dataclass(slots=True)
@@ -455,10 +456,9 @@ class RiskWorker:
                     )
                 body = msgpack.unpackb(m.data, raw=False)
                 for rec in body.get("b", [body]):
-                    # a batch re-recorded after a crash is found done; a reused key's answer
-                    # is not (:meth:`_reused`)
-                    item = Item(input_id=rec["in"], kind=rec["k"], headers=rec["h"])
-                    if rec["in"] not in self.done or self._reused(item):
+                    # a batch re-recorded after a crash is found done; the answer to a re-used
+                    # key is replayed as the live worker took it (:meth:`_reused`)
+                    if rec["in"] not in self.done or rec.get("ru"):
                         self._replay(rec)
                         n += 1
                 self._risklog_seq = max(self._risklog_seq, m.metadata.sequence.stream)
@@ -767,13 +767,12 @@ class RiskWorker:
         items = [it for it in items if it.input_id not in self._inflight_ids]
         items = once_each(items)
         for it in items:
-            if self._reused(it):
-                # not a redelivery: another request on a key ORDERS held over 7 days ago;
-                # its answer is its own, not the first's
-                self.done.pop(it.input_id)
-                it.reused = it.kind == "order"  # an unreadable one is answered as such
+            # not a redelivery: another request on a key ORDERS held over 7 days ago; its
+            # answer is its own, and replaces the first's in ``done`` once recorded
+            it.reused = self._reused(it)
+        known = {it.input_id for it in items if it.input_id in self.done and not it.reused}
         stale = {i.input_id for i in items if i.input_id not in self.done and self._stale(i)}
-        fresh = [it for it in items if it.input_id not in self.done and it.input_id not in stale]
+        fresh = [it for it in items if it.input_id not in known and it.input_id not in stale]
         if self.metrics is not None:
             for it in fresh:
                 if it.entry:
@@ -786,14 +785,14 @@ class RiskWorker:
         turn = Turn()  # the engine's only writer is this task; _complete only acks, re-sends
         for it in items:
             await turn.check()
-            if it.input_id in self.done:
+            if it.input_id in known:
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
             if it.input_id in stale:
                 continue  # decided long ago, beyond memory: acked with the batch only
             ext: Externals | None = None
             if it.kind == "bad" or it.reused:  # undecodable: acked with the batch (_classify)
-                produced = self._refuse_reused(it) if it.reused else self._refuse_unread(it)
+                produced = self._refuse_unread(it) if it.kind == "bad" else self._refuse_reused(it)
                 if not produced:
                     if self.metrics is not None and it.input_id.startswith("o:"):
                         self.metrics.risk_unanswered(it.unanswered or "unreadable").inc()
@@ -812,6 +811,8 @@ class RiskWorker:
             self._remember(it.input_id, produced)
             self._mark(it)
             rec: dict[str, Any] = {"in": it.input_id, "k": kind, "p": payload, "h": it.headers}
+            if it.reused:
+                rec["ru"] = 1  # a replay finds the key done, and replays this all the same
             if ext is not None:
                 rec["x"] = _ext_to(ext)
             if it.kind == "kill":
@@ -1249,22 +1250,27 @@ class RiskWorker:
 
     def _refuse_reused(self, it: Item) -> list[Out]:
         """The answer to a request on a key risk remembers deciding (:meth:`_reused`):
-        ``DUPLICATE_CL_ORD_ID``, naming no order (the earlier request's order keeps its id),
-        recorded as an answer like an unread request's, so a replay finds it answered."""
-        self.stats["rejected"] += 1
-        log.warning(
-            "risk %s: %s stored again after ORDERS dropped its first request: answered "
-            "DUPLICATE_CL_ORD_ID",
-            self.region,
-            it.input_id,
-        )
-        return self._refusal(
+        ``DUPLICATE_CL_ORD_ID``, recorded as an answer like an unread request's, so a replay
+        finds it answered. A new order's answer names the order id its ack named, derived
+        from ``(account, cl_ord_id)``: the first order's (the desk matches the answer to
+        its ack; the refusal is of this request, never of that order)."""
+        acct, cl = it.account, it.decoded.cl_ord_id
+        answer = self._refusal(
             it,
             msgpack.unpackb(it.payload, raw=False),
             reason=RejectReason.DUPLICATE_CL_ORD_ID,
             text="cl_ord_id already used (by a request older than ORDERS keeps): use a new one",
-            order_id="NONE",
+            order_id=ids.order_id(acct, cl),
         )
+        if answer:
+            self.stats["rejected"] += 1
+            log.warning(
+                "risk %s: %s stored again after ORDERS dropped its first request: answered "
+                "DUPLICATE_CL_ORD_ID",
+                self.region,
+                it.input_id,
+            )
+        return answer
 
     def _subject_fault(self, it: Item, cl_ord_id: str) -> str | None:
         """Why an order request is not on its own subject, or None. The subject is the

@@ -593,53 +593,89 @@ def test_a_cl_ord_id_stored_again_after_orders_dropped_it_is_answered_duplicate(
     """ORDERS keeps a request 7 days; a desk that re-uses the cl_ord_id after that stores a
     new request on the same subject. Risk still remembers the key: it is not a redelivery
     (it was stored after everything decided) and not a new order (the order id would be the
-    first's), so it is answered DUPLICATE_CL_ORD_ID, naming no order, and never decided. It
-    was taken as a redelivery: acked, and never answered. A restart (from the records, or
-    from a snapshot) finds it answered."""
+    first's), so it is answered DUPLICATE_CL_ORD_ID under the id its ack named, and never
+    decided; one this build cannot read is answered as unreadable. Both were taken for
+    redeliveries: acked, and never answered. A restart (from the records, or from a
+    snapshot) finds them answered, and their redelivery is not taken for another re-use."""
     import functools
 
     _on_a_mesh(functools.partial(_reused_key_scenario, snapshot=snapshot), 60)
 
 
 async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
-    first = _new(0)
+    first, other = _new(0), _new(3)  # two accounts
     again = replace(first, qty=2 * first.qty)
-    key = subjects.request_key(first.account, first.cl_ord_id)
+    unreadable = {**msgpack.unpackb(contract.encode(other)), "v": 2}
+    keys = {m.account: subjects.request_key(m.account, m.cl_ord_id) for m in (first, other)}
     async with _lon(ds) as (nc, js, r):
         answers: list[Any] = []
 
         async def on_report(m: Any) -> None:
             answers.append(contract.decode(contract.ExecutionReport, m.data))
 
-        await nc.subscribe(subjects.report_risk("lon", first.account), cb=on_report)
+        for acct in keys:
+            await nc.subscribe(subjects.report_risk("lon", acct), cb=on_report)
         async with _started(_worker(ds, nc, r)) as w:
             await _send(js, 0)
-            await _decided(w, 1)
-            await asyncio.sleep(0.3)  # outputs stored, input acked
-            # max_age took it (a purge of its subject is the same to the stream's index)
-            await js.purge_stream("ORDERS", subject=subjects.orders("lon", first.account, key))
-            ack = await _send(js, 0, again)
-            assert ack.seq > 1  # stored: the subject was empty
-            await _send(js, 2)
+            await _send(js, 3)
             await _decided(w, 2)
-            await _until(lambda: bool(answers))
-            assert [(a.cl_ord_id, a.order_id, a.reject_reason) for a in answers] == [
-                (first.cl_ord_id, "NONE", "DUPLICATE_CL_ORD_ID")
+            await asyncio.sleep(0.3)  # outputs stored, inputs acked
+            # max_age took them (a purge of their subjects is the same to the stream's index)
+            for acct, key in keys.items():
+                await js.purge_stream("ORDERS", subject=subjects.orders("lon", acct, key))
+            ack = await _send(js, 0, again)
+            assert ack.seq == 3  # stored: the subject was empty
+            await js.publish(
+                subjects.orders("lon", other.account, keys[other.account]),
+                msgpack.packb(unreadable),
+                headers=store_headers("new"),
+            )
+            await _send(js, 2)
+            await _decided(w, 3)
+            await _until(lambda: len(answers) == 2)
+            got = sorted((a.cl_ord_id, a.order_id, a.reject_reason) for a in answers)
+            assert got == sorted(
+                [
+                    (first.cl_ord_id, ids.order_id(first.account, first.cl_ord_id),
+                     "DUPLICATE_CL_ORD_ID"),
+                    (other.cl_ord_id, ids.order_id(other.account, other.cl_ord_id),
+                     "UNSUPPORTED_VERSION"),
+                ]
+            )  # fmt: skip
+            records = await _records(js)
+            kinds = [(rec["in"], rec["k"], rec.get("ru")) for rec in records]
+            assert kinds == [
+                (_key(0), "order", None),
+                (_key(3), "order", None),
+                (_key(0), "unread", 1),
+                (_key(3), "unread", 1),
+                (_key(2), "order", None),
             ]
-            kinds = [(rec["in"], rec["k"]) for rec in await _records(js)]
-            assert kinds == [(_key(0), "order"), (_key(0), "unread"), (_key(2), "order")]
-            assert (await js.stream_info("EXEC")).state.messages == 2  # snap-0 once, snap-2
-            answer = w._recorded(_key(0))
+            assert (await js.stream_info("EXEC")).state.messages == 3  # each order once
+            answered = {k: w._recorded(k) for k in (_key(0), _key(3))}
             if snapshot:
                 await _snapshot_now(w)
+        # the next worker's durable starts again from the stream's first message: each
+        # request is redelivered, at or below the mark, and found answered
+        await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
         async with _started(_worker(ds, nc, r)) as w2:
             assert w2.restored_from == (w._risklog_seq if snapshot else 0)
-            # found answered (a snapshot keeps an input whose outputs were stored without
-            # them: a redelivery is only acked), its store at or below the mark: not taken
-            # for another re-use
-            assert w2._recorded(_key(0)) == ([] if snapshot else answer)
-            assert w2._hwm["ORDERS"][0] >= ack.seq
-            assert len(answers) == 1
+            for k, outs in answered.items():
+                # a snapshot keeps an input whose outputs were stored without them: its
+                # redelivery is only acked
+                assert w2._recorded(k) == ([] if snapshot else outs)
+            before = dict(w2.stats)
+            floor = 0
+            for _ in range(100):  # until the redeliveries are acked
+                ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
+                floor = ci.ack_floor.stream_seq
+                if floor >= 5:
+                    break
+                await asyncio.sleep(0.05)
+            assert floor == 5
+            assert len(await _records(js)) == len(records)  # nothing decided again
+            assert len({(a.exec_id, a.reject_reason) for a in answers}) == 2  # the same answers
+            assert w2.stats == before
 
 
 @pytest.mark.parametrize("snapshot", [False, True])
