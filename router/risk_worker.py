@@ -667,6 +667,8 @@ class RiskWorker:
         item = Item(input_id=rec["in"], kind=rec["k"], payload=rec["p"], headers=rec["h"])
         self._mark(item)
         if rec["k"] == UNREAD:  # answered unread: its answer stands, nothing was decided
+            if rec.get("ru"):  # as the live worker did (see _process)
+                self.done.pop(rec["in"], None)
             self._remember(rec["in"], [Out(*o) for o in rec["o"]])
             return
         ext = _ext_from(rec.get("x"))
@@ -796,7 +798,10 @@ class RiskWorker:
                 if not produced:
                     if self.metrics is not None and it.input_id.startswith("o:"):
                         self.metrics.risk_unanswered(it.unanswered or "unreadable").inc()
-                    continue
+                    if not it.reused:
+                        continue
+                    # recorded all the same: the key's entry must stop naming the first
+                    # request's outputs, or a redelivery would send them again
                 # recorded with its answer: a build that can read it, taking over or
                 # replaying, finds it answered and never decides it after the REJECTED; not
                 # its bytes (up to max_payload: the record must fit a message): ORDERS keeps
@@ -808,6 +813,8 @@ class RiskWorker:
                 kind, payload = it.kind, it.payload
                 if it.kind == "order":
                     approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
+            if it.reused:  # the key's entry is this request's now, and as recent as it is
+                self.done.pop(it.input_id, None)
             self._remember(it.input_id, produced)
             self._mark(it)
             rec: dict[str, Any] = {"in": it.input_id, "k": kind, "p": payload, "h": it.headers}
