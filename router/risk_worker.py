@@ -631,7 +631,9 @@ class RiskWorker:
             if isinstance(v, list) and len(v) == 2
         }
         empty = msgpack.packb([])
-        oldest_first = list(reversed(snap.get("decided", [])))  # stored newest first
+        # stored newest first; an id twice (a snapshot of a build that kept a re-used key's
+        # old place too) keeps its newest place
+        oldest_first = list(reversed(dict.fromkeys(snap.get("decided", []))))
         for input_id in oldest_first:
             # decided before the snapshot, outputs stored: a redelivery is only acked
             self.done[input_id] = empty
@@ -668,7 +670,7 @@ class RiskWorker:
         self._mark(item)
         if rec["k"] == UNREAD:  # answered unread: its answer stands, nothing was decided
             if rec.get("ru"):  # as the live worker did (see _process)
-                self.done.pop(rec["in"], None)
+                self._forget(rec["in"])
             self._remember(rec["in"], [Out(*o) for o in rec["o"]])
             return
         ext = _ext_from(rec.get("x"))
@@ -814,7 +816,7 @@ class RiskWorker:
                 if it.kind == "order":
                     approvals.append(any(o.kind in COMMAND_KINDS for o in produced))
             if it.reused:  # the key's entry is this request's now, and as recent as it is
-                self.done.pop(it.input_id, None)
+                self._forget(it.input_id)
             self._remember(it.input_id, produced)
             self._mark(it)
             rec: dict[str, Any] = {"in": it.input_id, "k": kind, "p": payload, "h": it.headers}
@@ -1237,15 +1239,15 @@ class RiskWorker:
         return True
 
     def _reused(self, it: Item) -> bool:
-        """An order request whose key ``done`` holds, stored after every ORDERS input decided
-        (above the high-water mark, in sequence and in stored time). A redelivery of the
-        decided request comes at or below the mark (every decided input is marked with its
-        decision); this is another request on the same ``(account, cl_ord_id)``, stored once
-        ORDERS no longer held the first (its max_age is 7 days). Taken as a redelivery, it
-        was acked and never decided. Both marks, and a mark at all, are required: a
-        redelivery taken for this would be refused instead of having its outputs sent again,
-        so any doubt (a clock stepped back, a snapshot without marks, a recreated stream's low
-        sequences) leaves it a redelivery."""
+        """An order request whose key ``done`` holds but which was never decided: its ORDERS
+        sequence or its stored time is above the high-water mark. A redelivery carries the
+        sequence and stored time its decision marked (every decided input is marked, live
+        and in a replay, and the marks are maxima), so it is at or below both, whatever the
+        clocks did. This is another request on the same ``(account, cl_ord_id)``, stored once
+        ORDERS no longer held the first (its max_age is 7 days, or the stream was recreated
+        and its stored time is later). Taken as a redelivery, it was acked, never decided,
+        and the first's outputs were sent again, past EXEC's dedup window. No mark at all (a
+        snapshot from before marks) leaves it a redelivery."""
         if not it.input_id.startswith("o:") or it.input_id not in self.done:
             return False
         pos = self._position(it)
@@ -1253,7 +1255,7 @@ class RiskWorker:
             return False
         key, seq, ts = pos
         mark_seq, mark_ts = self._hwm[key]
-        return seq > mark_seq and ts > mark_ts
+        return seq > mark_seq or ts > mark_ts
 
     def _refuse_reused(self, it: Item) -> list[Out]:
         """The answer to a request on a key risk remembers deciding (:meth:`_reused`):
@@ -1412,6 +1414,14 @@ class RiskWorker:
                 if len(self._inflight_ids) >= len(self.done):
                     break
                 continue
+
+    def _forget(self, input_id: str) -> None:
+        """Drop ``input_id`` from ``done`` and :attr:`_recent`, so that :meth:`_remember`
+        puts it back as the newest (a re-used key's answer, :meth:`_reused`: rare, so the
+        deque's linear scan is paid only then)."""
+        self.done.pop(input_id, None)
+        with contextlib.suppress(ValueError):
+            self._recent.remove(input_id)
 
     def _recorded(self, input_id: str) -> list[Out]:
         packed = self.done.get(input_id)

@@ -626,11 +626,17 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
                 await _send(js, i)
             await _decided(w, 3)
             await asyncio.sleep(0.3)  # outputs stored, inputs acked
+            snap_seq = 0
+            if snapshot:  # before the re-uses: the restart replays their records on it
+                await _snapshot_now(w)
+                snap_seq = w._risklog_seq
+            await _send(js, 1)  # decided after the first three, before their re-uses
+            await _decided(w, 4)
             # max_age took them (a purge of their subjects is the same to the stream's index)
             for (acct, _), key in keys.items():
                 await js.purge_stream("ORDERS", subject=subjects.orders("lon", acct, key))
             ack = await _send(js, 0, again)
-            assert ack.seq == 4  # stored: the subject was empty
+            assert ack.seq == 5  # stored: the subject was empty
             for m, body in ((other, msgpack.packb(unreadable)), (third, b"\x93\x01\x02\x03")):
                 # one this build cannot read, and bytes that name no request (no answer)
                 await js.publish(
@@ -639,7 +645,7 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
                     headers=store_headers("new"),
                 )
             await _send(js, 2)
-            await _decided(w, 4)
+            await _decided(w, 5)
             await _until(lambda: len(answers) == 2 and w.stats["bad"] == 2)
             got = sorted((a.cl_ord_id, a.order_id, a.reject_reason) for a in answers)
             assert got == sorted(
@@ -656,39 +662,43 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
                 (_key(0), "order", None, 1),
                 (_key(3), "order", None, 1),
                 (_key(4), "order", None, 1),
+                (_key(1), "order", None, 1),
                 (_key(0), "unread", 1, 1),
                 (_key(3), "unread", 1, 1),
                 (_key(4), "unread", 1, 0),  # recorded with no answer: the first's are gone
                 (_key(2), "order", None, 1),
             ]
-            assert (await js.stream_info("EXEC")).state.messages == 4  # each order once
+            assert (await js.stream_info("EXEC")).state.messages == 5  # each order once
             assert w._recorded(_key(4)) == []
-            answered = {k: w._recorded(k) for k in (_key(0), _key(3))}
-            if snapshot:
-                await _snapshot_now(w)
+            answered = {k: w._recorded(k) for k in (_key(0), _key(3), _key(4))}
+            # the answers took the keys' places as the newest entries, once each
+            newest = [_key(0), _key(3), _key(4), _key(2)]
+            assert list(w.done)[-4:] == newest and list(w._recent)[-4:] == newest
+            assert len(w._recent) == len(set(w._recent))
         # the next worker's durable starts again from the stream's first message: each
         # request is redelivered, at or below the mark, and found answered
         await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
         commands.clear()
         n_answers = len(answers)
         async with _started(_worker(ds, nc, r)) as w2:
-            assert w2.restored_from == (w._risklog_seq if snapshot else 0)
-            for k, outs in answered.items():
-                # a snapshot keeps an input whose outputs were stored without them: its
-                # redelivery is only acked
-                assert w2._recorded(k) == ([] if snapshot else outs)
+            assert w2.restored_from == snap_seq
+            # the records after the snapshot (or all of them) replayed as the worker took
+            # them: each key holds its last answer, in the same place
+            assert {k: w2._recorded(k) for k in answered} == answered
+            assert list(w2.done)[-4:] == newest and len(w2._recent) == len(set(w2._recent))
             floor = 0
             for _ in range(100):  # until the redeliveries are acked
                 ci = await js.consumer_info("ORDERS", subjects.durable_risk("lon"))
                 floor = ci.ack_floor.stream_seq
-                if floor >= 7:
+                if floor >= 8:
                     break
                 await asyncio.sleep(0.05)
-            assert floor == 7
+            assert floor == 8
             assert len(await _records(js)) == len(records)  # nothing decided again
             # no first request's command sent again (a redelivery republishes only what its
-            # key's entry holds: snap-2's own command, when not restored from a snapshot)
-            assert set(commands) <= {f"cmd:{_key(2)}"}
+            # key's entry holds: the commands of snap-1 and snap-2, decided after the last
+            # snapshot, or of none)
+            assert set(commands) <= {f"cmd:{_key(1)}", f"cmd:{_key(2)}"}
             again_answers = answers[n_answers:]
             assert {a.exec_id for a in again_answers} <= {a.exec_id for a in answers[:n_answers]}
 
