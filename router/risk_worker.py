@@ -1240,22 +1240,24 @@ class RiskWorker:
 
     def _reused(self, it: Item) -> bool:
         """An order request whose key ``done`` holds but which was never decided: its ORDERS
-        sequence or its stored time is above the high-water mark. A redelivery carries the
-        sequence and stored time its decision marked (every decided input is marked, live
-        and in a replay, and the marks are maxima), so it is at or below both, whatever the
-        clocks did. This is another request on the same ``(account, cl_ord_id)``, stored once
-        ORDERS no longer held the first (its max_age is 7 days, or the stream was recreated
-        and its stored time is later). Taken as a redelivery, it was acked, never decided,
-        and the first's outputs were sent again, past EXEC's dedup window. No mark at all (a
-        snapshot from before marks) leaves it a redelivery."""
+        sequence is above the high-water mark. A redelivery is at or below it: every input
+        decided since marks existed raised the mark with its own sequence, live and in a
+        replay, and one decided before (restored from an old snapshot, or replayed from a
+        record without a position) lies below every later one, as ORDERS is in order. This
+        is another request on the same ``(account, cl_ord_id)``, stored once ORDERS no
+        longer held the first (its max_age is 7 days). Taken as a redelivery, it was acked,
+        never decided, and the first's outputs were sent again, past EXEC's dedup window.
+        The stored time is not used: it need not follow the sequence (a clock stepped back),
+        and an input without a mark of its own could then be refused although decided. So a
+        recreated stream's new store on an old key, whose sequence is low, is still taken
+        for a redelivery. No mark at all (a snapshot from before marks) leaves it one too."""
         if not it.input_id.startswith("o:") or it.input_id not in self.done:
             return False
         pos = self._position(it)
         if pos is None or pos[0] not in self._hwm:
             return False
-        key, seq, ts = pos
-        mark_seq, mark_ts = self._hwm[key]
-        return seq > mark_seq or ts > mark_ts
+        key, seq, _ts = pos
+        return seq > self._hwm[key][0]
 
     def _refuse_reused(self, it: Item) -> list[Out]:
         """The answer to a request on a key risk remembers deciding (:meth:`_reused`):

@@ -306,3 +306,25 @@ def test_a_stored_requests_accept_time_is_its_stored_time_wherever_it_is_read() 
     assert stored_accept_ns({**stored, "Mrd-Accepted-Ns": "1"}) == at
     assert stored_accept_ns({"Mrd-Accepted-Ns": "17"}) == 17
     assert stored_accept_ns({"Mrd-Accepted-Ns": "soon"}) == 0
+
+
+async def test_a_re_use_is_told_from_a_redelivery_by_its_sequence_alone() -> None:
+    """A delivery on a key risk remembers is a re-use of the cl_ord_id (answered
+    DUPLICATE_CL_ORD_ID) only when its ORDERS sequence is above every decided one: a
+    redelivery never is. Its stored time is not used, whichever way the clocks went: a
+    re-use stored under a clock behind the mark is still one, and an input decided by a
+    build without marks, redelivered under a mark whose time is behind its own, is still a
+    redelivery."""
+    w = _worker()
+    w.done["o:" + KEY] = b""
+
+    def at(seq: int, ts: int) -> Item:
+        return Item(input_id="o:" + KEY, kind="order", headers={"seq": str(seq), "ts": str(ts)})
+
+    assert not w._reused(at(100, 10))  # no mark yet: a redelivery
+    w._hwm["ORDERS"] = (101, 5)  # decided up to 101, the latest stored at 5
+    assert w._reused(at(102, 4))  # stored after, under a clock behind the mark
+    assert not w._reused(at(100, 10))  # decided before the marks, stored at a later time
+    assert not w._reused(at(101, 5))  # the latest decided, redelivered
+    w.done.clear()
+    assert not w._reused(at(102, 4))  # not remembered: decided as any new request
