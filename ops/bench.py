@@ -680,6 +680,14 @@ def md_bench(ds: Devstack, quick: bool) -> dict[str, Any]:
 # ---- report --------------------------------------------------------------------------------------
 
 
+ROW_HEADER = (
+    "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
+    " order->execution ms p50/p99/p99.9/max |",
+    "|---|---|---|---|---|---|",
+)
+"""The header of the tables whose rows :func:`_row` writes."""
+
+
 def _row(name: str, d: dict[str, Any]) -> str:
     a, e = d.get("submit_to_ack", {}), d.get("order_to_execution", {})
 
@@ -703,9 +711,7 @@ def _direct_lines(d: dict[str, Any]) -> list[str]:
         " the gateway's tracing-off point, on the same mesh in the same state; the maxima at"
         " the end.",
         "",
-        "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
-        " order->execution ms p50/p99/p99.9/max |",
-        "|---|---|---|---|---|---|",
+        *ROW_HEADER,
     ]
     for lat in d.get("latency_1000", []):
         lines.append(_row("direct, 1,000/s", lat))
@@ -787,9 +793,7 @@ def markdown(r: dict[str, Any]) -> str:
             "order->execution: submit to the first execution report at the desk. "
             "executed/s: orders whose first report arrived.",
             "",
-            "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
-            " order->execution ms p50/p99/p99.9/max |",
-            "|---|---|---|---|---|---|",
+            *ROW_HEADER,
         ]
         for tag in ("on", "off"):
             pt = mesh.get("tracing_" + tag)
@@ -877,9 +881,7 @@ def _steady_lines(st: dict[str, Any]) -> list[str]:
         f"session. Full GC collections in the window: {gc_txt}. Event-loop stalls (a "
         f"heartbeat 0.5 s or more late, `ops/telemetry/stalls.py`): {stall_txt}.",
         "",
-        "| run | offered/s | acked/s | executed/s | submit->ack ms p50/p99/p99.9/max |"
-        " order->execution ms p50/p99/p99.9/max |",
-        "|---|---|---|---|---|---|",
+        *ROW_HEADER,
         _row(f"{st.get('seconds', 60):.0f} s at 1,000/s, full books", lat),
         "",
     ]
