@@ -73,8 +73,6 @@ def parse_mode(mode: str) -> list[Step]:
 
 
 def _apply(ds: Devstack, step: Step) -> None:
-    if step.kind == "entry":
-        return  # the load generators' (main)
     if step.kind == "noledger":
         for name in [n for n in ds.procs if n.startswith("ledger-")]:
             ds.stop(name)  # out of the mesh: a later env step does not start it again
@@ -102,27 +100,14 @@ def point(
     ds: Devstack, *, rate: float, seconds: float, run_id: str, entry: str = "gateway"
 ) -> dict[str, Any]:
     b.wait_idle(ds)
-    c0, me0, busy0, t0 = (
-        b.cpu_seconds(ds),
-        time.process_time(),
-        b.machine_busy_s(),
-        time.monotonic(),
-    )
-    lat = asyncio.run(
-        b._in_process(ds, "lon", seconds=seconds, rate=rate, run_id=run_id, entry=entry)
-    )
-    c1, me1, busy1, t1 = (
-        b.cpu_seconds(ds),
-        time.process_time(),
-        b.machine_busy_s(),
-        time.monotonic(),
-    )
+    p = b.latency_point(ds, seconds=seconds, rate=rate, run_id=run_id, entry=entry)
+    lat = p["latency_1000"]
     return {
         "order_to_execution": lat["order_to_execution"],
         "submit_to_ack": lat["submit_to_ack"],
         "completed_per_s": lat["completed_per_s"],
-        "busy_cores": round((busy1 - busy0) / (t1 - t0), 2),
-        "cpu_us_per_order": b.cpu_us_per_order(c0, c1, me1 - me0, lat["completed"]),
+        "busy_cores": p["machine_busy_cores_1000"],
+        "cpu_us_per_order": p["cpu_us_per_order_1000"],
     }
 
 
@@ -177,8 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         entry = "gateway"
         for k, (mode, steps) in enumerate(modes):
             for step in steps:
-                _apply(ds, step)
-                entry = step.arg if step.kind == "entry" else entry
+                if step.kind == "entry":  # the load generators' from then on, not the mesh's
+                    entry = step.arg
+                else:
+                    _apply(ds, step)
             for i in range(args.reps):
                 p = point(
                     ds, rate=args.rate, seconds=args.seconds, run_id=f"ab{k}p{i}", entry=entry

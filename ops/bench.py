@@ -482,38 +482,15 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
         asyncio.run(_set_limits(ds))
         wait_idle(ds)
         say(f"tracing {tag}: lon, 1,000 orders/s offered for {dur:.0f} s")
-        seqs = asyncio.run(_stream_seqs(ds, "lon"))
-        timeline: dict[str, tuple[int, int, int, int]] = {}
-        c0, me0, t0_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
-        s0, b0 = context_switches(ds), machine_busy_s()
-        lat = asyncio.run(
-            _in_process(ds, "lon", seconds=dur, rate=1000, run_id=f"l1k{tag}", timeline=timeline)
-        )
-        c1, me1, t1_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
-        s1, b1 = context_switches(ds), machine_busy_s()
-        n = max(1, lat["completed"])
-        per = cpu_us_per_order(c0, c1, me1 - me0, n)
-        switches = {k: round((s1[k] - s0.get(k, 0)) / n, 1) for k in s1}
-        wait_idle(ds)
+        point = latency_point(ds, seconds=dur, rate=1000, run_id=f"l1k{tag}", split=True)
         time.sleep(1.0)
-        point = {
-            "latency_1000": lat,
-            "cpu_us_per_order_1000": per,
-            "machine_busy_us_per_order_1000": round((b1 - b0) / n * 1e6, 1),
-            "machine_busy_cores_1000": round((b1 - b0) / ((t1_ns - t0_ns) / 1e9), 2),
-            "switches_per_order_1000": dict(sorted(switches.items(), key=lambda kv: -kv[1])),
-            "fill_to_ledger_1000": ledger_lag(ds, t0_ns, t1_ns),
-            "hop_split_1000": asyncio.run(_hop_split(ds, "lon", seqs, timeline)),
-        }
         if not tracing:
             # direct entry's points on the same state of the mesh as the gateway's just
-            # measured, before any closed loop or the steady state fills books and memory
+            # measured (after the same closed loop of the tracing-on pass), before this
+            # pass's closed loop and the steady state fill books and memory further
             direct = direct_latency(ds, dur, quick)
         say(f"tracing {tag}: max sustainable, one region (closed loop) for {dur:.0f} s")
-        point["max_one_region"] = subprocess_load(
-            ds, ["lon"], seconds=dur, inflight=256, run_id=f"m1{tag}"
-        )[0]
-        wait_idle(ds)
+        point["max_one_region"] = max_one_region(ds, dur, run_id=f"m1{tag}")
         res["tracing_" + tag] = point
     # the rest runs with tracing off (the workers were restarted that way last)
     res["sweep"] = []
@@ -531,69 +508,106 @@ def run_mesh_benchmarks(ds: Devstack, quick: bool) -> dict[str, Any]:
     if not quick:
         res["steady"] = steady_state(ds, fill_s=30.0, seconds=60.0)
     say(f"max sustainable, three regions at once (tracing off) for {dur:.0f} s")
-    three = subprocess_load(ds, list(ds.topology.codes), seconds=dur, inflight=128, run_id="m3")
-    res["max_three_regions"] = {
-        "per_region": three,
-        "completed_per_s": round(sum(x["completed_per_s"] for x in three), 1),
-        "acked_per_s": round(sum(x["acked_per_s"] for x in three), 1),
-    }
-    wait_idle(ds)
+    res["max_three_regions"] = max_three_regions(ds, dur, run_id="m3")
     if not quick:  # quick: the latency point only (the bench must stay under 2 minutes)
         direct.update(direct_max(ds, dur))
     res["direct"] = direct
     return res
 
 
+def latency_point(
+    ds: Devstack,
+    *,
+    seconds: float,
+    rate: float,
+    run_id: str,
+    entry: str = "gateway",
+    split: bool = False,
+) -> dict[str, Any]:
+    """One open-loop point of the lon desk (lon symbols), then the mesh drained: latency,
+    CPU per executed order by process, the machine's busy cores and context switches, the
+    fill -> ledger lag, and (``split``) where an order's time went (:mod:`ops.hopsplit`).
+    The keys are the bench's result file's (``..._1000`` for the 1,000/s points)."""
+    seqs = asyncio.run(_stream_seqs(ds, "lon")) if split else {}
+    timeline: dict[str, tuple[int, int, int, int]] = {}
+    c0, me0, t0_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
+    s0, b0 = context_switches(ds), machine_busy_s()
+    lat = asyncio.run(
+        _in_process(
+            ds,
+            "lon",
+            seconds=seconds,
+            rate=rate,
+            run_id=run_id,
+            entry=entry,
+            timeline=timeline if split else None,
+        )
+    )
+    c1, me1, t1_ns = cpu_seconds(ds), time.process_time(), time.time_ns()
+    s1, b1 = context_switches(ds), machine_busy_s()
+    n = max(1, lat["completed"])
+    switches = {k: round((s1[k] - s0.get(k, 0)) / n, 1) for k in s1}
+    wait_idle(ds)
+    point = {
+        "latency_1000": lat,
+        "cpu_us_per_order_1000": cpu_us_per_order(c0, c1, me1 - me0, n),
+        "machine_busy_us_per_order_1000": round((b1 - b0) / n * 1e6, 1),
+        "machine_busy_cores_1000": round((b1 - b0) / ((t1_ns - t0_ns) / 1e9), 2),
+        "switches_per_order_1000": dict(sorted(switches.items(), key=lambda kv: -kv[1])),
+        "fill_to_ledger_1000": ledger_lag(ds, t0_ns, t1_ns),
+    }
+    if split:
+        point["hop_split_1000"] = asyncio.run(_hop_split(ds, "lon", seqs, timeline))
+    return point
+
+
+def max_one_region(ds: Devstack, dur: float, *, run_id: str, entry: str = "gateway") -> Any:
+    """lon's closed-loop maximum (256 in flight), then the mesh drained."""
+    out = subprocess_load(ds, ["lon"], seconds=dur, inflight=256, run_id=run_id, entry=entry)[0]
+    wait_idle(ds)
+    return out
+
+
+def max_three_regions(
+    ds: Devstack, dur: float, *, run_id: str, entry: str = "gateway"
+) -> dict[str, Any]:
+    """Every region's closed loop at once (128 in flight each), then the mesh drained."""
+    three = subprocess_load(
+        ds, list(ds.topology.codes), seconds=dur, inflight=128, run_id=run_id, entry=entry
+    )
+    wait_idle(ds)
+    return {
+        "per_region": three,
+        "completed_per_s": round(sum(x["completed_per_s"] for x in three), 1),
+        "acked_per_s": round(sum(x["acked_per_s"] for x in three), 1),
+    }
+
+
 def direct_latency(ds: Devstack, dur: float, quick: bool) -> dict[str, Any]:
-    """The 1,000/s point with desks storing their orders in ORDERS themselves (direct entry,
-    contract.md): no gateway hop. Tracing off; the gateways stay up, idle."""
+    """The 1,000/s points with desks storing their orders in ORDERS themselves (direct
+    entry, contract.md): no gateway hop. Tracing off; the gateways stay up, idle. The first
+    point's CPU, busy cores and hop split are kept."""
     out: dict[str, Any] = {"latency_1000": []}
     for i in range(1 if quick else 2):
         say(f"direct entry: lon, 1,000 orders/s offered for {dur:.0f} s ({i + 1})")
-        seqs = asyncio.run(_stream_seqs(ds, "lon"))
-        timeline: dict[str, tuple[int, int, int, int]] = {}
-        c0, me0, b0, t0 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
-        lat = asyncio.run(
-            _in_process(
-                ds,
-                "lon",
-                seconds=dur,
-                rate=1000,
-                run_id=f"d1k{i}",
-                entry="direct",
-                timeline=timeline if i == 0 else None,
-            )
+        pt = latency_point(
+            ds, seconds=dur, rate=1000, run_id=f"d1k{i}", entry="direct", split=i == 0
         )
-        c1, me1, b1, t1 = cpu_seconds(ds), time.process_time(), machine_busy_s(), time.monotonic()
+        out["latency_1000"].append(pt.pop("latency_1000"))
         if i == 0:
-            out["hop_split_1000"] = asyncio.run(_hop_split(ds, "lon", seqs, timeline))
-        out["latency_1000"].append(lat)
-        out.setdefault(
-            "cpu_us_per_order_1000", cpu_us_per_order(c0, c1, me1 - me0, max(1, lat["completed"]))
-        )
-        out.setdefault("machine_busy_cores_1000", round((b1 - b0) / (t1 - t0), 2))
-        wait_idle(ds)
+            out.update(pt)
     return out
 
 
 def direct_max(ds: Devstack, dur: float) -> dict[str, Any]:
     """Direct entry's closed-loop maxima, one region and three at once."""
-    out: dict[str, Any] = {}
     say(f"direct entry: max sustainable, one region (closed loop) for {dur:.0f} s")
-    out["max_one_region"] = subprocess_load(
-        ds, ["lon"], seconds=dur, inflight=256, run_id="dm1", entry="direct"
-    )[0]
-    wait_idle(ds)
+    one = max_one_region(ds, dur, run_id="dm1", entry="direct")
     say(f"direct entry: max sustainable, three regions at once for {dur:.0f} s")
-    three = subprocess_load(
-        ds, list(ds.topology.codes), seconds=dur, inflight=128, run_id="dm3", entry="direct"
-    )
-    out["max_three_regions"] = {
-        "per_region": three,
-        "completed_per_s": round(sum(x["completed_per_s"] for x in three), 1),
+    return {
+        "max_one_region": one,
+        "max_three_regions": max_three_regions(ds, dur, run_id="dm3", entry="direct"),
     }
-    wait_idle(ds)
-    return out
 
 
 def worker_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
