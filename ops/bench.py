@@ -12,7 +12,9 @@ One run measures, on a private mesh (free ports, real WAN latencies, PostgreSQL,
    one region and for all three together (one load process per region);
 4. fill -> ledger commit latency (from the ledger's own timestamps);
 5. the same order-path points with tracing off (the overhead of tracing), each 1,000/s point
-   split by hop from the timestamps the mesh records (:mod:`ops.hopsplit`);
+   split by hop from the timestamps the mesh records (:mod:`ops.hopsplit`); then the same
+   1,000/s point with desks storing their orders in ORDERS themselves (direct entry, on the
+   mesh in the same state), and (full run only) direct entry's maxima at the end;
 6. (full run only) a steady state: a closed loop fills the books and risk's memory, then
    60 s at 1,000/s, with the full GC collections of the workers in that window;
 7. market data: quotes/s one region publishes and replicates to the two others, with lag.
@@ -774,7 +776,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"## Run {r['started']} ({'quick' if r['quick'] else 'full'})",
         "",
         f"Machine: {r['machine']['cpus']} cores, Python {r['machine']['python']}, "
-        f"{r['machine']['nats_server']}. Command: `{r['command']}`. Everything (3 nats-servers,"
+        f"{r['machine']['nats_server']}. Command: `{r['command']}` on commit "
+        f"{r.get('commit', 'unknown')}. Everything (3 nats-servers,"
         " 9 order-path workers, 3 ledger writers, PostgreSQL, Redis, the link proxies and the"
         " load generator) shares this machine.",
         "",
@@ -1012,12 +1015,30 @@ def _direct_ratios(d: dict[str, Any], js: float) -> dict[str, str]:
     return out
 
 
+def code_commit() -> str:
+    """The commit of the code measured (``-dirty`` with uncommitted changes), or ``unknown``
+    outside a git checkout: results name what they measured."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 async def run_bench(*, quick: bool, out_dir: Path, tmp: Path) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     r: dict[str, Any] = {
         "started": started,
         "quick": quick,
         "command": "meridian bench" + (" --quick" if quick else ""),
+        "commit": code_commit(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from ops.bench import markdown, ratios, raw_python_book
+from ops.bench import code_commit, markdown, ratios, raw_python_book
 
 
 def _raw() -> dict[str, Any]:
@@ -23,6 +24,7 @@ def _report(raw: dict[str, Any], mesh: dict[str, Any] | None = None) -> str:
         "started": "now",
         "quick": mesh is None,
         "command": "meridian bench",
+        "commit": "abc1234",
         "machine": {"cpus": 2, "python": "3.11", "nats_server": "v2"},
         "raw": raw,
     }
@@ -155,3 +157,8 @@ def test_direct_entry_is_reported_beside_the_gateway_path() -> None:
     assert "### Direct entry" in text and "| direct, max, all three at once: nyc |" in text
     assert "**3,000 orders/s**" in text and "risk-lon 500 us" in text
     assert "| desk -> ORDERS | 1.00 |" in text and "| gateway -> ORDERS |" not in text
+
+
+def test_a_run_names_the_commit_it_measured() -> None:
+    assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?|unknown", code_commit())
+    assert "`meridian bench` on commit abc1234." in _report(_raw())
