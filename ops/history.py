@@ -29,7 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
-from router.entry import request_op, stored_accept_ns
+from router.entry import entry_time, header_ns, request_op, stored_accept_ns
 from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND
 from router.risk_worker import UNREAD
 
@@ -224,8 +224,9 @@ def _risk_event(
 ) -> Event | None:
     """One RISKLOG record as an event of this order's history, or None if not one of its."""
     # a record's stored time (its input's, as risk took it); older records: the gateway's stamp
-    raw = str(rec["h"].get("ts") or rec["h"].get(H_ACCEPTED_NS) or "0")
-    at = (int(raw) if raw.isascii() and raw.isdigit() else 0) + 1
+    h = rec["h"]
+    stored, claimed = header_ns(str(h.get("ts", ""))), header_ns(str(h.get(H_ACCEPTED_NS, "")))
+    at = entry_time(claimed or 0, stored or 0) + 1
     if rec.get("k") == UNREAD and rec.get("in") in keys:
         answers = ", ".join(o[2] for o in rec.get("o") or []) or "nothing"
         return Event(

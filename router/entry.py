@@ -194,13 +194,20 @@ def entry_time(claimed_ns: int, stored_ns: int) -> int:
     return stored_ns if stored_ns > 0 else claimed_ns
 
 
+def header_ns(raw: str) -> int | None:
+    """A time header's UTC ns (``Mrd-Accepted-Ns``, a record's ``ts``), or None when it is not
+    one a report can carry (digits only, within the contract's int64)."""
+    if raw.isascii() and raw.isdigit() and int(raw) <= contract.MAX_INT64:
+        return int(raw)
+    return None
+
+
 def stored_accept_ns(headers: dict[str, str] | None) -> int:
     """:func:`entry_time` of a stored request read back whole (a direct get's headers carry
     its ``Nats-Time-Stamp``); 0 if neither time can be read."""
     h = headers or {}
-    raw = h.get(H_ACCEPTED_NS, "")
-    ok = raw.isascii() and raw.isdigit() and 0 < int(raw) <= contract.MAX_INT64
-    return entry_time(int(raw) if ok else 0, stamp_ns(h.get("Nats-Time-Stamp", "")))
+    claimed = header_ns(h.get(H_ACCEPTED_NS, "")) or 0
+    return entry_time(claimed, stamp_ns(h.get("Nats-Time-Stamp", "")))
 
 
 async def original_ack(

@@ -74,7 +74,7 @@ from router.contract import (
     RejectReason,
     ReplaceOrder,
 )
-from router.entry import check_request, entry_time, request_op
+from router.entry import check_request, entry_time, header_ns, request_op
 from router.externals import RedisExternals, externals_for
 from router.natsutil import (
     H_ACCEPTED_NS,
@@ -1493,9 +1493,10 @@ def accepted_ns(headers: dict[str, str]) -> int:
     """An order request's accept time (the gateway's ``Mrd-Accepted-Ns``; 0 when absent),
     or ValueError when it is not a UTC ns a report can carry (the contract's int64)."""
     raw = headers.get(H_ACCEPTED_NS, "0")
-    if not raw.isascii() or not raw.isdigit() or int(raw) > contract.MAX_INT64:
+    ns = header_ns(raw)
+    if ns is None:
         raise ValueError(f"accept time header {raw!r:.40}")
-    return int(raw)
+    return ns
 
 
 def _rows(outs: list[Out]) -> list[list[Any]]:
