@@ -51,13 +51,13 @@ _JS_READ = [
 
 PERMISSIONS: dict[str, dict[str, Any]] = {
     "desk": {
-        # mrd.*.ord.>: direct entry, a request stored in its home region's ORDERS by the
+        # mrd.*.ord.*.*: direct entry, a request stored in its home region's ORDERS by the
         # desk itself (contract.md); risk derives what a gateway would have stamped
-        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.>", "_INBOX.>", *_JS_READ]},
+        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.*.*", "_INBOX.>", *_JS_READ]},
         "subscribe": {"allow": ["_INBOX.>", "mrd.*.er.>", "mrd.*.md.>"]},
     },
     "bridge": {
-        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.>", "_INBOX.>", *_JS_READ]},
+        "publish": {"allow": ["mrd.v1.entry.>", "mrd.*.ord.*.*", "_INBOX.>", *_JS_READ]},
         "subscribe": {"allow": ["_INBOX.>", "mrd.*.er.>", "mrd.*.md.>"]},
     },
     "worker": {

@@ -790,6 +790,11 @@ class RiskWorker:
         for it in items:
             await turn.check()
             if it.input_id in known:
+                if it.kind == "bad" and not self._refuse_unread(it):
+                    # bytes no one can answer under a key decided for another message (a copy
+                    # on another account's subject, garbage stored on a re-used key): never
+                    # that message's outputs (its own redelivery re-sends them)
+                    continue
                 outs.extend(self._recorded(it.input_id))  # redelivery: republish them
                 continue
             if it.input_id in stale:
@@ -800,10 +805,10 @@ class RiskWorker:
                 if not produced:
                     if self.metrics is not None and it.input_id.startswith("o:"):
                         self.metrics.risk_unanswered(it.unanswered or "unreadable").inc()
-                    if not it.reused:
-                        continue
-                    # recorded all the same: the key's entry must stop naming the first
-                    # request's outputs, or a redelivery would send them again
+                    # nothing recorded, the key's entry untouched: it may be a copy on another
+                    # account's subject, whose key is a live request's (a redelivery of it is
+                    # acked with nothing re-sent, above)
+                    continue
                 # recorded with its answer: a build that can read it, taking over or
                 # replaying, finds it answered and never decides it after the REJECTED; not
                 # its bytes (up to max_payload: the record must fit a message): ORDERS keeps
@@ -1016,12 +1021,15 @@ class RiskWorker:
         msg: Msg = raw
         hdrs = dict(msg.headers or {})
         if msg.subject.startswith(f"mrd.{self.region}.ord."):
-            key = msg.subject.rsplit(".", 1)[1]
+            parts = msg.subject.split(".")
+            # mrd.<r>.ord.<account>.<key>; any other shape is not a request's subject, and its
+            # input id must never be one (the stream would store it beside the request)
+            key = parts[4] if len(parts) == 5 else "?" + msg.subject
             keep = kept_headers(hdrs)
             pos = stream_position(msg)
             keep["seq"], keep["ts"] = str(pos.seq), str(pos.ts_ns)
             it = Item(input_id=f"o:{key}", kind="order", msg=msg, payload=msg.data, headers=keep)
-            it.account = msg.subject.split(".")[3]
+            it.account = parts[3]
             it.entry = "gateway" if H_ENTRY_REGION in hdrs else "direct"
         else:
             kind = "cancel_reject" if hdrs.get(H_KIND) == "CancelReject" else "report"

@@ -64,7 +64,7 @@ async def test_cross_domain_publish_gets_puback_with_wan_latency(
     await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
     try:
         rtts = []
-        for i in range(5):
+        for i in range(10):  # the best of 10: a busy 2-core machine delays some of them
             t0 = time.perf_counter()
             ack = await js.publish(subject, f"m{i}".encode(), stream=stream, timeout=5)
             rtts.append(time.perf_counter() - t0)

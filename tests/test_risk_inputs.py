@@ -153,17 +153,29 @@ async def test_an_orders_id_and_accept_time_are_derived_not_taken_from_its_publi
     [
         "mrd.lon.ord.LON-HF-01.k1",  # a key that is not the request's: it could be stored twice
         f"mrd.lon.ord.NYC-HF-01.{KEY}",  # another account than the payload's
+        # the right account and key, under another subject ORDERS would store beside the
+        # request's: taken as the request, it was decided twice, or refused as a re-use
+        f"mrd.lon.ord.LON-HF-01.x.{KEY}",
     ],
 )
 async def test_a_request_on_a_subject_that_is_not_its_own_is_bad(subject: str) -> None:
     w = _worker()
+    w.done["o:" + KEY] = b""  # the request itself was decided
+    w._hwm["ORDERS"] = (1, 1)
     it = w._classify(_delivery(subject, contract.encode(_order()), headers={"Mrd-Op": "new"}))
     assert it is not None and it.kind == "bad" and w._refuse_unread(it) == []
+    if subject.count(".") != 4:  # another shape: never the request's input
+        assert it.input_id != "o:" + KEY and not w._reused(it)
 
 
 @pytest.mark.parametrize(
     "subject",
-    [f"mrd.nyc.ord.LON-HF-01.{KEY}", "mrd.nyc.ord.LON-HF-01.k1", "mrd.lon.ord.LON-HF-01.k1"],
+    [
+        f"mrd.nyc.ord.LON-HF-01.{KEY}",
+        "mrd.nyc.ord.LON-HF-01.k1",
+        "mrd.lon.ord.LON-HF-01.k1",
+        f"mrd.lon.ord.LON-HF-01.x.{KEY}",
+    ],
 )
 @pytest.mark.parametrize("broken", [{"qty": 1}, {"price_ticks": 0}, {"v": 2}])
 async def test_a_request_off_its_own_subject_is_not_answered_whatever_else_is_wrong(
