@@ -218,7 +218,7 @@ async def original_ack(
     ``DUPLICATE_CL_ORD_ID``; ``UNAVAILABLE`` if the original cannot be read."""
     try:
         stored = await js.get_last_msg("ORDERS", routed.subject, direct=True)
-        assert stored.data is not None and stored.seq is not None
+        seq = int(stored.seq)
     except Exception as e:
         return reject(
             RejectReason.UNAVAILABLE,
@@ -227,10 +227,11 @@ async def original_ack(
             routed.msg.cl_ord_id,
         )
     # read: anything but this very request (another op, content, or bytes that are no
-    # request at all) holds the cl_ord_id for good, so a re-send cannot change the answer
+    # request at all, an empty body included: nats-py reads it as None) holds the cl_ord_id
+    # for good, so a re-send cannot change the answer
     try:
-        original: Message | None = contract.decode(type(routed.msg), stored.data)
-    except ContractError:
+        original: Message | None = contract.decode(type(routed.msg), stored.data or b"")
+    except (ContractError, ValueError, TypeError):
         original = None
     op = request_op(stored.headers)
     if original is None or op != routed.op or not same_request(original, routed.msg):
@@ -241,4 +242,4 @@ async def original_ack(
             routed.msg.cl_ord_id,
         )
     accepted = stored_accept_ns(stored.headers) or fallback_ns
-    return make_ack(routed, entry_region, stored.seq, accepted, duplicate=True)
+    return make_ack(routed, entry_region, seq, accepted, duplicate=True)

@@ -340,3 +340,49 @@ async def test_a_re_use_is_told_from_a_redelivery_by_its_sequence_alone() -> Non
     assert not w._reused(at(101, 5))  # the latest decided, redelivered
     w.done.clear()
     assert not w._reused(at(102, 4))  # not remembered: decided as any new request
+
+
+class _Stored:
+    def __init__(self, data: bytes | None, headers: dict[str, str] | None = None) -> None:
+        self.data, self.seq, self.headers = data, 7, headers
+
+
+class _Js:
+    def __init__(self, got: Any) -> None:
+        self.got = got
+
+    async def get_last_msg(self, stream: str, subject: str, direct: bool = False) -> Any:
+        if isinstance(self.got, Exception):
+            raise self.got
+        return self.got
+
+
+@pytest.mark.parametrize(
+    ("stored", "want"),
+    [
+        (None, "same"),  # the request itself: its original ack
+        (_Stored(b""), "DUPLICATE_CL_ORD_ID"),  # an empty body (nats-py: data None)
+        (_Stored(None), "DUPLICATE_CL_ORD_ID"),
+        (_Stored(b"\xc1"), "DUPLICATE_CL_ORD_ID"),  # bytes that are no request
+        (_Stored(None, {"Mrd-Op": "cancel"}), "DUPLICATE_CL_ORD_ID"),
+        (TimeoutError(), "UNAVAILABLE"),  # not read: the outcome is not known
+    ],
+)
+async def test_a_resend_is_answered_by_what_its_subject_holds(stored: Any, want: str) -> None:
+    """Whatever the subject holds that is not this very request refuses the cl_ord_id for
+    good (DUPLICATE_CL_ORD_ID, so a re-send gets the same answer); only a failed read is
+    UNAVAILABLE. An empty stored body made every re-send UNAVAILABLE, for ever."""
+    from router.entry import original_ack, validate
+
+    routed = validate(
+        load_topology(), "lon", "mrd.v1.entry.lon.LON-HF-01.new", contract.encode(_order())
+    )
+    if stored is None:
+        stored = _Stored(routed.payload, {"Mrd-Op": "new"})
+    elif isinstance(stored, _Stored) and stored.headers:
+        stored.data = routed.payload  # the same bytes, under another op
+    got = await original_ack(_Js(stored), routed, "lon", fallback_ns=1)
+    if want == "same":
+        assert isinstance(got, contract.OrderAck) and got.duplicate and got.stream_seq == 7
+    else:
+        assert isinstance(got, contract.OrderReject) and got.reason.value == want, got
