@@ -57,6 +57,7 @@ from router.natsutil import (
     NoResponders,
     PublishError,
     now_ns,
+    trace_context,
 )
 
 log = logging.getLogger("meridian.gateway")
@@ -165,8 +166,10 @@ class Gateway:
             )
             self._spans[id(msg)] = span
             inject(headers, trace.set_span_in_context(span))
-        elif msg.headers and "traceparent" in msg.headers:
-            headers["traceparent"] = msg.headers["traceparent"]
+        elif msg.headers:
+            # the desk's own trace context, only where it is one: an oversized header would
+            # make ORDERS refuse the store (8 KiB), and every re-send answered UNAVAILABLE
+            headers.update(trace_context(msg.headers))
         try:
             fut = await self._pub.publish(routed.subject, routed.payload, headers=headers)
         except Exception as e:

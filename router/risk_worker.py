@@ -85,7 +85,6 @@ from router.natsutil import (
     H_OP,
     H_ORDER_ID,
     TRACEPARENT,
-    W3C_TRACEPARENT,
     AsyncPublisher,
     PullLoop,
     RebuildError,
@@ -97,6 +96,7 @@ from router.natsutil import (
     snapshot_age_s,
     stream_position,
     take_batch,
+    trace_context,
     transient,
     unstored,
     wake_every,
@@ -1491,8 +1491,8 @@ def kept_headers(hdrs: dict[str, str]) -> dict[str, str]:
     """What risk keeps of an ORDERS message's headers: the op, the gateway's stamps (bounded),
     and a W3C traceparent only when it is one."""
     keep = {k: hdrs[k][:n] for k, n in _KEPT.items() if k in hdrs}
-    tp = hdrs.get(TRACEPARENT)
-    if tp is not None and W3C_TRACEPARENT.fullmatch(tp):
+    tp = trace_context(hdrs).get(TRACEPARENT)  # the one filter (its tracestate not kept)
+    if tp is not None:
         keep[TRACEPARENT] = tp
     return keep
 
