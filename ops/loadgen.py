@@ -24,7 +24,6 @@ import msgpack
 from hdrh.histogram import HdrHistogram
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import Header
 
 from regions.topology import Topology, load_topology
 from router import subjects
@@ -209,7 +208,7 @@ class Loader:
                 payload,
                 reply=f"{self._inbox}.{cl}",
                 # the store's headers, and the stream js.publish(stream=) would name
-                headers={**store_headers("new"), Header.EXPECTED_STREAM: "ORDERS"},
+                headers=store_headers("new"),
             )
             return
         await self.nc.publish(subject, payload, reply=f"{self._inbox}.{cl}")

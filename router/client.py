@@ -38,18 +38,19 @@ from router.contract import (
     OrderAck,
     OrderReject,
     OrdType,
-    RejectReason,
     ReplaceOrder,
     Side,
     TimeInForce,
 )
 from router.entry import (
     ENTRIES,
-    ERR_WRONG_LAST_SEQUENCE,
+    WRONG_LAST_SEQUENCE,
     make_ack,
     original_ack,
     reject,
     store_headers,
+    store_refused,
+    store_unconfirmed,
     validate,
 )
 from router.natsutil import H_KIND, trace_context
@@ -172,23 +173,12 @@ class DeskClient:
                     routed.subject, routed.payload, self.timeout_s, "ORDERS", hdrs
                 )
         except APIError as e:
-            if e.err_code == ERR_WRONG_LAST_SEQUENCE:  # a re-send: the subject holds one
+            if e.err_code in WRONG_LAST_SEQUENCE:  # a re-send: the subject holds one
                 return await original_ack(js, routed, self.region, time.time_ns())
-            return reject(
-                RejectReason.UNAVAILABLE,
-                "",
-                f"home region {routed.home} refused: {e.description}",
-                routed.msg.cl_ord_id,
-            )
+            return store_refused(routed, str(e.description))
         except (TimeoutError, NoStreamResponseError) as e:
             what = "no responders" if isinstance(e, NoStreamResponseError) else "timeout"
-            return reject(
-                RejectReason.UNAVAILABLE,
-                "",
-                f"home region {routed.home} did not confirm ({what}); outcome unknown: re-send "
-                "the same request (same cl_ord_id) to learn it",
-                routed.msg.cl_ord_id,
-            )
+            return store_unconfirmed(routed, what)
         if ack.duplicate:  # no msg id is sent: another publisher's, on this subject
             return await original_ack(js, routed, self.region, time.time_ns())
         # the PubAck carries no stored time: the desk's clock just after it (reports carry

@@ -27,13 +27,16 @@ from router.contract import (
 from router.natsutil import (
     H_ACCEPTED_NS,
     H_EXPECTED_LAST_SUBJECT_SEQ,
+    H_EXPECTED_STREAM,
     H_OP,
     now_ns,
     stamp_ns,
 )
 
-ERR_WRONG_LAST_SEQUENCE = 10071
-"""The stream's answer to a request whose subject already holds one (a re-send)."""
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+"""The stream's answers to a request whose subject already holds one (a re-send): the
+sequence it names, or the constant form a clustered stream gives while stores on the subject
+are in flight (nats-py's KV create takes both)."""
 
 ENTRIES: tuple[str, ...] = ("gateway", "direct")
 """How a request reaches ORDERS: stored by a gateway, or by the desk itself (decision 0007)."""
@@ -165,7 +168,28 @@ def store_headers(op: str) -> dict[str, str]:
     """The headers of a request's store in ORDERS: the stream refuses a second message on
     its subject (a re-send: answered by :func:`original_ack`). No ``Nats-Msg-Id``: the
     subject is the index, and a msg id is a name any publisher into ORDERS could take first."""
-    return {H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_OP: op}
+    return {H_EXPECTED_LAST_SUBJECT_SEQ: "0", H_EXPECTED_STREAM: "ORDERS", H_OP: op}
+
+
+def store_refused(routed: Routed, description: str) -> OrderReject:
+    """A store the home region refused for another reason than a re-send."""
+    return reject(
+        RejectReason.UNAVAILABLE,
+        "",
+        f"home region {routed.home} refused: {description}",
+        routed.msg.cl_ord_id,
+    )
+
+
+def store_unconfirmed(routed: Routed, what: str) -> OrderReject:
+    """A store whose outcome is not known (``what``: no responders, a timeout)."""
+    return reject(
+        RejectReason.UNAVAILABLE,
+        "",
+        f"home region {routed.home} did not confirm ({what}); outcome unknown: re-send the "
+        "same request (same cl_ord_id) to learn it",
+        routed.msg.cl_ord_id,
+    )
 
 
 def make_ack(

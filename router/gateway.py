@@ -41,12 +41,14 @@ from regions.topology import Topology
 from router import contract, subjects
 from router.contract import ContractError, Message, OrderAck, RejectReason
 from router.entry import (
-    ERR_WRONG_LAST_SEQUENCE,
+    WRONG_LAST_SEQUENCE,
     Routed,
     make_ack,
     original_ack,
     reject,
     store_headers,
+    store_refused,
+    store_unconfirmed,
     validate,
 )
 from router.natsutil import (
@@ -192,34 +194,15 @@ class Gateway:
             try:
                 ack = await asyncio.wait_for(fut, PUBACK_TIMEOUT_S)
             except PublishError as e:
-                if e.err_code == ERR_WRONG_LAST_SEQUENCE:
+                if e.err_code in WRONG_LAST_SEQUENCE:
                     # a re-send: the subject already holds this request
                     self._spawn(self._resend(msg, routed, t0))
                     continue
-                await self._reply(
-                    msg,
-                    reject(
-                        RejectReason.UNAVAILABLE,
-                        "",
-                        f"home region {home} refused: {e.description}",
-                        routed.msg.cl_ord_id,
-                    ),
-                    t0,
-                )
+                await self._reply(msg, store_refused(routed, str(e.description)), t0)
                 continue
             except (TimeoutError, NoResponders, asyncio.CancelledError) as e:
                 what = "no responders" if isinstance(e, NoResponders) else "timeout"
-                await self._reply(
-                    msg,
-                    reject(
-                        RejectReason.UNAVAILABLE,
-                        "",
-                        f"home region {home} did not confirm ({what}); outcome unknown: re-send "
-                        "the same request (same cl_ord_id) to learn it",
-                        routed.msg.cl_ord_id,
-                    ),
-                    t0,
-                )
+                await self._reply(msg, store_unconfirmed(routed, what), t0)
                 continue
             if ack.duplicate:  # no msg id is sent: another publisher's, on this subject
                 self._spawn(self._resend(msg, routed, t0))

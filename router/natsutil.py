@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Envelope headers (values are strings).
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECTED_STREAM = "Nats-Expected-Stream"
 H_KIND = "Mrd-Kind"
 """Contract message class name of the payload (ExecutionReport, CancelReject, ...)."""
 H_OP = "Mrd-Op"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
+from nats.js.errors import APIError, NoStreamResponseError
 
 from regions.topology import load_topology
 from router import contract, ids, subjects
@@ -386,3 +387,85 @@ async def test_a_resend_is_answered_by_what_its_subject_holds(stored: Any, want:
         assert isinstance(got, contract.OrderAck) and got.duplicate and got.stream_seq == 7
     else:
         assert isinstance(got, contract.OrderReject) and got.reason.value == want, got
+
+
+class _StoreJs(_Js):
+    """A home region's JetStream for DeskClient's direct store: its publish answers
+    ``outcome`` (a PubAck, or raises it); a re-send's read finds ``held``."""
+
+    def __init__(self, outcome: Any, held: Any = None) -> None:
+        super().__init__(held)
+        self.outcome = outcome
+        self.published: list[tuple[str, dict[str, str]]] = []
+
+    async def publish(
+        self, subject: str, payload: bytes, timeout: float, stream: str, headers: dict[str, str]
+    ) -> Any:
+        self.published.append((subject, headers))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class _StoreNc:
+    def __init__(self, js: _StoreJs) -> None:
+        self.js = js
+
+    def jetstream(self, domain: str) -> Any:
+        assert domain == "lon"  # the account's home
+        return self.js
+
+
+@pytest.mark.parametrize(
+    ("outcome", "want"),
+    [
+        (types.SimpleNamespace(seq=9, duplicate=False), "ACK 9"),
+        (APIError(err_code=10071, description="wrong last sequence: 3"), "ACK 7 duplicate"),
+        (APIError(err_code=10164, description="wrong last sequence"), "ACK 7 duplicate"),
+        (APIError(err_code=10054, description="maximum message size exceeded"), "refused"),
+        (TimeoutError(), "did not confirm (timeout)"),
+        (NoStreamResponseError(), "did not confirm (no responders)"),
+    ],
+)
+async def test_a_direct_store_is_answered_as_the_gateway_answers(outcome: Any, want: str) -> None:
+    """DeskClient's direct store (contract.md, direct entry): the PubAck is the ack; a
+    subject that holds one already (10071, or 10164 from a clustered stream) is answered from
+    the original; any other refusal, and a store not confirmed, is UNAVAILABLE (a re-send
+    tells the outcome). Only trace context and the store's headers are sent."""
+    from router.client import DeskClient
+
+    js = _StoreJs(outcome)
+    c = DeskClient(_StoreNc(js), load_topology(), region="lon", account="LON-HF-01", entry="direct")  # type: ignore[arg-type]
+    o = _order()
+    routed_payload = contract.encode(o)
+    js.got = _Stored(routed_payload, {"Mrd-Op": "new"})
+    got = await c.new_order(
+        o.symbol, o.side, o.qty, o.price_ticks, cl_ord_id=o.cl_ord_id,
+        headers={"X-Other": "dropped", "traceparent": "not-one"},
+    )  # fmt: skip
+    ((subject, headers),) = js.published
+    assert subject == f"mrd.lon.ord.LON-HF-01.{KEY}"
+    assert headers == {
+        "Nats-Expected-Last-Subject-Sequence": "0",
+        "Nats-Expected-Stream": "ORDERS",
+        "Mrd-Op": "new",
+    }
+    if want.startswith("ACK"):
+        _, seq, *dup = want.split()
+        assert isinstance(got, contract.OrderAck) and got.stream_seq == int(seq)
+        assert got.duplicate == bool(dup) and got.order_id == OID
+    else:
+        assert isinstance(got, contract.OrderReject) and got.reason.value == "UNAVAILABLE"
+        assert want in got.rule, got.rule
+
+
+async def test_a_direct_request_that_fails_the_gateways_checks_is_never_stored() -> None:
+    from router.client import DeskClient
+
+    js = _StoreJs(types.SimpleNamespace(seq=1, duplicate=False))
+    c = DeskClient(_StoreNc(js), load_topology(), region="lon", account="LON-HF-01", entry="direct")  # type: ignore[arg-type]
+    got = await c.new_order("GBPUSD", Side.BUY, 0, 126000, cl_ord_id="c0")
+    assert isinstance(got, contract.OrderReject) and got.reason.value == "INVALID_FIELD"
+    assert js.published == []
+    with pytest.raises(ValueError):
+        DeskClient(_StoreNc(js), load_topology(), region="lon", account="A", entry="fast")  # type: ignore[arg-type]
