@@ -14,7 +14,7 @@ from nats.js.errors import APIError
 from ops.history import order_history
 from router import contract, ids, subjects
 from router.contract import ExecType, OrderAck, OrderReject, OrdStatus, RejectReason
-from router.natsutil import H_ACCEPTED_NS, H_MSG_ID, H_OP, H_ORDER_ID
+from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_MSG_ID, H_OP, H_ORDER_ID
 from tests.conftest import Mesh
 from tests.test_risk_checks import BUY, SELL, cl, deep, desks, outcome
 from tests.test_risk_engine import new_order
@@ -77,14 +77,18 @@ async def test_a_direct_resend_gets_the_original_ack_and_other_content_is_refuse
             contract.encode(new_order("NYC-HF-01", late, "USDCAD", BUY, 1_000_000, px))
         )
         js = c.nc.jetstream(domain="nyc")
+        before_store = time.time_ns()
         first = await js.publish(
             subjects.orders("nyc", "NYC-HF-01", key),
             msgpack.packb(body),
             headers={H_MSG_ID: f"elsewhere-{key}", H_OP: "new"},
         )
+        after_store = time.time_ns()
         again = await c.new_order("USDCAD", BUY, 1_000_000, px, cl_ord_id=late)
         assert isinstance(again, OrderAck) and again.duplicate and again.stream_seq == first.seq
         assert abs(again.accepted_ns - time.time_ns()) < 60 * 10**9  # the stored time
+        # read from the server's stamp, not the desk's clock at the answer (a fallback)
+        assert before_store - 10**9 <= again.accepted_ns <= after_store + 10**9
 
 
 async def test_another_publishers_msg_id_cannot_take_a_requests_place(order_path: Mesh) -> None:
@@ -119,12 +123,14 @@ async def test_orders_holds_one_request_per_subject_whoever_stores_it(order_path
             new_order("LON-HF-01", clid, "EURGBP", BUY, 1_000_000, deep("EURGBP", BUY))
         )
         await js.publish(subject, body, headers={H_OP: "new"})
-        with pytest.raises(APIError):
+        with pytest.raises(APIError) as second:
             await js.publish(subject, body, headers={H_OP: "new"})
-        with pytest.raises(APIError):
+        assert "maximum messages per subject exceeded" in str(second.value.description)
+        with pytest.raises(APIError) as big:
             await js.publish(
                 subjects.orders("lon", "LON-HF-01", "big"), b"x" * 9000, headers={H_OP: "new"}
             )
+        assert "message size exceeds maximum allowed" in str(big.value.description)
     finally:
         await nc.close()
 
@@ -219,3 +225,12 @@ async def test_the_load_generator_enters_orders_directly(order_path: Mesh) -> No
     )
     assert res["sent"] == res["acked"] == res["completed"] > 0, res
     assert res["rejected"] == 0 and res["timeouts"] == 0, res
+    # stored by the desk: no gateway stamped them (its stores carry Mrd-Entry-Region)
+    nc = await order_path.connect("lon")
+    try:
+        js = nc.jetstream(domain="lon")
+        last = (await js.stream_info("ORDERS")).state.last_seq
+        stored = [await js.get_msg("ORDERS", s) for s in range(last - res["sent"] + 1, last + 1)]
+    finally:
+        await nc.close()
+    assert all(H_ENTRY_REGION not in (m.headers or {}) for m in stored)

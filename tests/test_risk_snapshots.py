@@ -577,6 +577,7 @@ async def _unknown_op_scenario(ds: Devstack) -> None:
                     headers={**store_headers("new"), H_OP: op},
                 )
             await _until(lambda: bool(reports) and bool(rejects) and w.stats["bad"] == 2, 100)
+            assert w.stats["bad"] == 2
             assert [(a.cl_ord_id, a.reject_reason) for a in reports] == [("snap-0", "MALFORMED")]
             assert "unknown op 'mass_new'" in reports[0].text
             assert [(c.cl_ord_id, c.orig_cl_ord_id, c.reason, c.response_to) for c in rejects] == [
@@ -691,6 +692,8 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
         # the next worker's durable starts again from the stream's first message: each
         # request is redelivered, at or below the mark, and found answered
         await js.delete_consumer("ORDERS", subjects.durable_risk("lon"))
+        # the subscription sees every command: each order's once
+        assert sorted(commands) == sorted(f"cmd:{_key(i)}" for i in (0, 3, 4, 1, 2))
         commands.clear()
         n_answers = len(answers)
         async with _started(_worker(ds, nc, r)) as w2:
