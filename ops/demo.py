@@ -42,6 +42,7 @@ from router.contract import (
     Side,
     TimeInForce,
 )
+from router.entry import ENTRIES
 from router.subjects import durable_ledger
 
 
@@ -100,7 +101,7 @@ class Demo:
         self.rng = random.Random(seed)
         self.out = out
         self.stats = {r: RegionStats() for r in self.topo.codes}
-        self.by_entry = {e: RegionStats() for e in ("gateway", "direct")}
+        self.by_entry = {e: RegionStats() for e in ENTRIES}
         self.clients: dict[str, DeskClient] = {}
         self.ncs: list[Any] = []
         self.sent_at: dict[str, tuple[str, int, bool, str]] = {}
