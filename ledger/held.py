@@ -28,7 +28,7 @@ import psycopg
 
 from ledger.errors import FillRejected
 from ledger.model import Transfer, transfers_for_fill
-from ledger.store import BatchResult, post_transfers
+from ledger.store import BatchResult, minor_units, post_transfers
 from regions.topology import Topology
 from router.contract import ContractError, Fill, decode
 
@@ -64,7 +64,6 @@ UPSERT_SQL = (
 )
 """One hold of a fill: the first inserts its row, each later one counts."""
 
-_MINOR_UNITS_SQL = "SELECT code, minor_units FROM currencies"
 
 _SET_TRADE_ID = (
     "UPDATE held_fills SET trade_id = %s WHERE region = %s AND stream_seq = %s "
@@ -156,8 +155,7 @@ async def post_held(
     rows = await (await conn.execute(OUTSTANDING_SQL, ([region],))).fetchall()
     held = [_held(r) for r in rows]
     # the ledger's own currencies, as migrate stored them from the topology the writers run
-    minor = dict(await (await conn.execute(_MINOR_UNITS_SQL)).fetchall())
-    await conn.commit()  # end the read's transaction
+    minor = await minor_units(conn)  # (ends the read's transaction)
     posted: list[HeldFill] = []
     still: list[tuple[HeldFill, str]] = []
     transfers: list[Transfer] = []

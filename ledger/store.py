@@ -19,11 +19,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from ledger.errors import LedgerConfigError
 from ledger.model import Posting, Transfer, balance_deltas, chain_postings
+
+if TYPE_CHECKING:
+    from regions.topology import Topology
 
 TRANSFER_COLUMNS = (
     "region",
@@ -222,3 +226,26 @@ async def _apply_balances(
             [now] * len(keys),
         ),
     )
+
+
+MINOR_UNITS_SQL = "SELECT code, minor_units FROM currencies"
+
+
+async def minor_units(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+    """The ledger's own currencies (as migrate stored them from the writers' topology):
+    code -> minor units. Commits the read's transaction."""
+    got = dict(await (await conn.execute(MINOR_UNITS_SQL)).fetchall())
+    await conn.commit()
+    return {str(k): int(v) for k, v in got.items()}
+
+
+def minor_units_disagree(ledger: dict[str, int], topology: Topology) -> list[str]:
+    """Where ``topology``'s currencies disagree with the ledger's (a stale topology file
+    would scale every amount posted by a power of ten, for good: a posted trade is never
+    posted again)."""
+    return [
+        f"currency {c.code}: {c.minor_units} minor units in this topology, "
+        f"{ledger.get(c.code)} in the ledger"
+        for c in topology.currencies
+        if ledger.get(c.code) != c.minor_units
+    ]

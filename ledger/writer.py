@@ -52,7 +52,7 @@ from ledger.held import (
     payload_digest,
 )
 from ledger.model import Transfer, transfers_for_fill
-from ledger.store import BatchResult, post_transfers
+from ledger.store import BatchResult, minor_units, minor_units_disagree, post_transfers
 from regions.topology import Topology, load_topology
 from router.contract import UNKNOWN_FIELD, ContractError, Fill, RejectReason, decode
 from router.subjects import durable_ledger, fills_filter
@@ -347,9 +347,18 @@ class LedgerWriter:
     async def _conn(self) -> psycopg.AsyncConnection[object]:
         if self._db is None or self._db.closed or self._db.broken:
             await self._close_db()
-            self._db = await psycopg.AsyncConnection.connect(
+            db = await psycopg.AsyncConnection.connect(
                 self.dsn, connect_timeout=3, application_name=f"ledger-writer-{self.region}"
             )
+            # amounts are posted in minor units from this topology: one that disagrees with
+            # the ledger's currencies (a stale file) would scale them by powers of ten, for
+            # good. Refuse to post at all (fills wait in EXECOUT), as post-held holds them
+            bad = minor_units_disagree(await minor_units(db), self.topology)
+            if bad:
+                with contextlib.suppress(Exception):
+                    await db.close()
+                raise LedgerConfigError("topology", "; ".join(bad)[:500])
+            self._db = db
         return self._db
 
     # ---- one batch -----------------------------------------------------------------------

@@ -522,3 +522,38 @@ async def test_a_held_count_that_times_out_keeps_the_posting_connection() -> Non
         w._close_db = close  # type: ignore[method-assign]
         await w._count_held()
         assert bool(closed) is closes, err
+
+
+async def test_a_writer_whose_topology_disagrees_with_the_ledgers_currencies_posts_nothing(
+    ldb: str, topology: Topology
+) -> None:
+    """A stale topology file would post every amount scaled by a power of ten, for good (a
+    posted trade is never posted again): the writer refuses its database connection, so
+    nothing is posted and the fills wait in EXECOUT. post-held held such fills already; the
+    live writer did not check."""
+    import dataclasses
+
+    from ledger.errors import LedgerConfigError
+    from ledger.writer import LedgerWriter, WriterConfig
+
+    eur = topology.currency("EUR")
+    wrong = dataclasses.replace(
+        topology,
+        currencies=tuple(
+            dataclasses.replace(c, minor_units=eur.minor_units + 1) if c is eur else c
+            for c in topology.currencies
+        ),
+    )
+
+    def writer(topo: Topology) -> LedgerWriter:
+        return LedgerWriter(
+            topology=topo, config=WriterConfig(region="lon"), nats_url="nats://x", dsn=ldb
+        )
+
+    with pytest.raises(LedgerConfigError, match="currency EUR: 3 minor units in this topology"):
+        await writer(wrong)._conn()
+    w = writer(topology)  # the topology migrate stored: it posts
+    try:
+        assert not (await w._conn()).closed
+    finally:
+        await w._close_db()
