@@ -1324,7 +1324,10 @@ class RiskWorker:
         except Exception:
             raw = None
         if not isinstance(raw, dict) or raw.get("account") != it.account:
-            return []  # an answer goes only to the account the subject names
+            # an answer goes only to the account the subject names: a map naming another is
+            # not on its own subject
+            it.unanswered = "subject" if isinstance(raw, dict) else "unreadable"
+            return []
         cl = raw.get("cl_ord_id")
         if not isinstance(cl, str) or self._subject_fault(it, cl):
             # names no request, or not on its own subject: perhaps a copy of another desk's

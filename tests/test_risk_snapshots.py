@@ -14,9 +14,11 @@ from typing import Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from ops.devstack import Devstack
 from ops.loadgen import REFERENCE_MIDS
+from ops.telemetry.metrics import MeridianMetrics
 from router import contract, ids, subjects
 from router.contract import NewOrder, OrdType, Side, TimeInForce
 from router.entry import store_headers
@@ -622,7 +624,17 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
         for acct in {a for a, _ in keys}:
             await nc.subscribe(subjects.report_risk("lon", acct), cb=on_report)
         await nc.subscribe(subjects.exec_in("lon", "*"), cb=on_command)
-        async with _started(_worker(ds, nc, r)) as w:
+        reg = CollectorRegistry()
+        metered = RiskWorker(
+            nc,
+            ds.topology,
+            "lon",
+            r,
+            snapshot_every=0,
+            snapshot_every_s=3600,
+            metrics=MeridianMetrics(reg, region="lon", service="risk"),
+        )
+        async with _started(metered) as w:
             for i in (0, 3, 4):
                 await _send(js, i)
             await _decided(w, 3)
@@ -659,6 +671,13 @@ async def _reused_key_scenario(ds: Devstack, *, snapshot: bool) -> None:
             await _decided(w, 5)
             await _until(lambda: len(answers) == 2 and w.stats["bad"] == 4)
             assert w.stats["bad"] == 4  # the two copies, the unreadable one, the garbage
+            # what MeridianRiskRequestsUnanswered counts: the copies, and the garbage
+            for why, n in (("subject", 2), ("unreadable", 1)):
+                got_n = reg.get_sample_value(
+                    "meridian_risk_unanswered_total",
+                    {"region": "lon", "service": "risk", "why": why},
+                )
+                assert got_n == n, (why, got_n)
             got = sorted((a.cl_ord_id, a.order_id, a.reject_reason) for a in answers)
             assert got == sorted(
                 [
