@@ -26,12 +26,16 @@ import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ledger.db import libpq_dsn
 from regions.topology import Topology
 from router import contract, ids, subjects
 from router.contract import CancelReject, ExecutionReport
 from router.entry import entry_time, header_ns, request_op, stored_accept_ns
 from router.natsutil import H_ACCEPTED_NS, H_ENTRY_REGION, H_KIND
 from router.risk_worker import UNREAD
+
+MAX_REPLACES = 256
+"""How many cancel/replace requests back a lookup follows ``orig_cl_ord_id`` to the new order."""
 
 
 @dataclass
@@ -49,6 +53,8 @@ class History:
     cl_ord_ids: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     trade_ids: list[str] = field(default_factory=list)
+    gaps: list[str] = field(default_factory=list)
+    """Reads that ended before every stored message was read: the history may miss events."""
 
     def render(self) -> str:
         lines = [
@@ -61,13 +67,22 @@ class History:
             lines.append(f"  +{dt:10.3f} ms  {e.where:<14} {e.what:<22} {e.detail}")
         if not self.events:
             lines.append("  (nothing found)")
+        for g in self.gaps:
+            lines.append(f"  INCOMPLETE: {g}")
         return "\n".join(lines)
 
 
 async def _read_subject(
-    nc: NATS, domain: str, stream: str, subject: str, timeout_s: float = 2.0
+    nc: NATS,
+    domain: str,
+    stream: str,
+    subject: str,
+    timeout_s: float = 2.0,
+    gaps: list[str] | None = None,
 ) -> list[Any]:
-    """Every stored message on ``subject`` in ``stream`` of ``domain`` (ordered replay)."""
+    """Every stored message on ``subject`` in ``stream`` of ``domain`` (ordered replay). A
+    read that times out before the stream's count is reached says so in ``gaps``: a partial
+    history must never look whole."""
     js = nc.jetstream(domain=domain)
     try:
         info = await js.stream_info(stream, subjects_filter=subject)
@@ -84,6 +99,8 @@ async def _read_subject(
             try:
                 out.extend(await sub.fetch(min(256, total - len(out)), timeout=timeout_s))
             except TimeoutError:  # nats-py raises its own, or a bare asyncio one under load
+                if gaps is not None:
+                    gaps.append(f"{domain} {stream} {subject}: read {len(out)} of {total}")
                 break
     finally:
         with contextlib.suppress(Exception):
@@ -94,13 +111,38 @@ async def _read_subject(
 async def find_account(nc: NATS, topology: Topology, ref: str) -> tuple[str, str] | None:
     """(account, order_id) for a cl_ord_id or order id, trying every account."""
     for acct in topology.accounts():
-        if ids.order_id(acct, ref) and await _orders_msg(nc, topology, acct, ref) is not None:
-            return acct, ids.order_id(acct, ref)
+        found = await _order_of(nc, topology, acct, ref)
+        if found is not None:
+            return acct, found
     for acct in topology.accounts():
         for m in await _reports(nc, topology, acct):
             if m[1].order_id == ref:
                 return acct, ref
     return None
+
+
+async def _order_of(nc: NATS, topology: Topology, account: str, cl_ord_id: str) -> str | None:
+    """The id of the order ``cl_ord_id`` names, if ORDERS holds a request by it: a new
+    order's own (derived from its cl_ord_id), a cancel's or replace's the order it targets,
+    followed back along ``orig_cl_ord_id`` (a replace of a replace names the latest id, and the
+    order keeps the first one's order id). A request on the way that ORDERS no longer holds
+    (7 days) is taken for the new order."""
+    cl, seen = cl_ord_id, set()
+    for _ in range(MAX_REPLACES):
+        m = await _orders_msg(nc, topology, account, cl)
+        if m is None:
+            return None if cl == cl_ord_id else ids.order_id(account, cl)
+        seen.add(cl)
+        if request_op(m.headers) == "new":
+            return ids.order_id(account, cl)
+        body: Any = None
+        with contextlib.suppress(Exception):
+            body = msgpack.unpackb(m.data, raw=False)
+        orig = body.get("orig_cl_ord_id") if isinstance(body, dict) else None
+        if not isinstance(orig, str) or orig in seen:
+            break  # no target to follow: its own id, as a reader of the request would take it
+        cl = orig
+    return ids.order_id(account, cl)
 
 
 async def _orders_msg(nc: NATS, topology: Topology, account: str, cl_ord_id: str) -> Any:
@@ -114,14 +156,14 @@ async def _orders_msg(nc: NATS, topology: Topology, account: str, cl_ord_id: str
 
 
 async def _reports(
-    nc: NATS, topology: Topology, account: str
+    nc: NATS, topology: Topology, account: str, gaps: list[str] | None = None
 ) -> list[tuple[str, ExecutionReport | CancelReject]]:
     home = topology.account_home(account)
     found: list[tuple[str, ExecutionReport | CancelReject]] = []
     wanted = [(x, "EXECOUT", subjects.exec_reports_of(x, home, account)) for x in topology.codes]
     wanted.append((home, "RISKLOG", subjects.report_risk(home, account)))
     for region, stream, subj in wanted:
-        for m in await _read_subject(nc, region, stream, subj):
+        for m in await _read_subject(nc, region, stream, subj, gaps=gaps):
             with contextlib.suppress(Exception):
                 kind = (m.headers or {}).get(H_KIND, "ExecutionReport")
                 rep: ExecutionReport | CancelReject = (
@@ -142,15 +184,13 @@ async def order_history(
             return None
         account, order_id = hit
     else:
-        order_id = (
-            ref
-            if await _orders_msg(nc, topology, account, ref) is None
-            else ids.order_id(account, ref)
-        )
+        # a cl_ord_id (of the order, or of a cancel or replace of it), else an order id
+        order_id = await _order_of(nc, topology, account, ref) or ref
     h = History(account=account, order_id=order_id)
     home = topology.account_home(account)
 
-    reports = [(w, r) for w, r in await _reports(nc, topology, account) if r.order_id == order_id]
+    every = await _reports(nc, topology, account, h.gaps)
+    reports = [(w, r) for w, r in every if r.order_id == order_id]
     cl_ids = {r.cl_ord_id for _, r in reports} | {
         r.orig_cl_ord_id for _, r in reports if r.orig_cl_ord_id
     }
@@ -183,7 +223,7 @@ async def order_history(
             h.order_id = ids.order_id(account, body["cl_ord_id"])
     # risk decisions, and requests risk could not read (recorded with their answer only)
     keys = {f"o:{subjects.request_key(account, cl)}": cl for cl in cl_ids}
-    for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home)):
+    for m in await _read_subject(nc, home, "RISKLOG", subjects.risklog(home), gaps=h.gaps):
         records: Any = []
         with contextlib.suppress(Exception):  # not a record batch this build can read
             body = msgpack.unpackb(m.data, raw=False)
@@ -262,7 +302,7 @@ def _ledger_events(h: History, dsn: str, reports: list[Any]) -> None:
         for _, r in reports
         if isinstance(r, ExecutionReport) and r.trade_id
     }
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(libpq_dsn(dsn)) as conn:  # cockroachdb:// too
         for trade_id in sorted(set(h.trade_ids)):
             region = exec_region.get(trade_id, "")
             tids = [f"{trade_id}:base", f"{trade_id}:quote"]

@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 
+from ops.history import order_history
 from ops.loadgen import REFERENCE_MIDS
 from router.client import DeskClient
 from router.contract import (
@@ -101,9 +102,28 @@ async def test_replace_reports_the_new_id_and_the_order_is_known_by_it(order_pat
         assert (er.cl_ord_id, er.orig_cl_ord_id) == (rep_cl, order_cl)
         assert er.ord_status is OrdStatus.NEW
         assert (er.qty, er.price_ticks, er.leaves_qty) == (2_000_000, px + 3, 2_000_000)
-        # cancel by the new id
-        await cancel_all(c, [(ack.order_id, rep_cl, sym)])
+        # and again, naming the replace's id (FIX: OrigClOrdID is the latest ClOrdID)
+        rep2_cl = cl("r2")
+        rack2 = await c.replace(rep_cl, sym, 3_000_000, px + 2, cl_ord_id=rep2_cl)
+        assert isinstance(rack2, OrderAck), rack2
+        await c.wait_report(
+            ack.order_id, lambda r: getattr(r, "cl_ord_id", None) == rep2_cl, REPORT_TIMEOUT_S
+        )
+        # cancel by the newest id
+        await cancel_all(c, [(ack.order_id, rep2_cl, sym)])
         assert c.orders[ack.order_id].last.ord_status is OrdStatus.CANCELED  # type: ignore[union-attr]
+    # compliance finds the order by any of its ids, with the account or without it
+    nc = await order_path.connect("lon")
+    try:
+        for ref, account in ((rep2_cl, "LON-HF-01"), (rep_cl, None), (order_cl, None)):
+            h = await order_history(nc, order_path.topology, ref, account=account)
+            assert h is not None and h.order_id == ack.order_id, (ref, h)
+            whats = [e.what for e in h.events]
+            assert "accepted (new)" in whats and whats.count("accepted (replace)") == 2, whats
+            assert "REPLACED NEW" in whats and "CANCELED CANCELED" in whats, whats
+            assert {order_cl, rep_cl, rep2_cl} <= set(h.cl_ord_ids) and not h.gaps
+    finally:
+        await nc.close()
 
 
 async def test_cancel_and_replace_of_an_unknown_order_are_rejected(order_path: Mesh) -> None:
