@@ -584,12 +584,8 @@ class OrderBook:
         if o is None or o.status in TERMINAL_STATUSES:
             self._cancel_reject(c, o, "replace")
             return
-        if c.qty <= o.cum_qty or c.price_ticks <= 0:
-            text = (
-                f"qty {c.qty} must exceed cum_qty {o.cum_qty}"
-                if c.qty <= o.cum_qty
-                else "price_ticks must be > 0"
-            )
+        if c.qty <= 0 or c.price_ticks <= 0:
+            text = "qty must be > 0" if c.qty <= 0 else "price_ticks must be > 0"
             self._cancel_reject(c, o, "replace", RejectReason.INVALID_FIELD, text)
             return
         new_key = _clid_key(c.account, c.cl_ord_id)
@@ -603,6 +599,25 @@ class OrderBook:
             )
             return
         side = self._side(o)
+        if c.qty <= o.cum_qty:
+            # Cut to what has filled already (a reduce racing a fill): FIX 4.4 accepts the
+            # replace and cancels the balance: REPLACED, FILLED, leaves 0. Refusing it would
+            # leave the rest live, to fill past the size the desk asked for.
+            side.remove(o)
+            requested, o.qty, o.price_ticks = c.qty, o.cum_qty, c.price_ticks
+            old = o.cl_ord_id
+            self._unindex(_clid_key(o.account, old))
+            self._index(c.account, c.cl_ord_id, o.order_id)
+            o.cl_ord_id = c.cl_ord_id
+            self._report(
+                o,
+                ExecType.REPLACED,
+                OrdStatus.FILLED,
+                orig_cl_ord_id=old,
+                text=f"qty {requested} at or below cum_qty {o.cum_qty}: the rest is canceled",
+            )
+            self._remember(o)
+            return
         keep = c.price_ticks == o.price_ticks and c.qty <= o.qty
         if keep:  # smaller (or equal) size, same price: time priority kept
             side.levels[o.price_ticks].total -= o.qty - c.qty

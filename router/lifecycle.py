@@ -11,7 +11,8 @@ every report it emits, so an impossible change is an error, never silently appli
 FIX 4.4 conventions kept here:
 
 * a replace report (exec type REPLACED) carries the order's *current* status, NEW or
-  PARTIALLY_FILLED; status REPLACED is no longer used by FIX 4.4 and is never entered;
+  PARTIALLY_FILLED, or FILLED when the replace cut the order to its filled quantity; status
+  REPLACED is no longer used by FIX 4.4 and is never entered;
 * FILLED, CANCELED, REJECTED and EXPIRED are terminal: no event leaves them.
 """
 
@@ -40,9 +41,11 @@ TRANSITIONS: Mapping[tuple[OrdStatus | None, ExecType], frozenset[OrdStatus]] = 
         # cancel (client, system, IOC/FOK/MARKET remainder, self-trade prevention)
         (_NEW, ExecType.CANCELED): frozenset({OrdStatus.CANCELED}),
         (_PF, ExecType.CANCELED): frozenset({OrdStatus.CANCELED}),
-        # replace keeps the fill state: a replace never fills and never un-fills
+        # replace keeps the fill state: a replace never fills and never un-fills; one that
+        # cuts a partly filled order to its filled quantity ends it (FIX 4.4: the balance is
+        # canceled, the order is FILLED)
         (_NEW, ExecType.REPLACED): frozenset({_NEW}),
-        (_PF, ExecType.REPLACED): frozenset({_PF}),
+        (_PF, ExecType.REPLACED): frozenset({_PF, _FILLED}),
         # end of day for DAY orders
         (_NEW, ExecType.EXPIRED): frozenset({OrdStatus.EXPIRED}),
         (_PF, ExecType.EXPIRED): frozenset({OrdStatus.EXPIRED}),

@@ -515,7 +515,8 @@ def test_replace_keeps_fills_and_partially_filled_status() -> None:
     assert kinds(out) == [("s1", "REPLACED", "PARTIALLY_FILLED")]
     er = ers(out)[0]
     assert (er.qty, er.cum_qty, er.leaves_qty, er.cum_notional) == (8, 4, 4, 400)
-    (rej,) = d(rpl("s1", 4, 101, new="n2", orig="n1"))
+    assert d.book.best_ask() == (101, 4)
+    (rej,) = d(rpl("s1", 0, 101, new="n2", orig="n1"))
     assert isinstance(rej, CancelReject)
     assert (rej.reason, rej.response_to, rej.ord_status) == (
         RejectReason.INVALID_FIELD,
@@ -523,6 +524,30 @@ def test_replace_keeps_fills_and_partially_filled_status() -> None:
         OrdStatus.PARTIALLY_FILLED,
     )
     assert d.book.best_ask() == (101, 4)
+
+
+@pytest.mark.parametrize("qty", [8, 7])
+def test_a_replace_down_to_or_below_the_filled_qty_ends_the_order(qty: int) -> None:
+    """A reduce racing a fill (FIX 4.4): the replace is accepted and the balance canceled,
+    so the order never fills past the size the desk asked for last."""
+    d = Driver()
+    d(sub("b", BUY, 10, 100))
+    d(sub("s", SELL, 8, 100, acct="S"))
+    (er,) = ers(d(rpl("b", qty, 101, new="n1")))
+    assert (er.exec_type, er.ord_status, er.cum_qty, er.leaves_qty, er.qty) == (
+        ExecType.REPLACED,
+        OrdStatus.FILLED,
+        8,
+        0,
+        8,
+    )
+    assert (er.cl_ord_id, er.orig_cl_ord_id) == ("n1", "c-b")
+    assert d.book.order("b") is None and d.book.best_bid() is None
+    # nothing more trades against it
+    assert kinds(d(sub("s2", SELL, 5, 100, acct="S"))) == [("s2", "NEW", "NEW")]
+    # and it is done: a late cancel is too late
+    (cr,) = d(cxl("b", orig="n1"))
+    assert isinstance(cr, CancelReject) and cr.reason is RejectReason.TOO_LATE_TO_CANCEL
 
 
 def test_crossing_replace_matches_like_an_incoming_order() -> None:

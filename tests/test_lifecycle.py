@@ -31,8 +31,10 @@ def spec(cur: OrdStatus | None, et: ExecType, new: OrdStatus) -> bool:
         return new is OrdStatus.CANCELED
     if et is ExecType.EXPIRED:
         return new is OrdStatus.EXPIRED
-    if et is ExecType.REPLACED:  # a replace neither fills nor un-fills
-        return new is cur
+    if et is ExecType.REPLACED:  # a replace neither fills nor un-fills...
+        # ...but one cutting a partly filled order to its filled quantity ends it FILLED
+        # (the balance canceled: FIX 4.4, a reduce at or below cum qty)
+        return new is cur or (cur, new) == (OrdStatus.PARTIALLY_FILLED, OrdStatus.FILLED)
     return False  # NEW twice, REJECTED after acceptance
 
 
