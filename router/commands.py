@@ -59,7 +59,10 @@ def decode_command(data: bytes) -> Command:
         raise ValueError(f"not msgpack: {type(e).__name__}") from e
     if not isinstance(raw, dict):
         raise ValueError("command must be a map")
-    cls = _OPS.get(raw.pop("op", None))
+    op = raw.pop("op", None)
+    # a list or map here would make the lookup raise TypeError, which the worker takes for a
+    # fault of its own build (a rebuild, or a region stopped at restart), not bad input
+    cls = _OPS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ValueError("unknown op")
     for name, v in raw.items():

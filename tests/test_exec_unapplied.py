@@ -104,6 +104,13 @@ def test_a_malformed_roll_never_reaches_a_book(expire: dict[str, Any]) -> None:
         decode_command(msgpack.packb(expire))
 
 
+@pytest.mark.parametrize("op", [[], {}, None, 7, "SUBMIT"])
+def test_a_command_with_an_op_of_the_wrong_type_is_bad_input(op: Any) -> None:
+    """An unhashable op once raised TypeError, which the worker treats as its own fault."""
+    with pytest.raises(ValueError, match="unknown op"):
+        decode_command(msgpack.packb({**_submit(), "op": op}))
+
+
 def test_a_roll_round_trips() -> None:
     roll = ExpireDay(cutoff_ns=5, schedule=(7, 9))
     assert decode_command(encode_command(roll)) == roll
