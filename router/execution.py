@@ -115,6 +115,10 @@ not a command's: the worker stops (fails closed) rather than crawl. Counted by t
 between snapshots: snapshots go on between faults, and a count they reset never got there."""
 
 
+GAP_RETRY_S = (0.0, 0.05, 0.2, 0.5)
+"""Waits before each read of a command missing from the deliveries (a replica behind)."""
+
+
 class CommandFault(RuntimeError):
     """Applying a command raised (a fault of this build): its batch fails and is rebuilt."""
 
@@ -897,12 +901,19 @@ class ExecutionWorker:
             except CommandFault as e:
                 log.warning("exec %s: %s; rebuilding without it", self.region, e)
 
-    async def _fetch(self, seq: int) -> Cmd | None:
-        try:
-            raw = await self.js.get_msg("EXEC", seq, direct=True)
-        except NotFoundError:
-            return None  # removed by the stream's limits: nothing to apply
-        return Cmd.of_raw(raw)
+    async def _fetch(self, seq: int) -> Cmd:
+        """Command ``seq``, read back to fill a gap in the deliveries. A direct get may be
+        answered by a replica behind the stream's leader (ADR-31), so a miss is asked again;
+        one still missing fails the batch, and the rebuild decides (it fails closed on
+        commands the stream no longer holds). Skipping it would ack it unapplied (AckPolicy
+        ALL): its order never answered, and a later replay's book unlike the published one."""
+        for delay_s in GAP_RETRY_S:
+            await asyncio.sleep(delay_s)
+            try:
+                return Cmd.of_raw(await self.js.get_msg("EXEC", seq, direct=True))
+            except NotFoundError:
+                continue
+        raise RuntimeError(f"EXEC {seq} missing from a gap in the deliveries: not applied")
 
     async def _run(self) -> None:
         try:
@@ -937,8 +948,7 @@ class ExecutionWorker:
                 # delivered out of order (redelivery after a crash): take it from the stream
                 got = await self._fetch(missing)
                 self.stats["gap_filled"] += 1
-                if got is not None:
-                    futs += await self._handle(got, publish=True)
+                futs += await self._handle(got, publish=True)
                 self.applied = max(self.applied, missing)
             futs += await self._handle(cmd, publish=True)
         if futs:

@@ -179,3 +179,41 @@ async def test_outputs_never_stored_fail_the_batch(monkeypatch: pytest.MonkeyPat
     futs = [await w._send("mrd.lon.er.t.0", b"report", {"Nats-Msg-Id": "id0"})]
     with pytest.raises(TimeoutError):
         await w._all_stored(futs)
+
+
+async def test_a_command_missing_from_a_gap_fails_the_batch_and_is_never_acked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Delivery 102 arrives after 100: 101 is read back. A direct get answered by a replica
+    behind the leader says "not found"; taking that for "removed by the stream's limits"
+    skipped 101 and acked it with the batch (AckPolicy.ALL), unapplied."""
+    from nats.aio.msg import Msg
+    from nats.js.errors import NotFoundError
+
+    from router import execution
+
+    monkeypatch.setattr(execution, "GAP_RETRY_S", (0.0, 0.01))
+    w = await _worker(0.0, [])
+    w.applied = 100
+    asked: list[int] = []
+
+    async def get_msg(stream: str, seq: int, direct: bool = False) -> Any:
+        asked.append(seq)
+        raise NotFoundError
+
+    w.js = types.SimpleNamespace(get_msg=get_msg)  # type: ignore[assignment]
+    acked: list[int] = []
+    m = Msg(
+        _client=None,  # type: ignore[arg-type]
+        subject="mrd.sgp.exe.USDSGD",
+        reply=f"$JS.ACK.EXEC.EXEC_sgp.1.102.2.{1_795_000_000_000_000_000}.0",
+        data=b"\x80",
+    )
+
+    async def ack() -> None:
+        acked.append(102)
+
+    m.ack = ack  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="EXEC 101"):
+        await w._process([m])
+    assert asked == [101, 101] and not acked and w.applied == 100
