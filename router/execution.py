@@ -1019,6 +1019,16 @@ class ExecutionWorker:
             seq = int(snap["applied"])
             books = {}
             for sym, data in snap["books"].items():
+                if sym not in self.books:
+                    # a symbol this region no longer executes (moved, or gone from the
+                    # topology: no instrument to restore it with) must not cost the others
+                    # their snapshot
+                    log.warning(
+                        "exec %s: snapshot's book %s is not executed here; not restored",
+                        self.region,
+                        sym,
+                    )
+                    continue
                 books[sym] = OrderBook.restore(data, self.topology.instrument(sym), self.region)
                 # ~0.8 s per book at full terminal memory: let the connection answer the
                 # server's pings between books (it drops a client silent for ~2 s)
@@ -1028,9 +1038,7 @@ class ExecutionWorker:
         except Exception as e:
             log.error("exec %s: unusable snapshot (%s); replaying the whole stream", self.region, e)
             return
-        for sym, book in books.items():
-            if sym in self.books:
-                self.books[sym] = book
+        self.books.update(books)
         self.applied = self.restored_from = seq
         self._restored_saved_ns = int(snap.get("saved_ns") or 0)
 

@@ -217,3 +217,22 @@ async def test_a_command_missing_from_a_gap_fails_the_batch_and_is_never_acked(
     with pytest.raises(RuntimeError, match="EXEC 101"):
         await w._process([m])
     assert asked == [101, 101] and not acked and w.applied == 100
+
+
+async def test_a_snapshot_holding_a_symbol_no_longer_executed_here_restores_the_others() -> None:
+    """A book in the snapshot whose symbol is gone from the topology (no instrument to
+    restore it with) once made the whole snapshot unusable: every book replayed from the
+    stream's first command, a region down once EXEC had aged past it."""
+    from router.book import OrderBook
+
+    w = ExecutionWorker(_Nc(), load_topology(), "sgp", snapshot_every=1)  # type: ignore[arg-type]
+    w._fresh_books()
+    sym = sorted(w.books)[0]
+    kept = OrderBook(w.topology.instrument(sym), "sgp").snapshot()
+
+    async def load_for(region: str, key: str, max_seq: int) -> Any:
+        return {"applied": 5, "saved_ns": 1, "books": {"ZZZXXX": kept, sym: kept}}
+
+    w.snapshots = types.SimpleNamespace(load_for=load_for)  # type: ignore[assignment]
+    await w._restore_snapshot(max_seq=10)
+    assert (w.applied, w.restored_from) == (5, 5) and "ZZZXXX" not in w.books
