@@ -28,7 +28,9 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from regions.topology import Topology
 from router import contract, ids, subjects
+from router.book import report_position
 from router.contract import (
+    TERMINAL_STATUSES,
     CancelOrder,
     CancelReject,
     ContractError,
@@ -73,7 +75,27 @@ class OrderState:
 
     @property
     def last(self) -> Report | None:
-        return self.reports[-1] if self.reports else None
+        """The order's latest report: the latest made, not the latest delivered. A report
+        whose PubAck was lost is sent again and may be stored after later reports of its
+        order (decision 0002): by the book's position in its id it is older, and no report
+        moves an order back from a terminal status (contract.md, "Reports")."""
+        best: Report | None = None
+        for r in self.reports:
+            if best is None or _made_after(r, best):
+                best = r
+        return best
+
+
+def _made_after(a: Report, b: Report) -> bool:
+    """Whether report ``a`` of an order was made after ``b`` (``b`` delivered first)."""
+    a_done, b_done = a.ord_status in TERMINAL_STATUSES, b.ord_status in TERMINAL_STATUSES
+    if a_done != b_done:
+        return a_done
+    pa = report_position(a.exec_id if isinstance(a, ExecutionReport) else a.reject_id)
+    pb = report_position(b.exec_id if isinstance(b, ExecutionReport) else b.reject_id)
+    if pa is not None and pb is not None and pa[0] == pb[0]:
+        return pa[1:] > pb[1:]  # one book made both: its order is the order's
+    return True  # made by different hands (risk, another region): as delivered
 
 
 class DeskClient:
