@@ -25,6 +25,7 @@ import msgpack
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from ledger.db import libpq_dsn
 from regions.topology import Topology
@@ -81,30 +82,37 @@ async def _read_subject(
     gaps: list[str] | None = None,
 ) -> list[Any]:
     """Every stored message on ``subject`` in ``stream`` of ``domain`` (ordered replay). A
-    read that times out before the stream's count is reached says so in ``gaps``: a partial
-    history must never look whole."""
+    read that fails or times out before the stream's count is reached (a region unreachable,
+    a slow link) says so in ``gaps``: a partial history must never look whole."""
+
+    def note(what: str) -> None:
+        if gaps is not None:
+            gaps.append(f"{domain} {stream} {subject}: {what}")
+
     js = nc.jetstream(domain=domain)
     try:
         info = await js.stream_info(stream, subjects_filter=subject)
-    except Exception:
+    except NotFoundError:
+        return []  # no such stream in that region: nothing stored
+    except Exception as e:
+        note(f"not read ({type(e).__name__})")
         return []
     total = sum((info.state.subjects or {}).values())
     if not total:
         return []
     cfg = ConsumerConfig(filter_subject=subject, deliver_policy=DeliverPolicy.ALL)
-    sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
     out: list[Any] = []
+    sub = None
     try:
+        sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
         while len(out) < total:
-            try:
-                out.extend(await sub.fetch(min(256, total - len(out)), timeout=timeout_s))
-            except TimeoutError:  # nats-py raises its own, or a bare asyncio one under load
-                if gaps is not None:
-                    gaps.append(f"{domain} {stream} {subject}: read {len(out)} of {total}")
-                break
+            out.extend(await sub.fetch(min(256, total - len(out)), timeout=timeout_s))
+    except Exception as e:  # a timeout under load (nats-py's or asyncio's), no responders
+        note(f"read {len(out)} of {total} ({type(e).__name__})")
     finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
     return out
 
 

@@ -19,3 +19,30 @@ def test_the_ledger_lookup_takes_a_cockroachdb_dsn() -> None:
 def test_an_incomplete_read_is_shown() -> None:
     h = History(account="A", order_id="O", gaps=["lon EXECOUT mrd.lon.er.A.>: read 3 of 9"])
     assert "INCOMPLETE: lon EXECOUT mrd.lon.er.A.>: read 3 of 9" in h.render()
+
+
+async def test_a_region_that_cannot_be_read_is_a_gap_not_an_empty_answer() -> None:
+    """A stream of an unreachable region (no responders over a cut link) once read as
+    empty: the history lacked that region's reports and looked whole."""
+    import types
+    from typing import Any
+
+    from nats.errors import NoRespondersError
+    from nats.js.errors import NotFoundError
+
+    from ops.history import _read_subject
+
+    def nc(fail: Exception) -> Any:
+        async def stream_info(stream: str, subjects_filter: str = "") -> Any:
+            raise fail
+
+        return types.SimpleNamespace(
+            jetstream=lambda domain: types.SimpleNamespace(stream_info=stream_info)
+        )
+
+    gaps: list[str] = []
+    assert await _read_subject(nc(NoRespondersError()), "sgp", "EXECOUT", "s", gaps=gaps) == []
+    assert gaps == ["sgp EXECOUT s: not read (NoRespondersError)"]
+    gaps.clear()
+    assert await _read_subject(nc(NotFoundError()), "sgp", "EXECOUT", "s", gaps=gaps) == []
+    assert gaps == []  # no such stream: nothing was stored there
