@@ -11,6 +11,7 @@ Series (``link`` is a directed ``"<source>-><view>"`` pair, ``reason`` a closed 
     meridian_md_recovered_total{link}            missing quotes later filled from MDVIEW
     meridian_md_unrecovered_total{link}          missing quotes MDVIEW could not supply
     meridian_md_stale_total{link}                times a source went silent (open gap)
+    meridian_md_rebaselines_total{link}          feeds started over (seqs restarted, huge jump)
     meridian_md_source_stale{link}               gauge: 1 while the source is silent
 """
 
@@ -91,6 +92,9 @@ class MdMetrics:
             "meridian_md_unrecovered", "Missing quotes the view could not supply.", "link"
         )
         self.stale = counter("meridian_md_stale", "Times a source went silent.", "link")
+        self.rebaselines = counter(
+            "meridian_md_rebaselines", "Feeds started over (seqs restarted or jumped).", "link"
+        )
         self.source_stale = Gauge(
             "meridian_md_source_stale", "1 while a source is silent.", ("link",), registry=registry
         )
@@ -105,7 +109,10 @@ class MdMetrics:
             self.rejected.labels(r)
         for s in sources:
             ln = link_name(s, view)
-            for c in (self.quotes, self.gaps, self.recovered, self.unrecovered, self.stale):
+            for c in (
+                self.quotes, self.gaps, self.recovered, self.unrecovered, self.stale,
+                self.rebaselines,
+            ):  # fmt: skip
                 c.labels(ln)
             self.source_stale.labels(ln).set(0)
             self._lag.labels(ln)

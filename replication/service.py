@@ -8,6 +8,10 @@ It ensures ``MDVIEW`` in the region's domain, publishes the region's executed sy
 quotes/s, maintains ``tob:<region>:*`` in Redis, serves Prometheus metrics on
 ``--metrics-port`` (0: none) and writes ``$MERIDIAN_RUN_DIR/md/lag-<region>.json`` every
 second (read by ``meridian md lag``). SIGTERM or SIGINT stops it cleanly (exit 0).
+
+Exit codes: 0 stopped by a signal; 1 the feed (or the stats writer) died after READY (logged
+as an error; the devstack restarts or reports it); 2 it could not start (a ``--replay`` file
+missing or unreadable, a feed that cannot tell where its ``MD`` stream ends).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nats
 import redis.asyncio as aioredis
@@ -29,9 +34,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from regions.natsconf import CLIENT_MAX_OUTSTANDING_PINGS, CLIENT_PING_INTERVAL_S
 from regions.topology import load_topology
+from replication.errors import ReplicationError
 from replication.metrics import MdMetrics
 from replication.simulator import Feed, QuoteSimulator, QuoteSource, ReplaySource
 from replication.topbook import TopBookConsumer
+from replication.validate import executing_regions
 from replication.view import ensure_view
 
 log = logging.getLogger("replication.service")
@@ -101,30 +108,43 @@ async def run(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task[object]] = []
     try:
         await ensure_view(nc, topo, region.code)
-        consumer = TopBookConsumer(nc, rds, view=region.code, regions=topo.codes, metrics=metrics)
+        consumer = TopBookConsumer(
+            nc,
+            rds,
+            view=region.code,
+            regions=topo.codes,
+            metrics=metrics,
+            exec_regions=executing_regions(topo),
+        )
         await consumer.start()
         if region.executes and args.rate > 0:
             source: QuoteSource
-            if args.replay is not None:
-                source = ReplaySource(args.replay, region=region.code)
-            else:
-                source = QuoteSimulator(
-                    region=region.code,
-                    instruments=[topo.instrument(s) for s in region.executes],
-                    seed=args.seed,
-                )
-            feed = Feed(nc, source, rate=args.rate, tick_s=args.burst_ms / 1000)
-            resumed = await feed.resume(region.executes)
+            try:
+                if args.replay is not None:
+                    source = ReplaySource(args.replay, region=region.code)
+                else:
+                    source = QuoteSimulator(
+                        region=region.code,
+                        instruments=[topo.instrument(s) for s in region.executes],
+                        seed=args.seed,
+                    )
+                feed = Feed(nc, source, rate=args.rate, tick_s=args.burst_ms / 1000)
+                resumed = await feed.resume(region.executes)
+            except ReplicationError as e:  # before READY: the devstack sees a failed start
+                log.error("md service %s cannot start its feed: %s", region.code, e)
+                return 2
             log.info("md feed %s: %.0f quotes/s, resumed after %s", region.code, args.rate, resumed)
-            tasks.append(asyncio.create_task(feed.run(stop=stop)))
-        tasks.append(asyncio.create_task(_write_stats(consumer, args.run_dir, region.code, stop)))
+            tasks.append(asyncio.create_task(feed.run(stop=stop), name=f"md-feed-{region.code}"))
+        tasks.append(
+            asyncio.create_task(
+                _write_stats(consumer, args.run_dir, region.code, stop),
+                name=f"md-stats-{region.code}",
+            )
+        )
         print("READY", flush=True)  # the devstack waits for this line
-        await stop.wait()
+        rc = await supervise(tasks, stop)
         log.info("md service %s stopping", region.code)
-        for t in tasks:  # the feed waits for its in-flight PubAcks
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 5)
-        return 0
+        return rc
     finally:
         for t in tasks:
             t.cancel()
@@ -139,6 +159,36 @@ async def run(args: argparse.Namespace) -> int:
         if http is not None:
             http[0].shutdown()
         log.info("md service %s stopped", region.code)
+
+
+async def supervise(tasks: Sequence[asyncio.Task[object]], stop: asyncio.Event) -> int:
+    """Wait until ``stop`` is set or a task dies; then let the tasks finish (5 s each).
+
+    A task ending normally (a replay file exhausted) is fine: the consumer keeps serving. A
+    task that raises is logged as an error and stops the service: returns 1 (else 0), so the
+    supervisor sees a dead feed instead of a process that only looks alive.
+    """
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    running: set[asyncio.Future[Any]] = set(tasks)
+    try:
+        while running and not stop.is_set():
+            done, _ = await asyncio.wait({stopping, *running}, return_when=asyncio.FIRST_COMPLETED)
+            running -= done
+            if any(not t.cancelled() and t.exception() is not None for t in done - {stopping}):
+                stop.set()
+        await stopping
+    finally:
+        stopping.cancel()
+    pending = [t for t in tasks if not t.done()]
+    if pending:  # the feed waits for its in-flight PubAcks; run() cancels what is left
+        await asyncio.wait(pending, timeout=5)
+    rc = 0
+    for t in tasks:
+        exc = None if not t.done() or t.cancelled() else t.exception()
+        if exc is not None:
+            log.error("md task %s died: %r", t.get_name(), exc, exc_info=exc)
+            rc = 1
+    return rc
 
 
 async def _write_stats(

@@ -39,7 +39,7 @@ from nats.aio.client import Client
 from nats.js.errors import APIError, NotFoundError
 
 from regions.topology import Instrument
-from replication.errors import ReplayError
+from replication.errors import ReplayError, ResumeError
 from router import subjects
 from router.contract import ContractError, Quote, decode, encode
 
@@ -280,14 +280,32 @@ def record(quotes: Iterable[Quote], path: str | Path) -> int:
     return n
 
 
+def check_ticks(path: str | Path) -> None:
+    """Raise :class:`ReplayError` now if ``path`` cannot be opened or has the wrong header.
+
+    :func:`read_ticks` is lazy: without this a missing file would only fail once the feed
+    asks for its first quote, after the service reported READY.
+    """
+    p = Path(path)
+    try:
+        with p.open(newline="") as f:
+            _check_header(p, csv.reader(f))
+    except OSError as e:
+        raise ReplayError(p, 0, f"cannot open: {e.strerror or e}") from e
+
+
+def _check_header(p: Path, r: Iterator[list[str]]) -> None:
+    header = next(r, None)
+    if header is None or tuple(header) != TICK_COLUMNS:
+        raise ReplayError(p, 1, f"header must be {','.join(TICK_COLUMNS)}")
+
+
 def read_ticks(path: str | Path) -> Iterator[Quote]:
     """Every quote of a tick file, validated against the contract, in file order."""
     p = Path(path)
     with p.open(newline="") as f:
         r = csv.reader(f)
-        header = next(r, None)
-        if header is None or tuple(header) != TICK_COLUMNS:
-            raise ReplayError(p, 1, f"header must be {','.join(TICK_COLUMNS)}")
+        _check_header(p, r)
         for lineno, row in enumerate(r, start=2):
             if len(row) != len(TICK_COLUMNS):
                 raise ReplayError(p, lineno, f"expected {len(TICK_COLUMNS)} columns")
@@ -313,7 +331,7 @@ class ReplaySource:
     """Replays one region's quotes from a tick file, in file order.
 
     Args:
-        path: Tick file.
+        path: Tick file (opened and its header checked at once: :class:`ReplayError`).
         region: Only this region's rows are replayed.
         retime: Stamp ``src_ns`` with the clock at replay (lag then measures this run); else the
             recorded ``src_ns`` is kept (a bit-for-bit reproduction of the recording).
@@ -329,6 +347,7 @@ class ReplaySource:
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.region = region
+        check_ticks(path)
         self._it = (q for q in read_ticks(path) if q.region == region)
         self._retime = retime
         self._clock = clock_ns
@@ -400,19 +419,35 @@ class Feed:
         self._inflight: deque[tuple[Quote, bytes, asyncio.Future[object]]] = deque()
 
     async def resume(self, symbols: Iterable[str]) -> dict[str, int]:
-        """Continue every symbol after the newest quote already in the stream (restarts)."""
+        """Continue every symbol after the newest quote already in the stream (restarts).
+
+        A symbol with no message in ``MD`` (never published, or its history aged out) starts
+        at seq 1; views re-baseline on it because its ``src_ns`` is newer than anything they
+        hold. A newest message that is not a quote of this feed raises :class:`ResumeError`:
+        its seq cannot be established, and guessing 1 would reuse stored ``Nats-Msg-Id`` s.
+        """
         out = {}
         for sym in symbols:
+            subject = subjects.md(self.region, sym)
             try:
-                raw = await self._js.get_last_msg(MD_STREAM, subjects.md(self.region, sym))
+                raw = await self._js.get_last_msg(MD_STREAM, subject)
             except NotFoundError:
                 continue
-            if raw.data is None:
-                continue
             try:
-                last = decode(Quote, raw.data)
-            except ContractError:
-                continue
+                last = decode(Quote, raw.data or b"")
+            except ContractError as e:
+                raise ResumeError(
+                    subject,
+                    raw.seq or 0,
+                    f"newest message is not a quote ({e}); purge it from {MD_STREAM} "
+                    "before restarting the feed",
+                ) from e
+            if last.region != self.region or last.symbol != sym:
+                raise ResumeError(
+                    subject,
+                    raw.seq or 0,
+                    f"newest message is a quote of {last.region}:{last.symbol}",
+                )
             self.source.resume(sym, last)
             out[sym] = last.seq
         return out

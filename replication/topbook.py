@@ -7,8 +7,17 @@ Redis layout (all values decimal strings; prices in integer ticks of the instrum
                                 bid_lp ask_lp                   LP(s) at best, "," separated
                                 src                             source region of the quotes
                                 seq src_ns                      newest quote applied
-                                recv_ns                         when it arrived in <view>
+                                recv_ns                         when it arrived in <view> (for
+                                                                a quote read from MDVIEW: when
+                                                                the view stored it)
+                                stale                           "1": not live (see below), "0"
     tobidx:<view>         SET   symbols that have a tob hash in <view>
+
+Freshness, the rule for readers: ``stale`` is ``"1"`` while the symbol's source region is
+reported silent, and from a (re)start until a live quote of the symbol arrives (what the
+consumer bootstrapped from MDVIEW may be up to an hour old). ``src_ns`` is the source's own
+clock: its age (:meth:`TopQuote.age_ns`) says how old the price is; ``recv_ns`` only says when
+this view got it. A hash written by an older build has no ``stale`` field: judge it by age.
 
 :meth:`TopOfBook.get` is one ``HGETALL``: the pre-trade collar pays one Redis round trip.
 
@@ -29,9 +38,15 @@ the *recovery path*: at start the consumer takes the last quote per subject from
   ordered consumer on ``MDVIEW`` filtered to that subject, from the gap's source time, retried
   until the view holds the missing range (``recover_timeout_s``); whatever the view cannot
   supply is counted as unrecovered and logged as an error, never skipped silently.
-  A source that goes quiet for ``stale_after_s`` while it was publishing (a cut link, a dead
-  region) is an *open* gap: reported at once (``meridian_md_stale_total``, gauge
-  ``meridian_md_source_stale``, a warning) because its size is only known once quotes flow again.
+  A source that goes quiet for ``stale_after_s`` (a cut link, a dead region; from the start on,
+  so a source already down when the consumer starts counts too) is an *open* gap: reported at
+  once (``meridian_md_stale_total``, gauge ``meridian_md_source_stale``, a warning, ``stale`` in
+  its hashes) because its size is only known once quotes flow again.
+* Re-baseline (``meridian_md_rebaselines_total``, an error log): a quote whose seq is at or
+  below the newest but whose ``src_ns`` is newer (the feed restarted its seqs), or a jump of
+  more than ``max_gap_quotes``, starts (source, symbol) over at that quote: seqs and LP book
+  are reset, open gaps of the old baseline are counted as unrecovered. Only quotes taken
+  (not duplicates) count as a sign of life.
 * Lag: arrival (``recv_ns`` taken in the subscription callback) minus ``src_ns`` per live quote,
   per directed link ``"<source>-><view>"`` (see :mod:`replication.metrics`).
 """
@@ -69,6 +84,13 @@ log = logging.getLogger(__name__)
 
 MD_WILDCARD = f"{subjects.PREFIX}.*.md.>"
 
+MAX_GAP_QUOTES = 100_000
+"""Most seqs one (source, symbol) may have missing at once. MDVIEW keeps 10,000 quotes per
+subject, so a larger jump cannot be filled message by message anyway; it is a re-baseline (a
+restarted or bogus seq), counted and logged as an error, never a set of 2**62 ints."""
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
 
 def tob_key(view: str, symbol: str) -> str:
     return f"tob:{view}:{symbol}"
@@ -99,6 +121,8 @@ class TopQuote:
     """Sequence of the newest quote applied."""
     src_ns: int
     recv_ns: int
+    stale: bool = False
+    """The source is silent, or no live quote of the symbol arrived since the consumer started."""
 
     @property
     def mid_x2(self) -> int:
@@ -142,6 +166,7 @@ class TopOfBook:
             seq=int(h["seq"]),
             src_ns=int(h["src_ns"]),
             recv_ns=int(h["recv_ns"]),
+            stale=h.get("stale", "0") == "1",
         )
 
     async def symbols(self, view_region: str) -> list[str]:
@@ -157,6 +182,7 @@ class _Track:
     last_seq: int
     last_src_ns: int
     missing: set[int] = field(default_factory=set)
+    """Open gaps, at most ``max_gap_quotes`` seqs."""
     gap_from_ns: int = 0
     """src_ns of the last quote before the oldest open gap (where recovery starts reading)."""
 
@@ -177,6 +203,8 @@ class _Book:
     lps: dict[str, _LpTop] = field(default_factory=dict)
     newest: Quote | None = None
     recv_ns: int = 0
+    live: bool = False
+    """A quote from the live path was applied (else only MDVIEW's, maybe an hour old)."""
 
 
 @dataclass(slots=True)
@@ -189,6 +217,7 @@ class ConsumerStats:
     recovered: int = 0
     unrecovered: int = 0
     stale_reports: int = 0
+    rebaselines: int = 0
     redis_writes: int = 0
     batches: int = 0
 
@@ -200,11 +229,14 @@ class TopBookConsumer:
         nc: Client connected to the view region's server.
         redis: Asyncio Redis client of the read model.
         view: The view region code.
-        regions: Region codes accepted as sources (the topology's).
+        regions: Region codes accepted as sources (the topology's); each is watched from start.
         metrics: Where counters and lag go.
-        stale_after_s: Silence after which a publishing source is reported stale.
+        exec_regions: ``symbol -> executing region`` (``validate.executing_regions``); quotes
+            of other symbols, or from another region, are rejected. ``None``: not checked.
+        stale_after_s: Silence after which a source is reported stale (from start on).
         lp_ttl_s: LP quotes older than this behind the symbol's newest leave the composite.
         recover_timeout_s: How long a gap may wait for MDVIEW to hold the missing quotes.
+        max_gap_quotes: Larger seq jumps re-baseline instead of opening a gap.
     """
 
     def __init__(
@@ -215,13 +247,17 @@ class TopBookConsumer:
         view: str,
         regions: tuple[str, ...],
         metrics: MdMetrics,
+        exec_regions: Mapping[str, str] | None = None,
         stale_after_s: float = 1.0,
         lp_ttl_s: float = 5.0,
         recover_timeout_s: float = 90.0,
+        max_gap_quotes: int = MAX_GAP_QUOTES,
     ) -> None:
         self.nc, self.redis, self.view = nc, redis, view
         self.regions = regions
+        self.exec_regions = exec_regions
         self.metrics = metrics
+        self.max_gap_quotes = max_gap_quotes
         self.stats = ConsumerStats()
         self.stale_after_ns = int(stale_after_s * 1e9)
         self.lp_ttl_ns = int(lp_ttl_s * 1e9)
@@ -232,7 +268,8 @@ class TopBookConsumer:
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._books: dict[tuple[str, str], _Book] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self._indexed: set[str] = set()
+        self._started_ns = time.time_ns()
+        """A source never heard live counts as silent since then."""
         self._last_live_ns: dict[str, int] = {}
         self._stale: dict[str, int] = {}
         """source -> ns when it was reported stale."""
@@ -240,11 +277,13 @@ class TopBookConsumer:
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reject_logged = 0.0
+        self._rebaseline_logged = 0.0
         self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Subscribe the live path, load the last quote per subject from MDVIEW, then run."""
+        self._started_ns = time.time_ns()
         self._sub = await self.nc.subscribe(
             MD_WILDCARD, cb=self._on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=-1
         )
@@ -281,7 +320,7 @@ class TopBookConsumer:
     def stale_sources(self) -> dict[str, float]:
         """Sources silent right now -> seconds since their last live quote."""
         now = time.time_ns()
-        return {s: (now - self._last_live_ns.get(s, now)) / 1e9 for s in self._stale}
+        return {s: (now - self._last_live_ns.get(s, self._started_ns)) / 1e9 for s in self._stale}
 
     def open_gaps(self) -> dict[str, int]:
         """``"<source>:<symbol>"`` -> quotes still missing."""
@@ -333,7 +372,13 @@ class TopBookConsumer:
 
     def _ingest(self, subject: str, data: bytes, recv_ns: int, *, live: bool) -> None:
         try:
-            q = validate_quote(subject, data, regions=self.regions)
+            q = validate_quote(
+                subject,
+                data,
+                regions=self.regions,
+                exec_regions=self.exec_regions,
+                now_ns=time.time_ns(),
+            )
         except QuoteRejected as e:
             self.stats.rejected += 1
             self.metrics.rejected.labels(e.reason).inc()
@@ -344,12 +389,6 @@ class TopBookConsumer:
             return
         src, key = q.region, (q.region, q.symbol)
         link = link_name(src, self.view)
-        if live:
-            self._last_live_ns[src] = recv_ns
-            if src in self._stale:
-                silent = (recv_ns - self._stale.pop(src)) / 1e9 + self.stale_after_ns / 1e9
-                self.metrics.source_stale.labels(link).set(0)
-                log.warning("md source %s resumed after ~%.1f s of silence", link, silent)
         t = self._tracks.get(key)
         if t is None:
             self._tracks[key] = _Track(last_seq=q.seq, last_src_ns=q.src_ns)
@@ -358,19 +397,27 @@ class TopBookConsumer:
         elif q.seq > t.last_seq + 1:
             lo, hi = t.last_seq + 1, q.seq - 1
             n = hi - lo + 1
-            if not t.missing:
-                t.gap_from_ns = t.last_src_ns
-            t.missing.update(range(lo, hi + 1))
-            t.last_seq, t.last_src_ns = q.seq, q.src_ns
-            self.stats.gaps += 1
-            self.stats.gap_quotes += n
-            self.metrics.gaps.labels(link).inc()
-            self.metrics.gap_quotes.labels(link).inc(n)
-            log.warning(
-                "md gap %s %s: seq %d..%d missing (%d); recovering", link, q.symbol, lo, hi, n
-            )
-            if key not in self._recovering:
-                self._recovering[key] = asyncio.create_task(self._recover(key))
+            if n > self.max_gap_quotes - len(t.missing):
+                self._rebaseline(key, t, q, f"seq jumped by {n} after {t.last_seq}")
+            else:
+                if not t.missing:
+                    t.gap_from_ns = t.last_src_ns
+                t.missing.update(range(lo, hi + 1))
+                t.last_seq, t.last_src_ns = q.seq, q.src_ns
+                self.stats.gaps += 1
+                self.stats.gap_quotes += n
+                self.metrics.gaps.labels(link).inc()
+                self.metrics.gap_quotes.labels(link).inc(n)
+                log.warning(
+                    "md gap %s %s: seq %d..%d missing (%d); recovering", link, q.symbol, lo, hi, n
+                )
+                if key not in self._recovering:
+                    self._recovering[key] = asyncio.create_task(self._recover(key))
+        elif q.src_ns > t.last_src_ns:
+            # seq at or below the newest yet stamped later than it: the feed restarted its seqs
+            # (MD history expired, stream recreated) or the newest was not its quote (a bogus
+            # jump). A reorder, a late gap fill or a duplicate is never newer than the newest.
+            self._rebaseline(key, t, q, f"seq {q.seq} after {t.last_seq} with a newer src_ns")
         elif q.seq in t.missing:
             t.missing.discard(q.seq)
             self.stats.recovered += 1
@@ -379,13 +426,57 @@ class TopBookConsumer:
             self.stats.duplicates += 1
             self.metrics.duplicates.labels(link).inc()
             return
-        if live:
+        if live:  # only a quote taken proves the source alive (a frozen feed repeats itself)
+            self._heard(src, link, recv_ns)
             self.stats.applied += 1
             self.metrics.quotes.labels(link).inc()
             self.metrics.observe_lag(link, recv_ns - q.src_ns)
-        self._apply(q, recv_ns)
+        self._apply(q, recv_ns, live=live)
 
-    def _apply(self, q: Quote, recv_ns: int) -> None:
+    def _heard(self, src: str, link: str, recv_ns: int) -> None:
+        last = self._last_live_ns.get(src, self._started_ns)
+        self._last_live_ns[src] = recv_ns
+        if src in self._stale:
+            del self._stale[src]
+            self.metrics.source_stale.labels(link).set(0)
+            log.warning(
+                "md source %s resumed after ~%.1f s of silence", link, (recv_ns - last) / 1e9
+            )
+            self._mark_dirty(src)  # rewrite stale=0 on its symbols
+
+    def _rebaseline(self, key: tuple[str, str], t: _Track, q: Quote, why: str) -> None:
+        """Start (source, symbol) over at ``q``: a new seq baseline and a new book."""
+        link = link_name(key[0], self.view)
+        lost = len(t.missing)
+        if lost:  # seqs of the old baseline: ambiguous now, no longer recoverable
+            self.stats.unrecovered += lost
+            self.metrics.unrecovered.labels(link).inc(lost)
+            t.missing.clear()
+        task = self._recovering.pop(key, None)
+        if task is not None:
+            task.cancel()
+        t.last_seq, t.last_src_ns = q.seq, q.src_ns
+        book = self._books.get(key)
+        if book is not None:  # LP quotes of the old baseline carry seqs the new one will reuse
+            book.lps.clear()
+            book.newest, book.live = None, False
+        self.stats.rebaselines += 1
+        self.metrics.rebaselines.labels(link).inc()
+        now = time.monotonic()
+        if now - self._rebaseline_logged > 1.0:  # two feeds on one subject would do it per quote
+            self._rebaseline_logged = now
+            log.error(
+                "md feed %s %s re-baselined at seq %d: %s (%d open-gap quotes dropped)",
+                link, key[1], q.seq, why, lost,
+            )  # fmt: skip
+
+    def _mark_dirty(self, src: str) -> None:
+        for key, book in self._books.items():
+            if key[0] == src and book.newest is not None:
+                self._dirty.add(key)
+        self._wake.set()
+
+    def _apply(self, q: Quote, recv_ns: int, *, live: bool) -> None:
         key = (q.region, q.symbol)
         book = self._books.get(key)
         if book is None:
@@ -398,6 +489,7 @@ class TopBookConsumer:
             )
         if book.newest is None or q.seq > book.newest.seq:
             book.newest, book.recv_ns = q, recv_ns
+        book.live = book.live or live
         self._dirty.add(key)
 
     def _composite(self, book: _Book) -> dict[Any, Any]:
@@ -425,6 +517,7 @@ class TopBookConsumer:
             "seq": newest.seq,
             "src_ns": newest.src_ns,
             "recv_ns": book.recv_ns,
+            "stale": int(book.src in self._stale or not book.live),
         }
 
     async def _flush(self) -> None:
@@ -437,14 +530,13 @@ class TopBookConsumer:
                     pipe.hset(
                         tob_key(self.view, sym), mapping=self._composite(self._books[(src, sym)])
                     )
-                new = {sym for _, sym in dirty} - self._indexed
-                if new:
-                    pipe.sadd(tob_index_key(self.view), *sorted(new))
+                # re-added on every flush, not cached: Redis may have restarted empty since
+                # (the hashes are rewritten whole each time, the index must be too)
+                pipe.sadd(tob_index_key(self.view), *sorted({sym for _, sym in dirty}))
                 await pipe.execute()
         except BaseException:
             self._dirty |= dirty
             raise
-        self._indexed |= new
         self.stats.redis_writes += len(dirty)
 
     # ---- recovery path ---------------------------------------------------------------------
@@ -468,7 +560,7 @@ class TopBookConsumer:
         try:
             while True:
                 msg = await sub.next_msg(timeout=2.0)
-                self._ingest(msg.subject, msg.data, time.time_ns(), live=False)
+                self._ingest(msg.subject, msg.data, _stored_ns(msg), live=False)
                 if msg.metadata.num_pending == 0:
                     break
         except nats.errors.TimeoutError:
@@ -476,7 +568,11 @@ class TopBookConsumer:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        await self._flush()
+        try:
+            await self._flush()
+        except Exception as e:  # Redis down must not stop the region's feed: the loop retries
+            log.warning("top-of-book write after bootstrap failed (%r); retrying", e)
+            self._wake.set()
 
     async def _recover(self, key: tuple[str, str]) -> None:
         src, sym = key
@@ -510,7 +606,7 @@ class TopBookConsumer:
                     while t.missing:
                         msg = await sub.next_msg(timeout=1.0)
                         next_seq = msg.metadata.sequence.stream + 1
-                        self._ingest(msg.subject, msg.data, time.time_ns(), live=False)
+                        self._ingest(msg.subject, msg.data, _stored_ns(msg), live=False)
                         if msg.metadata.num_pending == 0:
                             break
                 except nats.errors.TimeoutError:
@@ -533,21 +629,25 @@ class TopBookConsumer:
             else:
                 log.info("md gap %s %s recovered from MDVIEW", link, sym)
         finally:
-            self._recovering.pop(key, None)
+            if self._recovering.get(key) is asyncio.current_task():  # not a successor's
+                del self._recovering[key]
 
     async def _watch(self) -> None:
-        """Reports a publishing source that went silent (an open gap)."""
+        """Reports a silent source (an open gap); every source counts from the start, so one
+        that is down when the consumer (re)starts is reported too."""
         while True:
             await asyncio.sleep(0.1)
             now = time.time_ns()
-            for src, last in self._last_live_ns.items():
-                if src in self._stale or src == self.view or now - last <= self.stale_after_ns:
+            for src in self.regions:
+                last = self._last_live_ns.get(src, self._started_ns)
+                if src in self._stale or now - last <= self.stale_after_ns:
                     continue
                 self._stale[src] = now
                 link = link_name(src, self.view)
                 self.stats.stale_reports += 1
                 self.metrics.stale.labels(link).inc()
                 self.metrics.source_stale.labels(link).set(1)
+                self._mark_dirty(src)  # write stale=1 on its symbols
                 last_seqs: Mapping[str, int] = {
                     sym: t.last_seq for (s, sym), t in self._tracks.items() if s == src
                 }
@@ -555,3 +655,12 @@ class TopBookConsumer:
                     "md source %s silent for %.1f s: open gap after %s",
                     link, (now - last) / 1e9, last_seqs,
                 )  # fmt: skip
+
+
+def _stored_ns(msg: Msg) -> int:
+    """When the view stored ``msg`` (UTC ns): the honest arrival time of a quote it replays."""
+    try:
+        ts = msg.metadata.timestamp
+    except nats.errors.NotJSMessageError:
+        return time.time_ns()
+    return (ts - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
