@@ -454,7 +454,7 @@ class RiskEngine:
                 f"notional {notional} USD > max {inst_limits.max_notional_usd} USD",
             )
         if ext.ref is None:
-            return rej(RejectReason.NO_REFERENCE_PRICE, f"no top of book for {sym}")
+            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}")
         price = msg.price_ticks
         if msg.ord_type is OrdType.LIMIT:
             assert price is not None
@@ -598,7 +598,7 @@ class RiskEngine:
         if self.base_usd(msg.symbol, msg.qty) > inst_limits.max_notional_usd:
             return rej(RejectReason.MAX_NOTIONAL, "notional over the instrument maximum")
         if ext.ref is None:
-            return rej(RejectReason.NO_REFERENCE_PRICE, f"no top of book for {msg.symbol}")
+            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {msg.symbol}")
         if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
             return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
         if grows:

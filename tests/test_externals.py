@@ -70,6 +70,19 @@ async def test_a_missing_price_is_not_cached(rds: aioredis.Redis) -> None:
     assert ext.redis_calls == 2
 
 
+async def test_a_price_its_view_marks_stale_is_no_reference(rds: aioredis.Redis) -> None:
+    """The md view marks a symbol stale while its source region is silent (a cut link, a
+    region down): risk must not collar against a price the market may have left."""
+    ext = RedisExternals(rds, "lon")
+    await rds.hset(tob_key("lon", "EURUSD"), mapping={"stale": "1"})
+    await rds.hset(tob_key("lon", "GBPUSD"), mapping={"stale": "0"})
+    _, refs = await ext.fetch({}, {"EURUSD", "GBPUSD"}, LIMITS, 1.0)
+    assert "EURUSD" not in refs and refs["GBPUSD"].bid_ticks == 126798
+    await rds.hset(tob_key("lon", "EURUSD"), mapping={"stale": "0"})  # a live quote came
+    _, refs = await ext.fetch({}, {"EURUSD"}, LIMITS, 1.001)  # not cached while stale
+    assert refs["EURUSD"].bid_ticks == 108448
+
+
 async def test_tokens_are_leased_in_blocks_and_the_lease_expires(rds: aioredis.Redis) -> None:
     ext = RedisExternals(rds, "lon")
     block = lease_block(LIMITS)

@@ -45,11 +45,14 @@ def known_series() -> set[str]:
     from prometheus_client import CollectorRegistry
 
     from ledger.writer import WriterMetrics
+    from replication.metrics import MdMetrics
 
     ledger = CollectorRegistry()
     WriterMetrics(ledger, "lon")  # the ledger writer's own series (it has no MeridianMetrics)
+    md = CollectorRegistry()
+    MdMetrics(md, view="lon", sources=("lon", "nyc"))  # the md service's own, likewise
     names = set(metric_names()) | set(NATS_METRIC_NAMES) | set(metric_names(ledger))
-    return names | {"up"}
+    return names | set(metric_names(md)) | {"up"}
 
 
 def recording_rules() -> set[str]:
