@@ -94,10 +94,11 @@ def _top(args: argparse.Namespace) -> int:
                 t.seq,
                 f"{(now - t.src_ns) / 1e6:.0f}",
                 f"{(t.recv_ns - t.src_ns) / 1e6:.1f}",
+                "STALE" if t.stale else "",
             ]
         )
     header = ["view", "symbol", "src", "bid size", "bid", "ask", "ask size", "seq", "age ms"]
-    print(_table(out, [*header, "lag ms"]) if out else "no top of book yet")
+    print(_table(out, [*header, "lag ms", "stale"]) if out else "no top of book yet")
     return 0 if out else 1
 
 

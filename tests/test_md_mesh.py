@@ -336,6 +336,11 @@ async def test_service_runs_feed_view_and_top_of_book_and_cli_reads_them(
         rc_lag, text = await asyncio.to_thread(_cli, tmp_path, ["md", "lag", "--json"])
         assert rc_top == 0 and rc_lag == 0
         assert "USDJPY" in top_text and "EURUSD" in top_text and "151." in top_text
+        # the column, and this run's live sources are fresh (other tests' random symbols in
+        # the shared Redis may be stale)
+        assert top_text.splitlines()[0].split()[-1] == "stale"
+        live = [ln for ln in top_text.splitlines() if " USDJPY " in ln or " EURUSD " in ln]
+        assert live and not any("STALE" in ln for ln in live), live
         stats = json.loads(text)
         lon = next(s for s in stats if s["view"] == "lon")
         sgp_lon = lon["links"]["sgp->lon"]
