@@ -4,7 +4,11 @@ The batch either commits whole or not at all:
 
 1. lock the region's chain head (``SELECT ... FOR UPDATE``: one writer per region at a time);
 2. insert the transfers with ``ON CONFLICT (region, id) DO NOTHING RETURNING id``: the ids that
-   come back are the new ones, everything else is a replay and posts nothing;
+   come back are the new ones, everything else is a replay and posts nothing. A replay must
+   be the same transfer: the ones that did not come back are read once (one query, only in
+   a batch that has any) and compared; another fill under a posted trade id (or two fills
+   of one trade id in the batch) raises :class:`~ledger.errors.TransferConflict` and the
+   batch posts nothing, so the caller drops those fills and posts the rest;
 3. COPY the new postings, chained from the head;
 4. add the per-(account, currency) deltas to ``balances`` (sorted keys: no deadlocks);
 5. move the chain head.
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from ledger.errors import LedgerConfigError
+from ledger.errors import LedgerConfigError, TransferConflict
 from ledger.model import Posting, Transfer, balance_deltas, chain_postings
 
 if TYPE_CHECKING:
@@ -128,16 +132,23 @@ async def post_transfers(
     *,
     recorded_ns: int | None = None,
 ) -> BatchResult:
-    """Write ``transfers`` of ``region`` in one transaction; replays are no-ops."""
+    """Write ``transfers`` of ``region`` in one transaction; replays are no-ops.
+
+    Raises:
+        TransferConflict: a transfer id is taken by a transfer of other content (another
+            fill under a posted trade id, or in this batch); nothing was posted.
+    """
     now = time.time_ns() if recorded_ns is None else recorded_ns
-    seen: set[str] = set()
-    unique: list[Transfer] = []
+    first: dict[str, Transfer] = {}
+    again: list[Transfer] = []
     for t in transfers:
         if t.region != region:
             raise LedgerConfigError("region", f"transfer {t.id} belongs to {t.region}")
-        if t.id not in seen:
-            seen.add(t.id)
-            unique.append(t)
+        if t.id in first:
+            again.append(t)
+        else:
+            first[t.id] = t
+    unique = list(first.values())
     async with conn.transaction():
         cur = await conn.execute(
             "SELECT last_posting_id, last_hash FROM chain_heads WHERE region = %s FOR UPDATE",
@@ -179,6 +190,8 @@ async def post_transfers(
         cur = await conn.execute(_INSERT_TRANSFERS, columns)
         new_ids = {str(r[0]) for r in await cur.fetchall()}  # type: ignore[index]
         fresh = [t for t in unique if t.id in new_ids]
+        if len(fresh) < len(unique) or again:
+            await _check_replays(conn, region, unique, again, new_ids)
         postings = chain_postings(
             fresh, region=region, last_id=last_id, last_hash=last_hash, recorded_ns=now
         )
@@ -198,6 +211,69 @@ async def post_transfers(
         last_posting_id=last_id,
         last_hash=last_hash,
     )
+
+
+_CONTENT = tuple(c for c in TRANSFER_COLUMNS if c not in ("recorded_ns", "stream_seq"))
+"""What makes two transfers the same: every column but ``recorded_ns`` (when it was posted)
+and ``stream_seq`` (a fill re-sent past the stream's dedup window is the same trade)."""
+_SELECT_POSTED = f"SELECT {', '.join(_CONTENT)} FROM transfers WHERE region = %s AND id = ANY(%s)"
+
+
+def transfer_content(t: Transfer) -> tuple[object, ...]:
+    """A transfer's columns of :data:`_CONTENT`, in that order."""
+    return (
+        t.region,
+        t.id,
+        t.trade_id,
+        t.leg,
+        t.symbol,
+        t.currency,
+        t.amount,
+        t.debit_account,
+        t.credit_account,
+        t.price_ticks,
+        t.price_decimals,
+        t.qty,
+        t.transact_ns,
+    )
+
+
+def content_diff(posted: Sequence[object], given: Sequence[object]) -> str:
+    """What differs between two contents of :data:`_CONTENT` ("" when nothing does)."""
+    return ", ".join(
+        f"{col} {a!r} posted, {b!r} here"
+        for col, a, b in zip(_CONTENT, posted, given, strict=True)
+        if a != b
+    )
+
+
+async def _check_replays(
+    conn: psycopg.AsyncConnection[object],
+    region: str,
+    unique: list[Transfer],
+    again: list[Transfer],
+    new_ids: set[str],
+) -> None:
+    """Raise :class:`TransferConflict` unless every replay is the transfer already posted
+    (or posted earlier in this batch)."""
+    old_ids = [t.id for t in unique if t.id not in new_ids]
+    posted: dict[str, tuple[object, ...]] = {}
+    if old_ids:
+        cur = await conn.execute(_SELECT_POSTED, (region, old_ids))
+        rows: list[Any] = await cur.fetchall()
+        posted = {str(r[1]): tuple(r) for r in rows}
+    for t in unique:
+        if t.id in new_ids:
+            posted[t.id] = transfer_content(t)  # the batch's own: what a repeat must equal
+    conflicts: list[tuple[Transfer, str]] = []
+    for t in [u for u in unique if u.id not in new_ids] + again:
+        ref = posted.get(t.id)
+        if ref is None:  # cannot happen short of a concurrent delete: refuse, do not guess
+            conflicts.append((t, "not inserted and not found"))
+        elif diff := content_diff(ref, transfer_content(t)):
+            conflicts.append((t, diff))
+    if conflicts:
+        raise TransferConflict(region, conflicts)
 
 
 async def _copy_postings(conn: psycopg.AsyncConnection[object], rows: list[Posting]) -> None:

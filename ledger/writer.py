@@ -43,7 +43,7 @@ from tenacity import (
 )
 
 from ledger.db import RETRY_SQLSTATES, is_retryable, libpq_dsn
-from ledger.errors import FillRejected, LedgerConfigError
+from ledger.errors import FillRejected, LedgerConfigError, TransferConflict
 from ledger.held import (
     OUTSTANDING_COUNT_SQL,
     POSTED_TRADES_SQL,
@@ -448,9 +448,11 @@ class LedgerWriter:
         good: list[Msg] = []
         held: list[tuple[Msg, FillRejected | ContractError]] = []
         transfers: list[Transfer] = []
+        legs: dict[int, tuple[Transfer, Transfer]] = {}  # id(msg) -> its transfers
         for m in msgs:
             try:
-                transfers.extend(self.parse(m))
+                legs[id(m)] = self.parse(m)
+                transfers.extend(legs[id(m)])
             except (ContractError, FillRejected) as e:
                 if (isinstance(e, FillRejected) and not e.permanent) or from_newer_build(e):
                     held.append((m, e))
@@ -482,7 +484,17 @@ class LedgerWriter:
             self.metrics.backlog.set(int(msgs[-1].metadata.num_pending) + len(good))
         if not good:
             return True
-        result = await self._commit_with_retry(transfers, good, stop)
+        while True:
+            try:
+                result = await self._commit_with_retry(transfers, good, stop)
+                break
+            except TransferConflict as e:
+                # the batch posted nothing: drop the fills whose trade id is taken by
+                # another fill (a trade id reused) and post the rest
+                good = await self._reject_conflicts(good, legs, e)
+                transfers = [t for m in good for t in legs[id(m)]]
+                if not good:
+                    return True
         if result is None:
             return False
         for m in good:
@@ -496,6 +508,36 @@ class LedgerWriter:
         self.metrics.transfers.inc(result.transfers_new)
         self.metrics.replays.inc(result.transfers_replayed)
         return True
+
+    async def _reject_conflicts(
+        self, good: list[Msg], legs: dict[int, tuple[Transfer, Transfer]], e: TransferConflict
+    ) -> list[Msg]:
+        """Terminate the fills of ``e``, whose trade id another fill's transfers hold already
+        (counted as a replay, such a fill would be missing from the books unnoticed): logged in
+        full and counted as rejected, which pages. Not held: a hold ends when its trade id is
+        in the books, which it is. Returns the other fills."""
+        bad = {id(t): why for t, why in e.conflicts}
+        keep: list[Msg] = []
+        for m in good:
+            whys = [bad[id(t)] for t in legs[id(m)] if id(t) in bad]
+            if not whys:
+                keep.append(m)
+                continue
+            log.error(
+                "ledger %s: terminating fill on %s (seq %d): trade %s is posted already with "
+                "other content (%s); the ledger keeps the fill posted first",
+                self.region,
+                m.subject,
+                _seq(m),
+                legs[id(m)][0].trade_id,
+                "; ".join(whys),
+            )
+            self.metrics.rejected(e.field).inc()
+            with contextlib.suppress(Exception):
+                await m.term()
+        if len(keep) == len(good):  # nothing of ours: do not loop on it
+            raise e
+        return keep
 
     def _trace(self, msgs: Sequence[Msg], transfers: list[Transfer], t0: int, t1: int) -> None:
         """One CONSUMER span per fill, child of the execution span that published it."""

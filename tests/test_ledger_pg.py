@@ -18,11 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ledger.errors import LedgerError, TransferConflict
 from ledger.export import ExportRequest, export_ledger
 from ledger.migrations import applied_versions, migrate
 from ledger.model import Posting, chain_postings, transfers_for_fill
 from ledger.roles import COMPLIANCE_ROLE
-from ledger.store import POSTING_COLUMNS, post_transfers, posting_row
+from ledger.store import POSTING_COLUMNS, BatchResult, post_transfers, posting_row
 from ledger.testing import make_fill, random_fills
 from ledger.verify import ProblemKind, check_chain_rows, verify
 from ops.cli_ledger import register
@@ -191,6 +192,40 @@ def test_replaying_every_fill_twice_changes_nothing(db: str) -> None:
     post(db, fills + fills, batch=77)  # replays split differently over batches
     assert state(db) == before
     assert verify(db).ok
+
+
+def test_another_fill_under_a_posted_trade_id_is_a_conflict_not_a_replay(fresh_db: str) -> None:
+    """ON CONFLICT DO NOTHING never compared contents: a different fill under a posted trade
+    id counted as a replay, and the books were short a trade, silently."""
+    x = _fill("lon-EURUSD-conflict-1")
+    post(fresh_db, [x])
+    before = state(fresh_db)
+
+    async def go(fills: list[Fill], seq: int = 0) -> BatchResult:
+        async with await psycopg.AsyncConnection.connect(fresh_db) as conn:
+            trs = [t for f in fills for t in transfers_for_fill(f, TOPO, "lon", stream_seq=seq)]
+            return await post_transfers(conn, "lon", trs)
+
+    other = dataclasses.replace(x, qty=2 * x.qty)
+    with pytest.raises(TransferConflict) as err:
+        asyncio.run(go([_fill("lon-EURUSD-conflict-2"), other]))
+    e = err.value
+    assert isinstance(e, LedgerError) and e.permanent and not e.retryable
+    assert e.trade_ids == (x.trade_id,) and e.field == "trade_id"
+    assert [t.id for t, _ in e.conflicts] == [f"{x.trade_id}:base", f"{x.trade_id}:quote"]
+    assert f"qty {x.qty} posted, {2 * x.qty} here" in e.conflicts[0][1]
+    assert state(fresh_db) == before  # nothing of the batch posted
+    # the same fill again (even re-sent under another stream sequence) is still a replay
+    res = asyncio.run(go([x], seq=77))
+    assert (res.transfers_new, res.transfers_replayed, res.postings) == (0, 2, 0)
+    # two fills of one trade id in one batch: the one that differs from the first is refused
+    y = _fill("lon-EURUSD-conflict-3")
+    with pytest.raises(TransferConflict) as err:
+        asyncio.run(go([y, x, dataclasses.replace(y, price_ticks=1)]))
+    assert [t.price_ticks for t, _ in err.value.conflicts] == [1, 1]
+    res = asyncio.run(go([y, y]))
+    assert (res.transfers_new, res.transfers_replayed) == (2, 2)
+    assert verify(fresh_db).ok
 
 
 @st.composite

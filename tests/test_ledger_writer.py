@@ -318,6 +318,40 @@ async def test_a_held_fill_posted_from_its_row_is_then_acked_by_the_writer(
     assert _cli(["held", "--dsn", dsn])[0] == 0
 
 
+async def test_another_fill_under_a_posted_trade_id_is_terminated_and_the_rest_posted(
+    mesh: Any, topology: Topology, pg: PostgresServer
+) -> None:
+    """A second fill under a trade id already posted, with another qty, was counted as a
+    replay: the books short a trade, silently. It is terminated (logged, counted as rejected:
+    it pages), the fill posted first stays, and every other fill of its batch posts; the
+    same fill again is still a replay."""
+    dsn = pg.create_database("t_" + uuid.uuid4().hex[:12])
+    migrate(dsn, topology)
+    tag = "c" + uuid.uuid4().hex[:8]
+    fills = random_fills(topology, 6, prefix=tag, region="lon", seed=14)
+    first = fills[0]
+    other = dataclasses.replace(first, qty=first.qty + 1000)
+    nc = await mesh.connect("lon")
+    try:
+        async with running_writer(mesh, topology, dsn, "lon", f"LT_{tag}") as w:
+            await publish(nc, "lon", [first])
+            await wait_for(lambda: count(dsn, tag) == (2, 4), 10, "the first fill")
+            await publish(nc, "lon", [fills[1], other, first, *fills[2:]])
+            await wait_for(lambda: count(dsn, tag) == (12, 24), 10, "the other fills")
+            rejected = "meridian_ledger_fills_rejected_total"
+            await wait_for(lambda: w.metric(rejected, field="trade_id") == 1, 10, "the conflict")
+            assert w.metric("meridian_ledger_transfers_replayed_total") == 2  # `first` again
+            assert w.metric("meridian_ledger_transfers_total") == 12
+            ci = await nc.jetstream(domain="lon").consumer_info("EXECOUT", f"LT_{tag}")
+            assert ci.num_ack_pending == 0  # terminated, not held: nothing left to redeliver
+    finally:
+        await nc.close()
+    with psycopg.connect(dsn) as c:
+        qty = c.execute("SELECT DISTINCT qty FROM transfers WHERE trade_id = %s", (first.trade_id,))
+        assert qty.fetchall() == [(first.qty,)]
+    assert verify(dsn).ok
+
+
 def _cli(argv: list[str]) -> tuple[int, str]:
     """``meridian ledger <argv>`` in this process: (exit code, stdout)."""
     import argparse
