@@ -10,9 +10,22 @@ Output directory::
     postings.<fmt>    region, id, transfer_id, account, currency, amount, ..., prev_hash, hash
     transfers.<fmt>   every transfer of the time range
     balances.<fmt>    balances as of the snapshot (not filtered by time)
-    manifest.json     row counts, per-currency sums, chain heads, snapshot time, file sha256
+    manifest.json     row counts, per-currency sums, chain heads, snapshot time, file sha256,
+                      held fills outstanding at the snapshot
+
+The manifest is the ledger's outside anchor: kept outside the database, ``meridian ledger
+verify --manifest`` checks that every region's chain still runs through the manifest's head
+(:func:`load_manifest`), which a rewrite of the chain and ``chain_heads`` inside the database
+cannot fake.
 
 The time range filters on ``transact_ns`` (trade time): ``from`` inclusive, ``to`` exclusive.
+A ranged export's postings are NOT one chain per region: a fill held and posted late carries
+its old trade time, so the range has holes in the chain ids. Its manifest says so
+(``chain_verifiable: false``, and per region whether its ids are ``contiguous``); every row
+still carries its ``prev_hash``, so each row's hash can be recomputed, and the manifest's
+``chain_heads`` (the whole ledger's, at the snapshot) anchor verify all the same. Held fills
+outstanding at the snapshot are trades missing from the books: the manifest lists them
+(``held_outstanding``) whatever the range.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import io
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -32,10 +45,13 @@ from psycopg import sql
 
 from ledger.db import dialect_of, libpq_dsn
 from ledger.errors import LedgerConfigError
+from ledger.held import outstanding
 from ledger.store import POSTING_COLUMNS, TRANSFER_COLUMNS
 
 Format = Literal["csv", "jsonl"]
 MAX_NS = 2**63 - 1
+MANIFEST_KIND = "meridian-ledger-export"
+MANIFEST = "manifest.json"
 
 POSTING_COLS = POSTING_COLUMNS  # the columns the writer stores, in its order
 TRANSFER_COLS = TRANSFER_COLUMNS  # the columns the writer stores, in its order
@@ -182,6 +198,7 @@ def export_ledger(
                     (rg,),
                 )
             }
+            held = _held_outstanding(conn, rg)
             where = "region = ANY(%s) AND transact_ns >= %s AND transact_ns < %s"
             params = (rg, req.from_ns, req.to_ns)
             total = conn.execute(f"SELECT count(*) FROM postings WHERE {where}", params).fetchone()
@@ -250,15 +267,27 @@ def export_ledger(
                 b_ccy[row[2]] = b_ccy.get(row[2], 0) + row[3]
             balances_file = w.close()
 
+    ranged = (req.from_ns, req.to_ns) != (0, MAX_NS)
+    for r in per_region.values():
+        r["contiguous"] = r["rows"] == r["last_id"] - r["first_id"] + 1
     manifest: dict[str, Any] = {
-        "kind": "meridian-ledger-export",
+        "kind": MANIFEST_KIND,
         "version": 1,
         "format": req.fmt,
         "regions": list(req.regions),
         "from_ns": req.from_ns,
         "to_ns": req.to_ns,
+        "chain_verifiable": not ranged,
+        "chain_note": (
+            "a time range cuts the chains (held fills post late with their old trade time): "
+            "the postings file cannot be verified as whole chains; each row's hash still can "
+            "from its prev_hash, and chain_heads anchor `meridian ledger verify --manifest`"
+            if ranged
+            else "every region's chain from genesis up to chain_heads"
+        ),
         "snapshot": snapshot,
         "chain_heads": heads,
+        "held_outstanding": held,
         "postings": {
             **postings_file,
             "per_currency": dict(sorted(per_ccy.items())),
@@ -269,5 +298,108 @@ def export_ledger(
         "elapsed_s": round(time.monotonic() - t_start, 3),
         "generated_ns": time.time_ns(),
     }
-    (req.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (req.out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _held_outstanding(conn: psycopg.Connection[Any], regions: list[str]) -> dict[str, Any]:
+    """Held fills not posted at the snapshot: trades the books lack (whatever the range)."""
+    if conn.execute("SELECT to_regclass('held_fills')").fetchone() in (None, (None,)):
+        return {"count": None, "note": "no held_fills table (migration 2): not known"}
+    held = outstanding(conn, regions)
+    return {
+        "count": len(held),
+        "fills": [
+            {"region": h.region, "stream_seq": h.stream_seq, "trade_id": h.trade_id} for h in held
+        ],
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestAnchor:
+    """An export's manifest read back: what ``verify --manifest`` holds the ledger to."""
+
+    path: Path
+    regions: tuple[str, ...]
+    """The regions exported: each must still be in the ledger."""
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """region -> (last posting id, its hash) at the export's snapshot."""
+    snapshot_time: str = ""
+    postings_path: Path | None = None
+    """The export's postings file, when it is beside the manifest (to name rewritten rows)."""
+    postings_sha256: str = ""
+    fmt: Format = "csv"
+
+
+def load_manifest(path: str | Path) -> ManifestAnchor:
+    """Read an export's ``manifest.json`` (or the export directory holding it).
+
+    Raises :class:`LedgerConfigError` naming what is wrong with it.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise LedgerConfigError("manifest", f"cannot read {p}: {e}") from None
+    if not isinstance(raw, dict) or raw.get("kind") != MANIFEST_KIND:
+        raise LedgerConfigError("manifest", f"{p} is not a {MANIFEST_KIND} manifest")
+    if raw.get("version") != 1:
+        raise LedgerConfigError("manifest.version", f"{raw.get('version')!r} is not 1")
+    regions = raw.get("regions")
+    if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+        raise LedgerConfigError("manifest.regions", "must be a list of region codes")
+    heads: dict[str, tuple[int, str]] = {}
+    chain_heads = raw.get("chain_heads")
+    if not isinstance(chain_heads, dict):
+        raise LedgerConfigError("manifest.chain_heads", "must be an object")
+    for region, h in chain_heads.items():
+        try:
+            hid, hh = h["last_posting_id"], h["last_hash"]
+            ok = isinstance(hid, int) and hid >= 0 and len(hh) == 64 and bytes.fromhex(hh)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LedgerConfigError(
+                f"manifest.chain_heads.{region}", "must be {last_posting_id: int, last_hash: hex}"
+            )
+        heads[str(region)] = (int(hid), str(hh).lower())
+    fmt = raw.get("format", "csv")
+    postings = raw.get("postings")
+    if not isinstance(postings, dict):
+        postings = {}
+    name = postings.get("path")
+    ppath = p.parent / name if isinstance(name, str) and "/" not in name else None
+    return ManifestAnchor(
+        path=p,
+        regions=tuple(dict.fromkeys([*regions, *heads])),
+        heads=heads,
+        snapshot_time=str(snap.get("time", ""))
+        if isinstance(snap := raw.get("snapshot"), dict)
+        else "",
+        postings_path=ppath if ppath is not None and ppath.is_file() else None,
+        postings_sha256=str(postings.get("sha256", "")),
+        fmt="jsonl" if fmt == "jsonl" else "csv",
+    )
+
+
+def exported_hashes(anchor: ManifestAnchor, region: str) -> Iterator[tuple[int, str]]:
+    """(posting id, hash) of ``region``'s rows in the export's postings file, in file order;
+    nothing when the file is missing or is not the one the manifest describes (sha256)."""
+    path = anchor.postings_path
+    if path is None or not anchor.postings_sha256:
+        return
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+    if sha.hexdigest() != anchor.postings_sha256:
+        return
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows: Iterator[dict[str, Any]] = (
+            (json.loads(line) for line in fh) if anchor.fmt == "jsonl" else csv.DictReader(fh)
+        )
+        for r in rows:
+            if r["region"] == region:
+                yield int(r["id"]), str(r["hash"])

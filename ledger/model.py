@@ -147,42 +147,78 @@ def transfers_for_fill(
 ) -> tuple[Transfer, Transfer]:
     """The two transfers of a trade (base leg, quote leg); validates the fill first."""
     validate_fill(fill, topology, region)
-    base = base_amount_minor(
-        qty=fill.qty, base_minor_units=topology.currency(fill.base).minor_units
-    )
-    quote = quote_amount_minor(
-        qty=fill.qty,
+    base, quote = trade_transfers(
+        region=region,
+        trade_id=fill.trade_id,
+        symbol=fill.symbol,
+        base=fill.base,
+        quote=fill.quote,
+        base_minor_units=topology.currency(fill.base).minor_units,
+        quote_minor_units=topology.currency(fill.quote).minor_units,
         price_ticks=fill.price_ticks,
         price_decimals=fill.price_decimals,
-        quote_minor_units=topology.currency(fill.quote).minor_units,
+        qty=fill.qty,
+        buy_account=fill.buy_account,
+        sell_account=fill.sell_account,
+        transact_ns=fill.transact_ns,
+        stream_seq=stream_seq,
     )
-    for name, amount in (("qty", base), ("price_ticks", quote)):
-        if amount > MAX_INT64:
+    for name, t in (("qty", base), ("price_ticks", quote)):
+        if t.amount > MAX_INT64:
             raise FillRejected(
                 name, "amount exceeds int64 minor units", trade_id=fill.trade_id, permanent=True
             )
+    return base, quote
+
+
+def trade_transfers(
+    *,
+    region: str,
+    trade_id: str,
+    symbol: str,
+    base: str,
+    quote: str,
+    base_minor_units: int,
+    quote_minor_units: int,
+    price_ticks: int,
+    price_decimals: int,
+    qty: int,
+    buy_account: str,
+    sell_account: str,
+    transact_ns: int,
+    stream_seq: int = 0,
+) -> tuple[Transfer, Transfer]:
+    """The two transfers of a trade from its terms, no validation: what the writer posts
+    (:func:`transfers_for_fill`) and what verify re-derives a posted trade's transfers with."""
+    base_amount = base_amount_minor(qty=qty, base_minor_units=base_minor_units)
+    quote_amount = quote_amount_minor(
+        qty=qty,
+        price_ticks=price_ticks,
+        price_decimals=price_decimals,
+        quote_minor_units=quote_minor_units,
+    )
 
     def leg(name: str, currency: str, amount: int, debit: str, credit: str) -> Transfer:
         return Transfer(
             region=region,
-            id=transfer_id(fill.trade_id, name),
-            trade_id=fill.trade_id,
+            id=transfer_id(trade_id, name),
+            trade_id=trade_id,
             leg=name,
-            symbol=fill.symbol,
+            symbol=symbol,
             currency=currency,
             amount=amount,
             debit_account=debit,
             credit_account=credit,
-            price_ticks=fill.price_ticks,
-            price_decimals=fill.price_decimals,
-            qty=fill.qty,
-            transact_ns=fill.transact_ns,
+            price_ticks=price_ticks,
+            price_decimals=price_decimals,
+            qty=qty,
+            transact_ns=transact_ns,
             stream_seq=stream_seq,
         )
 
     return (
-        leg("base", fill.base, base, fill.sell_account, fill.buy_account),
-        leg("quote", fill.quote, quote, fill.buy_account, fill.sell_account),
+        leg("base", base, base_amount, sell_account, buy_account),
+        leg("quote", quote, quote_amount, buy_account, sell_account),
     )
 
 

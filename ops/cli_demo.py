@@ -83,10 +83,12 @@ def export_and_verify(ds: Any, export_dir: Path | None) -> tuple[str, bool]:
 
     out = export_dir or (ds.run_dir / "export")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = export_ledger(
+    export_ledger(
         ds.pg_dsn, ExportRequest(regions=ds.topology.codes, out_dir=out), progress=sys.stderr
     )
-    rep = verify(ds.pg_dsn)
+    # against the export just taken, as compliance would: every region in it, each chain
+    # still running through the export's head
+    rep = verify(ds.pg_dsn, topology=ds.topology, manifest=out)
     chains = len(rep.heads) or len(ds.topology.codes)
     imbalances = sum(
         1
@@ -101,7 +103,6 @@ def export_and_verify(ds: Any, export_dir: Path | None) -> tuple[str, bool]:
     )
     if not rep.ok:
         line += "\n" + "\n".join(f"  - {p}" for p in rep.problems[:10])
-    del manifest
     return line, rep.ok
 
 

@@ -6,8 +6,12 @@ The DSN comes from ``--dsn`` or the environment variable ``MERIDIAN_PG_DSN``.
 * ``migrate`` brings the schema up to date for the topology (idempotent).
 * ``export --regions lon,nyc,sgp --from ISO --to ISO --format csv|jsonl --out DIR`` writes one
   consistent snapshot plus ``manifest.json``; progress goes to stderr.
-* ``verify`` re-checks double entry, balances and every hash chain, and fails while a fill
-  the writer held is not posted: exit 0 pass, 1 fail.
+* ``verify [--regions] [--manifest EXPORT]`` re-checks double entry, balances, every
+  transfer against its trade's terms and every hash chain of the topology's regions (each
+  must be in the ledger), and fails while a fill the writer held is not posted: exit 0 pass,
+  1 fail. With an export's manifest it also checks every chain still runs through the
+  manifest's heads: the only check a rewrite of the whole chain inside the database cannot
+  pass (:data:`VERIFY_EPILOG`).
 * ``held [--regions]`` lists the fills the writers hold and have not posted (exit 1 if any).
 * ``post-held --region R`` posts them from ``held_fills`` with this build and topology, once
   the cause is mended; for fills the stream has deleted (EXECOUT max_age). While the stream
@@ -30,6 +34,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 DSN_ENV = "MERIDIAN_PG_DSN"
+
+VERIFY_EPILOG = """\
+How compliance anchors a ledger: the hash chains prove rows were not edited, deleted or
+inserted only relative to the chain heads stored in the same database; someone who can
+write the database can rewrite a chain up to its tip (or cut its tail) and its head row
+too, and verify alone still passes. So export regularly (meridian ledger export) and keep
+each export's manifest.json OUTSIDE the database (WORM storage, a signed mail, the audit
+file). verify --manifest then requires every region the manifest lists to be present and
+its chain to still run through the manifest's head (that posting, with that hash), which
+a rewrite cannot fake; with the export's postings file beside the manifest it also names
+the first row rewritten. Trades posted after the export are covered by the next one.
+
+Regions: the topology's (--topology), each must be in the ledger (a head row from migrate),
+plus any other the ledger holds. A region with no postings is reported empty, not a
+failure: only a manifest that saw postings there can prove they were deleted.
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="trade time from, ISO 8601 (UTC if no offset), inclusive",
     )
-    e.add_argument("--to", default=None, help="trade time to, ISO 8601, exclusive")
+    e.add_argument(
+        "--to",
+        default=None,
+        help="trade time to, ISO 8601, exclusive (a ranged export's chains are cut: its "
+        "manifest says so, and still anchors verify --manifest)",
+    )
     e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument(
@@ -70,9 +95,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_export)
 
-    v = lsub.add_parser("verify", help="re-check double entry, balances, hash chains (exit 1)")
+    v = lsub.add_parser(
+        "verify",
+        help="re-check double entry, balances, transfers, hash chains (exit 1)",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common(v)
-    v.add_argument("--regions", default=None, help="comma-separated (default: all)")
+    v.add_argument(
+        "--regions", default=None, help="comma-separated, of the topology (default: all)"
+    )
+    v.add_argument(
+        "--manifest",
+        default=None,
+        help="an export's manifest.json (or its directory), kept outside the database: "
+        "every chain must still run through its heads",
+    )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
 
@@ -172,19 +210,32 @@ def _export(args: argparse.Namespace) -> int:
         f"(snapshot {manifest['snapshot']['time']}) to {args.out} "
         f"in {manifest['elapsed_s']} s"
     )
+    if not manifest["chain_verifiable"]:
+        print(f"  ranged: {manifest['chain_note']}")
+    held = manifest["held_outstanding"]
+    if held["count"] != 0:
+        ids = ", ".join(str(h["trade_id"] or "?") for h in held.get("fills", [])[:10])
+        print(f"  held fills outstanding (not in the books): {held['count']} {ids}".rstrip())
+    print(f"  keep {Path(args.out) / 'manifest.json'} outside the database: verify --manifest")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     import psycopg
 
+    from ledger.errors import LedgerConfigError
     from ledger.verify import verify
+    from regions.topology import TopologyError, load_topology
 
     dsn = _dsn(args)
     if dsn is None:
         return 2
     try:
-        report = verify(dsn, regions=_regions(args))
+        topology = load_topology(args.topology)
+        report = verify(dsn, regions=_regions(args), topology=topology, manifest=args.manifest)
+    except (LedgerConfigError, TopologyError, OSError) as e:
+        print(f"ledger verify: {e}", file=sys.stderr)
+        return 2
     except psycopg.OperationalError as e:
         print(f"ledger verify: database unreachable: {e}", file=sys.stderr)
         return 3
@@ -199,6 +250,16 @@ def _verify(args: argparse.Namespace) -> int:
         )
         for region, (head_id, head_hash) in sorted(report.heads.items()):
             print(f"  chain {region}: head {head_id} {head_hash[:16]}")
+        if report.empty_regions:
+            print(
+                f"  empty (no postings; only a manifest can tell whether there were): "
+                f"{', '.join(report.empty_regions)}"
+            )
+        if report.manifest is not None:
+            at = ", ".join(f"{r} at {i}" for r, (i, _) in sorted(report.anchored.items()))
+            print(f"  anchored to {report.manifest}: {at or 'no chain heads'}")
+        else:
+            print("  not anchored (no --manifest): a rewrite of a whole chain would pass")
         for prob in report.problems:
             print(f"  {prob}")
         if report.truncated:
@@ -236,6 +297,7 @@ def _post_held(args: argparse.Namespace) -> int:
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
     from ledger.db import is_retryable, libpq_dsn
+    from ledger.errors import TransferConflict
     from ledger.held import post_held
     from regions.topology import load_topology
 
@@ -258,7 +320,13 @@ def _post_held(args: argparse.Namespace) -> int:
         ):
             with attempt:
                 async with await psycopg.AsyncConnection.connect(libpq_dsn(dsn)) as conn:
-                    res = await post_held(conn, topology, args.region)
+                    try:
+                        res = await post_held(conn, topology, args.region)
+                    except TransferConflict as e:
+                        print(f"ledger post-held: nothing posted: {e}", file=sys.stderr)
+                        for t, why in e.conflicts:
+                            print(f"  {t.id}: {why}", file=sys.stderr)
+                        return 1
         new = res.batch.transfers_new if res.batch else 0
         print(
             f"posted {len(res.posted)} held fills of {args.region} ({new} new transfers, two "
