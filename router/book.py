@@ -450,6 +450,17 @@ class OrderBook:
         # without reading 200,000 of them (~5 ms per full book, on the worker's loop)
         self._terminal_bytes = 0
         self._index_bytes = 0
+        # (account, cl_ord_id) keys an order no longer answers to: the ids it had before a
+        # replace, and the id of the cancel that ended it, kept while the order is known (live
+        # or remembered), with their snapshot encoding like the index's. A replace or cancel
+        # applied already and stored again (risk re-sends the outputs it recorded; past
+        # EXEC's duplicate window they are stored twice) is told by them from a new one, and
+        # changes nothing: applied again, a stale replace would move the order back to a
+        # superseded price. Strings and tuples of strings: nothing the cyclic GC tracks.
+        self._past: dict[str, str] = {}
+        self._past_of: dict[str, tuple[str, ...]] = {}
+        self._past_packed: dict[str, bytes] = {}
+        self._past_bytes = 0
         # per-command scratch (reset by apply)
         self._out: list[Output] = []
         self._seq = 0
@@ -562,6 +573,8 @@ class OrderBook:
 
     def _cancel(self, c: Cancel) -> None:
         o = self._resolve(c.order_id, c.account, c.orig_cl_ord_id)
+        if o is not None and self._past.get(_clid_key(c.account, c.cl_ord_id)) == o.order_id:
+            return  # the cancel that ended it, stored again: applied already
         if o is None or o.status in TERMINAL_STATUSES:
             self._cancel_reject(c, o, "cancel")
             return
@@ -577,10 +590,14 @@ class OrderBook:
             cl_ord_id=c.cl_ord_id,
             orig_cl_ord_id=o.cl_ord_id,
         )
+        self._add_past(c.account, c.cl_ord_id, o.order_id)
         self._remember(o)
 
     def _replace(self, c: Replace) -> None:
         o = self._resolve(c.order_id, c.account, c.orig_cl_ord_id)
+        new_key = _clid_key(c.account, c.cl_ord_id)
+        if o is not None and o.order_id in (self._by_clid.get(new_key), self._past.get(new_key)):
+            return  # a replace applied already (the order has, or had, its id), stored again
         if o is None or o.status in TERMINAL_STATUSES:
             self._cancel_reject(c, o, "replace")
             return
@@ -588,7 +605,6 @@ class OrderBook:
             text = "qty must be > 0" if c.qty <= 0 else "price_ticks must be > 0"
             self._cancel_reject(c, o, "replace", RejectReason.INVALID_FIELD, text)
             return
-        new_key = _clid_key(c.account, c.cl_ord_id)
         if new_key in self._by_clid:
             self._cancel_reject(
                 c,
@@ -606,9 +622,7 @@ class OrderBook:
             side.remove(o)
             requested, o.qty, o.price_ticks = c.qty, o.cum_qty, c.price_ticks
             old = o.cl_ord_id
-            self._unindex(_clid_key(o.account, old))
-            self._index(c.account, c.cl_ord_id, o.order_id)
-            o.cl_ord_id = c.cl_ord_id
+            self._rename(o, c.cl_ord_id)
             self._report(
                 o,
                 ExecType.REPLACED,
@@ -627,9 +641,7 @@ class OrderBook:
             o.qty = c.qty
             o.price_ticks = c.price_ticks
         old = o.cl_ord_id
-        self._unindex(_clid_key(o.account, old))
-        self._index(c.account, c.cl_ord_id, o.order_id)
-        o.cl_ord_id = c.cl_ord_id
+        self._rename(o, c.cl_ord_id)
         status = OrdStatus.NEW if o.cum_qty == 0 else OrdStatus.PARTIALLY_FILLED
         self._report(o, ExecType.REPLACED, status, orig_cl_ord_id=old)
         if not keep:
@@ -879,6 +891,27 @@ class OrderBook:
             self._terminal_bytes -= len(self._terminal.pop(oid))
             if self._by_clid.get(key) == oid:
                 self._unindex(key)
+            for k in self._past_of.pop(oid, ()):
+                if self._past.get(k) == oid:
+                    del self._past[k]
+                    self._past_bytes -= len(self._past_packed.pop(k))
+
+    def _rename(self, o: _Order, cl_ord_id: str) -> None:
+        """``o`` is known by ``cl_ord_id`` from now on (a replace); its old id is past."""
+        self._unindex(_clid_key(o.account, o.cl_ord_id))
+        self._add_past(o.account, o.cl_ord_id, o.order_id)
+        self._index(o.account, cl_ord_id, o.order_id)
+        o.cl_ord_id = cl_ord_id
+
+    def _add_past(self, account: str, cl_ord_id: str, order_id: str) -> None:
+        key = _clid_key(account, cl_ord_id)
+        if key in self._past:
+            return  # (one id is past for one order only: the first keeps it)
+        self._past[key] = order_id
+        self._past_of[order_id] = (*self._past_of.get(order_id, ()), key)
+        row = _packb([account, cl_ord_id, order_id])
+        self._past_packed[key] = row
+        self._past_bytes += len(row)
 
     def _keep_terminal(self, o: _Order, row: bytes) -> None:
         """Remember ended ``o`` (an order ends once: it is not among the remembered)."""
@@ -998,15 +1031,25 @@ class OrderBook:
             "asks": asks,
         }
         p = msgpack.Packer(use_bin_type=True)
-        first = [p.pack_map_header(len(head) + 2)]
+        first = [p.pack_map_header(len(head) + 3)]
         for k, v in head.items():
             first += (p.pack(k), p.pack(v))
         # msgpack is compositional: an array header followed by N encoded items is the
         # encoding of the N-item array, so the kept encodings splice in as they are
         first += (p.pack("terminal"), p.pack_array_header(len(self._terminal)))
         mid = [p.pack("index"), p.pack_array_header(len(self._index_packed))]
-        n = sum(map(len, first)) + sum(map(len, mid)) + self._terminal_bytes + self._index_bytes
-        groups = [first, list(self._terminal.values()), mid, list(self._index_packed.values())]
+        # "past" came later: a build before it ignores the key, and reads its snapshots
+        last = [p.pack("past"), p.pack_array_header(len(self._past_packed))]
+        n = sum(map(len, first)) + sum(map(len, mid)) + sum(map(len, last))
+        n += self._terminal_bytes + self._index_bytes + self._past_bytes
+        groups = [
+            first,
+            list(self._terminal.values()),
+            mid,
+            list(self._index_packed.values()),
+            last,
+            list(self._past_packed.values()),
+        ]
         return groups, n
 
     @classmethod
@@ -1049,6 +1092,12 @@ class OrderBook:
                     if not isinstance(v, str) or "\x00" in v:
                         raise ValueError(f"index entry {[account, clid, oid]!r}")
                 book._index(account, clid, oid)
+            for account, clid, oid in raw.get("past", ()):  # none in older snapshots
+                for v in (account, clid, oid):
+                    if not isinstance(v, str) or "\x00" in v:
+                        raise ValueError(f"past entry {[account, clid, oid]!r}")
+                if oid in book._orders or oid in book._terminal:
+                    book._add_past(account, clid, oid)
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"corrupt snapshot: {type(e).__name__}: {e}") from e
         return book

@@ -24,6 +24,7 @@ from router.book import (
     Output,
     Replace,
     Submit,
+    _clid_key,
     _Order,
     avg_px,
 )
@@ -412,7 +413,7 @@ def test_cancel_resting_then_too_late_then_unknown() -> None:
     assert (er.cl_ord_id, er.orig_cl_ord_id, er.leaves_qty) == ("x-b1", "c-b1", 0)
     assert d.book.best_bid() is None and d.book.order("b1") is None
     assert d.book.status("b1") is OrdStatus.CANCELED
-    (rej,) = d(cxl("b1"))
+    (rej,) = d(dataclasses.replace(cxl("b1"), cl_ord_id="x2-b1"))  # another cancel of it
     assert isinstance(rej, CancelReject)
     assert (rej.reason, rej.ord_status, rej.order_id, rej.response_to) == (
         RejectReason.TOO_LATE_TO_CANCEL,
@@ -421,6 +422,8 @@ def test_cancel_resting_then_too_late_then_unknown() -> None:
         "cancel",
     )
     assert rej.reject_id == "lon-EURUSD-3-0"
+    # the cancel that ended it, stored again (risk's re-send past EXEC's window): nothing
+    assert d(cxl("b1")) == []
     (rej,) = d(cxl("nope"))
     assert isinstance(rej, CancelReject)
     assert (rej.reason, rej.ord_status, rej.order_id) == (
@@ -428,6 +431,39 @@ def test_cancel_resting_then_too_late_then_unknown() -> None:
         OrdStatus.REJECTED,
         "NONE",
     )
+
+
+def test_a_replace_or_cancel_stored_again_changes_nothing() -> None:
+    """Risk re-sends the outputs it recorded after a restart; past EXEC's duplicate window
+    they are stored twice. A replace applied again moved the order back to a superseded
+    price, where it traded; a cancel applied again sent a spurious TOO_LATE."""
+    d = Driver()
+    d(sub("x", BUY, 10, 100))
+    r1, r2 = rpl("x", 10, 102, new="b"), rpl("x", 10, 100, new="c", orig="b")
+    d(r1)
+    d(r2)
+    assert d(r1) == [] and d(r2) == []  # both stored again: the order keeps c's terms
+    view = d.book.order("x")
+    assert view is not None and (view.cl_ord_id, view.price_ticks) == ("c", 100)
+    # the other side at the superseded price does not trade with it
+    assert kinds(d(sub("y", SELL, 10, 102, acct="S"))) == [("y", "NEW", "NEW")]
+    # a new replace still works, and a new order may not take an id the order had
+    assert kinds(d(rpl("x", 10, 101, new="e", orig="c"))) == [("x", "REPLACED", "NEW")]
+    (cr,) = d(cxl("x", orig="e"))
+    assert isinstance(cr, ExecutionReport) and cr.exec_type is ExecType.CANCELED
+    assert d(cxl("x", orig="e")) == []
+    # the same after a snapshot: the past ids are in it
+    book = OrderBook.restore(d.book.snapshot(), INST, REGION)
+    assert book.apply(r1, seq=100, ts_ns=100_000) == []
+    assert book.apply(cxl("x", orig="e"), seq=101, ts_ns=101_000) == []
+    # and forgotten with the order (terminal memory)
+    small = OrderBook(INST, REGION, terminal_memory=1)
+    small.apply(sub("x", BUY, 10, 100), seq=1, ts_ns=1)
+    small.apply(r1, seq=2, ts_ns=2)
+    small.apply(cxl("x", orig="b"), seq=3, ts_ns=3)
+    small.apply(sub("z", BUY, 10, 100), seq=4, ts_ns=4)
+    small.apply(cxl("z"), seq=5, ts_ns=5)  # x leaves the memory
+    assert small._past == {_clid_key("A", "x-z"): "z"} and set(small._past_of) == {"z"}
 
 
 def test_cancel_of_filled_and_ioc_orders_is_too_late() -> None:
