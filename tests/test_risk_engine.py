@@ -632,21 +632,36 @@ def test_a_late_replace_report_changes_nothing() -> None:
 
 
 def test_a_refused_replace_does_not_end_an_earlier_one_not_reported_yet() -> None:
-    """Order 1M; replace B to 5M and replace C to 2M approved; the book applies B, a 3M
-    trade follows, C is refused (2M <= cum 3M). B's report reaches risk after C's refusal
-    (its first publish lost, sent again later): the refusal must not end the reservation,
-    or risk counts 1M while 5M is live in the book."""
+    """Order 1M; replace B to 5M and replace C to 4M approved; the book applies B, a 3M
+    trade follows, C is refused (its new id is in use in the book). B's report reaches risk
+    after C's refusal (its first publish lost, sent again later): the refusal must not end
+    the reservation, or risk counts 1M while 5M is live in the book."""
     rig = Rig(region="sgp")
     acct, r1 = _first_replace(rig)  # B: 1M -> 2M, applied, its report held back
     b = rig.replace(acct, "USDJPY", r1.cl_ord_id, 5_000_000, 151000)  # applied too
     assert isinstance(b.command, Replace)
-    c_msg = replace_order(acct, "C-late", b.command.cl_ord_id, "USDJPY", 2_000_000, 151000)
+    # an order of the account that risk does not hold (entered under another build, say)
+    # holds the id C will ask for, so the book refuses C
+    taken = Submit(
+        order_id="O-taken",
+        cl_ord_id="C-late",
+        account=acct,
+        home_region="sgp",
+        side=BUY,
+        ord_type=OrdType.LIMIT,
+        tif=TimeInForce.GTC,
+        qty=1_000_000,
+        price_ticks=140000,
+    )
+    rig.book("USDJPY").apply(taken, seq=next(_seq), ts_ns=1)
+    c_msg = replace_order(acct, "C-late", b.command.cl_ord_id, "USDJPY", 4_000_000, 151000)
     c = rig.engine.on_replace(c_msg, ext=ext("USDJPY"), seq=next(_seq))
     assert isinstance(c.command, Replace)
     rig.counterparty("USDJPY", SELL, 3_000_000, 151000)
-    rig.execute("USDJPY", c.command)  # refused by the book: qty below what is filled
+    rig.execute("USDJPY", c.command)  # refused by the book: its new id is in use
     (refusal,) = [r for r in rig.pending if isinstance(r, CancelReject)]
     assert refusal.cl_ord_id == "C-late"
+    assert refusal.reason is RejectReason.DUPLICATE_CL_ORD_ID
     rig.pending.remove(refusal)
     rig.engine.on_cancel_reject(refusal)  # first, before every report of B
     assert rig.engine.exposure_usd(acct) >= 5_000_000  # B's 5M still reserved
@@ -1112,3 +1127,20 @@ def test_the_bounded_id_maps_forget_exactly_as_before(
     again.restore_order()
     assert list(again.cl_order) == list(acct.cl_order)
     assert list(again.closed_order) == list(acct.closed_order)
+
+
+def test_a_replace_cutting_an_order_to_its_fills_releases_the_rest() -> None:
+    """The book answers a replace below what has filled with REPLACED / FILLED (FIX 4.4, the
+    balance canceled): risk counts the fills once and releases the order's open exposure."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 5_000_000, 151000, cl="cut"))
+    rig.counterparty("USDJPY", SELL, 3_000_000, 151000)
+    assert rig.engine.state(acct).positions["USDJPY"] == 3_000_000
+    d = rig.replace(acct, "USDJPY", "cut", 2_000_000, 151000)
+    assert isinstance(d.command, Replace)
+    (er,) = [r for r in rig.delivered if getattr(r, "exec_type", None) is ExecType.REPLACED]
+    assert (er.ord_status, er.cum_qty, er.leaves_qty) == (OrdStatus.FILLED, 3_000_000, 0)
+    st = rig.engine.state(acct)
+    assert not st.orders and st.positions["USDJPY"] == 3_000_000
+    assert rig.engine.exposure_usd(acct) == rig.engine.base_usd("USDJPY", 3_000_000)
