@@ -202,6 +202,13 @@ class Cmd:
         )
 
 
+def _abandon(futs: list[asyncio.Future[Any]]) -> None:
+    """No longer wait for these PubAcks (the work is failing and will be redone): cancelling
+    gives their publisher slots back at once."""
+    for f in futs:
+        f.cancel()
+
+
 def _rfc3339_ns(text: str) -> int:
     """'2026-11-27T14:55:01.960840123Z' -> int ns (the stored timestamp, exactly)."""
     if not text:
@@ -315,7 +322,10 @@ class ExecutionWorker:
         self._refused_store: Any = None
         self.fatal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         """Resolved when the worker stopped applying commands for good (the process exits)."""
-        self.pub = AsyncPublisher(nc, max_pending=20000)
+        # a PubAck lost with a dropped connection fails its future at the deadline and gives
+        # its slot back: without one, every batch or replay abandoned mid-way held its slots
+        # for good, and once all 20,000 were held the worker waited for a slot forever
+        self.pub = AsyncPublisher(nc, max_pending=20000, ack_timeout_s=PUB_TIMEOUT_S)
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.books: dict[str, OrderBook] = {}
         self.loop: PullLoop | None = None
@@ -543,6 +553,9 @@ class ExecutionWorker:
                     if cmd.seq >= last or pos.pending == 0:
                         end = True
                         break
+        except BaseException:
+            _abandon(futs)
+            raise
         finally:
             await sub.unsubscribe()
         if futs:
@@ -938,6 +951,20 @@ class ExecutionWorker:
     async def _process(self, batch: list[Msg]) -> None:
         futs: list[asyncio.Future[Any]] = []
         self._sent = []
+        try:
+            await self._apply_batch(batch, futs)
+        except BaseException:
+            _abandon(futs)  # the rebuild sends them again
+            raise
+        self._sent = []
+        # AckPolicy.ALL: acking the batch's last message acks everything before it, including
+        # redeliveries and bad commands (skipped, never retried): one ack per batch
+        await batch[-1].ack()
+        self._update_depth()
+        await self._maybe_snapshot()
+
+    async def _apply_batch(self, batch: list[Msg], futs: list[asyncio.Future[Any]]) -> None:
+        """Apply ``batch``, its outputs' PubAck futures added to ``futs``, until all stored."""
         turn = Turn()  # the books have one writer, this task: a yield changes nothing they see
         for m in batch:
             await turn.check()
@@ -953,12 +980,6 @@ class ExecutionWorker:
             futs += await self._handle(cmd, publish=True)
         if futs:
             await self._all_stored(futs)
-        self._sent = []
-        # AckPolicy.ALL: acking the batch's last message acks everything before it, including
-        # redeliveries and bad commands (skipped, never retried): one ack per batch
-        await batch[-1].ack()
-        self._update_depth()
-        await self._maybe_snapshot()
 
     # ---- snapshots -----------------------------------------------------------------------
     @property

@@ -236,3 +236,25 @@ async def test_a_snapshot_holding_a_symbol_no_longer_executed_here_restores_the_
     w.snapshots = types.SimpleNamespace(load_for=load_for)  # type: ignore[assignment]
     await w._restore_snapshot(max_seq=10)
     assert (w.applied, w.restored_from) == (5, 5) and "ZZZXXX" not in w.books
+
+
+async def test_pubacks_lost_with_a_connection_give_their_slots_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Execution's publisher had no PubAck deadline: outputs of a batch or replay abandoned
+    mid-way (their PubAcks lost with a dropped connection) held their slots for good, and
+    once all were held the worker waited for a slot forever, alive and applying nothing."""
+    from router import execution
+    from tests.test_publisher import _FakeNats
+
+    monkeypatch.setattr(execution, "PUB_TIMEOUT_S", 0.05)
+    nc = _FakeNats()
+    nc.jetstream = _Nc().jetstream  # type: ignore[attr-defined]
+    w = ExecutionWorker(nc, load_topology(), "sgp", snapshot_every=1)  # type: ignore[arg-type]
+    w.pub.max_pending = 2
+    lost = [await w.pub.publish("t.a", b"1"), await w.pub.publish("t.a", b"2")]  # never acked
+    third = await asyncio.wait_for(w.pub.publish("t.a", b"3"), 2.0)  # a slot came back
+    for f in lost:
+        with pytest.raises(TimeoutError):
+            await f
+    assert not third.done() and len(w.pub._pending) == 1
