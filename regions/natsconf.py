@@ -8,7 +8,8 @@ spokes dial the hub first and then the next acceptor, through the link's latency
 Roles and what they may do (least privilege, refined further by the zero-trust work):
 
     desk, bridge  order entry (the gateway's, or direct into ORDERS), read their reports,
-                  replay report streams, read md
+                  replay report streams (ephemeral consumers, never acked), read md; no acks,
+                  and no hand on the workers' durable consumers
     worker        the services: order path, ledger writer, md feed (application subjects, JS)
     compliance    read-only: reports, fills, stream reads; no order entry, no stream writes
     sre           everything in the application account
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from regions.topology import Topology
+from router import subjects
 
 ROLES = ("desk", "bridge", "worker", "compliance", "sre")
 APP_ACCOUNT = "MERIDIAN"
@@ -39,15 +41,54 @@ _JS_READ = [
     "$JS.*.API.INFO",
     "$JS.API.STREAM.INFO.*",
     "$JS.*.API.STREAM.INFO.*",
-    "$JS.API.CONSUMER.>",
-    "$JS.*.API.CONSUMER.>",
+    # their own ephemeral consumers (nats-py names them by nuid) to read streams with; never
+    # a durable, never a delete, never an ack: see _js_read_denies
+    "$JS.API.CONSUMER.CREATE.>",
+    "$JS.*.API.CONSUMER.CREATE.>",
+    "$JS.API.CONSUMER.MSG.NEXT.>",
+    "$JS.*.API.CONSUMER.MSG.NEXT.>",
+    "$JS.API.CONSUMER.INFO.>",
+    "$JS.*.API.CONSUMER.INFO.>",
     "$JS.API.STREAM.MSG.GET.*",
     "$JS.*.API.STREAM.MSG.GET.*",
     "$JS.API.DIRECT.GET.>",
     "$JS.*.API.DIRECT.GET.>",
-    "$JS.ACK.>",
     "$JS.FC.>",
 ]
+"""What the read roles (desk, bridge, compliance) may ask of JetStream. They read with
+ephemeral consumers they never ack (replays, history). Acks were allowed once (``$JS.ACK.>``):
+with AckPolicy.ALL, any desk could have acked risk's undecided orders away; and any could
+delete or pull from the workers' durable consumers (CONSUMER.DELETE, MSG.NEXT)."""
+
+
+def _js_read_denies(topology: Topology) -> list[str]:
+    """The workers' durable consumers, which no read role may create, update or pull from
+    (subject wildcards match whole tokens only, so each name is listed)."""
+    codes = topology.codes
+    names = [
+        *(subjects.durable_risk(r) for r in codes),
+        *(subjects.durable_exec(r) for r in codes),
+        *(subjects.durable_ledger(r) for r in codes),
+        *(subjects.durable_feedback(h, x) for h in codes for x in codes),
+    ]
+    out = []
+    for api in ("$JS.API", "$JS.*.API"):
+        for n in names:
+            out += [
+                f"{api}.CONSUMER.CREATE.*.{n}",
+                f"{api}.CONSUMER.CREATE.*.{n}.>",
+                f"{api}.CONSUMER.MSG.NEXT.*.{n}",
+            ]
+    return out
+
+
+def role_permissions(role: str, topology: Topology) -> dict[str, Any]:
+    """``role``'s permissions in the application account of ``topology``'s servers."""
+    perms = json.loads(json.dumps(PERMISSIONS[role]))  # a copy
+    if role in ("desk", "bridge", "compliance"):
+        perms["publish"]["deny"] = _js_read_denies(topology)
+    return perms
+
 
 PERMISSIONS: dict[str, dict[str, Any]] = {
     "desk": {
@@ -146,7 +187,7 @@ def render_server_config(
         "    users: [",
     ]
     for role in ROLES:
-        perms = json.dumps(PERMISSIONS[role])
+        perms = json.dumps(role_permissions(role, topology))
         lines.append(f"      {{user: {role}, password: {_q(pw[role])}, permissions: {perms}}}")
     lines += [
         "    ]",

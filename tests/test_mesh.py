@@ -199,6 +199,12 @@ async def test_roles_are_least_privilege(mesh: Mesh) -> None:
         await desk.publish("mrd.lon.risk.rec", b"x")
         await desk.publish("mrd.lon.exe.EURUSD", b"x")
         await comp.publish("mrd.v1.entry.lon.LON-HF-01.new", b"x")
+        # no read role may ack, delete, take over or pull from a worker's durable consumer:
+        # with AckPolicy.ALL an ack on risk's would decide nothing and lose the orders
+        await desk.publish("$JS.ACK.ORDERS.risk_lon.1.7.7.1.0", b"")
+        await desk.publish("$JS.lon.API.CONSUMER.DELETE.ORDERS.risk_lon", b"")
+        await comp.publish("$JS.lon.API.CONSUMER.CREATE.ORDERS.risk_lon", b"{}")
+        await comp.publish("$JS.lon.API.CONSUMER.MSG.NEXT.EXEC.exec_lon", b"1")
         await desk.flush()
         await comp.flush()
         await asyncio.sleep(0.3)
@@ -209,6 +215,13 @@ async def test_roles_are_least_privilege(mesh: Mesh) -> None:
     assert any("mrd.lon.risk" in e for e in violations), errors
     assert any("mrd.lon.exe" in e for e in violations), errors
     assert any("mrd.v1.entry" in e for e in violations), errors
+    for subject in (
+        "$JS.ACK.ORDERS.risk_lon",
+        "CONSUMER.DELETE.ORDERS.risk_lon",
+        "CONSUMER.CREATE.ORDERS.risk_lon",
+        "MSG.NEXT.EXEC.exec_lon",
+    ):
+        assert any(subject.lower() in e for e in violations), (subject, errors)  # lowered
 
 
 def test_metrics_port_blocks_stay_clear_of_ephemeral_ports() -> None:
