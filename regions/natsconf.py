@@ -84,7 +84,7 @@ def _js_read_denies(topology: Topology) -> list[str]:
 
 def role_permissions(role: str, topology: Topology) -> dict[str, Any]:
     """``role``'s permissions in the application account of ``topology``'s servers."""
-    perms = json.loads(json.dumps(PERMISSIONS[role]))  # a copy
+    perms: dict[str, Any] = json.loads(json.dumps(PERMISSIONS[role]))  # a copy
     if role in ("desk", "bridge", "compliance"):
         perms["publish"]["deny"] = _js_read_denies(topology)
     return perms
