@@ -88,9 +88,10 @@ def stream_position(msg: Msg) -> StreamPos:
     reply = msg.reply or ""
     t = reply.split(".")
     n = len(t)
-    if n < 9 or t[0] != "$JS" or t[1] != "ACK":
+    if n < 9 or n == 10 or t[0] != "$JS" or t[1] != "ACK":
         raise ValueError(f"not a JetStream delivery: reply={reply!r}")
-    i = 4 if n >= 12 else 2  # v2 (12+ tokens) carries domain and account hash
+    # v2 (11 tokens, 12+ with its optional random token) carries domain and account hash
+    i = 4 if n >= 11 else 2
     pos = StreamPos(
         t[i], t[i + 1], int(t[i + 3]), int(t[i + 5]), int(t[i + 2]), int(t[i + 6]), int(t[i + 4])
     )

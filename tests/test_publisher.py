@@ -219,3 +219,22 @@ def test_only_a_well_formed_trace_context_is_passed_on() -> None:
     }
     assert trace_context({"traceparent": tp, "tracestate": "x" * 513}) == {"traceparent": tp}
     assert trace_context({"traceparent": "nonsense", "tracestate": "k=v"}) == {}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.ORDERS.risk_lon.1.42.7.1700000000000000000.3",  # v1
+        "$JS.ACK.lon.ACCHASH.ORDERS.risk_lon.1.42.7.1700000000000000000.3",  # v2, 11 tokens
+        "$JS.ACK.lon.ACCHASH.ORDERS.risk_lon.1.42.7.1700000000000000000.3.RND",  # v2, 12
+    ],
+)
+def test_every_ack_subject_shape_gives_the_stream_position(reply: str) -> None:
+    """A v2 ack subject without its optional last token (11 tokens, which nats-py and
+    nats.go accept) was read as v1: int('risk_lon') raised on every delivery."""
+    from nats.aio.msg import Msg
+
+    from router.natsutil import StreamPos, stream_position
+
+    pos = stream_position(Msg(_client=None, subject="s", reply=reply))  # type: ignore[arg-type]
+    assert pos == StreamPos("ORDERS", "risk_lon", 42, 1700000000000000000, 1, 3, 7)
