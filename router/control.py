@@ -100,6 +100,8 @@ async def set_limits(
     from router.risk import RiskLimits
 
     if doc is not None:
-        RiskLimits.from_mapping(doc)  # validate before anything is written
+        # validated before anything is written, against the topology too: a misspelt account
+        # or symbol is refused here, not left to fall back to the defaults unnoticed
+        RiskLimits.from_mapping(doc, topology=topology)
     body = None if doc is None else json.dumps(doc).encode()
     return await put_all(connect, topology, subjects.riskcfg_bucket, "limits", body)

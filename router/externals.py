@@ -60,11 +60,16 @@ tokens = math.min(burst, tokens + back)
 local granted = math.min(want, math.floor(tokens))
 tokens = tokens - granted
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], 60000)
+local ttl = 60000
+if rate > 0 then ttl = math.max(ttl, math.ceil(burst * 1000 / rate)) end
+redis.call('PEXPIRE', KEYS[1], string.format('%d', ttl))
 return granted
 """
 """Token bucket per account: takes back ARGV[4] unused leased tokens (the refill meanwhile
-capped so they never overfill it), then takes up to ARGV[3]; returns how many it granted."""
+capped so they never overfill it), then takes up to ARGV[3]; returns how many it granted.
+An idle bucket is deleted (a missing one is full) only once it would have refilled: after
+``burst / rate`` seconds (at least 60), never sooner, or a burst above 60 s of the rate
+would come back early."""
 
 
 def lease_block(limits: RiskLimits) -> int:

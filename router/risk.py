@@ -13,19 +13,28 @@ Checks on a new order, in order, each with its reject reason::
     kill switch (account, desk or global)   KILL_SWITCH
     restricted symbol (global or account)   RESTRICTED_SYMBOL
     message rate (token bucket in Redis)    RATE_LIMIT
-    max order quantity per instrument       MAX_QTY
+    max order quantity per instrument       MAX_QTY        (limits or topology, the smaller)
     max order notional (USD) per instrument MAX_NOTIONAL
     reference price present                 NO_REFERENCE_PRICE
     price collar around the reference mid   PRICE_COLLAR   (LIMIT only)
     credit limit on net open exposure       CREDIT_LIMIT   (risk-reducing orders pass)
 
+A replace must name the order's own symbol (INVALID_FIELD otherwise: it would be checked
+against, and routed to, another instrument's book), then meets the same checks on it: the
+kill switch and a restriction only when it grows the order (a reduce or a new price passes,
+so a desk can still work an order down), the rate always (it is one more command for the
+book). A cancel takes no rate token and passes every check but the order's identity and
+symbol: a desk can always pull its orders.
+
 Net open exposure of an account, in USD: for every symbol, the worst case of its position
 if every open buy or every open sell fills, in base-currency units, valued at the base
-currency's reference USD rate: ``sum(max(|pos + open_buy|, |pos - open_sell|) * usd_rate)``.
+currency's reference USD rate: ``sum(max(|pos + open_buy|, |pos - open_sell|) * usd_rate)``,
+each term rounded up to a whole USD (never in the trader's favour).
 """
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections import deque
 from collections.abc import Mapping
@@ -50,6 +59,8 @@ from router.contract import (
 
 DEFAULT_LIMITS = Path(__file__).with_name("limits.toml")
 
+log = logging.getLogger("meridian.risk")
+
 
 # ---- limits ------------------------------------------------------------------------------------
 
@@ -64,6 +75,23 @@ class AccountLimits:
 class InstrumentLimits:
     max_qty: int
     max_notional_usd: int
+
+
+_TOP_KEYS = frozenset(
+    {
+        "collar_bps",
+        "restricted_symbols",
+        "rate",
+        "default_account",
+        "default_instrument",
+        "accounts",
+        "instruments",
+    }
+)
+_RATE_KEYS = frozenset({"orders_per_s", "burst"})
+_ACCOUNT_KEYS = frozenset({"credit_limit_usd", "restricted_symbols"})
+_INSTRUMENT_KEYS = frozenset({"max_qty", "max_notional_usd"})
+"""The keys a limits document may hold, per table (:meth:`RiskLimits.to_mapping` writes all)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,36 +135,63 @@ class RiskLimits:
         }
 
     @classmethod
-    def load(cls, path: Path | None = None) -> RiskLimits:
-        return cls.from_mapping(tomllib.loads((path or DEFAULT_LIMITS).read_text()))
+    def load(cls, path: Path | None = None, *, topology: Topology | None = None) -> RiskLimits:
+        return cls.from_mapping(
+            tomllib.loads((path or DEFAULT_LIMITS).read_text()), topology=topology
+        )
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> RiskLimits:
-        """Validate a limits document (TOML or the JSON in the RISKCFG bucket)."""
+    def from_mapping(
+        cls, raw: Mapping[str, Any], *, topology: Topology | None = None
+    ) -> RiskLimits:
+        """Validate a limits document (TOML or the JSON in the RISKCFG bucket).
+
+        An ``[accounts.X]`` or ``[instruments.X]`` override inherits every field of
+        ``default_account`` / ``default_instrument`` it does not set (restricted symbols
+        included: an override that sets them replaces the default's list). A key this code
+        does not know is an error, never ignored (a ``credit_limt_usd`` typo would leave the
+        default limit in force unnoticed); so are, given the ``topology``, an account or a
+        symbol it does not know. Raises ValueError naming the key.
+        """
 
         def pos_int(v: Any, where: str) -> int:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{where}: must be a positive integer")
             return v
 
+        def table(v: Any, where: str, allowed: frozenset[str] | None) -> Mapping[str, Any]:
+            if not isinstance(v, Mapping):
+                raise ValueError(f"{where or 'limits'}: must be a table")
+            for k in v:
+                if allowed is not None and k not in allowed:
+                    raise ValueError(f"{where}.{k}: unknown key" if where else f"{k}: unknown key")
+            return v
+
+        def symbol(s: str, where: str) -> str:
+            if topology is not None and s not in known_symbols:
+                raise ValueError(f"{where}: unknown symbol {s!r} (not in the topology)")
+            return s
+
         def syms(v: Any, where: str) -> frozenset[str]:
             if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
                 raise ValueError(f"{where}: must be a list of symbols")
-            return frozenset(v)
+            return frozenset(symbol(s, where) for s in v)
 
-        def acct(v: Mapping[str, Any], where: str, base: AccountLimits | None) -> AccountLimits:
+        def acct(v: Any, where: str, base: AccountLimits | None) -> AccountLimits:
+            v = table(v, where, _ACCOUNT_KEYS)
             return AccountLimits(
                 credit_limit_usd=pos_int(v["credit_limit_usd"], f"{where}.credit_limit_usd")
                 if "credit_limit_usd" in v or base is None
                 else base.credit_limit_usd,
-                restricted_symbols=syms(
-                    v.get("restricted_symbols", []), f"{where}.restricted_symbols"
-                ),
+                restricted_symbols=syms(v["restricted_symbols"], f"{where}.restricted_symbols")
+                if "restricted_symbols" in v
+                else base.restricted_symbols
+                if base is not None
+                else frozenset(),
             )
 
-        def inst(
-            v: Mapping[str, Any], where: str, base: InstrumentLimits | None
-        ) -> InstrumentLimits:
+        def inst(v: Any, where: str, base: InstrumentLimits | None) -> InstrumentLimits:
+            v = table(v, where, _INSTRUMENT_KEYS)
             return InstrumentLimits(
                 max_qty=pos_int(v["max_qty"], f"{where}.max_qty")
                 if "max_qty" in v or base is None
@@ -146,10 +201,18 @@ class RiskLimits:
                 else base.max_notional_usd,
             )
 
+        def account_name(k: str) -> str:
+            if topology is not None and k not in known_accounts:
+                raise ValueError(f"accounts.{k}: unknown account (not in the topology)")
+            return k
+
+        known_symbols = {i.symbol for i in topology.instruments} if topology is not None else set()
+        known_accounts = set(topology.accounts()) if topology is not None else set()
         try:
+            raw = table(raw, "", _TOP_KEYS)
             d_acct = acct(raw["default_account"], "default_account", None)
             d_inst = inst(raw["default_instrument"], "default_instrument", None)
-            rate = raw["rate"]
+            rate = table(raw["rate"], "rate", _RATE_KEYS)
             return cls(
                 collar_bps=pos_int(raw["collar_bps"], "collar_bps"),
                 restricted_symbols=syms(raw.get("restricted_symbols", []), "restricted_symbols"),
@@ -158,11 +221,12 @@ class RiskLimits:
                 default_account=d_acct,
                 default_instrument=d_inst,
                 accounts={
-                    k: acct(v, f"accounts.{k}", d_acct) for k, v in raw.get("accounts", {}).items()
+                    account_name(k): acct(v, f"accounts.{k}", d_acct)
+                    for k, v in table(raw.get("accounts", {}), "accounts", None).items()
                 },
                 instruments={
-                    k: inst(v, f"instruments.{k}", d_inst)
-                    for k, v in raw.get("instruments", {}).items()
+                    symbol(k, f"instruments.{k}"): inst(v, f"instruments.{k}", d_inst)
+                    for k, v in table(raw.get("instruments", {}), "instruments", None).items()
                 },
             )
         except KeyError as e:
@@ -352,6 +416,8 @@ class RiskEngine:
         self.kills: set[str] = set()
         """Engaged kill keys: 'global', 'account.<id>', 'desk.<id>'."""
         self._usd_rate = {c.code: c.usd_rate_micros for c in topology.currencies}
+        self._topo_max_qty = {i.symbol: i.max_qty for i in topology.instruments}
+        self._executed = {s for r in topology.regions for s in r.executes}
 
     # ---- queries -----------------------------------------------------------------------------
     def state(self, account: str) -> AccountState:
@@ -361,15 +427,30 @@ class RiskEngine:
         return st
 
     def killed(self, account: str) -> bool:
-        return (
-            "global" in self.kills
-            or f"account.{account}" in self.kills
-            or f"desk.{self.topology.account_desk(account)}" in self.kills
-        )
+        if "global" in self.kills or f"account.{account}" in self.kills:
+            return True
+        try:
+            desk = self.topology.account_desk(account)
+        except KeyError:
+            # state of an account this topology no longer has (a snapshot taken under an
+            # older one): no desk's switch names it, and a kill must never fail its batch
+            log.warning(
+                "risk %s: account %s is not in the topology: no desk kill applies",
+                self.region,
+                account,
+            )
+            return False
+        return f"desk.{desk}" in self.kills
+
+    def max_qty(self, symbol: str) -> int:
+        """Largest order quantity of ``symbol``: the limits' or the topology's, the smaller."""
+        return min(self.limits.instrument(symbol).max_qty, self._topo_max_qty[symbol])
 
     def base_usd(self, symbol: str, qty: int) -> int:
-        """USD value of ``qty`` base units of ``symbol`` at the reference rate."""
-        return qty * self._usd_rate[self.topology.instrument(symbol).base] // 1_000_000
+        """USD value of ``qty`` base units of ``symbol`` at the reference rate, rounded up:
+        every limit is checked against it, and a fraction of a dollar never counts in the
+        trader's favour."""
+        return -(-qty * self._usd_rate[self.topology.instrument(symbol).base] // 1_000_000)
 
     def exposure_usd(self, account: str, *, extra: tuple[str, Side, int] | None = None) -> int:
         """Net open exposure of ``account`` in USD: per symbol, the larger of the long and the
@@ -445,8 +526,9 @@ class RiskEngine:
                 RejectReason.RATE_LIMIT,
                 f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
             )
-        if msg.qty > inst_limits.max_qty:
-            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {inst_limits.max_qty}")
+        max_qty = self.max_qty(sym)
+        if msg.qty > max_qty:
+            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {max_qty}")
         notional = self.base_usd(sym, msg.qty)
         if notional > inst_limits.max_notional_usd:
             return rej(
@@ -531,6 +613,25 @@ class RiskEngine:
                     ord_status=OrdStatus(ended),
                 )
             )
+        if o is not None and msg.symbol != o.symbol:
+            # the request's symbol would route it to another book, which does not know the
+            # order: refused here, naming it. Its id is noted as an approved cancel's is, so a
+            # replay of a record from a build that sent it on leaves the same state.
+            st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory, keep=True)
+            return Decision(
+                report=self._cancel_reject(
+                    msg,
+                    oid,
+                    RejectReason.INVALID_FIELD,
+                    "cancel",
+                    seq,
+                    _wrong_symbol(msg.symbol, o.symbol),
+                    ord_status=o.status,
+                )
+            )
+        # the order's symbol routes it (the same as the request's when risk holds the order;
+        # one whose end risk forgot goes where the request says, and its book answers)
+        sym = o.symbol if o is not None else msg.symbol
         cur_cl = o.cl_ord_id if o is not None else msg.orig_cl_ord_id
         cmd = Cancel(
             order_id=oid,
@@ -541,9 +642,7 @@ class RiskEngine:
             reason=reason,
         )
         st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory, keep=True)
-        return Decision(
-            command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
-        )
+        return Decision(command=cmd, exec_region=self.topology.exec_region(sym), symbol=sym)
 
     def on_replace(
         self, msg: ReplaceOrder, *, ext: Externals, seq: int, verdict: bool | None = None
@@ -589,20 +688,40 @@ class RiskEngine:
         if verdict is True:
             return self._accept_replace(msg, oid, o)
 
-        inst_limits = self.limits.instrument(msg.symbol)
+        if msg.symbol != o.symbol:
+            # checked and routed by its own symbol it would meet another instrument's limits
+            # and book (which answers UNKNOWN_ORDER for an order it never held, naming none)
+            return rej(RejectReason.INVALID_FIELD, _wrong_symbol(msg.symbol, o.symbol))
+        sym = o.symbol
+        inst_limits = self.limits.instrument(sym)
         grows = msg.qty > o.leaves
         if self.killed(acct) and grows:
             return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
-        if msg.qty > inst_limits.max_qty:
-            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {inst_limits.max_qty}")
-        if self.base_usd(msg.symbol, msg.qty) > inst_limits.max_notional_usd:
+        # as the kill switch: a replace that does not grow the order (a reduce, a new price)
+        # passes a restriction, so a desk can still work an order down or away from the market
+        if grows and (
+            sym in self.limits.restricted_symbols
+            or sym in self.limits.account(acct).restricted_symbols
+        ):
+            return rej(RejectReason.RESTRICTED_SYMBOL, f"{sym} is restricted")
+        # a replace is an order message like a new order (an EXEC command, a book change):
+        # it takes a rate token. A cancel never does: a desk can always pull its orders.
+        if not ext.rate_ok:
+            return rej(
+                RejectReason.RATE_LIMIT,
+                f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
+            )
+        max_qty = self.max_qty(sym)
+        if msg.qty > max_qty:
+            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {max_qty}")
+        if self.base_usd(sym, msg.qty) > inst_limits.max_notional_usd:
             return rej(RejectReason.MAX_NOTIONAL, "notional over the instrument maximum")
         if ext.ref is None:
-            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {msg.symbol}")
+            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}")
         if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
             return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
         if grows:
-            before, after = self.exposure_change(acct, (msg.symbol, o.side, msg.qty - o.leaves))
+            before, after = self.exposure_change(acct, (sym, o.side, msg.qty - o.leaves))
             limit = self.limits.account(acct).credit_limit_usd
             if after > limit and after > before:
                 return rej(
@@ -627,8 +746,10 @@ class RiskEngine:
             qty=msg.qty,
             price_ticks=msg.price_ticks,
         )
+        # the order's symbol, never the request's (the same once on_replace checked it; a
+        # replayed approval of an older build's is routed where the order is)
         return Decision(
-            command=cmd, exec_region=self.topology.exec_region(msg.symbol), symbol=msg.symbol
+            command=cmd, exec_region=self.topology.exec_region(o.symbol), symbol=o.symbol
         )
 
     # ---- feedback from execution -----------------------------------------------------------------
@@ -694,6 +815,14 @@ class RiskEngine:
     def on_cancel_reject(self, cr: CancelReject) -> None:
         st = self.state(cr.account)
         o = st.orders.get(cr.order_id)
+        if o is None and cr.order_id == "NONE" and cr.response_to == "replace":
+            # a book that never held the order names none (an older build routed a replace
+            # by the request's symbol, which may not be the order's): the replace it refuses
+            # is found by its own id, or its reservation would stay for the order's life
+            oid = st.cl_ids.get(cr.cl_ord_id)
+            o = st.orders.get(oid) if oid is not None else None
+            if o is not None and cr.cl_ord_id not in o.pending_cl:
+                return
         if o is None or cr.response_to != "replace":
             return
         # a refusal answers its own replace only: one approved before it may have been applied
@@ -707,17 +836,29 @@ class RiskEngine:
             st.update(o, pending=0)
 
     def set_kill(self, key: str, engaged: bool) -> list[tuple[str, OpenOrder]]:
-        """Engage/release a kill key; returns (account, order) to cancel when engaging."""
+        """Engage/release a kill key; returns (account, order) to cancel when engaging: every
+        open order of the accounts it halts, but for one of a symbol no region executes now
+        (state kept from an older topology), which is logged: no book could take its cancel."""
         if not engaged:
             self.kills.discard(key)
             return []
         self.kills.add(key)
-        return [
-            (acct, o)
-            for acct, st in sorted(self.accounts.items())
-            if self.killed(acct)
-            for o in list(st.orders.values())
-        ]
+        out = []
+        for acct, st in sorted(self.accounts.items()):
+            if not self.killed(acct):
+                continue
+            for o in list(st.orders.values()):
+                if o.symbol not in self._executed:  # no book to send its cancel to
+                    log.warning(
+                        "risk %s: %s's order %s is of %s, which no region executes: not canceled",
+                        self.region,
+                        acct,
+                        o.order_id,
+                        o.symbol,
+                    )
+                    continue
+                out.append((acct, o))
+        return out
 
     def set_limits(self, limits: RiskLimits) -> None:
         self.limits = limits
@@ -873,6 +1014,10 @@ class RiskEngine:
             exec_region=self.region,
             transact_ns=msg.sent_ns,
         )
+
+
+def _wrong_symbol(asked: str, symbol: str) -> str:
+    return f"symbol: {asked} is not the order's symbol ({symbol})"
 
 
 def limits_with(limits: RiskLimits, **changes: Any) -> RiskLimits:

@@ -223,7 +223,7 @@ class RiskWorker:
         self.tracer = (
             tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
         )
-        self.default_limits = limits or RiskLimits.load()
+        self.default_limits = limits or RiskLimits.load(topology=topology)
         """Limits in force while the RISKCFG bucket has no ``limits`` key (or it is deleted)."""
         self.engine = RiskEngine(topology, region, self.default_limits)
         self.metrics = metrics
@@ -1129,9 +1129,10 @@ class RiskWorker:
             d = it.decoded
             if it.kind != "order" or not isinstance(d, NewOrder | ReplaceOrder):
                 continue
-            acct = d.account if isinstance(d, NewOrder) else None  # a replace takes no token
-            if acct is not None:
-                wanted[acct] = wanted.get(acct, 0) + 1
+            # a new order and a replace take a token each; a cancel none (left out above):
+            # a desk out of tokens can always pull its orders
+            acct = d.account
+            wanted[acct] = wanted.get(acct, 0) + 1
             wants.append((it.input_id, acct, d.symbol))
         if not wants:
             return {}

@@ -195,3 +195,19 @@ def test_externals_for_passes_the_first_granted_orders_of_each_account() -> None
     )
     assert [out[k].rate_ok for k in ("i1", "i2", "i3", "i4")] == [True, False, True, True]
     assert out["i1"].ref == ref and out["i4"].ref is None
+
+
+async def test_an_idle_bucket_lives_until_it_would_have_refilled(rds: aioredis.Redis) -> None:
+    """Redis deletes an idle bucket, and a missing bucket is a full one. It used to go after
+    60 s whatever the terms: with a burst above 60 s of the rate, an account that emptied it
+    had a full burst again after 60 s instead of burst / rate."""
+    slow = replace(LIMITS, rate_per_s=1, burst=300)  # refills in 300 s
+    assert lease_block(slow) == 0  # every token from Redis: nothing held here
+    ext = RedisExternals(rds, "lon")
+    granted, _ = await ext.fetch({"S": 300}, set(), slow, 1.0)
+    assert granted == {"S": 300}
+    assert 299_000 <= await rds.pttl("rl:S") <= 300_000
+    # a bucket refilling within a minute keeps the minute
+    granted, _ = await ext.fetch({"Q": 5}, set(), LIMITS, 1.0)
+    assert granted == {"Q": 5}
+    assert 59_000 <= await rds.pttl("rl:Q") <= 60_000

@@ -7,7 +7,8 @@ limit (hypothesis over random order streams).
 
 Accounts used here (each test owns its account's state, so tests can run in any order):
 LON-HF-01 / NYC-CORP-03 for the static checks, SGP-BANK-02 for the kill switch, LON-BANK-02
-for runtime limits, NYC-BANK-02 for the rate limit, LON-CORP-03 for the credit test.
+for runtime limits, NYC-BANK-02 for the rate limit, SGP-HF-01 for replaces' rate tokens,
+LON-CORP-03 for the credit test.
 Resting orders are placed away from the mid (inside the collar) and canceled afterwards.
 """
 
@@ -33,6 +34,7 @@ from regions.topology import Topology
 from router import contract
 from router.client import DeskClient, Report
 from router.contract import (
+    CancelReject,
     ExecType,
     ExecutionReport,
     KillScope,
@@ -358,6 +360,46 @@ async def test_rate_limit_rejects_a_burst_above_the_bucket(order_path: Mesh) -> 
         ack = await c.new_order(sym, BUY, 10_000, deep(sym, BUY), cl_ord_id=clid)
         await expect_new(c, ack)
         await cancel_all(c, [*approved, (ack.order_id, clid, sym)])  # type: ignore[union-attr]
+
+
+async def test_replaces_take_rate_tokens_and_a_cancel_never_needs_one(order_path: Mesh) -> None:
+    """A runaway algo out of tokens re-pricing one order back and forth: every replace was
+    approved, each a command to the book. Each now takes a token like a new order and is
+    refused RATE_LIMIT without one; with the bucket empty, the desk still pulls the order."""
+    mesh = order_path
+    doc = default_limits_doc()
+    doc["rate"] = {"orders_per_s": 1, "burst": 3}
+    sym = "USDSGD"
+    px = deep(sym, BUY)
+    async with desks(mesh, ("nyc", "SGP-HF-01")) as (c,):
+        try:
+            await put_limits(mesh, doc)
+            clid = cl("algo")
+            er = await expect_new(c, await c.new_order(sym, BUY, 100_000, px, cl_ord_id=clid))
+            rclids = {cl("algo-r"): px + i % 2 for i in range(12)}
+            acks = await asyncio.gather(
+                *(c.replace(clid, sym, 100_000, p, cl_ord_id=r) for r, p in rclids.items())
+            )
+            assert all(isinstance(a, OrderAck) for a in acks), acks
+
+            def answers() -> dict[str, Report]:
+                return {
+                    r.cl_ord_id: r
+                    for r in c.orders[er.order_id].reports
+                    if r.cl_ord_id in rclids
+                    and (isinstance(r, CancelReject) or r.exec_type is ExecType.REPLACED)
+                }
+
+            await until(lambda: len(answers()) == len(rclids))
+            refused = [r for r in answers().values() if isinstance(r, CancelReject)]
+            assert {r.reason for r in refused} == {RejectReason.RATE_LIMIT}, refused
+            # the burst less the new order's token, plus what refilled while sending
+            assert len(rclids) - len(refused) <= 2 + 3, answers()
+            assert isinstance(await c.cancel(clid, sym), OrderAck)
+            done = await c.wait_report(er.order_id, is_terminal, REPORT_TIMEOUT_S)
+            assert done.ord_status is OrdStatus.CANCELED, done
+        finally:
+            await put_limits(mesh, None)
 
 
 # ---- the 3-region concurrent credit test ---------------------------------------------------------

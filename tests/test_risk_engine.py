@@ -38,6 +38,7 @@ from router.risk import (
     Decision,
     Externals,
     InstrumentLimits,
+    OpenOrder,
     RefPrice,
     RiskEngine,
     RiskLimits,
@@ -203,12 +204,20 @@ class Rig:
         return d
 
     def replace(
-        self, account: str, symbol: str, orig: str, qty: int, price: int, *, run: bool = True
+        self,
+        account: str,
+        symbol: str,
+        orig: str,
+        qty: int,
+        price: int,
+        *,
+        run: bool = True,
+        x: Externals | None = None,
     ) -> Decision:
         """Risk's decision on a replace; its command executed unless not ``run``."""
         s = next(_seq)
         msg = replace_order(account, f"R{s}", orig, symbol, qty, price)
-        d = self.engine.on_replace(msg, ext=ext(symbol), seq=s)
+        d = self.engine.on_replace(msg, ext=x if x is not None else ext(symbol), seq=s)
         if d.command is not None and run:
             self.execute(symbol, d.command)
         return d
@@ -339,7 +348,8 @@ def test_max_notional_per_instrument_in_usd() -> None:
         },
     )
     rig = Rig(limits=limits)
-    # EUR at 1.085 USD: 921,658 EUR = 999,998 USD passes, 922,000 EUR = 1,000,370 USD does not
+    # EUR at 1.085 USD: 921,658 EUR = 999,998.93 USD (999,999 rounded up) passes,
+    # 922,000 EUR = 1,000,370 USD does not
     assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 921_658))
     assert rejected(rig.new("LON-HF-01", "EURUSD", BUY, 922_000)) is RejectReason.MAX_NOTIONAL
 
@@ -1144,3 +1154,281 @@ def test_a_replace_cutting_an_order_to_its_fills_releases_the_rest() -> None:
     st = rig.engine.state(acct)
     assert not st.orders and st.positions["USDJPY"] == 3_000_000
     assert rig.engine.exposure_usd(acct) == rig.engine.base_usd("USDJPY", 3_000_000)
+
+
+# ---- replaces meet the checks a new order meets, on the order's own instrument ------------------
+
+
+def test_a_replace_without_a_rate_token_is_refused_a_cancel_never_needs_one() -> None:
+    """A runaway algo out of tokens re-pricing one order back and forth: every replace is an
+    EXEC command, so each takes a token like a new order (it used to take none: all
+    approved). The desk can still pull the order: a cancel is never rate-limited."""
+    rig = Rig()
+    acct = "LON-HF-01"
+    assert approved(rig.new(acct, "EURUSD", BUY, 1_000_000, 108000, cl="algo"))
+    (o,) = rig.engine.state(acct).orders.values()
+    dry = ext("EURUSD", rate_ok=False)
+    for px in (108001, 108000, 108001, 108000):
+        d = rig.replace(acct, "EURUSD", "algo", 1_000_000, px, x=dry)
+        assert rejected(d) is RejectReason.RATE_LIMIT
+        assert isinstance(d.report, CancelReject) and d.report.order_id == "O-algo"
+        assert d.report.ord_status is OrdStatus.NEW and d.report.response_to == "replace"
+    assert (o.price_ticks, o.pending_qty, o.pending_cl) == (108000, 0, [])
+    assert approved(rig.replace(acct, "EURUSD", "algo", 1_000_000, 108001))  # with a token
+    d = rig.cancel(acct, "EURUSD", "algo")  # on_cancel takes no rate verdict at all
+    assert isinstance(d.command, Cancel)
+    assert rig.engine.state(acct).orders == {}
+
+
+@pytest.mark.parametrize("scope", ["global", "account"])
+def test_a_replace_growing_an_order_on_a_restricted_symbol_is_refused(scope: str) -> None:
+    """An operator restricts USDMXN while an order rests: a replace growing it used to be
+    approved (only new orders were checked). One that does not grow it (a reduce, a new
+    price) passes, as under a kill switch, so the desk can work the order down."""
+    rig = Rig(region="nyc")
+    acct = "NYC-HF-01"
+    px = MIDS["USDMXN"]
+    assert approved(rig.new(acct, "USDMXN", BUY, 1_000_000, px, cl="mx"))
+    base = rig.limits
+    if scope == "global":
+        restricted = replace(base, restricted_symbols=frozenset({"USDMXN"}))
+    else:
+        only = AccountLimits(credit_limit_usd=250_000_000, restricted_symbols=frozenset({"USDMXN"}))
+        restricted = replace(base, accounts={**base.accounts, acct: only})
+    rig.engine.set_limits(restricted)
+    exposure = rig.engine.exposure_usd(acct)
+    d = rig.replace(acct, "USDMXN", "mx", 10_000_000, px)
+    assert rejected(d) is RejectReason.RESTRICTED_SYMBOL
+    assert isinstance(d.report, CancelReject) and d.report.order_id == "O-mx"
+    (o,) = rig.engine.state(acct).orders.values()
+    assert (o.leaves, o.pending_qty) == (1_000_000, 0)
+    assert rig.engine.exposure_usd(acct) == exposure
+    assert approved(rig.replace(acct, "USDMXN", "mx", 1_000_000, px - 10))  # price only
+    assert approved(rig.replace(acct, "USDMXN", o.cl_ord_id, 400_000, px - 10))  # reduce
+    assert o.leaves == 400_000
+    assert rejected(rig.replace(acct, "USDMXN", o.cl_ord_id, 400_001, px - 10)) is (
+        RejectReason.RESTRICTED_SYMBOL
+    )
+
+
+def test_a_replace_or_cancel_naming_another_symbol_is_refused_naming_the_order() -> None:
+    """A replace naming EURUSD for an EURGBP order was checked against EURUSD's limits and
+    sent to the EURUSD book, which answered UNKNOWN_ORDER naming no order (NONE); the
+    reservation it made then stayed. Risk now refuses it (and such a cancel) itself, with a
+    typed reject naming the order, and reserves nothing."""
+    rig = Rig()
+    acct, px = "LON-HF-01", MIDS["EURGBP"]
+    assert approved(rig.new(acct, "EURGBP", BUY, 1_000_000, px, cl="eg"))
+    st_ = rig.engine.state(acct)
+    (o,) = st_.orders.values()
+    exposure = rig.engine.exposure_usd(acct)
+    for d in (
+        rig.replace(acct, "EURUSD", "eg", 5_000_000, MIDS["EURUSD"]),
+        rig.cancel(acct, "EURUSD", "eg"),
+    ):
+        assert rejected(d) is RejectReason.INVALID_FIELD
+        assert isinstance(d.report, CancelReject)
+        assert d.report.order_id == "O-eg" and d.report.ord_status is OrdStatus.NEW
+        assert "symbol" in d.report.text and "EURGBP" in d.report.text
+    assert (o.leaves, o.pending_qty, o.pending_cl) == (1_000_000, 0, [])
+    assert rig.engine.exposure_usd(acct) == exposure
+    assert "EURUSD" not in rig.books  # nothing was sent to another book
+    # named right, both are routed to the order's book
+    d = rig.replace(acct, "EURGBP", "eg", 2_000_000, px)
+    assert isinstance(d.command, Replace) and (d.symbol, d.exec_region) == ("EURGBP", "lon")
+    assert o.leaves == 2_000_000 and o.pending_qty == 0
+    d = rig.cancel(acct, "EURGBP", o.cl_ord_id)
+    assert isinstance(d.command, Cancel) and d.symbol == "EURGBP"
+    assert st_.orders == {} and rig.engine.exposure_usd(acct) == 0
+
+
+def test_a_book_refusing_a_replace_of_an_order_it_never_held_ends_its_reservation() -> None:
+    """An older build sent such a replace to the wrong book, which answers UNKNOWN_ORDER with
+    order id NONE: the refusal is matched to its replace by the replace's own id, so the
+    reservation ends (it stayed for the order's life)."""
+    rig = Rig()
+    acct, px = "LON-HF-01", MIDS["EURGBP"]
+    assert approved(rig.new(acct, "EURGBP", BUY, 1_000_000, px, cl="eg"))
+    d = rig.replace(acct, "EURGBP", "eg", 5_000_000, px, run=False)
+    assert isinstance(d.command, Replace)
+    (o,) = rig.engine.state(acct).orders.values()
+    assert o.pending_qty == 5_000_000
+    outs = rig.execute("EURUSD", d.command)  # where the request's symbol sent it
+    (cr,) = [r for r in outs if isinstance(r, CancelReject)]
+    assert (cr.order_id, cr.reason) == ("NONE", RejectReason.UNKNOWN_ORDER)
+    assert (o.pending_qty, o.pending_cl) == (0, [])
+    assert rig.engine.exposure_usd(acct) == rig.engine.base_usd("EURGBP", 1_000_000)
+    # a NONE refusal of an id that is no replace in flight changes nothing
+    assert approved(rig.replace(acct, "EURGBP", "eg", 3_000_000, px, run=False))
+    rig.engine.on_cancel_reject(replace(cr, cl_ord_id="R-unrelated"))
+    assert o.pending_qty == 3_000_000
+
+
+def test_the_topologys_max_qty_holds_where_it_is_below_the_limits() -> None:
+    """regions/topology.toml caps USDSGD at 20M per order; limits.toml's default is 50M. The
+    smaller is the limit, for new orders and growing replaces."""
+    rig = Rig(region="sgp")
+    acct, px = "SGP-HF-01", MIDS["USDSGD"]
+    assert TOPO.instrument("USDSGD").max_qty == 20_000_000
+    assert rig.limits.instrument("USDSGD").max_qty == 50_000_000
+    d = rig.new(acct, "USDSGD", BUY, 20_000_001, px)
+    assert rejected(d) is RejectReason.MAX_QTY
+    assert isinstance(d.report, ExecutionReport) and "max 20000000" in d.report.text
+    assert approved(rig.new(acct, "USDSGD", BUY, 20_000_000, px, cl="sg"))
+    assert rejected(rig.replace(acct, "USDSGD", "sg", 20_000_001, px)) is RejectReason.MAX_QTY
+    assert rig.engine.state(acct).orders["O-sg"].pending_qty == 0
+    # where the limits are smaller (USDMXN: 10M, topology 20M) they still hold
+    nyc = Rig(region="nyc")
+    assert rejected(nyc.new("NYC-HF-01", "USDMXN", BUY, 10_000_001)) is RejectReason.MAX_QTY
+
+
+def test_usd_values_round_up_for_every_limit() -> None:
+    """LON-CORP-03 (limit 20M USD) buying 18,433,180 EUR (20,000,000.30 USD at 1.085) was
+    approved: the conversion rounded down, in the trader's favour."""
+    rig = Rig()
+    acct = "LON-CORP-03"
+    assert rig.limits.account(acct).credit_limit_usd == 20_000_000
+    assert rig.engine.base_usd("EURUSD", 1) == 2  # 1.085 USD
+    assert rig.engine.base_usd("EURUSD", 1_000_000) == 1_085_000  # exact stays exact
+    assert rejected(rig.new(acct, "EURUSD", BUY, 18_433_180, 108400)) is RejectReason.CREDIT_LIMIT
+    # 18,433,179 EUR = 19,999,999.215 USD: 20,000,000 rounded up, at the limit
+    assert approved(rig.new(acct, "EURUSD", BUY, 18_433_179, 108400))
+    assert rig.engine.exposure_usd(acct) == 20_000_000
+    # the notional maximum too: 921,659 EUR = 1,000,000.015 USD > 1,000,000
+    base = RiskLimits.load()
+    limits = replace(
+        base,
+        instruments={
+            **base.instruments,
+            "EURUSD": InstrumentLimits(max_qty=50_000_000, max_notional_usd=1_000_000),
+        },
+    )
+    small = Rig(limits=limits)
+    assert rejected(small.new("LON-HF-01", "EURUSD", BUY, 921_659)) is RejectReason.MAX_NOTIONAL
+    assert approved(small.new("LON-HF-01", "EURUSD", BUY, 921_658))
+
+
+# ---- the limits document -------------------------------------------------------------------------
+
+
+def _limits_doc(**changes: Any) -> dict[str, Any]:
+    doc = RiskLimits.load().to_mapping()
+    doc.update(changes)
+    return doc
+
+
+def test_an_account_override_inherits_every_default_it_does_not_set() -> None:
+    """[accounts.X] credit_limit_usd = ... used to drop the default's restricted symbols."""
+    doc = _limits_doc(
+        default_account={"credit_limit_usd": 250_000_000, "restricted_symbols": ["USDMXN"]},
+        default_instrument={"max_qty": 50_000_000, "max_notional_usd": 75_000_000},
+        accounts={
+            "LON-CORP-03": {"credit_limit_usd": 20_000_000},
+            "NYC-CORP-03": {"restricted_symbols": ["USDJPY"]},  # replaces the default's list
+        },
+        instruments={"USDMXN": {"max_qty": 10_000_000}},
+    )
+    lim = RiskLimits.from_mapping(doc)
+    corp = lim.account("LON-CORP-03")
+    assert (corp.credit_limit_usd, corp.restricted_symbols) == (20_000_000, frozenset({"USDMXN"}))
+    nyc = lim.account("NYC-CORP-03")
+    assert (nyc.credit_limit_usd, nyc.restricted_symbols) == (250_000_000, frozenset({"USDJPY"}))
+    assert lim.instrument("USDMXN") == InstrumentLimits(
+        max_qty=10_000_000, max_notional_usd=75_000_000
+    )
+    rig = Rig(limits=lim)
+    assert rejected(rig.new("LON-CORP-03", "USDMXN", BUY, 1_000, MIDS["USDMXN"])) is (
+        RejectReason.RESTRICTED_SYMBOL
+    )
+    assert RiskLimits.from_mapping(lim.to_mapping()) == lim
+    # the defaults themselves may leave the restricted symbols out (ops/bench.py does)
+    bare = RiskLimits.from_mapping(_limits_doc(default_account={"credit_limit_usd": 1}))
+    assert bare.default_account.restricted_symbols == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            {"accounts": {"LON-CORP-03": {"credit_limt_usd": 1}}},
+            "accounts.LON-CORP-03.credit_limt_usd",
+        ),
+        ({"instruments": {"USDMXN": {"max_qtty": 1}}}, "instruments.USDMXN.max_qtty"),
+        (
+            {"default_account": {"credit_limit_usd": 1, "restricted": []}},
+            "default_account.restricted",
+        ),
+        ({"rate": {"orders_per_s": 1, "burst": 1, "brust": 2}}, "rate.brust"),
+        ({"colar_bps": 150}, "colar_bps"),
+        ({"accounts": {"LON-CORP-03": 5}}, "accounts.LON-CORP-03"),
+    ],
+)
+def test_an_unknown_key_in_the_limits_is_an_error_naming_it(
+    change: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{named}: "):
+        RiskLimits.from_mapping(_limits_doc(**change))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"accounts": {"LON-CORP-3": {"credit_limit_usd": 1}}}, "accounts.LON-CORP-3"),
+        ({"instruments": {"USDMXM": {"max_qty": 1}}}, "instruments.USDMXM"),
+        ({"restricted_symbols": ["USDMXM"]}, "restricted_symbols"),
+        (
+            {"accounts": {"LON-CORP-03": {"restricted_symbols": ["EURUSX"]}}},
+            "accounts.LON-CORP-03.restricted_symbols",
+        ),
+    ],
+)
+def test_names_the_topology_does_not_know_are_an_error_where_it_is_given(
+    change: dict[str, Any], named: str
+) -> None:
+    doc = _limits_doc(**change)
+    with pytest.raises(ValueError, match=f"^{named}: unknown"):
+        RiskLimits.from_mapping(doc, topology=TOPO)
+    RiskLimits.from_mapping(doc)  # without a topology, names cannot be checked
+    assert RiskLimits.load(topology=TOPO) == RiskLimits.load()  # limits.toml is clean
+
+
+# ---- state the topology no longer knows ----------------------------------------------------------
+
+
+def test_a_kill_switch_skips_accounts_and_symbols_the_topology_no_longer_has() -> None:
+    """A snapshot from an older topology holds an account (and an order of a symbol) this one
+    does not: engaging a desk's kill switch raised KeyError, which failed the batch and so
+    stopped risk for the region."""
+    rig = Rig()
+    assert approved(rig.new("LON-HF-01", "EURUSD", BUY, 1_000_000, 108000, cl="live"))
+    assert approved(rig.new("LON-BANK-02", "EURUSD", BUY, 1_000_000, 108000, cl="gone"))
+    snap = rig.engine.snapshot()
+    snap["accounts"]["LON-OLD-09"] = snap["accounts"].pop("LON-BANK-02")
+    eng = RiskEngine.restore(snap, TOPO, "lon")
+    eng.state("LON-OLD-09").add(OpenOrder("O-xau", "xau", "XAUUSD", BUY, 200000, 5))
+    cancels = eng.set_kill("desk.LONFX1", True)
+    assert [(a, o.order_id) for a, o in cancels] == [("LON-HF-01", "O-live")]
+    assert not eng.killed("LON-OLD-09")
+    # a global (or the account's own) switch still reaches it: its orders can be canceled
+    # where a book holds them
+    eng.set_kill("desk.LONFX1", False)
+    cancels = eng.set_kill("global", True)
+    assert sorted((a, o.order_id) for a, o in cancels) == [
+        ("LON-HF-01", "O-live"),
+        ("LON-OLD-09", "O-gone"),
+    ]
+
+
+async def test_set_limits_refuses_a_name_the_topology_does_not_know_before_writing() -> None:
+    """`meridian risk set-limits` with a misspelt account would have written a document
+    whose override nobody holds: the account kept the default limit, unnoticed."""
+    from router.control import set_limits
+
+    doc = RiskLimits.load().to_mapping()
+    doc["accounts"] = {"LON-CORP-3": {"credit_limit_usd": 1000}}
+
+    async def connect(region: str) -> object:
+        raise AssertionError("nothing may be written")
+
+    with pytest.raises(ValueError, match="LON-CORP-3"):
+        await set_limits(connect, load_topology(), doc)  # type: ignore[arg-type]

@@ -6,16 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import types
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, NoStreamResponseError
 
+from ops.procs import RedisServer, free_ports
 from regions.topology import load_topology
 from router import contract, ids, subjects
-from router.contract import NewOrder, OrdType, Side, TimeInForce
+from router.contract import (
+    CancelOrder,
+    CancelReject,
+    NewOrder,
+    OrdType,
+    RejectReason,
+    ReplaceOrder,
+    Side,
+    TimeInForce,
+)
 from router.natsutil import PullLoop
+from router.refprice import tob_key
+from router.risk import Externals, RiskLimits
 from router.risk_worker import (
     Item,
     RiskWorker,
@@ -469,3 +485,78 @@ async def test_a_direct_request_that_fails_the_gateways_checks_is_never_stored()
     assert js.published == []
     with pytest.raises(ValueError):
         DeskClient(_StoreNc(js), load_topology(), region="lon", account="A", entry="fast")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    d: Path = tmp_path_factory.mktemp("redis-inputs")
+    srv = RedisServer(free_ports(1)[0], d, d / "redis.log").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def test_a_replace_takes_a_rate_token_and_a_cancel_never_does(
+    redis_srv: RedisServer,
+) -> None:
+    """A batch asked Redis for a token per new order only, and a replace passed the rate
+    check whatever the bucket held: a runaway algo re-pricing one order sent the book a
+    command per replace. Replaces now count in what a batch asks for, in batch order with
+    the new orders; cancels never do, so a desk out of tokens can still pull its orders."""
+    rds = aioredis.from_url(redis_srv.url)
+    try:
+        await rds.flushdb()
+        await rds.hset(tob_key("lon", "GBPUSD"), mapping={"bid_px": 126798, "ask_px": 126802})
+        tight = replace(RiskLimits.load(), rate_per_s=1, burst=3)  # no lease: Redis decides
+        w = RiskWorker(_Nc(), load_topology(), "lon", rds, tight)  # type: ignore[arg-type]
+        acct = "LON-HF-01"
+
+        def item(n: int, msg: Any, **headers: str) -> Item:
+            return Item(
+                input_id=f"o:k{n}", kind="order", decoded=msg, headers={"seq": str(n), **headers}
+            )
+
+        def cancel(n: int) -> Item:
+            return item(
+                n,
+                CancelOrder(account=acct, cl_ord_id=f"x{n}", orig_cl_ord_id="c1", symbol="GBPUSD"),
+            )
+
+        new = item(1, _order(), **{"Mrd-Order-Id": OID, "Mrd-Accepted-Ns": "1"})
+        reps = [
+            item(
+                2 + i,
+                ReplaceOrder(
+                    account=acct,
+                    cl_ord_id=f"r{i}",
+                    orig_cl_ord_id="c1",
+                    symbol="GBPUSD",
+                    qty=1_000_000,
+                    price_ticks=126001 - i % 2,  # back and forth
+                ),
+            )
+            for i in range(4)
+        ]
+        batch = [new, *reps, cancel(9)]
+        exts = await w._externals(batch)
+        assert [exts[it.input_id].rate_ok for it in (new, *reps)] == [True] * 3 + [False] * 2
+        assert "o:k9" not in exts  # the cancel asked for no token
+        outs = [w._decide(it, exts.get(it.input_id, Externals())) for it in batch]
+        assert [o.kind for (o,) in outs] == [
+            "Submit",
+            "Replace",
+            "Replace",
+            "CancelReject",
+            "CancelReject",
+            "Cancel",
+        ]
+        for (o,) in outs[3:5]:
+            rej = contract.decode(CancelReject, o.payload)
+            assert (rej.reason, rej.order_id) == (RejectReason.RATE_LIMIT, OID)
+        # the bucket is empty: a batch of cancels asks Redis nothing and is not refused
+        calls = w.externals.redis_calls
+        assert await w._externals([cancel(10), cancel(11)]) == {}
+        assert w.externals.redis_calls == calls
+    finally:
+        await rds.aclose()
