@@ -46,17 +46,16 @@ def _progress(msg: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ops.devstack import Devstack, MeshPlan
+    from ops.devstack import Devstack, MeshPlan, recorded_running
     from ops.services import devstack_workers, start_telemetry
     from regions.topology import load_topology
 
     run_dir: Path = args.run_dir
+    # from the process records alone: a moved or broken topology file must not hide them
+    if recorded_running(run_dir):
+        print(f"a mesh is already running from {run_dir}; `meridian down` first", file=sys.stderr)
+        return 2
     if args.fresh and run_dir.exists():
-        if (run_dir / "state.json").exists():
-            old = Devstack.attach(run_dir)
-            if any(p["alive"] for p in old.status()["processes"].values()):
-                print(f"a mesh is running from {run_dir}; `meridian down` first", file=sys.stderr)
-                return 2
         import shutil
 
         for sub in ("nats", "pg", "redis", "export", "logs", "traces", "md", "prometheus"):
@@ -66,13 +65,6 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  .. reusing the streams, ledger and logs in {run_dir} (--fresh starts empty)",
             file=sys.stderr,
         )
-    if (run_dir / "state.json").exists():
-        old = Devstack.attach(run_dir)
-        if any(p["alive"] for p in old.status()["processes"].values()):
-            print(
-                f"a mesh is already running from {run_dir}; `meridian down` first", file=sys.stderr
-            )
-            return 2
     topo = load_topology(args.topology)
     if args.free_ports:
         plan = MeshPlan.free(topo, run_dir, pg_fsync=True)
@@ -85,18 +77,37 @@ def cmd_up(args: argparse.Namespace) -> int:
         workers=() if args.no_workers else devstack_workers(),
         after=None if args.no_workers else start_telemetry,
     )
-    _print_status(ds.status(), plan_view=ds)
+    # links and market data settle a few seconds after the last process is ready
+    st = ds.wait_healthy(args.wait_s)
+    _print_status(st, plan_view=ds)
+    if not st["healthy"]:
+        print(
+            f"meridian up: the mesh is running but not healthy after {args.wait_s:.0f} s "
+            f"(logs in {run_dir}/logs/; `meridian down` stops it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from ops.devstack import Devstack
+    from ops.devstack import Devstack, down_recorded
     from ops.procs import OpsError
+    from regions.topology import TopologyError
 
     try:
         ds = Devstack.attach(args.run_dir)
     except OpsError as e:
         print(f"nothing to stop: {e}", file=sys.stderr)
+        return 0
+    except TopologyError as e:
+        print(
+            f"meridian down: warning: cannot read the mesh's topology ({e}); "
+            "stopping every recorded process",
+            file=sys.stderr,
+        )
+        n = down_recorded(args.run_dir)
+        print(f"stopped {n} processes ({args.run_dir})")
         return 0
     n = len(ds.records)
     ds.down()
@@ -160,13 +171,29 @@ def _print_status(st: dict[str, Any], plan_view: Any = None) -> None:
                     v["region"] or "-",
                     v["pid"],
                     v["port"] or "-",
-                    "up" if v["alive"] else "DEAD",
+                    "up" if v["alive"] else v.get("state", "dead").upper(),
                 )
                 for n, v in st["processes"].items()
             ],
             ["process", "kind", "region", "pid", "port", "state"],
         )
     )
+    if st.get("market_data"):
+        print()
+        print(
+            table(
+                [
+                    (
+                        code,
+                        "-" if v["age_s"] is None else v["age_s"],
+                        ", ".join(sorted(v["stale"])) or "-",
+                        "ok" if v["healthy"] else f"UNHEALTHY: {v['why']}",
+                    )
+                    for code, v in st["market_data"].items()
+                ],
+                ["md view", "updated s ago", "stale sources", "health"],
+            )
+        )
     if plan_view is not None:
         print(f"\nPostgreSQL {plan_view.pg_dsn}   Redis {plan_view.redis_url}")
         print(f"credentials: {st['run_dir']}/credentials.json   logs: {st['run_dir']}/logs/")
@@ -221,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="any free ports instead of the topology's (a second mesh beside one)",
     )
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=20.0,
+        help="how long to wait for a healthy mesh once started (exit 1 if it is not)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop everything `up` started")
@@ -250,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from ops.procs import OpsError
+    from ops.procs import Interrupted, OpsError
     from regions.topology import TopologyError
 
     try:
@@ -258,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OpsError, TopologyError) as e:
         print(f"meridian: {e}", file=sys.stderr)
         rc = 2
+    except Interrupted as e:
+        rc = 128 + e.signum
     except KeyboardInterrupt:
         rc = 130
     sys.exit(rc)

@@ -2,12 +2,16 @@
 
 One run directory holds everything of one mesh::
 
-    run/
+    run/                  created 0700
       state.json          ports, pids and paths of every process (``meridian down`` reads it)
-      credentials.json    per-role NATS passwords (0600)
+      credentials.json    per-role NATS passwords
       nats/<region>.conf  rendered server configs;   nats/<region>/  JetStream store dirs
       pg/                 PostgreSQL data dir;        redis/  Redis work dir
+      md/lag-<region>.json  market-data lag and stale sources (the md service, every second)
       logs/               one log file per process
+
+state.json, credentials.json and the server configs hold passwords (worker argv in the
+first): they are created 0600, never widened and then narrowed.
 
 The same :class:`Devstack` serves ``meridian up`` (fixed ports from the topology, detached
 processes) and the test harness (free ports, processes that die with pytest).
@@ -21,7 +25,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +40,19 @@ from ops.procs import (
     OpsError,
     PostgresServer,
     RedisServer,
+    boot_id,
     free_port_blocks,
     free_ports,
     http_ok,
+    local_urlopen,
     pid_alive,
+    pid_exists,
+    proc_start_ticks,
     shared_host_gomaxprocs,
     tcp_ok,
+    termination_ignored,
+    termination_raises,
+    write_private,
 )
 from regions.natsconf import (
     CLIENT_MAX_OUTSTANDING_PINGS,
@@ -56,6 +67,9 @@ from regions.topology import Topology, load_topology
 HOST = "127.0.0.1"
 METRICS_BLOCK = 10
 """Ports per region from metrics_port_base: workers use +0..+4, telemetry +8 and +9."""
+MD_FRESH_S = 5.0
+"""A region's md lag file older than this: its md service is hung, stopped or gone (it
+rewrites the file every second)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,8 +156,12 @@ class MeshPlan:
         }
 
     def to_json(self) -> dict[str, Any]:
+        source = self.topology.source
+        if source != "<memory>":
+            # `down` / `status` may run from another directory than `up`
+            source = str(Path(source).resolve())
         return {
-            "topology_source": self.topology.source,
+            "topology_source": source,
             "run_dir": str(self.run_dir),
             "proxy_control_port": self.proxy_control_port,
             "link_ports": self.link_ports,
@@ -165,7 +183,13 @@ class MeshPlan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MeshPlan:
-        topo = load_topology(data["topology_source"])
+        source = Path(data["topology_source"])
+        if not source.is_absolute() and not source.exists():
+            # an older state.json stored the path as given, relative to where `up` ran:
+            # usually the repository root, the run directory's parent
+            beside = Path(data["run_dir"]).parent / source
+            source = beside if beside.exists() else source
+        topo = load_topology(source)
         topo = topo.with_ports(data["regions"]).with_latency(data["latency_ms"])
         return cls(
             topology=topo,
@@ -188,6 +212,10 @@ class ProcRecord:
     port: int = 0
     log: str = ""
     argv: list[str] = field(default_factory=list)
+    start_ticks: int = 0
+    """The process's start time (/proc/<pid>/stat field 22); 0 in an older state.json."""
+    boot_id: str = ""
+    """/proc/sys/kernel/random/boot_id when it started: a pid means nothing after a reboot."""
 
 
 WorkerSpec = Callable[["Devstack", str], list[tuple[str, list[str]]]]
@@ -252,27 +280,50 @@ class Devstack:
         workers: Sequence[WorkerSpec] = (),
         after: Callable[[Devstack], None] | None = None,
     ) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.creds.save(self.run_dir / "credentials.json")
-        self._write_state()
+        """Start everything; on any failure, Ctrl-C, SIGTERM or SIGHUP, stop what started."""
+        self._prepare_run_dir()
         try:
-            self.start_proxies()
-            self.start_nats()
-            self.progress("creating streams and KV buckets in every domain")
-            asyncio.run(self._ensure_streams())
-            if with_pg:
-                self.start_pg()
-            if with_redis:
-                self.start_redis()
-            for spec in workers:
-                for region in self.topology.codes:
-                    for name, argv in spec(self, region):
-                        self.start_worker(name, region, argv)
-            if after is not None:
-                after(self)
-        except BaseException:
-            self.down()
+            with termination_raises():
+                self.start_proxies()
+                self.start_nats()
+                self.progress("creating streams and KV buckets in every domain")
+                asyncio.run(self._ensure_streams())
+                if with_pg:
+                    self.start_pg()
+                if with_redis:
+                    self.start_redis()
+                for spec in workers:
+                    for region in self.topology.codes:
+                        for name, argv in spec(self, region):
+                            self.start_worker(name, region, argv)
+                if after is not None:
+                    after(self)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                self.progress(f"interrupted ({str(e) or 'Ctrl-C'}): stopping what was started")
+            with termination_ignored():
+                self.down()
             raise
+
+    def _prepare_run_dir(self) -> None:
+        self._make_run_dir()
+        write_private(
+            self.run_dir / "credentials.json", json.dumps(dict(self.creds.passwords), indent=1)
+        )
+        self._write_state()
+
+    def _make_run_dir(self) -> None:
+        # mode applies when the directory is created; an existing one is left as it is
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def wait_healthy(self, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """:meth:`status` once it is healthy, or the last one after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.status()
+            if st["healthy"] or time.monotonic() >= deadline:
+                return st
+            time.sleep(poll_s)
 
     def start_proxies(self) -> None:
         from ops.linkproxy import __name__ as mod
@@ -293,6 +344,7 @@ class Devstack:
                 self.log_path("linkproxy"),
                 ready=lambda: tcp_ok(HOST, self.plan.proxy_control_port),
                 die_with_parent=not self.detach,
+                ports=[self.plan.proxy_control_port, *self.plan.link_ports.values()],
             ),
             kind="linkproxy",
             port=self.plan.proxy_control_port,
@@ -300,7 +352,8 @@ class Devstack:
 
     def start_nats(self, regions: Sequence[str] | None = None) -> None:
         conf_dir = self.run_dir / "nats"
-        conf_dir.mkdir(parents=True, exist_ok=True)
+        self._make_run_dir()
+        conf_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         started = []
         for code in regions or self.topology.codes:
             r = self.topology.region(code)
@@ -310,8 +363,7 @@ class Devstack:
                 leaf_urls=self.plan.leaf_urls(code),
             )
             conf = conf_dir / f"{code}.conf"
-            conf.write_text(render_server_config(self.topology, code, layout, self.creds))
-            conf.chmod(0o600)
+            write_private(conf, render_server_config(self.topology, code, layout, self.creds))
             self.progress(f"starting nats-server {code} (client {r.client_port})")
             srv = NatsServer(
                 f"nats-{code}",
@@ -320,6 +372,7 @@ class Devstack:
                 self.log_path(f"nats-{code}"),
                 die_with_parent=not self.detach,
                 gomaxprocs=shared_host_gomaxprocs(len(self.topology.codes)),
+                ports=[r.client_port, r.monitor_port, *([r.leaf_port] if r.accepts_leaf else [])],
             )
             self._start(srv, kind="nats", region=code, port=r.client_port, timeout_s=30)
             self.nats[code] = srv
@@ -402,14 +455,6 @@ class Devstack:
                 f.seek(offset)
                 return b"READY" in f.read()
 
-        p = ManagedProcess(
-            full,
-            argv,
-            log,
-            ready=ready or printed_ready,
-            env=self.worker_env(),
-            die_with_parent=not self.detach,
-        )
         port = 0
         for flag in ("--metrics-port", "--port"):
             if flag in argv:
@@ -418,6 +463,15 @@ class Devstack:
             port = int(
                 next(a for a in argv if a.startswith("--web.listen-address=")).rsplit(":", 1)[1]
             )
+        p = ManagedProcess(
+            full,
+            argv,
+            log,
+            ready=ready or printed_ready,
+            env=self.worker_env(),
+            die_with_parent=not self.detach,
+            ports=[port],
+        )
         self._start(p, kind="worker", region=region, port=port, timeout_s=60)
         return p
 
@@ -439,13 +493,24 @@ class Devstack:
         port: int = 0,
         timeout_s: float = 30.0,
     ) -> None:
-        p.start(timeout_s)
-        assert p.pid is not None
-        self.procs[p.name] = p
-        self.records[p.name] = ProcRecord(
-            name=p.name, pid=p.pid, kind=kind, region=region, port=port, log=str(p.log), argv=p.argv
-        )
-        self._write_state()
+        def record(p: ManagedProcess) -> None:
+            # before the readiness wait: an interrupted `up` (or a later `down`) must find it
+            assert p.pid is not None
+            self.procs[p.name] = p
+            self.records[p.name] = ProcRecord(
+                name=p.name,
+                pid=p.pid,
+                kind=kind,
+                region=region,
+                port=port,
+                log=str(p.log),
+                argv=p.argv,
+                start_ticks=p.start_ticks or 0,
+                boot_id=p.boot_id,
+            )
+            self._write_state()
+
+        p.start(timeout_s, on_spawn=record)
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name, None)
@@ -456,48 +521,35 @@ class Devstack:
 
     def down(self) -> None:
         """Stop every process of this mesh, workers first, servers last."""
-        order = {"worker": 0, "linkproxy": 1, "nats": 2, "redis": 3, "postgres": 4}
-        for name in sorted(self.records, key=lambda n: order.get(self.records[n].kind, 0)):
-            p = self.procs.get(name)
-            if p is None:  # a detached process from an earlier `meridian up`
-                rec = self.records[name]
-                p = ManagedProcess(name, rec.argv, Path(rec.log))
-                p.pid = rec.pid if _same_process(rec) else None
-                if rec.kind == "postgres":
-                    p.stop_signal = 2  # SIGINT: fast shutdown
-            p.stop()
+        stop_recorded(self.records, self.procs)
         self.procs.clear()
         self.records.clear()
         self._write_state()
 
     # ---- state ---------------------------------------------------------------------------------
     def _write_state(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._make_run_dir()
         state = {
             "plan": self.plan.to_json(),
             "processes": {n: dataclasses.asdict(r) for n, r in self.records.items()},
         }
-        tmp = self.run_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.run_dir / "state.json")
+        write_private(self.run_dir / "state.json", json.dumps(state, indent=1))
 
     @classmethod
     def attach(cls, run_dir: Path) -> Devstack:
-        """The mesh described by ``run_dir/state.json`` (for down/status/link commands)."""
-        path = run_dir / "state.json"
-        if not path.exists():
-            raise OpsError(f"no mesh state in {run_dir} (is it up? `meridian up`)")
-        state = json.loads(path.read_text())
+        """The mesh described by ``run_dir/state.json`` (for down/status/link commands).
+
+        Raises OpsError without a state file, TopologyError when its topology file cannot be
+        read (:func:`down_recorded` stops the processes without it)."""
+        state = _read_state(run_dir)
         ds = cls(MeshPlan.from_json(state["plan"]))
-        ds.records = {n: ProcRecord(**r) for n, r in state["processes"].items()}
+        ds.records = _records(state)
         return ds
 
     # ---- health ---------------------------------------------------------------------------------
     def leafz(self, region: str) -> list[dict[str, Any]]:
-        import urllib.request
-
         port = self.topology.region(region).monitor_port
-        with urllib.request.urlopen(f"http://{HOST}:{port}/leafz", timeout=1) as r:
+        with local_urlopen(f"http://{HOST}:{port}/leafz", timeout_s=1) as r:
             leafs: list[dict[str, Any]] = json.load(r).get("leafs") or []
             return leafs
 
@@ -563,27 +615,40 @@ class Devstack:
                 "one_way_ms": p.get("one_way_ms"),
                 "healthy": healthy,
             }
-        procs = {
-            n: {
-                "kind": r.kind,
-                "region": r.region,
-                "pid": r.pid,
-                "port": r.port,
-                "alive": _same_process(r),
+        procs = {}
+        for n, rec in self.records.items():
+            state = process_state(rec)
+            procs[n] = {
+                "kind": rec.kind,
+                "region": rec.region,
+                "pid": rec.pid,
+                "port": rec.port,
+                "state": state,
+                "alive": state == "up",
             }
-            for n, r in self.records.items()
-        }
+        md = self.market_data_health()
         healthy = (
             all(v["server"] and v["jetstream"] for v in regions.values())
             and all(v["healthy"] for v in links.values())
             and all(v["alive"] for v in procs.values())
+            and all(v["healthy"] for v in md.values())
         )
         return {
             "healthy": healthy,
             "regions": regions,
             "links": links,
             "processes": procs,
+            "market_data": md,
             "run_dir": str(self.run_dir),
+        }
+
+    def market_data_health(self) -> dict[str, dict[str, Any]]:
+        """Per region whose md service this mesh runs: is its view of every source live?"""
+        now_ns = time.time_ns()
+        return {
+            code: md_lag_health(self.run_dir / "md" / f"lag-{code}.json", now_ns)
+            for code in self.topology.codes
+            if f"md-{code}" in self.records
         }
 
     # ---- clients ---------------------------------------------------------------------------------
@@ -607,13 +672,116 @@ async def connect(servers: list[str], **kw: Any) -> NATS:
     return await nats.connect(servers=servers, **opts)
 
 
+def md_lag_health(path: Path, now_ns: int, fresh_s: float = MD_FRESH_S) -> dict[str, Any]:
+    """A region's market-data health from its md service's lag file (written every second:
+    ``updated_ns``, and ``stale``: source region -> seconds silent)."""
+    try:
+        data = json.loads(path.read_text())
+        updated_ns = int(data.get("updated_ns") or path.stat().st_mtime_ns)
+        stale = {str(k): float(v) for k, v in (data.get("stale") or {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return {"healthy": False, "age_s": None, "stale": {}, "why": f"no lag file ({e})"}
+    age_s = max(0.0, (now_ns - updated_ns) / 1e9)
+    why = ""
+    if age_s > fresh_s:
+        why = f"lag file {age_s:.0f} s old (md service hung or stopped)"
+    elif stale:
+        why = "stale: " + ", ".join(f"{k} silent {v:.1f} s" for k, v in sorted(stale.items()))
+    return {"healthy": not why, "age_s": round(age_s, 1), "stale": stale, "why": why}
+
+
+def process_state(rec: ProcRecord) -> str:
+    """``up``; ``stopped`` (ours, but stopped or traced: it answers nothing); or ``dead``
+    (gone, or the pid now belongs to another program)."""
+    if not _same_process(rec):
+        return "dead"
+    return "up" if pid_alive(rec.pid) else "stopped"
+
+
 def _same_process(rec: ProcRecord) -> bool:
-    """The recorded pid is alive and still runs the recorded program (pid reuse guard)."""
-    if not pid_alive(rec.pid):
+    """The recorded pid still is the process we started (it may be stopped).
+
+    After a reboot or a pid wrap-around the pid may belong to anything (the machine's own
+    PostgreSQL, any python): the start time and boot id recorded at launch must match, and
+    the command line too. A record of an older build has neither: its full argv must match.
+    """
+    if not pid_exists(rec.pid):
+        return False
+    identity = (rec.boot_id, rec.start_ticks)
+    if all(identity) and identity != (boot_id(), proc_start_ticks(rec.pid)):
         return False
     try:
         cmdline = Path(f"/proc/{rec.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    # servers rewrite their process title (redis: "redis-server 127.0.0.1:port")
-    return bool(rec.argv) and Path(rec.argv[0]).name in cmdline[0].decode(errors="replace")
+    while cmdline and not cmdline[-1]:
+        cmdline.pop()
+    if [a.decode(errors="replace") for a in cmdline] == rec.argv:
+        return True
+    # a server that rewrote its process title (redis: "redis-server 127.0.0.1:PORT"): the
+    # title must name the program and our port
+    title = cmdline[0].decode(errors="replace").split() if len(cmdline) == 1 else []
+    return (
+        bool(rec.argv)
+        and rec.port > 0
+        and len(title) >= 2
+        and Path(title[0]).name == Path(rec.argv[0]).name
+        and title[1] == f"{HOST}:{rec.port}"
+    )
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "state.json"
+    if not path.exists():
+        raise OpsError(f"no mesh state in {run_dir} (is it up? `meridian up`)")
+    state: dict[str, Any] = json.loads(path.read_text())
+    return state
+
+
+def _records(state: Mapping[str, Any]) -> dict[str, ProcRecord]:
+    fields = {f.name for f in dataclasses.fields(ProcRecord)}
+    return {
+        n: ProcRecord(**{k: v for k, v in r.items() if k in fields})
+        for n, r in state["processes"].items()
+    }
+
+
+_STOP_ORDER = {"worker": 0, "linkproxy": 1, "nats": 2, "redis": 3, "postgres": 4}
+
+
+def stop_recorded(
+    records: Mapping[str, ProcRecord], procs: Mapping[str, ManagedProcess] | None = None
+) -> None:
+    """Stop recorded processes, workers first, servers last; ``procs``: those this Python
+    process started itself (the others are detached, from an earlier `meridian up`)."""
+    procs = procs or {}
+    for name in sorted(records, key=lambda n: _STOP_ORDER.get(records[n].kind, 0)):
+        p = procs.get(name)
+        if p is None:
+            rec = records[name]
+            p = ManagedProcess(name, rec.argv, Path(rec.log))
+            p.pid = rec.pid if _same_process(rec) else None
+            if rec.kind == "postgres":
+                p.stop_signal = 2  # SIGINT: fast shutdown
+        p.stop()
+
+
+def recorded_running(run_dir: Path) -> list[str]:
+    """Names of the processes in ``run_dir/state.json`` that still run (or are stopped);
+    needs no topology."""
+    try:
+        records = _records(_read_state(run_dir))
+    except OpsError:
+        return []
+    return [n for n, r in records.items() if _same_process(r)]
+
+
+def down_recorded(run_dir: Path) -> int:
+    """Stop every process in ``run_dir/state.json`` from the records alone (when the
+    topology file is gone or broken): the number of records."""
+    state = _read_state(run_dir)
+    records = _records(state)
+    stop_recorded(records)
+    state["processes"] = {}
+    write_private(run_dir / "state.json", json.dumps(state, indent=1))
+    return len(records)

@@ -41,7 +41,6 @@ import json
 import re
 import signal
 import time
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ops.procs import local_urlopen
 
 if TYPE_CHECKING:
     from regions.topology import Topology
@@ -244,7 +245,7 @@ class NatsMonitorCollector(Collector):
         )
 
     def _get(self, base: str, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(base.rstrip("/") + path, timeout=self.timeout_s) as r:
+        with local_urlopen(base.rstrip("/") + path, timeout_s=self.timeout_s) as r:
             data = json.loads(r.read())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a JSON object")

@@ -3,17 +3,24 @@
 Each is a :class:`ManagedProcess`: started with its own log file, waited for until it is ready
 (a readiness probe, not a sleep), and stopped with SIGTERM (or the server's fast-shutdown
 signal) then SIGKILL. Processes started for tests die with their parent (PR_SET_PDEATHSIG);
-processes started by ``meridian up`` are detached and recorded in the run directory.
+processes started by ``meridian up`` are detached and recorded in the run directory, with
+their start time and the boot id so that a pid reused by another program is never taken for
+one of ours.
 
 Exceptions::
 
     OpsError                 root of ops failures
-     +-- ProcessStartError   a process exited or never became ready (``name``, ``log``)
+     +-- ProcessStartError   a process exited, never became ready, or its port is taken
+                             (``name``, ``log``)
+    KeyboardInterrupt
+     +-- Interrupted         SIGTERM or SIGHUP inside :func:`termination_raises` (``signum``)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
 import pwd
 import random
@@ -23,10 +30,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class OpsError(Exception):
@@ -46,6 +55,89 @@ class ProcessStartError(OpsError):
         super().__init__(f"{name}: {why}{tail}")
         self.name = name
         self.log = log
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised like Ctrl-C's KeyboardInterrupt, so the code that
+    tears a half-started mesh down runs for them too (a bare SIGTERM ends Python at once)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def termination_raises() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise :class:`Interrupted` (main thread only;
+    elsewhere signals cannot be handled and this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, raise_) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def termination_ignored() -> Iterator[None]:
+    """Within the block SIGINT, SIGTERM and SIGHUP are swallowed: a second Ctrl-C must not
+    abandon the teardown of what was started (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # a Python no-op, not SIG_IGN: an ignored disposition would be inherited across exec
+    old = {s: signal.signal(s, lambda _s, _f: None) for s in _TERMINATING}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _termination_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back during the block (delivered right after it)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically, readable by its owner only from the start.
+
+    The file is created with mode 0600 (never chmod'ed afterwards, which leaves a window in
+    which any local user may open it and keep reading)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on ``port`` (a bind test, with SO_REUSEADDR like the servers use, so
+    connections still in TIME_WAIT from a previous run do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -155,6 +247,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _preexec(run_as: str | None, die_with_parent: bool) -> Callable[[], None]:
     def fn() -> None:
+        # the parent holds these back while it records the child; the child must get them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERMINATING)
         os.setsid()
         if run_as is not None:
             pw = pwd.getpwnam(run_as)
@@ -169,7 +263,11 @@ def _preexec(run_as: str | None, die_with_parent: bool) -> Callable[[], None]:
 
 
 class ManagedProcess:
-    """One child process with a log file and a readiness probe."""
+    """One child process with a log file and a readiness probe.
+
+    ``ports``: TCP ports the process will listen on; each must be free before it starts (a
+    readiness probe cannot tell our server from another one already listening there).
+    """
 
     stop_signal: int = signal.SIGTERM
 
@@ -184,6 +282,7 @@ class ManagedProcess:
         run_as: str | None = None,
         die_with_parent: bool = True,
         cwd: Path | None = None,
+        ports: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -193,22 +292,44 @@ class ManagedProcess:
         self.run_as = run_as
         self.die_with_parent = die_with_parent
         self.cwd = cwd
+        self.ports = [p for p in ports if p]
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
+        self.start_ticks: int | None = None
+        """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22)."""
+        self.boot_id = ""
 
-    def start(self, timeout_s: float = 30.0) -> ManagedProcess:
+    def start(
+        self,
+        timeout_s: float = 30.0,
+        on_spawn: Callable[[ManagedProcess], None] | None = None,
+    ) -> ManagedProcess:
+        """Start the process and wait until it is ready.
+
+        ``on_spawn`` runs as soon as the process exists, before the readiness wait, with
+        Ctrl-C/SIGTERM/SIGHUP held back until it returns: whoever records our processes sees
+        this one even when the wait is interrupted.
+        """
+        for port in self.ports:
+            if port_in_use(port):
+                raise ProcessStartError(self.name, f"port {port} in use by another process")
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                cwd=self.cwd,
-                preexec_fn=_preexec(self.run_as, self.die_with_parent),
-            )
-        self.pid = self.proc.pid
+        with _termination_deferred():
+            with self.log.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    cwd=self.cwd,
+                    preexec_fn=_preexec(self.run_as, self.die_with_parent),
+                )
+            self.pid = self.proc.pid
+            self.start_ticks = proc_start_ticks(self.pid)
+            self.boot_id = boot_id()
+            if on_spawn is not None:
+                on_spawn(self)
         self.wait_ready(timeout_s)
         return self
 
@@ -230,9 +351,10 @@ class ManagedProcess:
             time.sleep(0.05)
 
     def alive(self) -> bool:
+        """The process has not exited (it may be stopped, see :func:`pid_alive`)."""
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.pid is not None and pid_alive(self.pid)
+        return self.pid is not None and pid_exists(self.pid)
 
     def signal(self, sig: int) -> None:
         if self.pid is not None and self.alive():
@@ -246,6 +368,7 @@ class ManagedProcess:
         if self.pid is None:
             return
         self.signal(self.stop_signal)
+        self.signal(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued
         deadline = time.monotonic() + timeout_s
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -265,24 +388,66 @@ class ManagedProcess:
                 pass
 
 
-def pid_alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state first), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name (field 2) is in parentheses and may itself contain ") "
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pid_exists(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has); it may be stopped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # a zombie is not alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
+        pass
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and runs: not a zombie, and not stopped (SIGSTOP) or traced, which
+    answers nothing while its sockets stay open."""
+    if not pid_exists(pid):
         return False
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("T", "t")
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (/proc/<pid>/stat field 22)."""
+    stat = _proc_stat(pid)
+    try:
+        return int(stat[19]) if stat is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def boot_id() -> str:
+    """This boot's random id: start times (clock ticks after boot) are per boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+_LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def local_urlopen(url: str, timeout_s: float = 1.0) -> Any:
+    """Open an HTTP URL on this machine directly: urllib otherwise sends even 127.0.0.1
+    through $http_proxy whenever $no_proxy does not name it."""
+    return _LOCAL_OPENER.open(url, timeout=timeout_s)
 
 
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        with local_urlopen(url, timeout_s) as r:
             return bool(200 <= r.status < 300)
     except Exception:
         return False
@@ -357,7 +522,9 @@ def standalone_jetstream(
         f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{mon}"\n'
         f'jetstream {{ store_dir: "{workdir / "store"}"{js_opts} }}\n'
     )
-    srv = NatsServer(name, conf, mon, workdir / "nats.log", gomaxprocs=gomaxprocs)
+    srv = NatsServer(
+        name, conf, mon, workdir / "nats.log", gomaxprocs=gomaxprocs, ports=[port, mon]
+    )
     srv.start()
     return srv, f"nats://127.0.0.1:{port}"
 
@@ -383,6 +550,7 @@ class RedisServer(ManagedProcess):
             "--protected-mode",
             "yes",
         ]
+        kw.setdefault("ports", [port])
         super().__init__("redis", argv, log, ready=self._ping, **kw)  # type: ignore[arg-type]
 
     @property
@@ -446,6 +614,7 @@ class PostgresServer(ManagedProcess):
             ready=self._ready,
             run_as=run_as,
             die_with_parent=die_with_parent,
+            ports=[port],
         )
 
     def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
@@ -488,14 +657,20 @@ class PostgresServer(ManagedProcess):
         if r.returncode != 0:
             raise ProcessStartError("initdb", r.stderr.decode(errors="replace")[-2000:])
 
-    def start(self, timeout_s: float = 60.0) -> PostgresServer:
+    def start(
+        self,
+        timeout_s: float = 60.0,
+        on_spawn: Callable[[ManagedProcess], None] | None = None,
+    ) -> PostgresServer:
+        if port_in_use(self.port):  # before initdb touches anything
+            raise ProcessStartError(self.name, f"port {self.port} in use by another process")
         self.init()
         self.sock_dir.mkdir(parents=True, exist_ok=True)
         if self.run_as:
             pw = pwd.getpwnam(self.run_as)
             os.chown(self.sock_dir, pw.pw_uid, pw.pw_gid)
         # the log is opened by us (root) and handed over as stdout
-        super().start(timeout_s)
+        super().start(timeout_s, on_spawn)
         return self
 
     def _ready(self) -> bool:
