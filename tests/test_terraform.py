@@ -478,3 +478,40 @@ def test_cli_terraform_render_writes_the_variables_file(
     args = parser.parse_args(["terraform", "render", "--topology", str(bad), "--out", str(out)])
     assert args.func(args) == 2
     assert "regions: at least one region is required" in capsys.readouterr().err
+
+
+def test_production_scrapes_what_the_shipped_rules_alert_on() -> None:
+    """The rules ship unchanged to production: its scrape jobs must match the rules'
+    `meridian.*` job regex (they were `nats`, `workers`: MeridianTargetDown matched none),
+    every worker's metrics port must be scraped (the md worker's, offset 4, was not: the
+    market-data alerts had no series), and the exporter must start (`-serverz` is no flag
+    of prometheus-nats-exporter: it exited at once)."""
+    from ops.services import METRICS_OFFSETS
+
+    obs = (TF / "modules" / "observability" / "main.tf").read_text()
+    rules = (REPO / "ops" / "prometheus" / "rules.yml").read_text()
+    (job_re,) = re.findall(r'up\{job=~"([^"]+)"\}', rules)
+    jobs = re.findall(r'job_name\s*=\s*"([^"]+)"', obs)
+    assert jobs and all(re.fullmatch(job_re, j) for j in jobs), (job_re, jobs)
+    for mod in ("observability", "region"):
+        (var,) = [
+            b for n, b in _blocks(TF / "modules" / mod, "variable") if n == "workers_per_node"
+        ]
+        assert var["default"] >= max(METRICS_OFFSETS.values()) + 1, (mod, var)
+    startup = (TF / "modules" / "region" / "templates" / "startup.sh.tftpl").read_text()
+    (line,) = [ln for ln in startup.splitlines() if "ExecStart=" in ln and "exporter" in ln]
+    flags = set(re.findall(r" -(\w+)", line.split("prometheus-nats-exporter)", 1)[1]))
+    assert flags <= {
+        "port",
+        "varz",
+        "connz",
+        "connz_detailed",
+        "routez",
+        "leafz",
+        "jsz",
+        "healthz",
+        "subz",
+        "gatewayz",
+        "accstatz",
+        "accountz",
+    }, flags

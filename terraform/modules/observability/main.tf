@@ -34,15 +34,15 @@ locals {
       rule_files = [for name in keys(local.rules) : "/etc/prometheus/rules/${name}"]
       scrape_configs = [
         {
-          job_name       = "nats"
+          job_name       = "meridian-nats"
           static_configs = [{ targets = local.exporter_targets[code], labels = { region = code } }]
         },
         {
-          job_name       = "workers"
+          job_name       = "meridian-workers"
           static_configs = [{ targets = local.worker_targets[code], labels = { region = code } }]
         },
         {
-          job_name = "nats_remote"
+          job_name = "meridian-nats-remote"
           static_configs = [
             for other, targets in local.exporter_targets : {
               targets = targets

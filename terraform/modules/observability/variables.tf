@@ -50,7 +50,7 @@ variable "exporter_port" {
 variable "workers_per_node" {
   description = "Worker metrics endpoints per node: metrics_port_base + 0..n-1."
   type        = number
-  default     = 4
+  default     = 5 # gateway, risk, execution, ledger, md (ops/services.py METRICS_OFFSETS)
 }
 
 variable "scrape_interval" {

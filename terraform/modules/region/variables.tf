@@ -94,7 +94,7 @@ variable "exporter_port" {
 variable "workers_per_node" {
   description = "Worker processes per node, each exposing metrics_port_base + i."
   type        = number
-  default     = 4
+  default     = 5 # gateway, risk, execution, ledger, md (ops/services.py METRICS_OFFSETS)
 }
 
 variable "machine_type" {
