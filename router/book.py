@@ -23,10 +23,12 @@ Semantics (FIX 4.4):
 * Cancel/Replace find the order by ``order_id`` when the book knows it for that account, else
   by ``(account, orig_cl_ord_id)``. Unknown (or other account's) -> CancelReject
   UNKNOWN_ORDER; terminal -> TOO_LATE_TO_CANCEL.
-* Replace: ``qty`` is the new total quantity and must exceed ``cum_qty``. A smaller size at the
-  same price keeps time priority; a price change or larger size goes to the back of its level,
-  and a crossing price matches like an incoming order. The REPLACED report has ``cl_ord_id`` =
-  new id, ``orig_cl_ord_id`` = old id and the order's current status (NEW/PARTIALLY_FILLED).
+* Replace: ``qty`` is the new total quantity. A smaller size at the same price keeps time
+  priority; a price change or larger size goes to the back of its level, and a crossing price
+  matches like an incoming order. The REPLACED report has ``cl_ord_id`` = new id,
+  ``orig_cl_ord_id`` = old id and the order's current status (NEW/PARTIALLY_FILLED). A ``qty``
+  at or below ``cum_qty`` (a reduce that raced a fill) is accepted and the rest canceled, as
+  FIX 4.4 does: REPLACED with status FILLED, ``qty`` = ``cum_qty``, leaves 0.
 * A CANCELED report for a Cancel command has ``cl_ord_id`` = the cancel's id and
   ``orig_cl_ord_id`` = the order's id (FIX); a system reason (``"KILL_SWITCH"``, or
   ``"KILL_SWITCH: text"``) goes to ``reject_reason`` (code) and ``text``.
@@ -166,7 +168,8 @@ class Replace:
     account: str
     home_region: str
     qty: int
-    """New total quantity (must exceed what is already filled)."""
+    """New total quantity. At or below what has filled, the order ends FILLED at its
+    ``cum_qty`` (the rest canceled)."""
     price_ticks: int
 
 

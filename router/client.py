@@ -6,8 +6,10 @@
     er = await client.wait_report(ack.order_id, lambda r: r.exec_type is ExecType.NEW)
 
 Reports arrive live on ``mrd.*.er.*.*.<account>`` from every region; :meth:`replay` reads
-them back from the streams (RISKLOG/EXECOUT of every domain) after a reconnect, from a
-sequence per region. Duplicates (same exec_id) are dropped here, so a desk never sees one twice.
+them back from the streams (EXECOUT of every region, RISKLOG of the home region) after a
+reconnect, each from its own position: ``(region, stream)`` -> stream sequence, which only a
+replay learns (live reports carry none; :attr:`DeskClient.replayed`). Duplicates (same
+exec_id) are dropped here, so a desk never sees one twice.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError
 
 from regions.topology import Topology
@@ -58,6 +60,10 @@ from router.entry import (
 from router.natsutil import H_KIND, trace_context
 
 Report = ExecutionReport | CancelReject
+
+StreamKey = tuple[str, str]
+"""A report stream: (region, stream name), e.g. ``("lon", "EXECOUT")``, ``("sgp", "RISKLOG")``.
+Each region's streams number their messages themselves."""
 
 _counter = itertools.count(1)
 
@@ -126,6 +132,10 @@ class DeskClient:
         self.seen: set[str] = set()
         self.reports: list[Report] = []
         self.on_report: Callable[[Report, Msg], None] | None = None
+        self.replayed: dict[StreamKey, int] = {}
+        """(region, stream) -> stream sequence of the last report a :meth:`replay` read there
+        (or the ``since`` it was given, if it read nothing later): the ``since`` of the next
+        replay. Live reports carry no stream sequence and do not move it."""
         self._cond = asyncio.Condition()
         self._sub: Any = None
 
@@ -310,21 +320,34 @@ class DeskClient:
         assert found is not None
         return found
 
-    async def replay(self, *, since: dict[str, int] | None = None, timeout_s: float = 5.0) -> int:
-        """Catch up from the report streams of every region (after a reconnect).
+    async def replay(
+        self, *, since: Mapping[StreamKey, int] | None = None, timeout_s: float = 5.0
+    ) -> int:
+        """Catch up from the report streams (after a reconnect): EXECOUT of every region and
+        RISKLOG of the account's home region, each read from after its position in ``since``.
 
-        ``since``: region -> last stream sequence seen there (default: from the start).
-        Returns the number of reports that were new to this client.
+        ``since``: (region, stream) -> last stream sequence read there (absent: from the
+        start), e.g. :attr:`replayed` of an earlier replay, persisted. Reports received live
+        since then come again and are dropped as duplicates. :attr:`replayed` is updated from
+        the stream sequences the replay's consumers deliver. Returns the number of reports
+        that were new to this client.
         """
+        since = dict(since or {})
+        for key in since:
+            if not (isinstance(key, tuple) and len(key) == 2):
+                # a region alone names two streams with separate sequences (EXECOUT, RISKLOG)
+                raise TypeError(f"since is keyed by (region, stream), not {key!r}")
         added = 0
+        home = self.topology.account_home(self.account)
         for region in self.topology.codes:
             js = self.nc.jetstream(domain=region)
-            home = self.topology.account_home(self.account)
             wanted = [("EXECOUT", subjects.exec_reports_of(region, home, self.account))]
             if region == home:
                 wanted.append(("RISKLOG", subjects.report_risk(home, self.account)))
             for stream, subject in wanted:
-                start = (since or {}).get(region, 0) + 1
+                key = (region, stream)
+                last = since.get(key, 0)
+                self.replayed[key] = max(self.replayed.get(key, 0), last)
                 try:
                     info = await js.stream_info(stream, subjects_filter=subject)
                 except Exception:
@@ -334,7 +357,10 @@ class DeskClient:
                 cfg = ConsumerConfig(
                     filter_subject=subject,
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
+                    opt_start_seq=last + 1,
+                    # never acked (desks may not ack): with explicit acks the server would
+                    # stop delivering after max_ack_pending (1000) reports
+                    ack_policy=AckPolicy.NONE,
                 )
                 sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
                 try:
@@ -343,11 +369,17 @@ class DeskClient:
                             msgs = await sub.fetch(256, timeout=min(timeout_s, 1.0))
                         except TimeoutError:  # nats-py may raise a bare asyncio one
                             break
+                        pending = len(msgs) >= 256  # unless the metadata says better
                         for m in msgs:
                             with contextlib.suppress(Exception):
                                 if self._add(decode_report(m), None):
                                     added += 1
-                        if len(msgs) < 256:
+                            with contextlib.suppress(Exception):
+                                meta = m.metadata
+                                seq = meta.sequence.stream
+                                self.replayed[key] = max(self.replayed[key], seq)
+                                pending = meta.num_pending > 0
+                        if not pending:
                             break
                 finally:
                     with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -173,6 +174,9 @@ class Message:
     """Base of every contract message."""
 
     kind: ClassVar[str]
+    schema_rules: ClassVar[tuple[dict[str, Any], ...]] = ()
+    """Rules across fields, as JSON Schema (``allOf`` of the message's schema). The decoder
+    does not read them: :func:`router.entry.check_request` enforces them."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (enums as their strings, tuples as lists), ``None`` fields left out."""
@@ -199,18 +203,39 @@ class NewOrder(Message):
     """Desk/bridge -> gateway, request on ``mrd.v1.entry.<region>.<account>.new``."""
 
     kind: ClassVar[str] = "NewOrder"
+    schema_rules: ClassVar[tuple[dict[str, Any], ...]] = (
+        {
+            "if": {"properties": {"ord_type": {"const": "MARKET"}}, "required": ["ord_type"]},
+            "then": {
+                "properties": {"tif": {"enum": ["IOC", "FOK"]}},
+                "not": {"required": ["price_ticks"]},
+            },
+        },
+        {
+            "if": {"properties": {"ord_type": {"const": "LIMIT"}}, "required": ["ord_type"]},
+            "then": {"required": ["price_ticks"]},
+        },
+    )
     account: str = _f(
         "str",
         "Trading account; must match the subject's account token.",
         pattern=_ACCOUNT,
         max_len=48,
     )
-    cl_ord_id: str = _id("Client order id (FIX 11); unique per account, idempotency key.")
+    cl_ord_id: str = _id(
+        "Client order id (FIX 11); unique per account, idempotency key. 1-64 characters, "
+        "the first a letter or digit."
+    )
     symbol: str = _f("str", "Six-letter pair, e.g. EURUSD.", pattern=_SYMBOL, max_len=6)
     side: Side = _f("enum", "BUY or SELL.", enum=Side)
-    ord_type: OrdType = _f("enum", "LIMIT or MARKET.", enum=OrdType)
-    tif: TimeInForce = _f("enum", "GTC, DAY, IOC or FOK.", enum=TimeInForce)
-    qty: int = _qty("Quantity in base-currency units, > 0.")
+    ord_type: OrdType = _f(
+        "enum", "LIMIT (price_ticks required) or MARKET (no price_ticks; IOC or FOK).", enum=OrdType
+    )
+    tif: TimeInForce = _f("enum", "GTC, DAY, IOC or FOK; IOC or FOK for MARKET.", enum=TimeInForce)
+    qty: int = _qty(
+        "Quantity in base-currency units; at least the instrument's min_qty (topology), "
+        "else INVALID_FIELD."
+    )
     price_ticks: int | None = _px(
         "Limit price in ticks; required for LIMIT, absent for MARKET.", default=None
     )
@@ -223,7 +248,7 @@ class CancelOrder(Message):
 
     kind: ClassVar[str] = "CancelOrder"
     account: str = _f("str", "Trading account.", pattern=_ACCOUNT, max_len=48)
-    cl_ord_id: str = _id("Id of this cancel request (FIX 11).")
+    cl_ord_id: str = _id("Id of this cancel request (FIX 11); must differ from orig_cl_ord_id.")
     orig_cl_ord_id: str = _id("cl_ord_id of the order to cancel (FIX 41).")
     symbol: str = _f("str", "Symbol of the order.", pattern=_SYMBOL, max_len=6)
     sent_ns: int = _ns("Client send time, UTC ns.", default=0)
@@ -235,10 +260,17 @@ class ReplaceOrder(Message):
 
     kind: ClassVar[str] = "ReplaceOrder"
     account: str = _f("str", "Trading account.", pattern=_ACCOUNT, max_len=48)
-    cl_ord_id: str = _id("Id of the replacement (FIX 11); the order is known by it afterwards.")
+    cl_ord_id: str = _id(
+        "Id of the replacement (FIX 11); the order is known by it afterwards. Must differ from "
+        "orig_cl_ord_id."
+    )
     orig_cl_ord_id: str = _id("cl_ord_id the order is currently known by (FIX 41).")
     symbol: str = _f("str", "Symbol of the order.", pattern=_SYMBOL, max_len=6)
-    qty: int = _qty("New total quantity (FIX 38); must exceed what is already filled.")
+    qty: int = _qty(
+        "New total quantity (FIX 38); at least the instrument's min_qty (topology). At or "
+        "below what has filled (cum_qty) it is accepted and the rest canceled: a REPLACED "
+        "report with ord_status FILLED, qty = cum_qty, leaves_qty 0."
+    )
     price_ticks: int = _px("New limit price in ticks.")
     sent_ns: int = _ns("Client send time, UTC ns.", default=0)
 
@@ -305,7 +337,11 @@ class ExecutionReport(Message):
     ord_type: OrdType = _f("enum", "FIX 40.", enum=OrdType)
     tif: TimeInForce = _f("enum", "FIX 59.", enum=TimeInForce)
     exec_type: ExecType = _f("enum", "FIX 150.", enum=ExecType)
-    ord_status: OrdStatus = _f("enum", "FIX 39.", enum=OrdStatus)
+    ord_status: OrdStatus = _f(
+        "enum",
+        "FIX 39. REPLACED is never sent (a replace reports the order's status).",
+        enum=OrdStatus,
+    )
     qty: int = _f("int", "FIX 38: order quantity.", lo=0, hi=10**12)
     price_ticks: int = _f("int", "FIX 44 in ticks; 0 for MARKET.", lo=0, hi=10**12)
     cum_qty: int = _f("int", "FIX 14.", lo=0, hi=10**12)
@@ -315,10 +351,20 @@ class ExecutionReport(Message):
     cum_notional: int = _f(
         "int", "Sum of last_qty*last_px (ticks*units): exact avg_px source.", lo=0, hi=MAX_INT64
     )
-    avg_px: str = _f("str", "FIX 6 as an exact decimal string (cum_notional/cum_qty).", max_len=32)
+    avg_px: str = _f(
+        "str",
+        "FIX 6: average fill price in price units, not ticks: cum_notional / cum_qty / "
+        "10**price_decimals as a decimal string, rounded half-even to price_decimals + 2 places "
+        "(EURUSD: '1.0845067'); '0' when nothing has filled.",
+        max_len=32,
+    )
     trade_id: str = _f("str", "Trade id on TRADE reports.", max_len=64, default="")
     reject_reason: str = _f(
-        "str", "RejectReason on REJECTED/CANCELED-by-system.", max_len=32, default=""
+        "str",
+        "RejectReason on REJECTED, and on CANCELED by the system (SELF_TRADE, NO_LIQUIDITY, "
+        "KILL_SWITCH); else empty.",
+        max_len=32,
+        default="",
     )
     text: str = _f("str", "FIX 58.", max_len=256, default="")
     home_region: str = _f("str", "Account's home region.", pattern=_REGION)
@@ -453,7 +499,9 @@ class CancelReject(Message):
     account: str = _f("str", "FIX 1.", pattern=_ACCOUNT, max_len=48)
     symbol: str = _f("str", "FIX 55.", pattern=_SYMBOL, max_len=6)
     ord_status: OrdStatus = _f(
-        "enum", "FIX 39: current status of the order (REJECTED if unknown).", enum=OrdStatus
+        "enum",
+        "FIX 39: current status of the order (REJECTED if unknown). REPLACED is never sent.",
+        enum=OrdStatus,
     )
     response_to: str = _f("str", "FIX 434: 'cancel' or 'replace'.", max_len=8)
     reason: RejectReason = _f("enum", "Why.", enum=RejectReason)
@@ -728,6 +776,8 @@ def json_schema() -> dict[str, Any]:
             "required": required,
             "additionalProperties": False,
         }
+        if cls.schema_rules:
+            defs[cls.kind]["allOf"] = copy.deepcopy(list(cls.schema_rules))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://meridian.example/contract/v1.json",
@@ -759,7 +809,10 @@ def _prop_schema(spec: Spec) -> dict[str, Any]:
         out["maxItems"] = 16
         out["items"] = {
             "type": "array",
-            "prefixItems": [{"type": "integer", "minimum": 1}, {"type": "integer", "minimum": 1}],
+            "prefixItems": [
+                {"type": "integer", "minimum": 1, "maximum": 10**12},
+                {"type": "integer", "minimum": 1, "maximum": 10**12},
+            ],
             "minItems": 2,
             "maxItems": 2,
         }

@@ -591,12 +591,20 @@ class RiskEngine:
         )
         return Decision(command=cmd, exec_region=self.topology.exec_region(sym), symbol=sym)
 
-    def on_cancel(self, msg: CancelOrder, *, seq: int, reason: str = "") -> Decision:
+    def on_cancel(
+        self, msg: CancelOrder, *, seq: int, reason: str = "", accepted_ns: int | None = None
+    ) -> Decision:
+        """Decide a cancel. ``accepted_ns``: the request's accept time (its stored time in
+        ORDERS, :func:`router.entry.entry_time`), a cancel reject's ``transact_ns``; None
+        only for a caller that does not know it (then the client's ``sent_ns``)."""
+        at = msg.sent_ns if accepted_ns is None else accepted_ns
         st = self.state(msg.account)
         oid = st.cl_ids.get(msg.orig_cl_ord_id)
         if oid is None:
             return Decision(
-                report=self._cancel_reject(msg, "NONE", RejectReason.UNKNOWN_ORDER, "cancel", seq)
+                report=self._cancel_reject(
+                    msg, "NONE", RejectReason.UNKNOWN_ORDER, "cancel", seq, at=at
+                )
             )
         o = st.orders.get(oid)
         if o is None and (ended := st.closed.get(oid)) is not None:
@@ -610,6 +618,7 @@ class RiskEngine:
                     RejectReason.TOO_LATE_TO_CANCEL,
                     "cancel",
                     seq,
+                    at=at,
                     ord_status=OrdStatus(ended),
                 )
             )
@@ -626,6 +635,7 @@ class RiskEngine:
                     "cancel",
                     seq,
                     _wrong_symbol(msg.symbol, o.symbol),
+                    at=at,
                     ord_status=o.status,
                 )
             )
@@ -645,10 +655,18 @@ class RiskEngine:
         return Decision(command=cmd, exec_region=self.topology.exec_region(sym), symbol=sym)
 
     def on_replace(
-        self, msg: ReplaceOrder, *, ext: Externals, seq: int, verdict: bool | None = None
+        self,
+        msg: ReplaceOrder,
+        *,
+        ext: Externals,
+        seq: int,
+        verdict: bool | None = None,
+        accepted_ns: int | None = None,
     ) -> Decision:
-        """Decide a replace; ``verdict`` replays a recorded decision (see :meth:`on_new`).
-        Raises ValueError when a recorded approval cannot be applied (the state diverged)."""
+        """Decide a replace; ``verdict`` replays a recorded decision (see :meth:`on_new`),
+        ``accepted_ns`` is as :meth:`on_cancel` takes it. Raises ValueError when a recorded
+        approval cannot be applied (the state diverged)."""
+        at = msg.sent_ns if accepted_ns is None else accepted_ns
         acct = msg.account
         st = self.state(acct)
         oid = st.cl_ids.get(msg.orig_cl_ord_id)
@@ -660,7 +678,7 @@ class RiskEngine:
             if oid is None or ended is None:  # never known, or closed too long ago to say how
                 return Decision(
                     report=self._cancel_reject(
-                        msg, "NONE", RejectReason.UNKNOWN_ORDER, "replace", seq
+                        msg, "NONE", RejectReason.UNKNOWN_ORDER, "replace", seq, at=at
                     )
                 )
             # the order's real status, as FIX wants it on a cancel reject: a desk must not
@@ -672,6 +690,7 @@ class RiskEngine:
                     RejectReason.TOO_LATE_TO_CANCEL,
                     "replace",
                     seq,
+                    at=at,
                     ord_status=OrdStatus(ended),
                 )
             )
@@ -679,7 +698,7 @@ class RiskEngine:
         def rej(reason: RejectReason, text: str) -> Decision:
             return Decision(
                 report=self._cancel_reject(
-                    msg, oid, reason, "replace", seq, text, ord_status=o.status
+                    msg, oid, reason, "replace", seq, text, at=at, ord_status=o.status
                 )
             )
 
@@ -995,6 +1014,7 @@ class RiskEngine:
         seq: int,
         text: str = "",
         *,
+        at: int,
         ord_status: OrdStatus | None = None,
     ) -> CancelReject:
         if ord_status is None:
@@ -1012,7 +1032,7 @@ class RiskEngine:
             reject_id=f"{self.region}-risk-{seq}",
             home_region=self.region,
             exec_region=self.region,
-            transact_ns=msg.sent_ns,
+            transact_ns=at,
         )
 
 

@@ -144,3 +144,47 @@ def test_committed_schema_is_generated_from_the_code() -> None:
     } <= set(defs)
     assert defs["NewOrder"]["properties"]["qty"]["minimum"] == 1
     assert defs["NewOrder"]["additionalProperties"] is False
+
+
+def _holds(schema: dict[str, object], doc: dict[str, object]) -> bool:
+    """The subset of JSON Schema the cross-field rules use: if/then, not, required, and
+    properties with const or enum."""
+    if "if" in schema and _holds(schema["if"], doc) and not _holds(schema["then"], doc):  # type: ignore[arg-type]
+        return False
+    if "not" in schema and _holds(schema["not"], doc):  # type: ignore[arg-type]
+        return False
+    if any(k not in doc for k in schema.get("required", [])):  # type: ignore[attr-defined]
+        return False
+    for name, rule in schema.get("properties", {}).items():  # type: ignore[attr-defined]
+        if name in doc and ("const" in rule and doc[name] != rule["const"]):
+            return False
+        if name in doc and ("enum" in rule and doc[name] not in rule["enum"]):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("ord_type", list(OrdType))
+@pytest.mark.parametrize("tif", list(TimeInForce))
+@pytest.mark.parametrize("priced", [True, False])
+def test_the_schemas_cross_field_rules_are_the_entry_checks(
+    ord_type: OrdType, tif: TimeInForce, priced: bool
+) -> None:
+    """The schema's if/then rules of a NewOrder (MARKET: no price, IOC or FOK; LIMIT: a
+    price) accept exactly what the gateway's checks (router.entry.check_request) accept."""
+    from regions.topology import load_topology
+    from router.entry import check_request
+
+    raw = order(ord_type=ord_type.value, tif=tif.value)
+    if not priced:
+        del raw["price_ticks"]
+    rules = contract.json_schema()["$defs"]["NewOrder"]["allOf"]
+    by_schema = all(_holds(r, raw) for r in rules)
+    msg = contract.decode(NewOrder, pack(raw))
+    try:
+        check_request(load_topology(), "LON-HF-01", msg)
+    except ContractError as e:
+        assert e.reason is RejectReason.INVALID_FIELD
+        by_code = False
+    else:
+        by_code = True
+    assert by_schema == by_code

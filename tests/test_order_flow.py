@@ -206,4 +206,20 @@ async def test_replay_after_reconnect_returns_the_same_reports(order_path: Mesh)
         replayed = {oid: c2.orders[oid].reports for oid in ids}
         assert replayed == live
         assert await c2.replay() == 0  # nothing twice
-        await cancel_all(c2, [(a1.order_id, rest_cl, sym)])
+        # positions per (region, stream), from the replay's consumers: the home region's
+        # RISKLOG (the PRICE_COLLAR reject) and the executing region's EXECOUT
+        pos = dict(c2.replayed)
+        assert pos[("sgp", "RISKLOG")] > 0 and pos[("lon", "EXECOUT")] > 0, pos
+        with pytest.raises(TypeError):
+            await c2.replay(since={"lon": 1})  # type: ignore[dict-item]  # a region: two streams
+        await cancel_all(c2, [(a1.order_id, rest_cl, sym)])  # its CANCELED came live
+        assert await c2.replay(since=pos) == 0
+        assert c2.replayed[("lon", "EXECOUT")] > pos[("lon", "EXECOUT")]
+        # a client starting from those positions (not subscribed: nothing comes live) reads
+        # only what was stored after them
+        c3 = DeskClient(c2.nc, order_path.topology, region="lon", account=acct)
+        assert await c3.replay(since=pos) == 1
+        (r,) = c3.reports
+        assert isinstance(r, ExecutionReport) and r.order_id == a1.order_id
+        assert r.exec_type is ExecType.CANCELED
+        assert c3.replayed == c2.replayed

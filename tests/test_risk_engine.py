@@ -1432,3 +1432,46 @@ async def test_set_limits_refuses_a_name_the_topology_does_not_know_before_writi
 
     with pytest.raises(ValueError, match="LON-CORP-3"):
         await set_limits(connect, load_topology(), doc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sent_ns", [0, 123])
+def test_a_risk_cancel_reject_is_stamped_with_the_requests_accept_time(sent_ns: int) -> None:
+    """Risk's cancel rejects carried the client's sent_ns as transact_ns (0 when the client
+    left it out, which the contract allows); they carry the accept time, as risk's REJECTED
+    reports do."""
+    rig = Rig()
+    acct, px = "LON-HF-01", MIDS["EURGBP"]
+    assert approved(rig.new(acct, "EURGBP", BUY, 1_000_000, px, cl="o1"))
+    assert approved(rig.new(acct, "EURGBP", BUY, 1_000_000, px, cl="o2"))
+    assert isinstance(rig.cancel(acct, "EURGBP", "o2").command, Cancel)  # o2 ends CANCELED
+    accepted = 1_800_000_000_000_000_000
+
+    def cancel(orig: str, symbol: str) -> Decision:
+        msg = CancelOrder(account=acct, cl_ord_id=f"x-{orig}", orig_cl_ord_id=orig, symbol=symbol)
+        msg = replace(msg, sent_ns=sent_ns)
+        return rig.engine.on_cancel(msg, seq=next(_seq), accepted_ns=accepted)
+
+    def replace_(orig: str, qty: int) -> Decision:
+        msg = replace(replace_order(acct, f"r-{orig}", orig, "EURGBP", qty, px), sent_ns=sent_ns)
+        return rig.engine.on_replace(msg, ext=ext("EURGBP"), seq=next(_seq), accepted_ns=accepted)
+
+    answers = [
+        cancel("nope", "EURGBP"),
+        cancel("o1", "EURUSD"),
+        cancel("o2", "EURGBP"),
+        replace_("nope", 1_000_000),
+        replace_("o2", 1_000_000),
+        replace_("o1", 10**11),
+    ]
+    got = []
+    for d in answers:
+        assert isinstance(d.report, CancelReject), d
+        got.append((d.report.reason, d.report.transact_ns))
+    assert got == [
+        (RejectReason.UNKNOWN_ORDER, accepted),
+        (RejectReason.INVALID_FIELD, accepted),
+        (RejectReason.TOO_LATE_TO_CANCEL, accepted),
+        (RejectReason.UNKNOWN_ORDER, accepted),
+        (RejectReason.TOO_LATE_TO_CANCEL, accepted),
+        (RejectReason.MAX_QTY, accepted),
+    ]
