@@ -66,6 +66,9 @@ HOLD_S = 30.0
 long after it was held."""
 HELD_COUNT_S = 60.0
 """How often the writer counts its region's outstanding held fills (a gauge)."""
+HELD_FORGET_S = 4 * HOLD_S
+"""A held fill not delivered again for this long is no longer counted in the backlog: it
+comes back every HOLD_S while held, so it was acked (post-held) or EXECOUT deleted it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,6 +240,11 @@ class LedgerWriter:
         """Batches committed since start (tests and status)."""
         self.ready = asyncio.Event()
         """Set once the durable consumer exists (fills published afterwards are seen)."""
+        self._held: dict[int, float] = {}
+        """Stream sequence of each fill held and not acked since -> when it was last held
+        (monotonic): counted in ``meridian_ledger_backlog`` (they wait in EXECOUT, and fill
+        max_ack_pending) until acked, or not delivered again within HELD_FORGET_S."""
+        self._held_pruned = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -291,7 +299,9 @@ class LedgerWriter:
                     if me is not None and me.cancelling():
                         raise asyncio.CancelledError
                 except (TimeoutError, nats.errors.TimeoutError):
-                    self.metrics.backlog.set(0)
+                    # nothing delivered: none pending, or held fills take all of
+                    # max_ack_pending while more wait. Not 0: the consumer's own count
+                    await self._idle_backlog(psub)
                     continue
                 except (
                     nats.errors.ConnectionClosedError,
@@ -306,6 +316,26 @@ class LedgerWriter:
             await self._close_db()
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _idle_backlog(self, psub: Any) -> None:
+        """``meridian_ledger_backlog`` after a fetch that returned nothing: the consumer's
+        pending and delivered-unacked (held) fills, one request per idle fetch timeout. Left
+        as it was when the server does not answer."""
+        try:
+            info = await psub.consumer_info()
+        except Exception as e:
+            log.debug("ledger %s: consumer info for the backlog: %r", self.region, e)
+            return
+        self.metrics.backlog.set(int(info.num_pending or 0) + int(info.num_ack_pending or 0))
+
+    def _backlog(self, num_pending: int, posting: int) -> int:
+        """Fills not in the ledger yet, after a fetch: those past it in the stream, the
+        ``posting`` ones of the batch, and the held ones (delivered, unacked)."""
+        now = time.monotonic()
+        if self._held and now - self._held_pruned >= HOLD_S:
+            self._held_pruned = now
+            self._held = {q: t for q, t in self._held.items() if now - t < HELD_FORGET_S}
+        return num_pending + posting + len(self._held)
 
     async def _count_held(self) -> None:
         """Set the outstanding held fills gauge, and ``meridian_ledger_db_up`` (at start and
@@ -462,6 +492,7 @@ class LedgerWriter:
                     "ledger %s: terminating malformed fill on %s: %s", self.region, m.subject, e
                 )
                 self.metrics.rejected(field).inc()
+                self._held.pop(_seq(m), None)
                 with contextlib.suppress(Exception):
                     await m.term()
                 continue
@@ -470,6 +501,7 @@ class LedgerWriter:
             posted = await self._record_held(held)
             for m, why in held:
                 if _seq(m) in posted:
+                    self._held.pop(_seq(m), None)
                     log.info(
                         "ledger %s: held fill on %s (seq %d) was posted from held_fills; acking",
                         self.region,
@@ -479,9 +511,15 @@ class LedgerWriter:
                     with contextlib.suppress(Exception):
                         await m.ack()
                 else:
+                    if _seq(m):
+                        self._held[_seq(m)] = time.monotonic()
                     await self._hold(m, why)
+        if self._held:
+            for m in good:  # held before (a fill the writer can post now), posting now
+                self._held.pop(_seq(m), None)
         with contextlib.suppress(Exception):
-            self.metrics.backlog.set(int(msgs[-1].metadata.num_pending) + len(good))
+            pending = int(msgs[-1].metadata.num_pending)
+            self.metrics.backlog.set(self._backlog(pending, len(good)))
         if not good:
             return True
         while True:

@@ -23,10 +23,15 @@ region's server at scrape time (in parallel, stdlib ``urllib`` only) and exposes
     meridian_nats_consumer_ack_pending{region,stream,consumer}      delivered, not acked
     meridian_nats_consumer_redelivered{region,stream,consumer}      redelivered, not acked
     meridian_nats_consumer_ack_floor_stream_seq{region,stream,consumer}
+    meridian_nats_endpoint_errors_total{region,endpoint}      failed reads: varz|connz|leafz|jsz
 
 ``remote`` is the peer's ``server_name`` (the region code in the devstack), ``link`` the
-topology's link name joining the two (``lon-sgp``), or empty when unknown. A server that
-does not answer gives ``meridian_nats_up 0`` and nothing else for that region.
+topology's link name joining the two (``lon-sgp``), or empty when unknown. ``up`` follows
+``/varz``: a server whose ``/varz`` does not answer gives ``meridian_nats_up 0`` and nothing
+else for that region. Another endpoint that fails leaves out only its own series for that
+scrape (``/connz``: pending bytes; ``/leafz``: the leaf series, ``leafnode_up 0`` included;
+``/jsz``: the stream and consumer series), counted in ``meridian_nats_endpoint_errors_total``
+and logged when it starts and stops failing.
 
 Run standalone (the devstack lists it as a scrape target)::
 
@@ -38,8 +43,10 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import logging
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +77,15 @@ _R = ("region",)
 _LEAF = ("region", "remote", "link")
 _STREAM = ("region", "stream")
 _CONSUMER = ("region", "stream", "consumer")
+ENDPOINTS: Final[dict[str, str]] = {
+    "varz": "/varz",
+    "connz": "/connz",
+    "leafz": "/leafz",
+    "jsz": "/jsz?streams=true&consumers=true",
+}
+"""Monitoring endpoints read each scrape (the ``endpoint`` label's values) and their paths."""
+
+log = logging.getLogger("meridian.natsmon")
 
 # name -> (type, help, labels); counters are listed without their _total suffix.
 _FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
@@ -118,6 +134,11 @@ _FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "Stream sequence below which every message is acknowledged.",
         _CONSUMER,
     ),
+    "meridian_nats_endpoint_errors": (
+        "counter",
+        "Reads of a monitoring endpoint that failed; that scrape leaves out its series.",
+        ("region", "endpoint"),
+    ),
 }
 
 NATS_METRIC_NAMES: Final[frozenset[str]] = frozenset(
@@ -156,10 +177,11 @@ class ServerSnapshot:
 
     region: str
     varz: Mapping[str, Any] | None
-    """None when the server did not answer (then the rest is empty too)."""
-    connz: Mapping[str, Any] = field(default_factory=dict)
-    leafz: Mapping[str, Any] = field(default_factory=dict)
-    jsz: Mapping[str, Any] = field(default_factory=dict)
+    """None when ``/varz`` did not answer: the server is down (then the rest is None too)."""
+    connz: Mapping[str, Any] | None = field(default_factory=dict)
+    """None when ``/connz`` did not answer (its series are left out), likewise below."""
+    leafz: Mapping[str, Any] | None = field(default_factory=dict)
+    jsz: Mapping[str, Any] | None = field(default_factory=dict)
     duration_s: float = 0.0
 
 
@@ -204,6 +226,11 @@ class NatsMonitorCollector(Collector):
         self.timeout_s = timeout_s
         self._links: dict[frozenset[str], str] = {}
         self._expected: dict[str, tuple[str, ...]] = {}
+        self._errors = {(r, e): 0 for r in self.monitors for e in ENDPOINTS}
+        """Failed reads by (region, endpoint), since start (a counter)."""
+        self._failing: set[tuple[str, str]] = set()
+        """(region, endpoint) whose last read failed: logged once when it starts failing."""
+        self._lock = threading.Lock()  # regions are read in parallel, scrapes may overlap
         if topology is not None:
             self._links = {frozenset((ln.a, ln.b)): ln.name for ln in topology.links}
             self._expected = expected_leafs(topology)
@@ -228,21 +255,51 @@ class NatsMonitorCollector(Collector):
 
     def _read(self, region: str, base: str) -> ServerSnapshot:
         t0 = time.perf_counter()
-        try:
-            varz = self._get(base, "/varz")
-            connz = self._get(base, "/connz")
-            leafz = self._get(base, "/leafz")
-            jsz = self._get(base, "/jsz?streams=true&consumers=true")
-        except (OSError, ValueError, http.client.HTTPException):
-            return ServerSnapshot(region=region, varz=None, duration_s=time.perf_counter() - t0)
+        got: dict[str, dict[str, Any] | None] = {}
+        for name, path in ENDPOINTS.items():
+            try:
+                got[name] = self._get(base, path)
+                self._note(region, name, None)
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                got[name] = None
+                self._note(region, name, e)
+                if name == "varz":  # the server is down: nothing else to read
+                    return ServerSnapshot(
+                        region=region,
+                        varz=None,
+                        connz=None,
+                        leafz=None,
+                        jsz=None,
+                        duration_s=time.perf_counter() - t0,
+                    )
         return ServerSnapshot(
             region=region,
-            varz=varz,
-            connz=connz,
-            leafz=leafz,
-            jsz=jsz,
+            varz=got["varz"],
+            connz=got["connz"],
+            leafz=got["leafz"],
+            jsz=got["jsz"],
             duration_s=time.perf_counter() - t0,
         )
+
+    def _note(self, region: str, endpoint: str, error: Exception | None) -> None:
+        """Count a failed read; log when an endpoint starts and stops failing."""
+        key = (region, endpoint)
+        with self._lock:
+            if error is None:
+                if key in self._failing:
+                    self._failing.discard(key)
+                    log.info("natsmon: %s %s answers again", region, ENDPOINTS[endpoint])
+                return
+            self._errors[key] = self._errors.get(key, 0) + 1
+            first = key not in self._failing
+            self._failing.add(key)
+        if first:
+            log.warning(
+                "natsmon: %s %s failed (%r); its series are left out while it fails",
+                region,
+                ENDPOINTS[endpoint],
+                error,
+            )
 
     def _get(self, base: str, path: str) -> dict[str, Any]:
         with local_urlopen(base.rstrip("/") + path, timeout_s=self.timeout_s) as r:
@@ -254,12 +311,17 @@ class NatsMonitorCollector(Collector):
     # ---- mapping -------------------------------------------------------------------------
 
     def families(self, snaps: Sequence[ServerSnapshot]) -> dict[str, _Family]:
-        """Metric families for a set of snapshots (pure; no I/O)."""
+        """Metric families for a set of snapshots (no I/O; the endpoint error counts are
+        the collector's own, kept by :meth:`_read`)."""
         fam = _new_families()
 
         def g(name: str, labels: Sequence[str], value: float) -> None:
             fam[name].add_metric(list(labels), float(value))
 
+        with self._lock:
+            errors = dict(self._errors)
+        for (r, endpoint), n in sorted(errors.items()):
+            g("meridian_nats_endpoint_errors", [r, endpoint], n)
         for s in snaps:
             r = s.region
             g("meridian_nats_up", [r], 0 if s.varz is None else 1)
@@ -273,10 +335,15 @@ class NatsMonitorCollector(Collector):
             for d in ("in", "out"):
                 g("meridian_nats_messages", [r, d], _num(v, f"{d}_msgs"))
                 g("meridian_nats_bytes", [r, d], _num(v, f"{d}_bytes"))
-            conns = s.connz.get("connections") or []
-            g("meridian_nats_pending_bytes", [r], sum(_num(c, "pending_bytes") for c in conns))
-            self._leafs(fam, r, s.leafz)
-            self._jetstream(fam, r, s.jsz)
+            # an endpoint that failed leaves out its series (absent, never a false 0)
+            if s.connz is not None:
+                conns = s.connz.get("connections") or []
+                pending = sum(_num(c, "pending_bytes") for c in conns)
+                g("meridian_nats_pending_bytes", [r], pending)
+            if s.leafz is not None:
+                self._leafs(fam, r, s.leafz)
+            if s.jsz is not None:
+                self._jetstream(fam, r, s.jsz)
         return fam
 
     def _leafs(self, fam: dict[str, _Family], region: str, leafz: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,9 @@ from prometheus_client import CollectorRegistry
 from ops.devstack import connect
 from ops.telemetry.stalls import StallWatch
 from router.contract import Message, OrderAck, OrderReject
+
+if TYPE_CHECKING:
+    from regions.topology import Topology
 
 log = logging.getLogger("meridian.runtime")
 
@@ -80,7 +83,7 @@ async def serve_worker(
     from regions.topology import load_topology
 
     topology = load_topology(args.topology)
-    async with service_context(service, args.region, args.metrics_port) as ctx:
+    async with service_context(service, args.region, args.metrics_port, topology=topology) as ctx:
         nc = await connect_worker(
             args.nats_url, name=f"{service}-{args.region}", metrics=ctx.metrics
         )
@@ -169,9 +172,13 @@ class ServiceContext:
 
 @contextlib.asynccontextmanager
 async def service_context(
-    service: str, region: str, metrics_port: int = 0
+    service: str, region: str, metrics_port: int = 0, *, topology: Topology | None = None
 ) -> AsyncIterator[ServiceContext]:
-    """JSON logs to the run dir, a metrics endpoint, and tracing for one worker process."""
+    """JSON logs to the run dir, a metrics endpoint, and tracing for one worker process.
+
+    ``topology``: the worker's own (its ``--topology``), which bounds the metrics' symbol and
+    link labels; the shipped one when omitted. With another file, a symbol only the worker's
+    topology has would fail its metrics (and, before, turned off all of execution's)."""
     from ops.telemetry.logs import configure_logging
 
     configure_logging(service=service, region=region, stderr=False)
@@ -181,11 +188,12 @@ async def service_context(
     gc_watch: Any = None
     try:
         from ops.telemetry.metrics import MeridianMetrics, serve
-        from regions.topology import load_topology
 
-        ctx.metrics = MeridianMetrics(
-            registry, region=region, service=service, topology=load_topology()
-        )
+        if topology is None:
+            from regions.topology import load_topology
+
+            topology = load_topology()
+        ctx.metrics = MeridianMetrics(registry, region=region, service=service, topology=topology)
         gc_watch = ctx.metrics.watch_gc()
         if metrics_port:
             server = serve(registry, metrics_port)

@@ -100,7 +100,9 @@ class MdMetrics:
         )
         self.lag_p99 = Gauge(
             "meridian_replication_lag_p99_seconds",
-            "Replication lag p99 since start, per directed link (alerting on it is cheap).",
+            "Replication lag p99 since this md service started (never reset: after a long"
+            " uptime it no longer moves), per directed link, refreshed with the `md lag` file."
+            " Not for alerts or dashboards: they use meridian_replication_lag_seconds.",
             ("link",),
             registry=registry,
         )

@@ -308,6 +308,8 @@ class ExecutionWorker:
         self.topology = topology
         self.region = region
         self.metrics = metrics
+        self._depth_metrics = True
+        """The book depth gauges work (off after a failure: :meth:`_update_depth`)."""
         self.tracer = tracer if tracer is not None else NOOP_TRACER
         self._traced = not isinstance(self.tracer, trace.NoOpTracer)
         self.js = nc.jetstream(domain=region)
@@ -548,7 +550,10 @@ class ExecutionWorker:
                     await turn.check()  # the connection's pings and PubAcks are read
                     pos = stream_position(m)
                     cmd = Cmd(m.subject, m.data, pos.seq, pos.ts_ns, m.headers)
-                    futs += await self._handle(cmd, publish=cmd.seq > floor, trace=False)
+                    # outputs sent again, minutes old maybe: never in the live metrics
+                    futs += await self._handle(
+                        cmd, publish=cmd.seq > floor, trace=False, live=False
+                    )
                     n += 1
                     if cmd.seq >= last or pos.pending == 0:
                         end = True
@@ -712,14 +717,16 @@ class ExecutionWorker:
         return res
 
     async def _handle(
-        self, cmd: Cmd, *, publish: bool, trace: bool = True
+        self, cmd: Cmd, *, publish: bool, trace: bool = True, live: bool = True
     ) -> list[asyncio.Future[Any]]:
-        """Apply one command (in stream order); publish its outputs; returns their PubAcks."""
+        """Apply one command (in stream order); publish its outputs; returns their PubAcks.
+        ``live``: a command delivered now, not replayed by a rebuild (only live outputs are
+        counted in the fills and order-to-execution metrics)."""
         self.applied = max(self.applied, cmd.seq)
         if not (trace and self._traced):
             # tracing off: no order-id peek (a full decode) and no span context managers,
             # ~8 % of this worker's CPU at saturation (py-spy)
-            return await self._apply_and_send(cmd, publish, None)
+            return await self._apply_and_send(cmd, publish, None, live)
         order_id = _peek_order_id(cmd.data)
         with process_span(
             self.tracer,
@@ -729,12 +736,12 @@ class ExecutionWorker:
             order_id=order_id,
             consumer=self.loop.durable if self.loop else "",
         ) as span:
-            futs = await self._apply_and_send(cmd, publish, inject({}))
+            futs = await self._apply_and_send(cmd, publish, inject({}), live)
             span.set_attribute("meridian.outputs", len(futs))
             return futs
 
     async def _apply_and_send(
-        self, cmd: Cmd, publish: bool, trace_headers: dict[str, str] | None
+        self, cmd: Cmd, publish: bool, trace_headers: dict[str, str] | None, live: bool = True
     ) -> list[asyncio.Future[Any]]:
         """Apply ``cmd`` and publish its outputs. ``trace_headers`` (the command's span
         context) go on every output, so the consumers' spans are children of the command's:
@@ -798,7 +805,7 @@ class ExecutionWorker:
             if trace_headers:
                 headers.update(trace_headers)
             futs.append(await self._send(subject, payload, headers))
-            self._observe(out)
+            self._observe(out, live)
         return futs
 
     async def _fault(self, cmd: Cmd, e: Exception, publish: bool) -> NoReturn:
@@ -960,6 +967,10 @@ class ExecutionWorker:
         # AckPolicy.ALL: acking the batch's last message acks everything before it, including
         # redeliveries and bad commands (skipped, never retried): one ack per batch
         await batch[-1].ack()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):  # metrics never fail a batch
+                pos = stream_position(batch[-1])  # parsed already (Cmd.of)
+                self.metrics.consumer_pending(pos.stream, pos.consumer).set(pos.pending)
         self._update_depth()
         await self._maybe_snapshot()
 
@@ -1064,8 +1075,10 @@ class ExecutionWorker:
         self._restored_saved_ns = int(snap.get("saved_ns") or 0)
 
     def _update_depth(self) -> None:
-        """Book depth gauges; metrics must never fail (or slow) a batch."""
-        if self.metrics is None:
+        """Book depth gauges (price levels, up to 50 a side); metrics must never fail (or
+        slow) a batch. A failure turns off these gauges only (logged once): every other
+        series of this worker (faults, which page, included) goes on."""
+        if self.metrics is None or not self._depth_metrics:
             return
         try:
             for sym, book in self.books.items():
@@ -1073,26 +1086,32 @@ class ExecutionWorker:
                 self.metrics.book_depth(sym, "buy").set(len(bids))
                 self.metrics.book_depth(sym, "sell").set(len(asks))
         except Exception as e:
-            log.warning("exec %s: book depth metrics failed: %s", self.region, e)
-            self.metrics = None
+            log.warning("exec %s: book depth metrics failed, turned off: %r", self.region, e)
+            self._depth_metrics = False
 
-    def _observe(self, out: Any) -> None:
+    def _observe(self, out: Any, live: bool) -> None:
+        """Count one published output; the metrics only for a ``live`` one (outputs a
+        rebuild publishes again were counted, or are minutes old)."""
         if isinstance(out, Fill):
             self.stats["fills"] += 1
-            if self.metrics is not None:
+            if live and self.metrics is not None:
                 with contextlib.suppress(Exception):
                     self.metrics.fills(out.symbol).inc()
             return
         self.stats["reports"] += 1
         if (
-            self.metrics is not None
+            live
+            and self.metrics is not None
             and isinstance(out, ExecutionReport)
             and out.exec_type is ExecType.NEW
             and out.entry_ns
         ):
+            # as it is published, by the wall clock (entry_ns is the ORDERS store's): its
+            # transact_ns is the EXEC command's stored time, which misses this worker's
+            # queueing, batches and pauses
             with contextlib.suppress(Exception):
                 self.metrics.order_to_execution(out.symbol).observe(
-                    max(0, out.transact_ns - out.entry_ns) / 1e9
+                    max(0, time.time_ns() - out.entry_ns) / 1e9
                 )
 
     async def _on_book_request(self, msg: Msg) -> None:

@@ -373,6 +373,7 @@ class RiskWorker:
     async def rebuild(self, *, known_last: int = -1) -> None:
         """The latest engine snapshot, then every later RISKLOG record replayed through the
         engine: exactly the state before the restart, however old the stream's first record.
+        The kill switch gauges then show the rebuilt state's kills.
 
         Raises :class:`RebuildError` rather than leave a partial state behind (a snapshot or
         RISKLOG that cannot be read, records missing between the snapshot and the stream, a
@@ -384,6 +385,10 @@ class RiskWorker:
         process's reject reports too (:attr:`_risklog_seq`), so what is gone after it held
         records, or may have.
         """
+        await self._rebuild(known_last)
+        self._show_kills()
+
+    async def _rebuild(self, known_last: int) -> None:
         if self._snap_put is not None and not self._snap_put.done():
             # a retried batch rebuilds while this process may still be storing a snapshot: an
             # object store get racing a put of the same object can wait for chunks the put
@@ -762,6 +767,7 @@ class RiskWorker:
         raise RuntimeError(f"a batch of {len(batch)} inputs failed {RETRY_ATTEMPTS + 1} times")
 
     async def _process(self, raw_batch: list[Any]) -> None:
+        self._show_pending(raw_batch)
         items: list[Item] = []
         for raw in raw_batch:
             it = self._classify(raw)
@@ -1010,6 +1016,28 @@ class RiskWorker:
             for approved in approvals:
                 self.metrics.risk_decisions("accept" if approved else "reject").inc()
 
+    def _show_kills(self) -> None:
+        """``meridian_kill_switch_engaged`` per scope from the engine's engaged kills: after
+        each kill applied (live or replayed) and each rebuild (a restored snapshot's kills)."""
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):  # metrics never fail a batch
+                self.metrics.kills_engaged(self.engine.kills)
+
+    def _show_pending(self, raw_batch: list[Any]) -> None:
+        """``meridian_consumer_pending`` of each consumer with a delivery in the batch, from
+        its last one (the stream position's ``pending``): one set per consumer and batch.
+        Inputs read back from a stream (gap fills) and KV updates carry none of their own."""
+        if self.metrics is None:
+            return
+        with contextlib.suppress(Exception):  # metrics never fail a batch
+            last: dict[str, Any] = {}
+            for raw in raw_batch:
+                if isinstance(raw, Msg):
+                    pos = stream_position(raw)  # parsed once per message, kept on it
+                    last[pos.consumer] = pos
+            for pos in last.values():
+                self.metrics.consumer_pending(pos.stream, pos.consumer).set(pos.pending)
+
     def _classify(self, raw: Any) -> Item | None:
         if isinstance(raw, Item):  # KV updates arrive pre-classified
             return raw
@@ -1174,7 +1202,9 @@ class RiskWorker:
         if it.kind == "kill":
             key, engaged = d
             outs = []
-            for account, o in eng.set_kill(key, engaged):
+            halted = eng.set_kill(key, engaged)
+            self._show_kills()
+            for account, o in halted:
                 cmd = Cancel(
                     order_id=o.order_id,
                     cl_ord_id=f"KILL-{o.order_id}",

@@ -469,6 +469,37 @@ async def test_database_outage_buffers_in_jetstream_and_drains(
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def test_the_backlog_counts_held_fills_and_holds_its_value_while_idle(
+    mesh: Any, topology: Topology
+) -> None:
+    """Held fills take all of max_ack_pending: nothing more is delivered and every fetch
+    times out while the rest wait. The backlog (pending + held) must say so at every fetch,
+    not fall to 0 on each timeout: MeridianLedgerBacklogHigh needs it above for 2 minutes."""
+    tag = "k" + uuid.uuid4().hex[:8]
+    fills = [
+        dataclasses.replace(f, buy_account="NOBODY")  # an account this writer does not know
+        for f in random_fills(topology, 12, prefix=tag, region="lon", seed=4)
+    ]
+    nc = await mesh.connect("lon")
+    try:
+        # no database: the held fills cannot be recorded, and are held all the same
+        nowhere = "postgresql://127.0.0.1:1/none"
+        async with running_writer(
+            mesh, topology, nowhere, "lon", f"LT_{tag}", max_ack_pending=5
+        ) as w:
+            await publish(nc, "lon", fills)
+            held = "meridian_ledger_fills_held_total"
+            await wait_for(lambda: w.metric(held, field="buy_account") >= 5, 10, "5 fills held")
+            seen = set()
+            for _ in range(12):  # ~10 fetch timeouts (0.25 s each)
+                await asyncio.sleep(0.25)
+                seen.add(w.metric("meridian_ledger_backlog"))
+            assert seen == {12.0}  # 7 pending + 5 held, at every fetch and every timeout
+            assert w.metric(held, field="buy_account") == 5  # none delivered again yet
+    finally:
+        await nc.close()
+
+
 async def test_a_fill_from_a_newer_build_is_held_never_terminated(topology: Topology) -> None:
     """A fill in another contract version, or with a field this build does not know, is a
     trade a newer execution build made: held (nak'd for later), counted, never term()ed."""
@@ -510,6 +541,49 @@ async def test_a_fill_from_a_newer_build_is_held_never_terminated(topology: Topo
     # garbage is still terminated
     assert await w.handle_batch([_Msg(b"\x93not a fill")], asyncio.Event())  # type: ignore[list-item]
     assert calls[-1] == "term"
+
+
+async def test_held_fills_count_in_the_backlog_until_they_stop_coming_back(
+    topology: Topology,
+) -> None:
+    """The backlog is pending + held (its help says so): fills held in earlier batches are
+    delivered, not acked, and still not in the ledger."""
+    import ledger.writer as lw
+
+    w = LedgerWriter(
+        topology=topology,
+        config=WriterConfig(region="lon"),
+        nats_url="nats://127.0.0.1:1",
+        dsn="postgresql://127.0.0.1:1/none",
+    )
+    fill = msgpack.unpackb(encode(random_fills(topology, 1, prefix="bl", region="lon")[0]))
+    unknown = msgpack.packb({**fill, "buy_account": "NOBODY"})
+
+    class _Msg:
+        def __init__(self, seq: int, pending: int) -> None:
+            self.data, self.subject, self.headers = unknown, fill_subject("lon", "EURUSD"), None
+            self.metadata = types.SimpleNamespace(
+                sequence=types.SimpleNamespace(stream=seq), num_pending=pending
+            )
+
+        async def nak(self, delay: float | None = None) -> None:
+            return None
+
+    def backlog() -> float:
+        labels = {"region": "lon", "service": "ledger"}
+        return w.registry.get_sample_value("meridian_ledger_backlog", labels) or 0.0
+
+    await w.handle_batch([_Msg(1, 4), _Msg(2, 3)], asyncio.Event())  # type: ignore[list-item]
+    assert backlog() == 3 + 2
+    await w.handle_batch([_Msg(3, 2)], asyncio.Event())  # type: ignore[list-item]
+    assert backlog() == 2 + 3  # 1 and 2 wait for their redelivery: still held
+    await w.handle_batch([_Msg(1, 2)], asyncio.Event())  # type: ignore[list-item]
+    assert backlog() == 2 + 3  # redelivered and held again: counted once
+    # one not delivered again for HELD_FORGET_S was acked elsewhere, or EXECOUT dropped it
+    w._held[2] -= lw.HELD_FORGET_S + 1
+    w._held_pruned = 0.0
+    await w.handle_batch([_Msg(3, 0)], asyncio.Event())  # type: ignore[list-item]
+    assert backlog() == 0 + 2
 
 
 def test_a_held_fill_is_named_by_its_trade_id_only_when_header_and_payload_agree() -> None:

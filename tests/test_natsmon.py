@@ -165,7 +165,119 @@ async def test_stream_and_consumer_series_follow_the_server(
     assert value(s2, "meridian_nats_consumer_num_pending", **cons) == 4
 
 
-_ALWAYS = {"meridian_nats_up", "meridian_nats_scrape_duration_seconds"}
+_ALWAYS = {
+    "meridian_nats_up",
+    "meridian_nats_scrape_duration_seconds",
+    "meridian_nats_endpoint_errors_total",
+}
+
+
+# ---- one endpoint failing --------------------------------------------------------------------
+
+
+@pytest.fixture
+def monitor() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A stand-in monitoring endpoint on a free port: ``answers`` maps a path to the JSON it
+    returns, an HTTP status to fail with, or bytes to send as they are."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers: dict[str, Any] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            a = answers.get(self.path.split("?")[0], 404)
+            if isinstance(a, int):
+                self.send_error(a)
+                return
+            body = a if isinstance(a, bytes) else json.dumps(a).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            return None
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", answers
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+_VARZ = {"connections": 4, "mem": 123456789, "in_msgs": 10, "out_msgs": 20}
+_LEAFZ = {"leafs": [{"name": "lon", "rtt": "70ms", "in_msgs": 1, "out_msgs": 2}]}
+_JSZ = {
+    "api": {"errors": 0},
+    "account_details": [
+        {
+            "stream_detail": [
+                {
+                    "name": "ORDERS",
+                    "state": {"messages": 9, "bytes": 900, "last_seq": 9},
+                    "consumer_detail": [{"name": "risk_nyc", "num_pending": 2}],
+                }
+            ]
+        }
+    ],
+}
+
+
+def test_one_failing_endpoint_leaves_out_only_its_own_series(
+    monitor: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, any endpoint failing made the whole server ``up 0`` with no series: a page
+    (MeridianNatsServerDown) for a server that answers, and every other panel blank."""
+    import logging
+
+    base, answers = monitor
+    answers.update({"/varz": _VARZ, "/connz": 500, "/leafz": _LEAFZ, "/jsz": b"{not json"})
+    topo = load_topology()
+    c = NatsMonitorCollector({"nyc": base}, topology=topo)
+    with caplog.at_level(logging.WARNING, logger="meridian.natsmon"):
+        s = scrape(c)
+        s = scrape(c)  # failing still: counted again, logged once
+    assert value(s, "meridian_nats_up", region="nyc") == 1
+    assert value(s, "meridian_nats_connections", region="nyc") == 4
+    assert value(s, "meridian_nats_memory_bytes", region="nyc") == 123456789
+    lbl = {"region": "nyc", "remote": "lon", "link": "lon-nyc"}
+    assert value(s, "meridian_nats_leafnode_up", **lbl) == 1
+    # /connz and /jsz failed: their series are absent (not 0), and counted
+    assert value(s, "meridian_nats_pending_bytes", region="nyc") is None
+    assert not [
+        k for k in s if k[0].startswith(("meridian_nats_stream_", "meridian_nats_consumer_"))
+    ]
+    assert value(s, "meridian_nats_jetstream_api_errors_total", region="nyc") is None
+    errors = "meridian_nats_endpoint_errors_total"
+    assert value(s, errors, region="nyc", endpoint="connz") == 2
+    assert value(s, errors, region="nyc", endpoint="jsz") == 2
+    assert value(s, errors, region="nyc", endpoint="varz") == 0
+    assert value(s, errors, region="nyc", endpoint="leafz") == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and any("/connz" in m for m in logged), logged
+
+    # /leafz failing: no leaf series at all, never a false "link down"
+    answers.update({"/connz": {"connections": []}, "/leafz": 503, "/jsz": _JSZ})
+    s = scrape(c)
+    assert value(s, "meridian_nats_up", region="nyc") == 1
+    assert not [k for k in s if k[0].startswith("meridian_nats_leafnode")]
+    assert value(s, "meridian_nats_pending_bytes", region="nyc") == 0
+    cons = {"region": "nyc", "stream": "ORDERS", "consumer": "risk_nyc"}
+    assert value(s, "meridian_nats_consumer_num_pending", **cons) == 2
+    assert value(s, errors, region="nyc", endpoint="leafz") == 1
+
+    # up follows /varz
+    answers["/varz"] = 500
+    s = scrape(c)
+    assert value(s, "meridian_nats_up", region="nyc") == 0
+    assert not [k for k in s if ("region", "nyc") in k[1] and k[0] not in _ALWAYS]
+    assert value(s, errors, region="nyc", endpoint="varz") == 1
 
 
 # ---- the 3-region mesh -----------------------------------------------------------------------

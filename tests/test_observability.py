@@ -90,6 +90,9 @@ async def test_metrics_endpoints_expose_key_series_that_move(order_path: Mesh) -
     )
     assert total(ex, "meridian_order_to_execution_seconds_count", symbol="AUDUSD") >= 10
     assert "meridian_book_depth" in ex
+    # each worker's consumers, as the last delivery of its latest batch saw them
+    assert 'meridian_consumer_pending{consumer="exec_sgp",region="sgp",' in ex
+    assert 'meridian_consumer_pending{consumer="risk_sgp",region="sgp",' in risk
 
 
 def test_no_worker_failed_a_batch(order_path: Mesh) -> None:

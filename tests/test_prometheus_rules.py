@@ -117,9 +117,11 @@ def test_promtool_rule_unit_tests_fire_the_replication_lag_alert() -> None:
 def test_rule_unit_test_fails_when_the_alert_does_not_fire(tmp_path: Path) -> None:
     # The unit test must be able to fail: raise the lag threshold so the alert never fires.
     text = RULES_FILE.read_text()
-    raised = text.replace("max by (link) (meridian_replication_lag_p99_seconds) > 5", "... > 500")
+    raised = text.replace(
+        "expr: link:meridian_replication_lag_seconds:p99_5m > 5",
+        "expr: link:meridian_replication_lag_seconds:p99_5m > 500",
+    )
     assert raised != text
-    raised = raised.replace("... > 500", "max by (link) (meridian_replication_lag_seconds) > 500")
     (tmp_path / "rules.yml").write_text(raised)
     shutil.copy(PROM_DIR / "rules_test.yml", tmp_path / "rules_test.yml")
     r = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
@@ -234,6 +236,145 @@ def test_dashboard_has_a_row_per_region_and_link_and_known_exprs() -> None:
             assert not unknown_metrics(expr), (p["title"], expr, unknown_metrics(expr))
             n += 1
     assert n >= 40
+
+
+SINCE_START = "meridian_replication_lag_p99_seconds"
+"""The md service's HdrHistogram p99 since it started: never reset, so it neither pages on a
+lag that starts after a long uptime nor clears once the lag is over."""
+
+
+def test_no_alert_or_panel_reads_the_since_start_replication_p99() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = rule_exprs(RULES_FILE.read_text())
+    exprs += [t["expr"] for p in _panels(dash) for t in p.get("targets", [])]
+    assert not [e for e in exprs if SINCE_START in e]
+    rules = RULES_FILE.read_text()
+    assert re.search(r"expr: link:meridian_replication_lag_seconds:p99_5m > 5$", rules, re.M)
+    lag = [e for e in exprs if "replication_lag" in e]
+    assert len(lag) >= 1 + len(load_topology().links)  # the rule, then a panel per link
+    for e in lag:
+        assert "meridian_replication_lag_seconds" in e, e
+
+
+# ---- legends name only labels their query keeps -------------------------------------------
+
+_AGG = re.compile(
+    r"\b(sum|max|min|avg|count|group|stddev|stdvar|topk|bottomk|quantile|count_values)\s*"
+    r"(?:(by|without)\s*\(([^)]*)\))?\s*\("
+)
+_LEGEND_LABEL = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
+_TARGET_LABELS = frozenset({"job", "instance"})
+"""Labels Prometheus adds to every scraped series."""
+
+
+def series_labels() -> dict[str, frozenset[str]]:
+    """Label names of every series we define, by the names PromQL uses (counters with
+    ``_total``, histograms by their base name)."""
+    from prometheus_client import CollectorRegistry
+
+    from ledger.writer import WriterMetrics
+    from ops.natsmon import _FAMILIES
+    from ops.telemetry import MeridianMetrics
+    from replication.metrics import MdMetrics
+
+    out: dict[str, frozenset[str]] = {}
+    for name, (kind, _doc, labels) in _FAMILIES.items():
+        out[f"{name}_total" if kind == "counter" else name] = frozenset(labels)
+    regs = [CollectorRegistry() for _ in range(3)]
+    MeridianMetrics(regs[0], region="lon", service="probe")
+    WriterMetrics(regs[1], "lon")
+    MdMetrics(regs[2], view="lon", sources=("lon", "nyc"))
+    for reg in regs:
+        # the label names each metric was declared with (prometheus_client keeps them there),
+        # under every name it registered (counters with and without _total, histograms' too)
+        for c, names in reg._collector_to_names.items():
+            declared = frozenset(getattr(c, "_labelnames", ()))
+            for name in names:
+                out[name] = out.get(name, frozenset()) | declared
+    return {k: v | _TARGET_LABELS for k, v in out.items()}
+
+
+def result_labels(expr: str, known: dict[str, frozenset[str]]) -> frozenset[str]:
+    """Label names of a PromQL expression's result, as far as a legend can use them: the
+    outermost (first) aggregation's ``by (...)`` (without ``le`` under histogram_quantile),
+    or, with no aggregation, the labels every series it reads carries. Only the shapes the
+    dashboard and the rules use; anything else fails the test, on purpose."""
+    bare = re.sub(r"\{[^}]*\}", "", re.sub(r'"[^"]*"', '""', expr))
+    m = _AGG.search(bare)
+    if m is not None:
+        how, names = m.group(2), m.group(3)
+        assert how != "without", f"{expr}: a legend check for `without` is not written"
+        kept = frozenset(n.strip() for n in (names or "").split(",") if n.strip())
+        if "histogram_quantile" in bare[: m.start()]:
+            kept -= {"le"}
+        return kept
+    found = [t for t in _IDENT.findall(bare) if t.startswith("meridian_") or ":" in t]
+    assert found, expr
+    sets = []
+    for tok in found:
+        base = tok if tok in known else _HIST_SUFFIX.sub("", tok)
+        assert base in known, (expr, tok)
+        sets.append(known[base])
+    return frozenset.intersection(*sets)
+
+
+def _known_with_recorded() -> dict[str, frozenset[str]]:
+    known = series_labels()
+    text = RULES_FILE.read_text()
+    for rec, expr in re.findall(r"^\s*- record:\s*(\S+)\s*\n\s*expr:\s*(.+)$", text, re.M):
+        known[rec] = result_labels(expr, known)
+    return known
+
+
+def legend_problems(dash: dict[str, Any]) -> list[str]:
+    """Every ``{{label}}`` of a legend that its query's result does not carry."""
+    known = _known_with_recorded()
+    bad = []
+    for p in _panels(dash):
+        for t in p.get("targets", []):
+            used = set(_LEGEND_LABEL.findall(str(t.get("legendFormat", ""))))
+            missing = used - result_labels(t["expr"], known)
+            if missing:
+                bad.append(f"{p['title']!r}: {t['legendFormat']!r} names {sorted(missing)}")
+    return bad
+
+
+def test_every_legend_label_is_kept_by_its_query() -> None:
+    assert legend_problems(json.loads(DASHBOARD.read_text())) == []
+
+
+def test_the_legend_check_finds_a_label_the_query_drops() -> None:
+    dash = {
+        "panels": [
+            {
+                "title": "gaps",
+                "targets": [
+                    {
+                        "expr": 'sum by (link) (increase(meridian_md_gaps_total{link=~".*"}[5m]))',
+                        "legendFormat": "{{symbol}}",
+                    },
+                    {
+                        "expr": "histogram_quantile(0.99, sum by (le) (rate("
+                        "meridian_submit_to_ack_seconds_bucket[1m])))",
+                        "legendFormat": "{{region}}",
+                    },
+                    {"expr": 'meridian_nats_up{region="lon"}', "legendFormat": "{{stream}}"},
+                    {"expr": 'meridian_nats_up{region="lon"}', "legendFormat": "{{region}}"},
+                ],
+            }
+        ]
+    }
+    assert len(legend_problems(dash)) == 3
+
+
+def test_order_rate_by_region_counts_every_entry_path() -> None:
+    """The gateway counts only its own entries; risk counts every request it reads from
+    ORDERS, direct entries included (meridian_risk_requests_total{entry})."""
+    dash = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in _panels(dash) if p["title"].startswith("Order requests/s by home")]
+    assert [t["expr"] for t in panel["targets"]] == [
+        "sum by (region) (rate(meridian_risk_requests_total[1m]))"
+    ]
 
 
 def test_unknown_metric_detection_can_fail() -> None:

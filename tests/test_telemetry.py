@@ -9,6 +9,7 @@ import json
 import logging
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -34,6 +35,7 @@ from ops.telemetry import (
     spans_path,
     waterfall,
 )
+from ops.telemetry.metrics import KILL_SCOPES
 from ops.telemetry.tracing import ORDER_ID, destination_template, extract, inject
 from regions.topology import Topology, load_topology
 from router.contract import RejectReason
@@ -51,7 +53,7 @@ ISSUE_SERIES = {
     "meridian_ledger_batch_size",
     "meridian_ledger_commit_seconds",
     "meridian_ledger_backlog",
-    "meridian_replication_lag_p99_seconds",
+    "meridian_replication_lag_seconds",
     "meridian_md_gaps_total",
     "meridian_reconnects_total",
     "meridian_kill_switch_engaged",
@@ -84,7 +86,13 @@ def _value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
 
 
 def test_every_series_of_the_issue_is_registered() -> None:
-    assert metric_names() >= ISSUE_SERIES
+    from replication.metrics import MdMetrics
+
+    md = CollectorRegistry()
+    MdMetrics(md, view="lon", sources=("lon", "sgp"))  # replication lag is the md service's
+    assert metric_names() | metric_names(md) >= ISSUE_SERIES
+    # one definition: the since-start p99 gauge is the md service's alone (never set here)
+    assert "meridian_replication_lag_p99_seconds" not in metric_names()
 
 
 def test_ledger_writer_exports_the_same_ledger_families_as_every_process() -> None:
@@ -166,7 +174,6 @@ def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     m.ledger_batch_size.observe(250)
     m.ledger_commit_seconds.observe(0.004)
     m.ledger_backlog.set(42)
-    m.replication_lag("lon->sgp").set(0.25)
     m.md_gaps("sgp->lon").inc()
     m.reconnects.inc()
     m.kill_switch_engaged("desk").set(1)
@@ -178,7 +185,6 @@ def test_registry_exposes_series_with_names_and_labels(topo: Topology) -> None:
     assert _value(reg, "meridian_fills_total", symbol="USDJPY", **base) == 4
     assert _value(reg, "meridian_book_depth", symbol="USDJPY", side="buy", **base) == 7
     assert _value(reg, "meridian_consumer_pending", stream="EXEC", consumer="exec-worker") == 11
-    assert _value(reg, "meridian_replication_lag_p99_seconds", link="lon->sgp", **base) == 0.25
     assert _value(reg, "meridian_md_gaps_total", link="sgp->lon", **base) == 1
     assert _value(reg, "meridian_kill_switch_engaged", scope="desk", **base) == 1
     # Closed label sets start at 0 so rate()/alerts work before the first event.
@@ -203,8 +209,8 @@ def test_label_values_are_bounded(topo: Topology) -> None:
         m.fills("XXXYYY")
     assert e.value.field == "symbol" and e.value.value == "XXXYYY"
     with pytest.raises(LabelError):
-        m.replication_lag("lon->tyo")
-    m.replication_lag("sgp->lon")  # both directions of a topology link are allowed
+        m.md_gaps("lon->tyo")
+    m.md_gaps("sgp->lon")  # both directions of a topology link are allowed
     with pytest.raises(LabelError):
         m.order_rejects("SOMETHING_ELSE")
     with pytest.raises(LabelError):
@@ -219,6 +225,33 @@ def test_label_values_are_bounded(topo: Topology) -> None:
         MeridianMetrics(CollectorRegistry(), region="tyo", service="gateway", topology=topo)
     # Registries are per instance: two processes' metrics never collide.
     MeridianMetrics(CollectorRegistry(), region="lon", service="gateway", topology=topo)
+
+
+def test_kill_switch_gauges_count_the_engaged_keys_per_scope(topo: Topology) -> None:
+    reg = CollectorRegistry()
+    m = MeridianMetrics(reg, region="lon", service="risk", topology=topo)
+    base = {"region": "lon", "service": "risk"}
+    m.kills_engaged({"global", "account.LON-HF-01", "account.LON-HF-02", "desk.LONFX1", "x.y"})
+    got = {s: _value(reg, "meridian_kill_switch_engaged", scope=s, **base) for s in KILL_SCOPES}
+    assert got == {"global": 1, "account": 2, "desk": 1}
+    m.kills_engaged({"desk.LONFX1"})  # released ones read 0 again
+    got = {s: _value(reg, "meridian_kill_switch_engaged", scope=s, **base) for s in KILL_SCOPES}
+    assert got == {"global": 0, "account": 0, "desk": 1}
+
+
+def test_help_texts_say_what_is_measured() -> None:
+    docs = {fam.name: fam.documentation for fam in _registry_families()}
+    depth = docs["meridian_book_depth"]
+    assert "price levels" in depth.lower() and "50" in depth and "Resting orders in" not in depth
+    o2e = docs["meridian_order_to_execution_seconds"]
+    assert "wall clock" in o2e.lower() and "publishing its NEW report" in o2e
+    assert "rebuild" in o2e and "first execution report" not in o2e
+
+
+def _registry_families() -> list[Any]:
+    reg = CollectorRegistry()
+    MeridianMetrics(reg, region="lon", service="probe")
+    return list(reg.collect())
 
 
 def test_latency_buckets_are_fine_below_a_millisecond() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
@@ -194,9 +194,13 @@ class MeridianMetrics:
         )
         self._order_to_execution = histogram(
             "meridian_order_to_execution_seconds",
-            "Order stored in its home region's ORDERS to its first execution report in the book's "
-            "region (the entry hop before the store, and for an order entered in another region "
-            "its WAN leg to the home region, are not in it: the desk's own latency has them).",
+            "Wall clock from an order's store in its home region's ORDERS (its entry_ns) to"
+            " execution publishing its NEW report in the book's region (this worker's clock,"
+            " read then): risk, the hop to EXEC (a WAN leg for a book in another region) and"
+            " execution's own queueing, batches and pauses. Not in it: the entry hop before the"
+            " store (the desk's own latency has it), orders the book rejects, and reports a"
+            " rebuild publishes again (never observed). Across regions it includes the two"
+            " hosts' clock offset.",
             lat,
             "symbol",
         )
@@ -217,7 +221,11 @@ class MeridianMetrics:
             "entry",
         )
         self._book_depth = gauge(
-            "meridian_book_depth", "Resting orders in the book.", "symbol", "side"
+            "meridian_book_depth",
+            "Price levels holding resting orders on one side of the book, counted up to 50 (a"
+            " side with more levels reads 50); not orders: set after every batch.",
+            "symbol",
+            "side",
         )
         self._execution_faults = counter(
             "meridian_execution_faults",
@@ -238,21 +246,21 @@ class MeridianMetrics:
         )
         self._consumer_pending = gauge(
             "meridian_consumer_pending",
-            "Messages not yet processed by this worker's JetStream consumer.",
+            "Messages of the stream not yet delivered to this worker's durable consumer, as"
+            " the last delivery of the worker's latest batch carried them (set once per batch:"
+            " an idle worker keeps its last value; meridian_nats_consumer_num_pending is the"
+            " server's own count).",
             "stream",
             "consumer",
         )
         self._ledger = ledger_families(registry)
-        self._replication_lag = gauge(
-            "meridian_replication_lag_p99_seconds",
-            "Market-data replication lag p99 (source timestamp to arrival), per directed link;"
-            " the full distribution is meridian_replication_lag_seconds (histogram).",
-            "link",
-        )
         self._md_gaps = counter("meridian_md_gaps", "Market-data sequence gaps detected.", "link")
         self._reconnects = counter("meridian_reconnects", "Reconnections to NATS.")
         self._kill_switch = gauge(
-            "meridian_kill_switch_engaged", "Kill switches currently engaged, by scope.", "scope"
+            "meridian_kill_switch_engaged",
+            "Kill switches engaged in the risk worker's state, by scope (set by risk after each"
+            " kill it applies and after each rebuild).",
+            "scope",
         )
 
         base = (region, service)
@@ -323,7 +331,8 @@ class MeridianMetrics:
         return self._child(self._risk_requests, "entry", entry, ENTRY_PATHS)
 
     def book_depth(self, symbol: str, side: str | Side) -> Gauge:
-        """Gauge of resting orders on one side (``buy``/``sell``) of ``symbol``'s book."""
+        """Gauge of price levels (up to 50) on one side (``buy``/``sell``) of ``symbol``'s
+        book."""
         sym = self._check("symbol", symbol, self._symbols)
         return self._child(self._book_depth, "side", str(side).lower(), SIDES, sym)
 
@@ -346,10 +355,6 @@ class MeridianMetrics:
             raise LabelError("consumer", consumer, ("a durable consumer name",))
         return self._child(self._consumer_pending, "consumer", consumer, None, st)
 
-    def replication_lag(self, link: str) -> Gauge:
-        """Gauge (seconds): replication lag p99 on directed ``link`` (``"<from>-><to>"``)."""
-        return self._child(self._replication_lag, "link", link, self._links)
-
     def md_gaps(self, link: str) -> Counter:
         """Counter of market-data gaps on directed ``link`` (``"<from>-><to>"``)."""
         return self._child(self._md_gaps, "link", link, self._links)
@@ -357,6 +362,18 @@ class MeridianMetrics:
     def kill_switch_engaged(self, scope: str | KillScope) -> Gauge:
         """Gauge: number of kill switches engaged at ``scope`` (account, desk, global)."""
         return self._child(self._kill_switch, "scope", str(scope), KILL_SCOPES)
+
+    def kills_engaged(self, keys: Iterable[str]) -> None:
+        """Set ``meridian_kill_switch_engaged`` of every scope from the engaged kill keys
+        (``global``, ``account.<id>``, ``desk.<id>``: the risk engine's ``kills``); a scope
+        with none reads 0. Keys of no known scope are not counted."""
+        counts = dict.fromkeys(KILL_SCOPES, 0)
+        for key in keys:
+            scope = key.partition(".")[0]
+            if scope in counts:
+                counts[scope] += 1
+        for scope, n in counts.items():
+            self.kill_switch_engaged(scope).set(n)
 
     # ---- helpers ---------------------------------------------------------------------------
 
