@@ -1185,9 +1185,11 @@ class RiskWorker:
                     verdict=verdict,
                 )
             elif isinstance(d, CancelOrder):
-                dec = eng.on_cancel(d, seq=seq)
+                dec = eng.on_cancel(d, seq=seq, accepted_ns=accepted_ns(it.headers))
             else:
-                dec = eng.on_replace(d, ext=ext, seq=seq, verdict=verdict)
+                dec = eng.on_replace(
+                    d, ext=ext, seq=seq, verdict=verdict, accepted_ns=accepted_ns(it.headers)
+                )
             if dec.command is None and dec.report is None:
                 self.stats["rejected"] += 1
                 return []  # a replayed reject: its recorded report stands

@@ -134,9 +134,13 @@ async def test_cancel_and_replace_of_an_unknown_order_are_rejected(order_path: M
         cr = await cancel_reject(c, cack)
         assert cr.reason is RejectReason.UNKNOWN_ORDER and cr.order_id == "NONE"
         assert cr.orig_cl_ord_id == ghost and cr.response_to == "cancel"
+        # stamped when ORDERS stored the request (after the gateway's accept stamp), not
+        # with the desk's own sent_ns, which a client may leave out (0)
+        assert cr.transact_ns >= cack.accepted_ns
         rack = await c.replace(ghost, "USDCAD", 1_000_000, deep("USDCAD", BUY))
         cr = await cancel_reject(c, rack)
         assert cr.reason is RejectReason.UNKNOWN_ORDER and cr.response_to == "replace"
+        assert cr.transact_ns >= rack.accepted_ns
 
 
 async def test_ioc_fok_and_market_orders_reach_terminal_states(order_path: Mesh) -> None:
