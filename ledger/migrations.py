@@ -2,50 +2,84 @@
 
 Versions are applied in order, each recorded in ``schema_migrations``; PostgreSQL runs each
 version (DDL included) in one transaction under an advisory lock, so two migrators never race.
-After the versions, topology-driven steps run on every call and are idempotent: one partition
-per region (PostgreSQL), reference data upserted from the topology, a genesis chain head per
-region, and the read-only compliance role's grants.
+Topology-driven steps run on every call and are idempotent: on CockroachDB, before the versions,
+the database's regions (a primary region only if it has none, every region added IF NOT EXISTS,
+never a survival goal: terraform owns it) and, after them, each transactional table's
+``crdb_region`` recomputed if the topology gained a region; one partition per region
+(PostgreSQL); reference data: currencies and instruments the ledger lacks are inserted, but one
+it has with other units is refused (:class:`LedgerConfigError`), since amounts already posted
+are in those units; accounts upserted; a genesis chain head per region; the read-only
+compliance role's grants.
+
+CockroachDB region names: :func:`ledger.schema.crdb_region_names` (CockroachDB Cloud's, as
+terraform creates them), overridden by ``crdb_regions=`` or ``MERIDIAN_LEDGER_CRDB_REGIONS``
+for a self-hosted or demo cluster.
 
 ``migrate`` is idempotent: calling it again applies nothing and changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, create_engine, text
 
 from ledger import schema
 from ledger.db import sqlalchemy_url
+from ledger.errors import LedgerConfigError
 from ledger.model import GENESIS_HASH
 from ledger.roles import grant_ddl
 from regions.topology import Topology
 
+log = logging.getLogger(__name__)
+
 _LOCK_KEY = 0x4D52444C  # "MRDL": advisory lock id of the ledger migrator
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """What the statements are emitted for."""
+
+    dialect: str
+    topology: Topology
+    database: str
+    crdb_regions: Mapping[str, str] | None = None
+    """CockroachDB region name overrides (:func:`ledger.schema.crdb_region_names`); None:
+    CockroachDB Cloud's names."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CockroachState:
+    """What the topology steps read from a CockroachDB database before emitting DDL."""
+
+    primary_region: str | None
+    """The database's primary region; None while it is not multi-region."""
+    region_columns: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    """Per existing transactional table: (crdb_region's expression, its crdb_region* columns)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Migration:
     version: int
     name: str
-    statements: Callable[[str, Topology, str], list[str]]
-    """(dialect, topology, database name) -> SQL statements."""
+    statements: Callable[[Target], list[str]]
+    """Target -> SQL statements."""
 
 
-def _v1_core(dialect: str, topology: Topology, database: str) -> list[str]:
-    if dialect == "postgresql":
+def _v1_core(t: Target) -> list[str]:
+    if t.dialect == "postgresql":
         return schema.postgres_table_ddl(schema.V1_TABLES)
-    return schema.cockroach_database_ddl(database, topology) + schema.cockroach_table_ddl(
-        topology, schema.V1_TABLES
-    )
+    # The database's regions are a topology step (cockroach_locality_ddl), run before this.
+    return schema.cockroach_table_ddl(t.topology, schema.V1_TABLES, crdb_regions=t.crdb_regions)
 
 
-def _v2_held_fills(dialect: str, topology: Topology, database: str) -> list[str]:
-    if dialect == "postgresql":
+def _v2_held_fills(t: Target) -> list[str]:
+    if t.dialect == "postgresql":
         return schema.postgres_table_ddl([schema.held_fills])
-    return schema.cockroach_table_ddl(topology, [schema.held_fills])
+    return schema.cockroach_table_ddl(t.topology, [schema.held_fills], crdb_regions=t.crdb_regions)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -79,25 +113,125 @@ def _topology_steps(dialect: str, topology: Topology) -> list[str]:
     return out
 
 
+def cockroach_locality_ddl(target: Target, state: CockroachState) -> list[str]:
+    """The database's regions, run by every migrate before the versions (CockroachDB).
+
+    Idempotent: a primary region only when the database has none (terraform sets it in
+    production), the others ``ADD REGION IF NOT EXISTS``; no survival goal (terraform's).
+    """
+    return schema.cockroach_database_ddl(
+        target.database,
+        target.topology,
+        crdb_regions=target.crdb_regions,
+        primary_region=state.primary_region,
+    )
+
+
+def cockroach_region_columns_ddl(target: Target, state: CockroachState) -> list[str]:
+    """Each existing transactional table's ``crdb_region`` recomputed if the topology's
+    regions outgrew its CASE (CockroachDB; run by every migrate after the versions)."""
+    out: list[str] = []
+    for t in schema.TRANSACTIONAL_TABLES:
+        if t.name not in state.region_columns:
+            continue
+        expression, columns = state.region_columns[t.name]
+        out.extend(
+            schema.cockroach_region_column_ddl(
+                t.name,
+                target.topology,
+                expression=expression,
+                columns=columns,
+                crdb_regions=target.crdb_regions,
+            )
+        )
+    return out
+
+
+def _cockroach_state(conn: Connection, database: str) -> CockroachState:
+    primary = conn.execute(
+        text("SELECT primary_region FROM [SHOW DATABASES] WHERE database_name = :db"),
+        {"db": database},
+    ).scalar_one_or_none()
+    tables = {t.name for t in schema.TRANSACTIONAL_TABLES}
+    expressions: dict[str, str] = {}
+    columns: dict[str, list[str]] = {}
+    for table, column, expression in conn.execute(
+        text(
+            "SELECT table_name, column_name, coalesce(generation_expression, '') "
+            "FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND column_name IN ('crdb_region', 'crdb_region_new', 'crdb_region_old')"
+        )
+    ).tuples():
+        if table in tables:
+            columns.setdefault(table, []).append(column)
+            if column == "crdb_region":
+                expressions[table] = expression
+    for table, expression in expressions.items():
+        if not schema.crdb_region_case_pairs(expression):
+            log.warning(
+                "ledger migrate: %s.crdb_region is no CASE it can read: %s", table, expression
+            )
+    return CockroachState(
+        primary_region=str(primary) if primary else None,
+        region_columns={t: (expressions.get(t, ""), tuple(c)) for t, c in columns.items()},
+    )
+
+
+def _check_units(conn: Connection, topology: Topology) -> None:
+    """Refuse a topology whose currency or instrument units differ from the ledger's."""
+    have_ccy = dict(conn.execute(text("SELECT code, minor_units FROM currencies")).tuples().all())
+    for c in topology.currencies:
+        if c.code in have_ccy and int(have_ccy[c.code]) != c.minor_units:
+            raise LedgerConfigError(
+                f"currencies.{c.code}.minor_units",
+                f"the ledger has {have_ccy[c.code]}, the topology {c.minor_units}: a "
+                "currency's minor units never change once set (amounts are posted in them; "
+                "ISO 4217 does not change them either)",
+            )
+    have_ins = {
+        str(s): (str(b), str(q), int(pd))
+        for s, b, q, pd in conn.execute(
+            text("SELECT symbol, base, quote, price_decimals FROM instruments")
+        ).tuples()
+    }
+    for i in topology.instruments:
+        if i.symbol not in have_ins:
+            continue
+        for name, had, want in zip(
+            ("base", "quote", "price_decimals"),
+            have_ins[i.symbol],
+            (i.base, i.quote, i.price_decimals),
+            strict=True,
+        ):
+            if had != want:
+                raise LedgerConfigError(
+                    f"instruments.{i.symbol}.{name}",
+                    f"the ledger has {had!r}, the topology {want!r}: an instrument's terms "
+                    "never change once set (posted trades were priced in them)",
+                )
+
+
 def _reference_data(conn: Connection, topology: Topology, now_ns: int) -> None:
     conn.execute(
         text(
             "INSERT INTO currencies (code, minor_units) VALUES (:code, :mu) "
-            "ON CONFLICT (code) DO UPDATE SET minor_units = EXCLUDED.minor_units"
+            "ON CONFLICT (code) DO NOTHING"
         ),
         [{"code": c.code, "mu": c.minor_units} for c in topology.currencies],
     )
     conn.execute(
         text(
             "INSERT INTO instruments (symbol, base, quote, price_decimals) "
-            "VALUES (:s, :b, :q, :pd) ON CONFLICT (symbol) DO UPDATE SET base = EXCLUDED.base, "
-            "quote = EXCLUDED.quote, price_decimals = EXCLUDED.price_decimals"
+            "VALUES (:s, :b, :q, :pd) ON CONFLICT (symbol) DO NOTHING"
         ),
         [
             {"s": i.symbol, "b": i.base, "q": i.quote, "pd": i.price_decimals}
             for i in topology.instruments
         ],
     )
+    # After the inserts, in their transaction: a row a concurrent migrator inserted counts too,
+    # and a refusal rolls back everything this call wrote.
+    _check_units(conn, topology)
     conn.execute(
         text(
             "INSERT INTO accounts (account, desk, home_region) VALUES (:a, :d, :r) "
@@ -140,7 +274,11 @@ def applied_versions(engine_or_dsn: Engine | str) -> list[int]:
 
 
 def migrate(
-    engine_or_dsn: Engine | str, topology: Topology, *, compliance_role: bool = True
+    engine_or_dsn: Engine | str,
+    topology: Topology,
+    *,
+    compliance_role: bool = True,
+    crdb_regions: Mapping[str, str] | None = None,
 ) -> list[int]:
     """Bring the ledger schema up to date for ``topology``; returns the versions applied now.
 
@@ -148,14 +286,30 @@ def migrate(
         engine_or_dsn: a SQLAlchemy engine or a ``postgresql://``/``cockroachdb://`` DSN.
         topology: regions (partitions / database regions), currencies, instruments, accounts.
         compliance_role: create ``meridian_compliance`` (SELECT only) and grant it the tables.
+        crdb_regions: CockroachDB only: region code -> the cluster's region name, ``"*"`` for
+            every code not named (a self-hosted or demo cluster); default
+            ``MERIDIAN_LEDGER_CRDB_REGIONS`` if set, else CockroachDB Cloud's ``gcp-<region>``.
+
+    Raises:
+        LedgerConfigError: a currency or instrument of the topology has other units or terms
+            than the ledger's (nothing is changed), or a bad ``crdb_regions``.
     """
     engine, owned = _engine(engine_or_dsn)
     dialect = engine.dialect.name
     applied: list[int] = []
     try:
+        pg = dialect == "postgresql"
+        if not pg:
+            crdb_regions = (
+                crdb_regions if crdb_regions is not None else schema.crdb_regions_from_env()
+            )
+            schema.crdb_region_names(topology, crdb_regions)  # a bad mapping fails before any DDL
         with engine.connect() as conn:
             database = str(conn.exec_driver_sql("SELECT current_database()").scalar_one())
-        pg = dialect == "postgresql"
+        target = Target(
+            dialect=dialect, topology=topology, database=database, crdb_regions=crdb_regions
+        )
+        ac = engine.execution_options(isolation_level="AUTOCOMMIT")
         if pg:
             with engine.begin() as conn:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
@@ -163,6 +317,10 @@ def migrate(
         else:
             with engine.begin() as conn:
                 conn.exec_driver_sql(_VERSION_TABLE)
+            # Multi-region DDL cannot run in a transaction; REGIONAL BY ROW tables need the
+            # database's regions first. Every statement is idempotent (see cockroach_locality_ddl).
+            with ac.connect() as conn:
+                _run(conn, cockroach_locality_ddl(target, _cockroach_state(conn, database)))
         for m in MIGRATIONS:
             # One transaction per version on PostgreSQL (transactional DDL, advisory lock).
             # CockroachDB cannot run multi-region DDL inside a transaction: autocommit each
@@ -176,11 +334,10 @@ def migrate(
                 if done:
                     continue
                 if pg:
-                    _run(conn, m.statements(dialect, topology, database))
+                    _run(conn, m.statements(target))
             if not pg:
-                ac = engine.execution_options(isolation_level="AUTOCOMMIT")
                 with ac.connect() as conn:
-                    _run(conn, m.statements(dialect, topology, database))
+                    _run(conn, m.statements(target))
             with engine.begin() as conn:
                 conn.execute(
                     text(
@@ -190,6 +347,11 @@ def migrate(
                     {"v": m.version, "n": m.name, "t": time.time_ns()},
                 )
             applied.append(m.version)
+        if not pg:
+            # A region the topology gained needs a crdb_region CASE that maps it, or its chain
+            # head row below violates crdb_region NOT NULL.
+            with ac.connect() as conn:
+                _run(conn, cockroach_region_columns_ddl(target, _cockroach_state(conn, database)))
         with engine.begin() as conn:
             if pg:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})

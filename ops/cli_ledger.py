@@ -156,6 +156,7 @@ def _regions(args: argparse.Namespace) -> tuple[str, ...] | None:
 def _migrate(args: argparse.Namespace) -> int:
     import sqlalchemy.exc
 
+    from ledger.errors import LedgerConfigError
     from ledger.migrations import applied_versions, migrate
     from regions.topology import load_topology
 
@@ -169,6 +170,9 @@ def _migrate(args: argparse.Namespace) -> int:
     except sqlalchemy.exc.OperationalError as e:
         print(f"ledger migrate: database unreachable: {e.orig}", file=sys.stderr)
         return 3
+    except LedgerConfigError as e:  # e.g. a topology whose units disagree with the ledger's
+        print(f"ledger migrate: refused: {e}", file=sys.stderr)
+        return 2
     print(
         f"ledger schema at version {max(versions, default=0)} "
         f"(applied now: {applied or 'none'}; regions {', '.join(topology.codes)})"

@@ -242,21 +242,23 @@ def test_cockroach_ddl_is_multi_region_regional_by_row_and_global() -> None:
     ddl = schema_ddl("cockroachdb", TOPO, database="meridian")
     text = "\n".join(ddl)
     assert "PARTITION BY" not in text  # the PostgreSQL layout must not leak into CockroachDB
-    assert ddl[0] == 'ALTER DATABASE "meridian" SET PRIMARY REGION "europe-west2"'
-    assert 'ALTER DATABASE "meridian" ADD REGION IF NOT EXISTS "us-east4"' in ddl
-    assert 'ALTER DATABASE "meridian" ADD REGION IF NOT EXISTS "asia-southeast1"' in ddl
-    assert 'ALTER DATABASE "meridian" SURVIVE ZONE FAILURE' in ddl
+    # CockroachDB Cloud's names of the GCP regions (tests/test_ledger_crdb_regions.py ties
+    # them to terraform's)
+    assert ddl[0] == 'ALTER DATABASE "meridian" SET PRIMARY REGION "gcp-europe-west2"'
+    assert 'ALTER DATABASE "meridian" ADD REGION IF NOT EXISTS "gcp-us-east4"' in ddl
+    assert 'ALTER DATABASE "meridian" ADD REGION IF NOT EXISTS "gcp-asia-southeast1"' in ddl
+    assert "SURVIVE" not in text  # terraform owns the survival goal
     for t in TRANSACTIONAL_TABLES:
         create = next(s for s in ddl if s.startswith(f"CREATE TABLE IF NOT EXISTS {t.name} ("))
         assert create.endswith(") LOCALITY REGIONAL BY ROW AS crdb_region")
         assert "crdb_region crdb_internal_region NOT VISIBLE NOT NULL AS (CASE region " in create
         for r in TOPO.regions:
-            assert f"WHEN '{r.code}' THEN '{r.cloud_region}'" in create
+            assert f"WHEN '{r.code}' THEN 'gcp-{r.cloud_region}'" in create
     for ref in ("currencies", "instruments", "accounts"):
         create = next(s for s in ddl if s.startswith(f"CREATE TABLE IF NOT EXISTS {ref} ("))
         assert create.endswith(") LOCALITY GLOBAL")
     region_ddl = schema_ddl("cockroachdb", TOPO, database="m", survival="region")
-    assert 'ALTER DATABASE "m" SURVIVE REGION FAILURE' in region_ddl
+    assert 'ALTER DATABASE "m" SURVIVE REGION FAILURE' in region_ddl  # only when asked
 
 
 def _docker_ok() -> bool:
@@ -283,14 +285,11 @@ def test_cockroach_schema_applies_on_a_real_cluster() -> None:
     with CockroachDBContainer("cockroachdb/cockroach:latest-v24.1") as crdb:
         url = crdb.get_connection_url()
         dsn = "cockroachdb://" + url.split("://", 1)[1]
-        # A single-node demo cluster has one region; give every region code that one region.
-        import dataclasses
-
+        # A single-node demo cluster has one region: map every region code to it (the
+        # override a self-hosted cluster uses; MERIDIAN_LEDGER_CRDB_REGIONS="*=<region>").
         with __import__("psycopg").connect("postgresql://" + url.split("://", 1)[1]) as c:
             regions = [r[0] for r in c.execute("SHOW REGIONS FROM CLUSTER").fetchall()]
-        topo = dataclasses.replace(
-            TOPO,
-            regions=tuple(dataclasses.replace(r, cloud_region=regions[0]) for r in TOPO.regions),
-        )
-        assert migrate(dsn, topo) == [1, 2]
+        demo = {"*": regions[0]}
+        assert migrate(dsn, TOPO, crdb_regions=demo) == [1, 2]
+        assert migrate(dsn, TOPO, crdb_regions=demo) == []  # a rerun is safe
         assert verify(dsn).ok

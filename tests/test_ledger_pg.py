@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger.errors import LedgerError, TransferConflict
+from ledger.errors import LedgerConfigError, LedgerError, TransferConflict
 from ledger.export import ExportRequest, export_ledger
 from ledger.migrations import applied_versions, migrate
 from ledger.model import Posting, chain_postings, transfers_for_fill
@@ -106,6 +106,66 @@ def test_migrate_is_versioned_idempotent_and_partitions_by_region(db: str) -> No
             t: "l" for t in ("transfers", "postings", "balances", "chain_heads", "held_fills")
         }
         assert c.execute("SELECT count(*) FROM currencies").fetchone() == (len(TOPO.currencies),)
+
+
+def _reference(dsn: str) -> tuple[list[Any], list[Any]]:
+    with psycopg.connect(dsn) as c:
+        return (
+            c.execute("SELECT * FROM currencies ORDER BY code").fetchall(),
+            c.execute("SELECT * FROM instruments ORDER BY symbol").fetchall(),
+        )
+
+
+def test_migrate_refuses_to_change_a_currencys_units_or_an_instruments_terms(
+    fresh_db: str,
+) -> None:
+    """A stale or edited topology (a writer started with --migrate) must not rescale the units
+    posted amounts are in: migrate refuses, naming the field, and changes nothing."""
+    post(fresh_db, [_fill("lon-EURUSD-units-1")])
+    before = _reference(fresh_db)
+
+    def with_ccy(code: str, **kw: Any) -> Topology:
+        return dataclasses.replace(
+            TOPO,
+            currencies=tuple(
+                dataclasses.replace(c, **kw) if c.code == code else c for c in TOPO.currencies
+            ),
+        )
+
+    def with_ins(symbol: str, **kw: Any) -> Topology:
+        return dataclasses.replace(
+            TOPO,
+            instruments=tuple(
+                dataclasses.replace(i, **kw) if i.symbol == symbol else i for i in TOPO.instruments
+            ),
+        )
+
+    for topo, field in [
+        (with_ccy("EUR", minor_units=3), "currencies.EUR.minor_units"),
+        (with_ccy("JPY", minor_units=2), "currencies.JPY.minor_units"),
+        (with_ins("EURUSD", price_decimals=4), "instruments.EURUSD.price_decimals"),
+        (with_ins("EURUSD", quote="GBP"), "instruments.EURUSD.quote"),
+        (with_ins("EURGBP", base="GBP", quote="EUR"), "instruments.EURGBP.base"),
+    ]:
+        with pytest.raises(LedgerConfigError) as ei:
+            migrate(fresh_db, topo)
+        assert ei.value.field == field
+        assert _reference(fresh_db) == before  # nothing rewritten, nothing half-applied
+    assert verify(fresh_db).ok
+
+    # what the ledger lacks is still added: a new currency and a pair in it
+    grown = dataclasses.replace(
+        TOPO,
+        currencies=(*TOPO.currencies, dataclasses.replace(TOPO.currency("USD"), code="NOK")),
+        instruments=(
+            *TOPO.instruments,
+            dataclasses.replace(TOPO.instrument("USDCAD"), symbol="USDNOK", quote="NOK"),
+        ),
+    )
+    assert migrate(fresh_db, grown) == []
+    ccys, pairs = _reference(fresh_db)
+    assert ("NOK", 2) in ccys and ("USDNOK", "USD", "NOK", 5) in pairs
+    assert migrate(fresh_db, TOPO) == []  # the older topology, a subset, still migrates
 
 
 def _fill(trade_id: str, *, buyer: str = "", seller: str = "") -> Fill:
