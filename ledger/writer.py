@@ -61,6 +61,9 @@ log = logging.getLogger("ledger.writer")
 
 STREAM = "EXECOUT"
 DEFAULT_LINGER_S = 0.05
+STATEMENT_TIMEOUT_S = 20.0
+"""Longest a statement of the writer may run (below the consumer's ack wait, 30 s); a batch
+commits in well under a second."""
 HOLD_S = 30.0
 """A fill this writer cannot post (unknown account, instrument or currency) comes back this
 long after it was held."""
@@ -378,8 +381,23 @@ class LedgerWriter:
         if self._db is None or self._db.closed or self._db.broken:
             await self._close_db()
             db = await psycopg.AsyncConnection.connect(
-                self.dsn, connect_timeout=3, application_name=f"ledger-writer-{self.region}"
+                self.dsn,
+                connect_timeout=3,
+                application_name=f"ledger-writer-{self.region}",
+                # a server gone without a word (a lost host, a blackholed link) is noticed in
+                # seconds, not after TCP's ~15 minutes of retransmissions
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+                tcp_user_timeout=int(STATEMENT_TIMEOUT_S * 1000),
+                autocommit=True,
             )
+            # no statement may hang a batch for good (a lock behind a stuck session, a range
+            # unavailable): it fails, is retried (a visible retry, in_progress sent), and stop
+            # is honoured between attempts (PostgreSQL and CockroachDB both take it)
+            await db.execute(f"SET statement_timeout = '{int(STATEMENT_TIMEOUT_S * 1000)}ms'")
+            await db.set_autocommit(False)
             # amounts are posted in minor units from this topology: one that disagrees with
             # the ledger's currencies (a stale file) would scale them by powers of ten, for
             # good. Refuse to post at all (fills wait in EXECOUT), as post-held holds them

@@ -665,3 +665,24 @@ async def test_a_writer_whose_topology_disagrees_with_the_ledgers_currencies_pos
         assert not (await w._conn()).closed
     finally:
         await w._close_db()
+
+
+async def test_the_writers_statements_cannot_hang_a_batch_for_good(
+    ldb: str, topology: Topology
+) -> None:
+    """No statement timeout and no keepalives: a commit waiting on a lost host or a lock
+    behind a stuck session blocked for up to TCP's ~15 minutes, with no retry counted, no
+    in_progress sent and SIGTERM ignored. Both are set on the writer's connection."""
+    from ledger.writer import STATEMENT_TIMEOUT_S
+
+    w = LedgerWriter(
+        topology=topology, config=WriterConfig(region="lon"), nats_url="nats://x:1", dsn=ldb
+    )
+    conn = await w._conn()
+    try:
+        row = await (await conn.execute("SHOW statement_timeout")).fetchone()
+        assert row is not None and row[0] == f"{int(STATEMENT_TIMEOUT_S)}s"
+        assert conn.info.get_parameters().get("keepalives") == "1"
+        assert not conn.autocommit  # the batches' transactions as before
+    finally:
+        await w._close_db()
