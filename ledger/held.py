@@ -49,9 +49,32 @@ OUTSTANDING_SQL = (
 OUTSTANDING_COUNT_SQL = f"SELECT count(*) FROM held_fills h WHERE h.region = %s AND NOT ({_POSTED})"
 """How many of a region's held rows are outstanding (the writer's gauge)."""
 
-POSTED_TRADES_SQL = "SELECT id FROM transfers WHERE region = %s AND id = ANY(%s)"
-"""Which of these base-leg transfer ids are in a region's books (the writer asks for the
-held fills it has in hand, by their own trade ids, never through a row)."""
+POSTED_TRADES_SQL = (
+    "SELECT id, symbol, qty, price_ticks, price_decimals, credit_account, debit_account "
+    "FROM transfers WHERE region = %s AND id = ANY(%s)"
+)
+"""Which of these base-leg transfer ids are in a region's books, with the trade terms they
+were posted with (the writer asks for the held fills it has in hand, by their own trade ids,
+never through a row, and compares the terms: :func:`posted_terms_differ`)."""
+
+
+def posted_terms_differ(data: bytes, posted: Sequence[Any]) -> str:
+    """What differs between a held fill's trade terms and the base leg posted under its trade
+    id (a POSTED_TRADES_SQL row), "" when they agree or the fill cannot be read (a newer
+    build's: its row was posted by ``post-held`` or not at all). A different fill under a
+    posted trade id (execution reusing one) is not the trade in the books: acking it as
+    posted would drop it unnoticed."""
+    try:
+        f = decode(Fill, data)
+    except Exception:
+        return ""
+    _, symbol, qty, px, decimals, buyer, seller = posted
+    mine = (f.symbol, f.qty, f.price_ticks, f.price_decimals, f.buy_account, f.sell_account)
+    theirs = (symbol, qty, px, decimals, buyer, seller)
+    names = ("symbol", "qty", "price_ticks", "price_decimals", "buy_account", "sell_account")
+    pairs = zip(names, mine, theirs, strict=True)
+    return ", ".join(f"{n} {b!r} posted, {a!r} here" for n, a, b in pairs if a != b)
+
 
 UPSERT_SQL = (
     "INSERT INTO held_fills (region, stream_seq, trade_id, subject, field, reason, payload, "

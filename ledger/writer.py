@@ -50,6 +50,7 @@ from ledger.held import (
     UPSERT_SQL,
     held_trade_id,
     payload_digest,
+    posted_terms_differ,
 )
 from ledger.model import Transfer, transfers_for_fill
 from ledger.store import BatchResult, minor_units, minor_units_disagree, post_transfers
@@ -416,10 +417,13 @@ class LedgerWriter:
         fill = decode(Fill, msg.data)
         return transfers_for_fill(fill, self.topology, self.region, stream_seq=_seq(msg))
 
-    async def _record_held(self, held: list[tuple[Msg, FillRejected | ContractError]]) -> set[int]:
+    async def _record_held(
+        self, held: list[tuple[Msg, FillRejected | ContractError]]
+    ) -> dict[int, str]:
         """Keep the held fills in the ledger's ``held_fills``, bytes and all; returns the
-        stream sequences of those whose trade is posted already (``post-held`` posted it
-        from its row: the stream's copy is done with).
+        stream sequences of those whose trade id is posted already, each with what differs
+        between the fill and the trade posted ("" when they agree: ``post-held`` posted it
+        from its row, the stream's copy is done with; else another fill holds the id).
 
         EXECOUT deletes a message after its max_age (7 days), held or not; the row outlives
         it, so compliance sees a trade missing from the books (``meridian ledger verify``)
@@ -427,13 +431,13 @@ class LedgerWriter:
         still holds the fill, and its next hold (every HOLD_S) tries again."""
         now = time.time_ns()
         rows = []
-        by_tid: dict[str, list[int]] = {}
+        by_tid: dict[str, list[tuple[int, bytes]]] = {}
         for m, e in held:
             if not (seq := _seq(m)):
                 continue  # not a stream message: nothing to find it by
             tid = held_trade_id(m.headers, m.data)
             if tid is not None:  # one trade may be held twice (re-sent past the dedup window)
-                by_tid.setdefault(f"{tid}:base", []).append(seq)
+                by_tid.setdefault(f"{tid}:base", []).append((seq, bytes(m.data)))
             rows.append(
                 (
                     self.region,
@@ -449,14 +453,18 @@ class LedgerWriter:
                 )
             )
         if not rows:
-            return set()
+            return {}
         try:
             conn = await self._conn()
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(UPSERT_SQL, rows)
                 await cur.execute(POSTED_TRADES_SQL, (self.region, list(by_tid)))
-                rows_posted = await cur.fetchall()
-                return {q for r in rows_posted for q in by_tid[str(r[0])]}  # type: ignore[index]
+                rows_posted: list[Any] = await cur.fetchall()
+                return {
+                    q: posted_terms_differ(data, r)
+                    for r in rows_posted
+                    for q, data in by_tid[str(r[0])]
+                }
         except Exception as e:
             self.metrics.held_unrecorded.inc(len(rows))
             log.warning(
@@ -468,7 +476,7 @@ class LedgerWriter:
             )
             if is_retryable(e):
                 await self._close_db()
-            return set()
+            return {}
 
     async def _hold(self, m: Msg, e: FillRejected | ContractError) -> None:
         """A fill this writer cannot post yet: a trade that happened, against a topology
@@ -518,7 +526,21 @@ class LedgerWriter:
         if held:
             posted = await self._record_held(held)
             for m, why in held:
-                if _seq(m) in posted:
+                if posted.get(_seq(m)):  # another fill holds its trade id: not this trade
+                    self._held.pop(_seq(m), None)
+                    log.error(
+                        "ledger %s: terminating held fill on %s (seq %d): its trade id is "
+                        "posted already with other terms (%s); the ledger keeps the fill "
+                        "posted first",
+                        self.region,
+                        m.subject,
+                        _seq(m),
+                        posted[_seq(m)],
+                    )
+                    self.metrics.rejected("trade_id").inc()
+                    with contextlib.suppress(Exception):
+                        await m.term()
+                elif _seq(m) in posted:
                     self._held.pop(_seq(m), None)
                     log.info(
                         "ledger %s: held fill on %s (seq %d) was posted from held_fills; acking",

@@ -352,6 +352,33 @@ async def test_another_fill_under_a_posted_trade_id_is_terminated_and_the_rest_p
     assert verify(dsn).ok
 
 
+async def test_a_held_fill_under_a_trade_id_posted_with_other_terms_is_terminated(
+    mesh: Any, topology: Topology, pg: PostgresServer
+) -> None:
+    """A held fill was acked as posted once its trade id was in the books, whatever trade
+    holds it: a second fill reusing a posted trade id, held for an account this topology
+    lacks, was dropped unnoticed (not held, not rejected, verify passing). It is terminated
+    and counted as rejected (pages), as the unheld path does."""
+    dsn = pg.create_database("t_" + uuid.uuid4().hex[:12])
+    migrate(dsn, topology)
+    tag = "g" + uuid.uuid4().hex[:8]
+    first = random_fills(topology, 1, prefix=tag, region="lon", seed=21)[0]
+    other = dataclasses.replace(first, qty=first.qty + 1000, sell_account="NOBODY")
+    nc = await mesh.connect("lon")
+    try:
+        async with running_writer(mesh, topology, dsn, "lon", f"LT_{tag}") as w:
+            await publish(nc, "lon", [first])
+            await wait_for(lambda: count(dsn, tag) == (2, 4), 10, "the first fill")
+            await publish(nc, "lon", [other])
+            rejected = "meridian_ledger_fills_rejected_total"
+            await wait_for(lambda: w.metric(rejected, field="trade_id") == 1, 10, "the conflict")
+            ci = await nc.jetstream(domain="lon").consumer_info("EXECOUT", f"LT_{tag}")
+            assert ci.num_ack_pending == 0  # terminated: nothing left to redeliver
+    finally:
+        await nc.close()
+    assert count(dsn, tag) == (2, 4)  # the first trade only
+
+
 def _cli(argv: list[str]) -> tuple[int, str]:
     """``meridian ledger <argv>`` in this process: (exit code, stdout)."""
     import argparse
