@@ -83,6 +83,23 @@ async def test_a_price_its_view_marks_stale_is_no_reference(rds: aioredis.Redis)
     assert refs["EURUSD"].bid_ticks == 108448
 
 
+async def test_a_price_older_than_the_max_age_is_no_reference(rds: aioredis.Redis) -> None:
+    """The stale flag is written only while the md view runs: a view that died left its last
+    prices with stale 0, and risk collared against them for ever. A source time older than
+    MAX_REF_AGE_S is no reference; a seeded book (src_ns 0) is taken as it is."""
+    from router.refprice import MAX_REF_AGE_S
+
+    ext = RedisExternals(rds, "lon")
+    old = time.time_ns() - int((MAX_REF_AGE_S + 5) * 1e9)
+    await rds.hset(tob_key("lon", "EURUSD"), mapping={"stale": "0", "src_ns": old})
+    await rds.hset(tob_key("lon", "GBPUSD"), mapping={"stale": "0", "src_ns": time.time_ns()})
+    _, refs = await ext.fetch({}, {"EURUSD", "GBPUSD"}, LIMITS, 1.0)
+    assert "EURUSD" not in refs and "GBPUSD" in refs
+    await rds.hset(tob_key("lon", "EURUSD"), mapping={"src_ns": 0})  # seeded
+    _, refs = await ext.fetch({}, {"EURUSD"}, LIMITS, 1.001)
+    assert refs["EURUSD"].bid_ticks == 108448
+
+
 async def test_tokens_are_leased_in_blocks_and_the_lease_expires(rds: aioredis.Redis) -> None:
     ext = RedisExternals(rds, "lon")
     block = lease_block(LIMITS)
