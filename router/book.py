@@ -92,6 +92,11 @@ __all__ = [
     "avg_px",
 ]
 
+PAST_IDS_KEPT = 16
+"""Ids an order no longer answers to, kept per order (OrderBook._past): the latest only. A
+replace or cancel stored twice is one of the last few outputs risk had in flight when it
+stopped; a quote replaced all day must not grow its book, its snapshots and each replace's
+cost without bound."""
 SNAPSHOT_VERSION = 2
 """2: the index in insertion order (1: sorted). Restore takes both; a book restored from a v1
 snapshot decides exactly alike but does not snapshot byte for byte like one replayed from
@@ -911,7 +916,14 @@ class OrderBook:
         if key in self._past:
             return  # (one id is past for one order only: the first keeps it)
         self._past[key] = order_id
-        self._past_of[order_id] = (*self._past_of.get(order_id, ()), key)
+        kept = (*self._past_of.get(order_id, ()), key)
+        if len(kept) > PAST_IDS_KEPT:  # a quote replaced all day: only its latest ids
+            for old in kept[:-PAST_IDS_KEPT]:
+                if self._past.get(old) == order_id:
+                    del self._past[old]
+                    self._past_bytes -= len(self._past_packed.pop(old))
+            kept = kept[-PAST_IDS_KEPT:]
+        self._past_of[order_id] = kept
         row = _packb([account, cl_ord_id, order_id])
         self._past_packed[key] = row
         self._past_bytes += len(row)

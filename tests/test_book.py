@@ -1174,3 +1174,22 @@ def test_a_v1_snapshot_with_its_sorted_index_restores_and_decides_alike() -> Non
     raw["v"] = 3
     with pytest.raises(SnapshotError):
         OrderBook.restore(msgpack.packb(raw, use_bin_type=True), INST, REGION)
+
+
+def test_a_quote_replaced_all_day_keeps_only_its_latest_past_ids() -> None:
+    """Every replace of a live order kept its old id, copied into a growing tuple: 60,000
+    replaces of one quote cost 336 us each (10.7 before), a 709 KB snapshot and a 7 s restore."""
+    from router.book import PAST_IDS_KEPT
+
+    d = Driver()
+    d(sub("q", BUY, 10, 100))
+    prev = "c-q"
+    for i in range(500):
+        d(rpl("q", 10, 100 + (i % 2), new=f"r{i}", orig=prev))
+        prev = f"r{i}"
+    assert len(d.book._past_of["q"]) == PAST_IDS_KEPT == len(d.book._past)
+    assert len(d.book._past_packed) == PAST_IDS_KEPT
+    # the latest are still told from new commands
+    assert d(rpl("q", 10, 100, new="r498", orig="r499")) == []
+    book = OrderBook.restore(d.book.snapshot(), INST, REGION)
+    assert len(book._past) == PAST_IDS_KEPT
