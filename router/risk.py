@@ -713,7 +713,10 @@ class RiskEngine:
             return rej(RejectReason.INVALID_FIELD, _wrong_symbol(msg.symbol, o.symbol))
         sym = o.symbol
         inst_limits = self.limits.instrument(sym)
-        grows = msg.qty > o.leaves
+        # msg.qty is the new total: what it leaves open is that less what has filled (as far
+        # as risk knows: a fill still in flight only makes this larger, never smaller)
+        new_leaves = msg.qty - max(o.cum, 0)
+        grows = new_leaves > o.leaves
         if self.killed(acct) and grows:
             return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
         # as the kill switch: a replace that does not grow the order (a reduce, a new price)
@@ -740,7 +743,7 @@ class RiskEngine:
         if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
             return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
         if grows:
-            before, after = self.exposure_change(acct, (sym, o.side, msg.qty - o.leaves))
+            before, after = self.exposure_change(acct, (sym, o.side, new_leaves - o.leaves))
             limit = self.limits.account(acct).credit_limit_usd
             if after > limit and after > before:
                 return rej(

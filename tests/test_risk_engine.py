@@ -1475,3 +1475,22 @@ def test_a_risk_cancel_reject_is_stamped_with_the_requests_accept_time(sent_ns: 
         (RejectReason.TOO_LATE_TO_CANCEL, accepted),
         (RejectReason.MAX_QTY, accepted),
     ]
+
+
+def test_a_reduce_of_a_partly_filled_order_never_counts_as_growing_it() -> None:
+    """`grows` compared the new total with the leaves: with 8M of 10M filled, a replace to
+    9M (leaves 2M -> 1M) was refused RESTRICTED_SYMBOL, and the FIX cut to 7M KILL_SWITCH."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 151000, cl="pf"))
+    rig.counterparty("USDJPY", SELL, 8_000_000, 151000)
+    (o,) = rig.engine.state(acct).orders.values()
+    assert (o.cum, o.leaves) == (8_000_000, 2_000_000)
+    rig.engine.set_limits(replace(rig.limits, restricted_symbols=frozenset({"USDJPY"})))
+    assert approved(rig.replace(acct, "USDJPY", "pf", 9_000_000, 151000))  # leaves 1M
+    assert rejected(rig.replace(acct, "USDJPY", o.cl_ord_id, 11_000_000, 151000)) is (
+        RejectReason.RESTRICTED_SYMBOL  # leaves 3M: grows
+    )
+    rig.engine.set_kill(f"account.{acct}", True)
+    assert approved(rig.replace(acct, "USDJPY", o.cl_ord_id, 7_000_000, 151000))  # the cut
+    assert not rig.engine.state(acct).orders  # REPLACED / FILLED: done
