@@ -142,7 +142,7 @@ class RiskLimits:
 
     @classmethod
     def from_mapping(
-        cls, raw: Mapping[str, Any], *, topology: Topology | None = None
+        cls, raw: Mapping[str, Any], *, topology: Topology | None = None, strict: bool = True
     ) -> RiskLimits:
         """Validate a limits document (TOML or the JSON in the RISKCFG bucket).
 
@@ -151,7 +151,11 @@ class RiskLimits:
         included: an override that sets them replaces the default's list). A key this code
         does not know is an error, never ignored (a ``credit_limt_usd`` typo would leave the
         default limit in force unnoticed); so are, given the ``topology``, an account or a
-        symbol it does not know. Raises ValueError naming the key.
+        symbol it does not know. Raises ValueError naming the key. ``strict=False`` (what a
+        risk worker reads: a document stored in RISKCFG or recorded in RISKLOG by an older,
+        looser build, or a snapshot) logs unknown keys and ignores them: refusing a recorded
+        document would stop a rebuild, and refusing a stored one would drop the operator's
+        limits for the defaults; ``meridian risk set-limits`` validates strictly.
         """
 
         def pos_int(v: Any, where: str) -> int:
@@ -164,7 +168,10 @@ class RiskLimits:
                 raise ValueError(f"{where or 'limits'}: must be a table")
             for k in v:
                 if allowed is not None and k not in allowed:
-                    raise ValueError(f"{where}.{k}: unknown key" if where else f"{k}: unknown key")
+                    what = f"{where}.{k}: unknown key" if where else f"{k}: unknown key"
+                    if strict:
+                        raise ValueError(what)
+                    log.warning("risk limits: %s (ignored)", what)
             return v
 
         def symbol(s: str, where: str) -> str:
@@ -948,9 +955,8 @@ class RiskEngine:
                 f"risk snapshot v{snap.get('v')} for {snap.get('region')!r}, "
                 f"expected v{cls.SNAPSHOT_VERSION} for {region!r}"
             )
-        eng = cls(
-            topology, region, RiskLimits.from_mapping(snap["limits"]), cl_id_memory=cl_id_memory
-        )
+        limits = RiskLimits.from_mapping(snap["limits"], strict=False)
+        eng = cls(topology, region, limits, cl_id_memory=cl_id_memory)
         eng.kills = set(snap["kills"])
         for acct, raw in snap["accounts"].items():
             st = eng.state(acct)

@@ -1145,7 +1145,7 @@ class RiskWorker:
         if it.kind == "cfg":
             if not it.payload:  # key deleted or purged: back to the configured defaults
                 return self.default_limits
-            return RiskLimits.from_mapping(json.loads(it.payload))
+            return RiskLimits.from_mapping(json.loads(it.payload), strict=False)
         raise ValueError(f"unknown input kind {it.kind}")
 
     async def _externals(self, items: list[Item]) -> dict[str, Externals]:

@@ -1494,3 +1494,13 @@ def test_a_reduce_of_a_partly_filled_order_never_counts_as_growing_it() -> None:
     rig.engine.set_kill(f"account.{acct}", True)
     assert approved(rig.replace(acct, "USDJPY", o.cl_ord_id, 7_000_000, 151000))  # the cut
     assert not rig.engine.state(acct).orders  # REPLACED / FILLED: done
+
+
+def test_a_stored_or_recorded_limits_document_with_an_unknown_key_is_read_not_refused() -> None:
+    """Strict limits refused a document an older, looser set-limits had stored or RISKLOG had
+    recorded: a rebuild replaying it stopped the region's risk. Workers read leniently (the
+    key ignored, logged); the operator's command stays strict."""
+    doc = {**RiskLimits.load().to_mapping(), "note": "from an older build"}
+    with pytest.raises(ValueError, match="note"):
+        RiskLimits.from_mapping(doc)
+    assert RiskLimits.from_mapping(doc, strict=False) == RiskLimits.load()
