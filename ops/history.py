@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 import psycopg
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ledger.db import libpq_dsn
@@ -100,7 +100,11 @@ async def _read_subject(
     total = sum((info.state.subjects or {}).values())
     if not total:
         return []
-    cfg = ConsumerConfig(filter_subject=subject, deliver_policy=DeliverPolicy.ALL)
+    # never acked (compliance may not ack): with explicit acks the server stopped delivering
+    # at max_ack_pending, 1,000, and a busy account's history came back INCOMPLETE
+    cfg = ConsumerConfig(
+        filter_subject=subject, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE
+    )
     out: list[Any] = []
     sub = None
     try:

@@ -46,3 +46,35 @@ async def test_a_region_that_cannot_be_read_is_a_gap_not_an_empty_answer() -> No
     gaps.clear()
     assert await _read_subject(nc(NotFoundError()), "sgp", "EXECOUT", "s", gaps=gaps) == []
     assert gaps == []  # no such stream: nothing was stored there
+
+
+async def test_history_reads_with_a_consumer_it_never_has_to_ack() -> None:
+    """With explicit acks (nats-py's default) and no acks sent, the server stopped at
+    max_ack_pending (1,000): a busy account's history was always INCOMPLETE."""
+    import types
+    from typing import Any
+
+    from nats.js.api import AckPolicy
+
+    from ops.history import _read_subject
+
+    made: list[Any] = []
+
+    class _Sub:
+        async def fetch(self, n: int, timeout: float) -> list[int]:
+            return [0] * n
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    async def stream_info(stream: str, subjects_filter: str = "") -> Any:
+        return types.SimpleNamespace(state=types.SimpleNamespace(subjects={"s": 3}))
+
+    async def pull_subscribe(subject: str, stream: str, config: Any) -> _Sub:
+        made.append(config)
+        return _Sub()
+
+    js = types.SimpleNamespace(stream_info=stream_info, pull_subscribe=pull_subscribe)
+    nc = types.SimpleNamespace(jetstream=lambda domain: js)
+    assert len(await _read_subject(nc, "lon", "EXECOUT", "s")) == 3  # type: ignore[arg-type]
+    assert made[0].ack_policy is AckPolicy.NONE
