@@ -20,6 +20,7 @@ processes) and the test harness (free ports, processes that die with pytest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -162,7 +163,7 @@ class MeshPlan:
             source = str(Path(source).resolve())
         return {
             "topology_source": source,
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir.resolve()),
             "proxy_control_port": self.proxy_control_port,
             "link_ports": self.link_ports,
             "pg_port": self.pg_port,
@@ -299,9 +300,14 @@ class Devstack:
                 if after is not None:
                     after(self)
         except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
-                self.progress(f"interrupted ({str(e) or 'Ctrl-C'}): stopping what was started")
             with termination_ignored():
+                if isinstance(e, KeyboardInterrupt):
+                    # best effort: a hung-up terminal or a closed pipe (Ctrl-C killed `tee`)
+                    # makes this write fail, and nothing may keep the teardown from running
+                    with contextlib.suppress(Exception):
+                        self.progress(
+                            f"interrupted ({str(e) or 'Ctrl-C'}): stopping what was started"
+                        )
                 self.down()
             raise
 
@@ -542,7 +548,9 @@ class Devstack:
         Raises OpsError without a state file, TopologyError when its topology file cannot be
         read (:func:`down_recorded` stops the processes without it)."""
         state = _read_state(run_dir)
-        ds = cls(MeshPlan.from_json(state["plan"]))
+        plan = MeshPlan.from_json(state["plan"])
+        # the directory asked about, not the one stored (relative to wherever `up` ran)
+        ds = cls(dataclasses.replace(plan, run_dir=Path(run_dir)))
         ds.records = _records(state)
         return ds
 
@@ -703,13 +711,16 @@ def _same_process(rec: ProcRecord) -> bool:
 
     After a reboot or a pid wrap-around the pid may belong to anything (the machine's own
     PostgreSQL, any python): the start time and boot id recorded at launch must match, and
-    the command line too. A record of an older build has neither: its full argv must match.
+    that identifies the process instance. A record of an older build has neither: its full
+    argv must match.
     """
     if not pid_exists(rec.pid):
         return False
     identity = (rec.boot_id, rec.start_ticks)
-    if all(identity) and identity != (boot_id(), proc_start_ticks(rec.pid)):
-        return False
+    if all(identity):
+        # one boot, one start time: that process instance and no other, whatever its command
+        # line says now (a launcher that execs the real binary, a server renaming itself)
+        return identity == (boot_id(), proc_start_ticks(rec.pid))
     try:
         cmdline = Path(f"/proc/{rec.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

@@ -80,7 +80,10 @@ def termination_raises() -> Iterator[None]:
     def raise_(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
-    old = {s: signal.signal(s, raise_) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal the caller ignores stays ignored (`nohup ./ops/run &`: a logout must not tear
+    # down the mesh being started)
+    wanted = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    old = {s: signal.signal(s, raise_) for s in wanted}
     try:
         yield
     finally:

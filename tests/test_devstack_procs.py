@@ -217,7 +217,12 @@ def test_a_recorded_process_is_recognised(tmp_path: Path) -> None:
         assert recorded_running(tmp_path / "run") == ["sleeper"]
         assert process_state(dataclasses.replace(rec, start_ticks=rec.start_ticks + 1)) == "dead"
         assert process_state(dataclasses.replace(rec, start_ticks=0, boot_id="")) == "up"
-        assert process_state(dataclasses.replace(rec, argv=["sleep", "61"])) == "dead"
+        # the identity names the instance: a launcher that exec'd the real binary (a shim,
+        # a wrapper script) changed its command line and is still ours
+        assert process_state(dataclasses.replace(rec, argv=["sleep", "61"])) == "up"
+        # without one (an older build's record), the full argv must match
+        old = dataclasses.replace(rec, start_ticks=0, boot_id="", argv=["sleep", "61"])
+        assert process_state(old) == "dead"
     finally:
         ds.down()
 
@@ -481,3 +486,30 @@ def test_write_private_narrows_an_existing_file(tmp_path: Path) -> None:
     write_private(f, "password: s3cret")
     assert f.stat().st_mode & 0o777 == 0o600 and f.read_text() == "password: s3cret"
     assert [p.name for p in tmp_path.iterdir()] == ["nats.conf"]
+
+
+def test_a_signal_the_caller_ignores_stays_ignored_during_up() -> None:
+    """`nohup ./ops/run &`: up replaced the inherited SIGHUP-ignore, and a logout tore the
+    mesh being started down."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with procs.termination_raises():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+def test_a_mesh_is_attached_at_the_directory_asked_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meridian --run-dir run2 up`, then `status` with an absolute path from elsewhere: the
+    relative run_dir stored in state.json sent the market-data check to the wrong place."""
+    monkeypatch.chdir(tmp_path)
+    ds = _devstack(Path("run2"))
+    ds._start(_sleeper(tmp_path / "sleeper.log"), kind="worker")
+    try:
+        monkeypatch.chdir("/")
+        assert Devstack.attach(tmp_path / "run2").run_dir == tmp_path / "run2"
+    finally:
+        ds.down()
