@@ -38,7 +38,9 @@ locals {
           static_configs = [{ targets = local.exporter_targets[code], labels = { region = code } }]
         },
         {
-          job_name       = "meridian-workers"
+          # not "meridian-*": every node is scraped on every worker port, but the single-writer
+          # workers run on one node per region, so MeridianTargetDown would fire for good
+          job_name       = "workers"
           static_configs = [{ targets = local.worker_targets[code], labels = { region = code } }]
         },
         {
