@@ -256,6 +256,13 @@ class TopBookConsumer:
         self.nc, self.redis, self.view = nc, redis, view
         self.regions = regions
         self.exec_regions = exec_regions
+        # the sources watched for silence: the regions that execute (so quote) something, when
+        # known; a region that executes nothing publishes nothing and is never stale
+        self._watched = (
+            tuple(r for r in regions if r in set(exec_regions.values()))
+            if exec_regions is not None
+            else regions
+        )
         self.metrics = metrics
         self.max_gap_quotes = max_gap_quotes
         self.stats = ConsumerStats()
@@ -638,7 +645,7 @@ class TopBookConsumer:
         while True:
             await asyncio.sleep(0.1)
             now = time.time_ns()
-            for src in self.regions:
+            for src in self._watched:
                 last = self._last_live_ns.get(src, self._started_ns)
                 if src in self._stale or now - last <= self.stale_after_ns:
                     continue

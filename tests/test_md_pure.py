@@ -541,3 +541,15 @@ async def test_a_feed_that_ends_is_fine_and_stop_exits_0() -> None:
     ]
     asyncio.get_running_loop().call_later(0.2, stop.set)
     assert await asyncio.wait_for(supervise(tasks, stop), 5) == 0
+
+
+async def test_a_region_that_executes_nothing_is_never_stale() -> None:
+    """Every view watched every region of the topology: one executing nothing (which the
+    topology allows) publishes nothing and was stale for good: status unhealthy, a page."""
+    c = _tob(exec_regions={"EURUSD": "lon", "USDJPY": "sgp"}, stale_after_s=0.05)
+    task = asyncio.create_task(c._watch())
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+    assert set(c.stale_sources()) == {"lon", "sgp"}  # silent, and they do quote
