@@ -92,6 +92,14 @@ __all__ = [
     "avg_px",
 ]
 
+BOOK_RULES = 2
+"""The rules a book applies commands by, recorded in its snapshots. 1 (before): a replace down
+to or below what has filled is refused, and a replace or cancel applied already is applied
+again. 2: the first ends the order FILLED (FIX 4.4), the second changes nothing. A book
+restored from a snapshot of older rules applies them to the commands an older build may
+have applied already (:attr:`OrderBook.legacy_through`): a replay must give what that build
+published, ids and bytes."""
+
 PAST_IDS_KEPT = 16
 """Ids an order no longer answers to, kept per order (OrderBook._past): the latest only. A
 replace or cancel stored twice is one of the last few outputs risk had in flight when it
@@ -469,6 +477,12 @@ class OrderBook:
         self._past_of: dict[str, tuple[str, ...]] = {}
         self._past_packed: dict[str, bytes] = {}
         self._past_bytes = 0
+        self.rules = BOOK_RULES
+        """The rules of the snapshot this book was restored from (a fresh book: this build's)."""
+        self.legacy_through = 0
+        """Commands up to this stream sequence are applied by rules 1 (see :data:`BOOK_RULES`):
+        set by the execution worker to what a predecessor may have applied, when restored
+        from a snapshot of older rules."""
         # per-command scratch (reset by apply)
         self._out: list[Output] = []
         self._seq = 0
@@ -581,7 +595,11 @@ class OrderBook:
 
     def _cancel(self, c: Cancel) -> None:
         o = self._resolve(c.order_id, c.account, c.orig_cl_ord_id)
-        if o is not None and self._past.get(_clid_key(c.account, c.cl_ord_id)) == o.order_id:
+        if (
+            self._seq > self.legacy_through
+            and o is not None
+            and self._past.get(_clid_key(c.account, c.cl_ord_id)) == o.order_id
+        ):
             return  # the cancel that ended it, stored again: applied already
         if o is None or o.status in TERMINAL_STATUSES:
             self._cancel_reject(c, o, "cancel")
@@ -604,10 +622,23 @@ class OrderBook:
     def _replace(self, c: Replace) -> None:
         o = self._resolve(c.order_id, c.account, c.orig_cl_ord_id)
         new_key = _clid_key(c.account, c.cl_ord_id)
-        if o is not None and o.order_id in (self._by_clid.get(new_key), self._past.get(new_key)):
+        legacy = self._seq <= self.legacy_through
+        if (
+            not legacy
+            and o is not None
+            and o.order_id in (self._by_clid.get(new_key), self._past.get(new_key))
+        ):
             return  # a replace applied already (the order has, or had, its id), stored again
         if o is None or o.status in TERMINAL_STATUSES:
             self._cancel_reject(c, o, "replace")
+            return
+        if legacy and (c.qty <= o.cum_qty or c.price_ticks <= 0):  # rules 1, as published
+            text = (
+                f"qty {c.qty} must exceed cum_qty {o.cum_qty}"
+                if c.qty <= o.cum_qty
+                else "price_ticks must be > 0"
+            )
+            self._cancel_reject(c, o, "replace", RejectReason.INVALID_FIELD, text)
             return
         if c.qty <= 0 or c.price_ticks <= 0:
             text = "qty must be > 0" if c.qty <= 0 else "price_ticks must be > 0"
@@ -1042,6 +1073,7 @@ class OrderBook:
             "day_cutoff_ns": self.day_cutoff_ns,
             "rolls": list(self.rolls),
             "terminal_memory": self.terminal_memory,
+            "rules": BOOK_RULES,
             "bids": bids,
             "asks": asks,
         }
@@ -1090,6 +1122,7 @@ class OrderBook:
             book.last_seq = int(raw["last_seq"])
             book.day_cutoff_ns = int(raw.get("day_cutoff_ns", 0))
             book.rolls = tuple(int(r) for r in raw.get("rolls", ()))
+            book.rules = int(raw.get("rules", 1))  # none before rules were recorded
             for key in ("bids", "asks"):
                 for row in raw[key]:
                     o = _Order.unpack(row)

@@ -49,7 +49,7 @@ from opentelemetry import trace
 from ops.telemetry.tracing import NOOP_TRACER, inject, process_span
 from regions.topology import Topology
 from router import contract, subjects
-from router.book import ROLL_SCHEDULE, ExpireDay, OrderBook
+from router.book import BOOK_RULES, ROLL_SCHEDULE, ExpireDay, OrderBook
 from router.commands import decode_command, encode_command
 from router.contract import (
     CancelReject,
@@ -304,6 +304,9 @@ class ExecutionWorker:
         """This batch's outputs as sent, in the order of their PubAck futures."""
         self.restored_from = 0
         """EXEC sequence of the snapshot the books were restored from at start (0: none)."""
+        self._rules_upgrade = False
+        """The books were restored from a snapshot of older rules: one is taken after the
+        rebuild (router.book.BOOK_RULES)."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -481,6 +484,9 @@ class ExecutionWorker:
             await self._rebuild()
         finally:
             self._rebuilding = False
+        if self._rules_upgrade:
+            self._rules_upgrade = False
+            await self._maybe_snapshot(force=True)
 
     async def _rebuild(self) -> None:
         # a put still storing the last snapshot would purge the chunks of the one being read
@@ -499,6 +505,13 @@ class ExecutionWorker:
             # (a consumer is never handed past the stream's last message)
             self._out_through = last or 0
         await self._restore_snapshot(max_seq=last)
+        # a snapshot of older book rules: the commands a predecessor may have applied (every
+        # one stored when this worker first rebuilt) are replayed by those rules, so the
+        # replay gives what it published; a snapshot follows at once, so no later start
+        # replays this build's own commands by them (router.book.BOOK_RULES)
+        for book in self.books.values():
+            book.legacy_through = self._out_through if book.rules < BOOK_RULES else 0
+        self._rules_upgrade = any(b.rules < BOOK_RULES for b in self.books.values())
         await self._load_refused(after=self.applied)
         self._snap_seq = self._saved_seq = self.applied
         # the next snapshot is due by the restored one's age (a long stop: at once)
@@ -1001,7 +1014,7 @@ class ExecutionWorker:
         """Seconds the books have been ahead of the last stored snapshot (0: covered)."""
         return self._lag.seconds(self.applied > self._saved_seq)
 
-    async def _maybe_snapshot(self) -> None:
+    async def _maybe_snapshot(self, *, force: bool = False) -> None:
         behind = self.snapshot_behind_s()
         if self.metrics is not None:
             self.metrics.snapshot_behind().set(behind)
@@ -1010,7 +1023,7 @@ class ExecutionWorker:
             self.applied > self._saved_seq
             and time.monotonic() - self._snap_at >= self.snapshot_every_s
         )
-        if (due_n or due_t) and (self._saving is None or self._saving.done()):
+        if (force or due_n or due_t) and (self._saving is None or self._saving.done()):
             # The books are captured here, between batches, as immutable pieces (references
             # to kept encodings); joining them (55 MB at full memory) and the put, in
             # object-store chunks, go on beside the next commands instead of holding them.

@@ -1193,3 +1193,29 @@ def test_a_quote_replaced_all_day_keeps_only_its_latest_past_ids() -> None:
     assert d(rpl("q", 10, 100, new="r498", orig="r499")) == []
     book = OrderBook.restore(d.book.snapshot(), INST, REGION)
     assert len(book._past) == PAST_IDS_KEPT
+
+
+def test_commands_an_older_build_applied_replay_by_its_rules() -> None:
+    """A deploy replays the EXEC tail past the last snapshot, which the old build applied
+    live. By the new rules a replace below the fills ended the order where the old build
+    had refused it: another trade, an output id colliding with the old reject's. Commands up
+    to legacy_through replay by rules 1; later ones by this build's."""
+    import msgpack
+
+    from router.book import BOOK_RULES
+
+    d = Driver()
+    d(sub("b", BUY, 10, 100))
+    d(sub("s", SELL, 8, 100, acct="S"))
+    raw = msgpack.unpackb(d.book.snapshot(), raw=False)
+    assert raw["rules"] == BOOK_RULES
+    del raw["rules"]  # a snapshot an older build wrote
+    old = OrderBook.restore(msgpack.packb(raw, use_bin_type=True), INST, REGION)
+    assert old.rules == 1
+    old.legacy_through = 4  # what the predecessor may have applied
+    (cr,) = old.apply(rpl("b", 7, 100, new="n1"), seq=3, ts_ns=3000)
+    assert isinstance(cr, CancelReject) and cr.reason is RejectReason.INVALID_FIELD
+    assert cr.reject_id == "lon-EURUSD-3-0"  # what the old build published
+    # past it, this build's rules
+    (er,) = ers(old.apply(rpl("b", 7, 100, new="n2"), seq=5, ts_ns=5000))
+    assert (er.exec_type, er.ord_status) == (ExecType.REPLACED, OrdStatus.FILLED)

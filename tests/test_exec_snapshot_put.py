@@ -258,3 +258,23 @@ async def test_pubacks_lost_with_a_connection_give_their_slots_back(
         with pytest.raises(TimeoutError):
             await f
     assert not third.done() and len(w.pub._pending) == 1
+
+
+async def test_a_rebuild_from_an_older_rules_snapshot_replays_by_them_then_snapshots() -> None:
+    """Books restored from a snapshot an older build wrote apply its rules to what it may
+    have applied (every command stored at this worker's first rebuild), and a snapshot is
+    taken at once, so no later start replays this build's own commands by the old rules."""
+    events: list[str] = []
+    w = await _worker(0.0, events)
+    w._fresh_books()
+
+    async def restore(*, max_seq: int) -> None:
+        events.append("snapshot read")
+        for book in w.books.values():
+            book.rules = 1  # as restored from a snapshot without "rules"
+
+    w._restore_snapshot = restore  # type: ignore[method-assign]
+    await w.rebuild()
+    await _turns()
+    assert all(b.legacy_through == w._out_through for b in w.books.values())
+    assert events[:2] == ["snapshot read", "put started"] and not w._rules_upgrade
