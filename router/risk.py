@@ -749,8 +749,10 @@ class RiskEngine:
             return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}")
         if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
             return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
-        if grows:
-            before, after = self.exposure_change(acct, (sym, o.side, new_leaves - o.leaves))
+        # the credit check counts what the reservation will: until its report, a replace
+        # reserves its whole new quantity (conservative: a fill in flight is never missed)
+        if msg.qty > o.leaves:
+            before, after = self.exposure_change(acct, (sym, o.side, msg.qty - o.leaves))
             limit = self.limits.account(acct).credit_limit_usd
             if after > limit and after > before:
                 return rej(
