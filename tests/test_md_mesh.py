@@ -104,6 +104,15 @@ async def views(mesh: Mesh, clients: dict[str, Client]) -> dict[str, Client]:
 
 
 @pytest.fixture
+def redis_url(mesh: Mesh) -> str:
+    """The mesh's Redis, database 1: these tests write real quotes of real pairs into the
+    top-of-book keys, which risk reads in database 0 (the order-path tests' seeded books);
+    a quote they leave behind ages past risk's 30 s and the pair has no reference price."""
+    base, _, _db = mesh.redis_url.rpartition("/")
+    return f"{base}/1"
+
+
+@pytest.fixture
 async def rds(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     r = aioredis.from_url(redis_url)
     try:
