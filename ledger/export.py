@@ -329,6 +329,9 @@ class ManifestAnchor:
     """The export's postings file, when it is beside the manifest (to name rewritten rows)."""
     postings_sha256: str = ""
     fmt: Format = "csv"
+    held: tuple[tuple[str, int, str | None], ...] = ()
+    """(region, EXECOUT stream seq, trade id) of the fills held, not posted, at the export:
+    each must still be held or be posted since (a deleted held_fills row hides a trade)."""
 
 
 def load_manifest(path: str | Path) -> ManifestAnchor:
@@ -371,7 +374,15 @@ def load_manifest(path: str | Path) -> ManifestAnchor:
         postings = {}
     name = postings.get("path")
     ppath = p.parent / name if isinstance(name, str) and "/" not in name else None
+    held_raw = raw.get("held_outstanding")
+    fills = held_raw.get("fills") if isinstance(held_raw, dict) else None
+    held = tuple(
+        (str(f["region"]), int(f["stream_seq"]), f.get("trade_id") or None)
+        for f in (fills if isinstance(fills, list) else [])
+        if isinstance(f, dict) and isinstance(f.get("stream_seq"), int) and "region" in f
+    )
     return ManifestAnchor(
+        held=held,
         path=p,
         regions=tuple(dict.fromkeys([*regions, *heads])),
         heads=heads,

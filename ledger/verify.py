@@ -324,6 +324,8 @@ def _verify(
                     ),
                 )
             )
+        if anchor is not None:
+            problems.extend(_held_since(conn, anchor, rg))
 
     checked = 0
     empty: list[str] = []
@@ -353,6 +355,42 @@ def _verify(
         problems=tuple(problems[:MAX_PROBLEMS]),
         truncated=truncated,
     )
+
+
+def _held_since(
+    conn: psycopg.Connection[Any], anchor: ManifestAnchor, rg: list[str]
+) -> list[Problem]:
+    """Every fill the manifest lists as held at the export is still held, or posted since: a
+    held_fills row deleted with its trade still missing hides a trade from the books."""
+    out = []
+    for region, seq, trade_id in anchor.held:
+        if region not in rg:
+            continue
+        row = conn.execute(
+            "SELECT 1 FROM held_fills WHERE region = %s AND stream_seq = %s LIMIT 1",
+            (region, seq),
+        ).fetchone()
+        posted = (
+            trade_id is not None
+            and conn.execute(
+                "SELECT 1 FROM transfers WHERE region = %s AND id = %s",
+                (region, f"{trade_id}:base"),
+            ).fetchone()
+        )
+        if row is None and not posted:
+            out.append(
+                Problem(
+                    kind=ProblemKind.HELD_FILL,
+                    region=region,
+                    transfer_id=f"{trade_id}:base" if trade_id else None,
+                    detail=(
+                        f"fill at EXECOUT seq {seq} was held at the export "
+                        f"({anchor.path.parent}) and is neither held nor posted now: its "
+                        "held_fills row was deleted"
+                    ),
+                )
+            )
+    return out
 
 
 _TRANSFER_FIELDS = tuple(f.name for f in fields(Transfer))

@@ -313,3 +313,20 @@ def test_a_ranged_export_says_its_chains_are_cut_and_lists_held_fills(
     report = verify(fresh_db, manifest=tmp_path / "r")
     assert [p.kind for p in report.problems] == [K.HELD_FILL]
     assert report.anchored["lon"] == (48, full["chain_heads"]["lon"]["last_hash"])
+
+
+def test_a_held_row_deleted_since_the_export_fails_against_its_manifest(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """The manifest lists the fills held at the export; deleting a held_fills row hid a
+    trade the books lack from verify, with or without the manifest."""
+    fills = random_fills(TOPO, 2, prefix="hd", region="lon", seed=31)
+    post(fresh_db, fills)
+    _hold(fresh_db, 77, encode(fills[0]).replace(b"hd", b"hx"), "lon-EURUSD-held-77")
+    export_ledger(fresh_db, ExportRequest(regions=TOPO.codes, out_dir=tmp_path / "x"))
+    with psycopg.connect(fresh_db) as c:
+        c.execute("DELETE FROM held_fills WHERE stream_seq = 77")
+    assert verify(fresh_db).ok  # nothing left in the database says a trade is missing
+    report = verify(fresh_db, manifest=tmp_path / "x")
+    (p,) = report.problems
+    assert p.kind is K.HELD_FILL and "row was deleted" in p.detail and "77" in p.detail
