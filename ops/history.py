@@ -120,10 +120,12 @@ async def _read_subject(
     return out
 
 
-async def find_account(nc: NATS, topology: Topology, ref: str) -> tuple[str, str] | None:
+async def find_account(
+    nc: NATS, topology: Topology, ref: str, gaps: list[str] | None = None
+) -> tuple[str, str] | None:
     """(account, order_id) for a cl_ord_id or order id, trying every account."""
     for acct in topology.accounts():
-        found = await _order_of(nc, topology, acct, ref)
+        found = await _order_of(nc, topology, acct, ref, gaps)
         if found is not None:
             return acct, found
     for acct in topology.accounts():
@@ -133,7 +135,9 @@ async def find_account(nc: NATS, topology: Topology, ref: str) -> tuple[str, str
     return None
 
 
-async def _order_of(nc: NATS, topology: Topology, account: str, cl_ord_id: str) -> str | None:
+async def _order_of(
+    nc: NATS, topology: Topology, account: str, cl_ord_id: str, gaps: list[str] | None = None
+) -> str | None:
     """The id of the order ``cl_ord_id`` names, if ORDERS holds a request by it: a new
     order's own (derived from its cl_ord_id), a cancel's or replace's the order it targets,
     followed back along ``orig_cl_ord_id`` (a replace of a replace names the latest id, and the
@@ -143,7 +147,14 @@ async def _order_of(nc: NATS, topology: Topology, account: str, cl_ord_id: str) 
     for _ in range(MAX_REPLACES):
         m = await _orders_msg(nc, topology, account, cl)
         if m is None:
-            return None if cl == cl_ord_id else ids.order_id(account, cl)
+            if cl == cl_ord_id:
+                return None
+            if gaps is not None:  # a guess, and said so: the chain may go on before it
+                gaps.append(
+                    f"the request {cl!r} that {cl_ord_id!r} goes back to is not in ORDERS "
+                    "(kept 7 days, or its region unreachable): taken for the new order"
+                )
+            return ids.order_id(account, cl)
         seen.add(cl)
         if request_op(m.headers) == "new":
             return ids.order_id(account, cl)
@@ -190,15 +201,16 @@ async def _reports(
 async def order_history(
     nc: NATS, topology: Topology, ref: str, *, account: str | None = None, dsn: str | None = None
 ) -> History | None:
+    gaps: list[str] = []
     if account is None:
-        hit = await find_account(nc, topology, ref)
+        hit = await find_account(nc, topology, ref, gaps)
         if hit is None:
             return None
         account, order_id = hit
     else:
         # a cl_ord_id (of the order, or of a cancel or replace of it), else an order id
-        order_id = await _order_of(nc, topology, account, ref) or ref
-    h = History(account=account, order_id=order_id)
+        order_id = await _order_of(nc, topology, account, ref, gaps) or ref
+    h = History(account=account, order_id=order_id, gaps=gaps)
     home = topology.account_home(account)
 
     every = await _reports(nc, topology, account, h.gaps)

@@ -78,3 +78,35 @@ async def test_history_reads_with_a_consumer_it_never_has_to_ack() -> None:
     nc = types.SimpleNamespace(jetstream=lambda domain: js)
     assert len(await _read_subject(nc, "lon", "EXECOUT", "s")) == 3  # type: ignore[arg-type]
     assert made[0].ack_policy is AckPolicy.NONE
+
+
+async def test_a_replace_chain_reaching_an_expired_request_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replace of a replace of an order older than ORDERS' 7 days: the missing link was
+    silently taken for the new order (a wrong order id, "nothing found"). It is still the
+    best guess, and the history now says it is one."""
+    import types
+    from typing import Any
+
+    import msgpack
+
+    from ops import history
+    from regions.topology import load_topology
+    from router import ids
+
+    stored = {"R3": {"op": "replace", "orig": "R2"}}
+
+    async def orders_msg(nc: Any, topology: Any, account: str, cl: str) -> Any:
+        m = stored.get(cl)
+        if m is None:
+            return None
+        body = msgpack.packb({"orig_cl_ord_id": m["orig"], "cl_ord_id": cl})
+        return types.SimpleNamespace(headers={"Mrd-Op": m["op"]}, data=body)
+
+    monkeypatch.setattr(history, "_orders_msg", orders_msg)
+    gaps: list[str] = []
+    oid = await history._order_of(None, load_topology(), "A", "R3", gaps)  # type: ignore[arg-type]
+    assert oid == ids.order_id("A", "R2")
+    (gap,) = gaps
+    assert "'R2'" in gap and "not in ORDERS" in gap
