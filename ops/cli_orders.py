@@ -103,6 +103,11 @@ def _run(fn: Any) -> Any:
     return call
 
 
+CONTROL_CONNECT: dict[str, Any] = {"max_reconnect_attempts": 1, "allow_reconnect": False}
+"""A region that cannot be reached fails its part of a kill or limits change at once (and
+the command says so): nats-py retries for ever with max_reconnect_attempts=0."""
+
+
 async def _connect(args: argparse.Namespace, role: str = "desk") -> Any:
     from ops.devstack import Devstack
 
@@ -269,14 +274,23 @@ async def _kill(args: argparse.Namespace) -> int:
         scope, target = KillScope.DESK, args.desk
     else:
         scope, target = KillScope.GLOBAL, "*"
-    args.region = "lon"
-    ds, nc = await _connect(args, role="sre")
+    from ops.devstack import Devstack
+
+    ds = Devstack.attach(args.run_dir)
     try:
+        # every region through its own connection (set_kill connects to each in turn)
         res = await set_kill(
-            nc, ds.topology, scope, target, engaged=args.engaged, reason=args.reason, by=args.by
+            lambda r: ds.connect(r, role="sre", **CONTROL_CONNECT),
+            ds.topology,
+            scope,
+            target,
+            engaged=args.engaged,
+            reason=args.reason,
+            by=args.by,
         )
-    finally:
-        await nc.close()
+    except ValueError as e:  # a target the topology does not know
+        print(f"risk kill: {e}", file=sys.stderr)
+        return 2
     what = "ENGAGED" if args.engaged else "released"
     for region, st in res.items():
         print(f"{region}: {scope.value} {target} {what if st == 'ok' else 'FAILED: ' + st}")
@@ -292,9 +306,7 @@ async def _set_limits(args: argparse.Namespace) -> int:
     from ops.devstack import Devstack
 
     ds = Devstack.attach(args.run_dir)
-    res = await set_limits(
-        lambda r: ds.connect(r, role="sre", max_reconnect_attempts=0), ds.topology, raw
-    )
+    res = await set_limits(lambda r: ds.connect(r, role="sre", **CONTROL_CONNECT), ds.topology, raw)
     for region, st in res.items():
         print(f"{region}: {'limits applied' if st == 'ok' else 'FAILED: ' + st}")
     return 0 if all(v == "ok" for v in res.values()) else 1

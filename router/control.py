@@ -79,7 +79,15 @@ async def set_kill(
     reason: str = "",
     by: str = "",
 ) -> dict[str, str]:
-    """Engage or release a kill switch in every region (engaging also cancels resting orders)."""
+    """Engage or release a kill switch in every region (engaging also cancels resting orders).
+
+    Raises ValueError, before anything is written, for an account or desk the topology does
+    not know: risk matches kill keys exactly, so a misspelt one would be 'ENGAGED' everywhere
+    and stop nothing."""
+    if scope is KillScope.ACCOUNT and target not in topology.accounts():
+        raise ValueError(f"unknown account {target!r} (not in the topology)")
+    if scope is KillScope.DESK and target not in {d.code for d in topology.desks}:
+        raise ValueError(f"unknown desk {target!r} (not in the topology)")
     ks = KillSwitch(
         scope=scope,
         target=target if scope is not KillScope.GLOBAL else "*",
