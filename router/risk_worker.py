@@ -308,6 +308,27 @@ class RiskWorker:
                 )
             )
         self._tasks.append(asyncio.create_task(self._complete()))
+        # kill switches and limits first: their current values are queued before any order
+        # request is read, so a backlog stored after a kill (this worker was down when it was
+        # engaged) is decided under it, never before it
+        ready = [asyncio.Event(), asyncio.Event()]
+        self._tasks.append(
+            asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill", ready[0]))
+        )
+        self._tasks.append(
+            asyncio.create_task(
+                self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg", ready[1])
+            )
+        )
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), KV_READY_S)
+        except TimeoutError:
+            log.error(
+                "risk %s: kill switches or limits not read in %.0f s; deciding without them "
+                "until they come",
+                self.region,
+                KV_READY_S,
+            )
         for lp in self.loops:
             # every loop first hands on what its consumer delivered to a predecessor and
             # nobody acked, read back from the stream (PullLoop's fill_gaps)
@@ -318,12 +339,6 @@ class RiskWorker:
                 # region's orders must not wait for it (its reports come when it is back)
                 self._starters.append(asyncio.create_task(self._start_remote(lp)))
         await self._decide_queued()
-        self._tasks.append(
-            asyncio.create_task(self._watch_kv(subjects.kill_bucket(self.region), "kill"))
-        )
-        self._tasks.append(
-            asyncio.create_task(self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg"))
-        )
         self._tasks.append(asyncio.create_task(self._run()))
         self._tasks.append(
             asyncio.create_task(wake_every(self.queue, max(1.0, self.snapshot_every_s / 4)))
@@ -1475,13 +1490,17 @@ class RiskWorker:
             return []
         return [Out(*o) for o in msgpack.unpackb(packed, raw=False)]
 
-    async def _watch_kv(self, bucket: str, kind: str) -> None:
+    async def _watch_kv(self, bucket: str, kind: str, ready: asyncio.Event | None = None) -> None:
+        """Queue every entry of ``bucket`` as an input; ``ready`` is set once the entries it
+        held when the watch began are queued (nats-py marks their end with None)."""
         while True:
             try:
                 kv = await self.js.key_value(bucket)
                 watcher = await kv.watchall()
                 async for entry in watcher:
                     if entry is None:
+                        if ready is not None:
+                            ready.set()
                         continue
                     payload = entry.value or b""
                     if kind == "cfg" and entry.key != "limits":
@@ -1505,6 +1524,9 @@ class RiskWorker:
                 await asyncio.sleep(1)
 
 
+KV_READY_S = 10.0
+"""How long a starting risk worker waits for its kill switches and limits before reading
+order requests (an unreachable KV store must not keep the region from trading for good)."""
 RETRY_ATTEMPTS = 10
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
 STUCK_LIMIT_S = 1800.0

@@ -991,3 +991,37 @@ async def _purged_inside_scenario(ds: Devstack) -> None:
         await _send(js, 1)
         got = await asyncio.wait_for(w.fatal, 20)
         assert isinstance(got, RebuildError) and "is gone" in str(got)
+
+
+def test_orders_stored_while_risk_was_down_after_a_kill_are_decided_under_it() -> None:
+    """Risk started its ORDERS loop and decided the backlog before its kill-switch watch
+    had read a thing: orders a desk stored after a kill engaged while the worker was down
+    were approved. The kill switches and limits are read first now."""
+    _on_a_mesh(_kill_before_backlog_scenario, 120)
+
+
+async def _kill_before_backlog_scenario(ds: Devstack) -> None:
+    from router.contract import KillScope
+    from router.control import set_kill
+
+    nc = await ds.connect("lon")
+    js = nc.jetstream(domain="lon")
+    r = aioredis.from_url(ds.redis_url)
+    try:
+        async with _started(_worker(ds, nc, r)):
+            pass  # its consumers exist; it stops
+        res = await set_kill(
+            lambda region: ds.connect(region), ds.topology, KillScope.ACCOUNT, "LON-HF-01",
+            engaged=True,
+        )  # fmt: skip
+        assert res["lon"] == "ok", res
+        n = 200
+        for i in range(n):
+            await _send(js, i, replace(_new(i), account="LON-HF-01", cl_ord_id=f"kb-{i}"))
+        async with _started(_worker(ds, nc, r)) as w:
+            await _decided(w, n)
+            assert w.stats["rejected"] >= n and w.stats["orders"] == n
+            assert not w.engine.state("LON-HF-01").orders  # none approved
+    finally:
+        await r.aclose()
+        await nc.close()
