@@ -100,11 +100,12 @@ restored from a snapshot of older rules applies them to the commands an older bu
 have applied already (:attr:`OrderBook.legacy_through`): a replay must give what that build
 published, ids and bytes."""
 
-PAST_IDS_KEPT = 16
+PAST_IDS_KEPT = 64
 """Ids an order no longer answers to, kept per order (OrderBook._past): the latest only. A
-replace or cancel stored twice is one of the last few outputs risk had in flight when it
-stopped; a quote replaced all day must not grow its book, its snapshots and each replace's
-cost without bound."""
+replace or cancel stored twice is one of the outputs risk had in flight when it stopped (a
+region down can hold many of one quote's replaces back); a quote replaced all day must not
+grow its book, its snapshots and each replace's cost without bound. Beyond the latest 64,
+a replace stored twice is applied again."""
 SNAPSHOT_VERSION = 2
 """2: the index in insertion order (1: sorted). Restore takes both; a book restored from a v1
 snapshot decides exactly alike but does not snapshot byte for byte like one replayed from

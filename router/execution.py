@@ -307,6 +307,11 @@ class ExecutionWorker:
         self._rules_upgrade = False
         """The books were restored from a snapshot of older rules: one is taken after the
         rebuild (router.book.BOOK_RULES)."""
+        self._snapshots_stored = 0
+        """Snapshots this worker stored (the rules upgrade waits for one)."""
+        self._rules_boundary = -1
+        """The last command a predecessor may have applied by older book rules: every one
+        stored at this worker's first rebuild (set once; -1: not yet)."""
         self.nc = nc
         self.topology = topology
         self.region = region
@@ -485,8 +490,27 @@ class ExecutionWorker:
         finally:
             self._rebuilding = False
         if self._rules_upgrade:
-            self._rules_upgrade = False
-            await self._maybe_snapshot(force=True)
+            # stored before any new command is applied: a restart must not find the older
+            # rules' snapshot again and replay this build's own commands by them
+            for attempt in range(1, 4):
+                stored = self._snapshots_stored
+                await self._maybe_snapshot(force=True)
+                await self._saved(timeout_s=60.0)
+                if self._snapshots_stored > stored:
+                    self._rules_upgrade = False
+                    break
+                log.error(
+                    "exec %s: snapshot of this build's book rules not stored (%d/3)",
+                    self.region,
+                    attempt,
+                )
+            else:
+                log.critical(
+                    "exec %s: no snapshot of this build's book rules stored: a restart before "
+                    "the next one replays its commands by the older rules",
+                    self.region,
+                )
+                self._rules_upgrade = False
 
     async def _rebuild(self) -> None:
         # a put still storing the last snapshot would purge the chunks of the one being read
@@ -509,8 +533,10 @@ class ExecutionWorker:
         # one stored when this worker first rebuilt) are replayed by those rules, so the
         # replay gives what it published; a snapshot follows at once, so no later start
         # replays this build's own commands by them (router.book.BOOK_RULES)
+        if self._rules_boundary < 0:  # once: what the predecessor may have applied
+            self._rules_boundary = self._out_through
         for book in self.books.values():
-            book.legacy_through = self._out_through if book.rules < BOOK_RULES else 0
+            book.legacy_through = self._rules_boundary if book.rules < BOOK_RULES else 0
         self._rules_upgrade = any(b.rules < BOOK_RULES for b in self.books.values())
         await self._load_refused(after=self.applied)
         self._snap_seq = self._saved_seq = self.applied
@@ -1048,6 +1074,7 @@ class ExecutionWorker:
             body = await join_yielding(parts)
             await self.snapshots.save(body)
             self._saved_seq = max(self._saved_seq, seq)
+            self._snapshots_stored += 1
             self._lag.stored(self.applied > self._saved_seq, captured)
             if self.metrics is not None:
                 self.metrics.snapshot_behind().set(self.snapshot_behind_s())
