@@ -118,8 +118,8 @@ def test_rule_unit_test_fails_when_the_alert_does_not_fire(tmp_path: Path) -> No
     # The unit test must be able to fail: raise the lag threshold so the alert never fires.
     text = RULES_FILE.read_text()
     raised = text.replace(
-        "expr: link:meridian_replication_lag_seconds:p99_5m > 5",
-        "expr: link:meridian_replication_lag_seconds:p99_5m > 500",
+        "(rate(meridian_replication_lag_seconds_bucket[5m]))) > 5\n",
+        "(rate(meridian_replication_lag_seconds_bucket[5m]))) > 500\n",
     )
     assert raised != text
     (tmp_path / "rules.yml").write_text(raised)
@@ -249,7 +249,12 @@ def test_no_alert_or_panel_reads_the_since_start_replication_p99() -> None:
     exprs += [t["expr"] for p in _panels(dash) for t in p.get("targets", [])]
     assert not [e for e in exprs if SINCE_START in e]
     rules = RULES_FILE.read_text()
-    assert re.search(r"expr: link:meridian_replication_lag_seconds:p99_5m > 5$", rules, re.M)
+    assert re.search(
+        r"expr: histogram_quantile\(0\.99, sum by \(link, le\) "
+        r"\(rate\(meridian_replication_lag_seconds_bucket\[5m\]\)\)\) > 5$",
+        rules,
+        re.M,
+    )
     lag = [e for e in exprs if "replication_lag" in e]
     assert len(lag) >= 1 + len(load_topology().links)  # the rule, then a panel per link
     for e in lag:
