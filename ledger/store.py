@@ -21,8 +21,9 @@ before the connection was lost come back as replays, so nothing is posted twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -168,23 +169,7 @@ async def post_transfers(
             )
         columns: list[list[object]] = [[] for _ in TRANSFER_COLUMNS]
         for t in unique:
-            row = (
-                t.region,
-                t.id,
-                t.trade_id,
-                t.leg,
-                t.symbol,
-                t.currency,
-                t.amount,
-                t.debit_account,
-                t.credit_account,
-                t.price_ticks,
-                t.price_decimals,
-                t.qty,
-                t.transact_ns,
-                now,
-                t.stream_seq,
-            )
+            row = (*transfer_content(t), now, t.stream_seq)  # TRANSFER_COLUMNS' order
             for col, v in zip(columns, row, strict=True):
                 col.append(v)
         cur = await conn.execute(_INSERT_TRANSFERS, columns)
@@ -219,23 +204,9 @@ and ``stream_seq`` (a fill re-sent past the stream's dedup window is the same tr
 _SELECT_POSTED = f"SELECT {', '.join(_CONTENT)} FROM transfers WHERE region = %s AND id = ANY(%s)"
 
 
-def transfer_content(t: Transfer) -> tuple[object, ...]:
-    """A transfer's columns of :data:`_CONTENT`, in that order."""
-    return (
-        t.region,
-        t.id,
-        t.trade_id,
-        t.leg,
-        t.symbol,
-        t.currency,
-        t.amount,
-        t.debit_account,
-        t.credit_account,
-        t.price_ticks,
-        t.price_decimals,
-        t.qty,
-        t.transact_ns,
-    )
+transfer_content: Callable[[Transfer], tuple[object, ...]] = attrgetter(*_CONTENT)
+"""A transfer's columns of :data:`_CONTENT`, in that order (TRANSFER_COLUMNS' first ones)."""
+assert (*_CONTENT, "recorded_ns", "stream_seq") == TRANSFER_COLUMNS
 
 
 def content_diff(posted: Sequence[object], given: Sequence[object]) -> str:
