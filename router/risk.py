@@ -505,7 +505,6 @@ class RiskEngine:
         (the order is open already: the state diverged)."""
         acct, sym = msg.account, msg.symbol
         st = self.state(acct)
-        inst_limits = self.limits.instrument(sym)
 
         def rej(reason: RejectReason, text: str) -> Decision:
             return Decision(
@@ -521,41 +520,10 @@ class RiskEngine:
             if order_id in st.orders:
                 raise ValueError(f"replayed approval of {order_id}: it is open already")
             return self._accept_new(msg, order_id, accepted_ns, ext)
-        if self.killed(acct):
-            return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
-        if (
-            sym in self.limits.restricted_symbols
-            or sym in self.limits.account(acct).restricted_symbols
-        ):
-            return rej(RejectReason.RESTRICTED_SYMBOL, f"{sym} is restricted")
-        if not ext.rate_ok:
-            return rej(
-                RejectReason.RATE_LIMIT,
-                f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
-            )
-        max_qty = self.max_qty(sym)
-        if msg.qty > max_qty:
-            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {max_qty}")
-        notional = self.base_usd(sym, msg.qty)
-        if notional > inst_limits.max_notional_usd:
-            return rej(
-                RejectReason.MAX_NOTIONAL,
-                f"notional {notional} USD > max {inst_limits.max_notional_usd} USD",
-            )
-        if ext.ref is None:
-            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}")
-        price = msg.price_ticks
-        if msg.ord_type is OrdType.LIMIT:
-            assert price is not None
-            # |price - mid| / mid > collar_bps / 10^4, with mid2 = 2*mid, all in integers
-            if abs(2 * price - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
-                return rej(
-                    RejectReason.PRICE_COLLAR,
-                    f"price {price} outside +-{self.limits.collar_bps} bps of mid "
-                    f"{ext.ref.mid2 / 2:g}",
-                )
-        else:
-            price = ext.ref.ask_ticks if msg.side is Side.BUY else ext.ref.bid_ticks
+        limit = msg.price_ticks if msg.ord_type is OrdType.LIMIT else None
+        refused = self._order_checks(acct, sym, msg.qty, limit, ext, grows=True)
+        if refused is not None:
+            return rej(*refused)
         before, after = self.exposure_change(acct, (sym, msg.side, msg.qty))
         limit = self.limits.account(acct).credit_limit_usd
         if after > limit and after > before:
@@ -564,6 +532,43 @@ class RiskEngine:
                 f"net open exposure would be {after} USD > limit {limit} USD",
             )
         return self._accept_new(msg, order_id, accepted_ns, ext)
+
+    def _order_checks(
+        self, acct: str, sym: str, qty: int, price: int | None, ext: Externals, *, grows: bool
+    ) -> tuple[RejectReason, str] | None:
+        """The checks a new order and a replace share, in order (the module docstring): the
+        first refusal, or None. ``grows``: the kill switch and restrictions apply (a new
+        order always; a replace only if it leaves more open); ``price``: a LIMIT price to
+        collar (None: a market order, which needs a reference all the same)."""
+        if grows and self.killed(acct):
+            return RejectReason.KILL_SWITCH, "kill switch engaged"
+        if grows and (
+            sym in self.limits.restricted_symbols
+            or sym in self.limits.account(acct).restricted_symbols
+        ):
+            return RejectReason.RESTRICTED_SYMBOL, f"{sym} is restricted"
+        if not ext.rate_ok:
+            return (
+                RejectReason.RATE_LIMIT,
+                f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
+            )
+        max_qty = self.max_qty(sym)
+        if qty > max_qty:
+            return RejectReason.MAX_QTY, f"qty {qty} > max {max_qty}"
+        notional, most = self.base_usd(sym, qty), self.limits.instrument(sym).max_notional_usd
+        if notional > most:
+            return RejectReason.MAX_NOTIONAL, f"notional {notional} USD > max {most} USD"
+        if ext.ref is None:
+            return RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}"
+        # |price - mid| / mid > collar_bps / 10^4, with mid2 = 2*mid, all in integers
+        if price is not None and (
+            abs(2 * price - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2
+        ):
+            return (
+                RejectReason.PRICE_COLLAR,
+                f"price {price} outside +-{self.limits.collar_bps} bps of mid {ext.ref.mid2 / 2:g}",
+            )
+        return None
 
     def _accept_new(
         self, msg: NewOrder, order_id: str, accepted_ns: int, ext: Externals
@@ -719,36 +724,16 @@ class RiskEngine:
             # and book (which answers UNKNOWN_ORDER for an order it never held, naming none)
             return rej(RejectReason.INVALID_FIELD, _wrong_symbol(msg.symbol, o.symbol))
         sym = o.symbol
-        inst_limits = self.limits.instrument(sym)
         # msg.qty is the new total: what it leaves open is that less what has filled (as far
-        # as risk knows: a fill still in flight only makes this larger, never smaller)
-        new_leaves = msg.qty - max(o.cum, 0)
-        grows = new_leaves > o.leaves
-        if self.killed(acct) and grows:
-            return rej(RejectReason.KILL_SWITCH, "kill switch engaged")
-        # as the kill switch: a replace that does not grow the order (a reduce, a new price)
-        # passes a restriction, so a desk can still work an order down or away from the market
-        if grows and (
-            sym in self.limits.restricted_symbols
-            or sym in self.limits.account(acct).restricted_symbols
-        ):
-            return rej(RejectReason.RESTRICTED_SYMBOL, f"{sym} is restricted")
-        # a replace is an order message like a new order (an EXEC command, a book change):
-        # it takes a rate token. A cancel never does: a desk can always pull its orders.
-        if not ext.rate_ok:
-            return rej(
-                RejectReason.RATE_LIMIT,
-                f"more than {self.limits.rate_per_s} orders/s (burst {self.limits.burst})",
-            )
-        max_qty = self.max_qty(sym)
-        if msg.qty > max_qty:
-            return rej(RejectReason.MAX_QTY, f"qty {msg.qty} > max {max_qty}")
-        if self.base_usd(sym, msg.qty) > inst_limits.max_notional_usd:
-            return rej(RejectReason.MAX_NOTIONAL, "notional over the instrument maximum")
-        if ext.ref is None:
-            return rej(RejectReason.NO_REFERENCE_PRICE, f"no fresh top of book for {sym}")
-        if abs(2 * msg.price_ticks - ext.ref.mid2) * 10_000 > self.limits.collar_bps * ext.ref.mid2:
-            return rej(RejectReason.PRICE_COLLAR, "new price outside the collar")
+        # as risk knows: a fill still in flight only makes this larger, never smaller). One
+        # that does not grow the order (a reduce, a new price) passes a kill switch and a
+        # restriction, so a desk can still work an order down or away from the market; it
+        # takes a rate token like a new order (an EXEC command, a book change), where a
+        # cancel never does: a desk can always pull its orders.
+        grows = msg.qty - max(o.cum, 0) > o.leaves
+        refused = self._order_checks(acct, sym, msg.qty, msg.price_ticks, ext, grows=grows)
+        if refused is not None:
+            return rej(*refused)
         # the credit check counts what the reservation will: until its report, a replace
         # reserves its whole new quantity (conservative: a fill in flight is never missed)
         if msg.qty > o.leaves:
