@@ -365,6 +365,10 @@ class ExecutionWorker:
             s: OrderBook(self.topology.instrument(s), self.region)
             for s in self.topology.region(self.region).executes
         }
+        for book in self.books.values():
+            # which build applied the stream's commands is known only from a snapshot: with
+            # none, those a predecessor may have applied replay by the older rules too
+            book.rules = 1
 
     async def start(self) -> None:
         await self.pub.start()
@@ -505,12 +509,12 @@ class ExecutionWorker:
                     attempt,
                 )
             else:
-                log.critical(
-                    "exec %s: no snapshot of this build's book rules stored: a restart before "
-                    "the next one replays its commands by the older rules",
-                    self.region,
+                # fail closed: applying new commands now would let a restart replay them by
+                # the older rules, deciding differently from what was published
+                raise RebuildError(
+                    f"exec {self.region}: no snapshot of this build's book rules could be "
+                    "stored; not applying new commands"
                 )
-                self._rules_upgrade = False
 
     async def _rebuild(self) -> None:
         # a put still storing the last snapshot would purge the chunks of the one being read

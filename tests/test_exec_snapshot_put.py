@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from regions.topology import load_topology
+from router.book import BOOK_RULES
 from router.execution import ExecutionWorker
 from router.natsutil import RebuildError
 
@@ -38,6 +39,8 @@ async def _worker(put_s: float, events: list[str]) -> ExecutionWorker:
 
     async def restore(*, max_seq: int) -> None:
         events.append("snapshot read")
+        for book in w.books.values():  # as from a snapshot of this build's book rules
+            book.rules = BOOK_RULES
 
     def hurry() -> None:
         events.append("put hurried")
@@ -287,7 +290,7 @@ async def test_the_older_rules_boundary_is_set_once_and_the_snapshot_is_stored_f
     events: list[str] = []
     w = await _worker(0.0, events)
     w._fresh_books()
-    fails = [True, False]
+    fails = [True, False, False]  # the first put fails, the retry and the next rebuild's store
 
     async def save(body: bytes) -> None:
         if fails.pop(0):
@@ -307,3 +310,21 @@ async def test_the_older_rules_boundary_is_set_once_and_the_snapshot_is_stored_f
     w._out_through = 15  # this build applied 11..15
     await w.rebuild()  # the same older snapshot restored again
     assert all(b.legacy_through == 10 for b in w.books.values())
+
+
+async def test_a_rules_snapshot_that_cannot_be_stored_stops_the_worker() -> None:
+    """Applying new commands with no snapshot of this build's rules stored would let a
+    restart replay them by the older rules: the worker fails closed instead."""
+    events: list[str] = []
+    w = await _worker(0.0, events)
+
+    async def save(body: bytes) -> None:
+        raise RuntimeError("store down")
+
+    async def restore(*, max_seq: int) -> None:
+        return None  # no snapshot: fresh books, rules unknown
+
+    w.snapshots.save = save  # type: ignore[attr-defined]
+    w._restore_snapshot = restore  # type: ignore[method-assign]
+    with pytest.raises(RebuildError, match="book rules"):
+        await w.rebuild()
