@@ -730,14 +730,14 @@ class RiskEngine:
         # restriction, so a desk can still work an order down or away from the market; it
         # takes a rate token like a new order (an EXEC command, a book change), where a
         # cancel never does: a desk can always pull its orders.
-        grows = msg.qty - max(o.cum, 0) > o.leaves
+        new_leaves = msg.qty - max(o.cum, 0)
+        grows = new_leaves > o.leaves
         refused = self._order_checks(acct, sym, msg.qty, msg.price_ticks, ext, grows=grows)
         if refused is not None:
             return rej(*refused)
-        # the credit check counts what the reservation will: until its report, a replace
-        # reserves its whole new quantity (conservative: a fill in flight is never missed)
-        if msg.qty > o.leaves:
-            before, after = self.exposure_change(acct, (sym, o.side, msg.qty - o.leaves))
+        # the credit check counts what the reservation will (_accept_replace): the new leaves
+        if grows:
+            before, after = self.exposure_change(acct, (sym, o.side, new_leaves - o.leaves))
             limit = self.limits.account(acct).credit_limit_usd
             if after > limit and after > before:
                 return rej(
@@ -749,8 +749,9 @@ class RiskEngine:
     def _accept_replace(self, msg: ReplaceOrder, oid: str, o: OpenOrder) -> Decision:
         acct = msg.account
         st = self.state(acct)
-        # leaves after the replace is at most qty - cum; reserve the larger until confirmed
-        st.update(o, pending=max(o.pending_qty, msg.qty))
+        # leaves after the replace: qty - cum, as far as risk knows (a fill in flight only
+        # makes them smaller, so this is never below them); reserve the larger until confirmed
+        st.update(o, pending=max(o.pending_qty, msg.qty - max(o.cum, 0)))
         o.pending_cl.append(msg.cl_ord_id)
         st.note_cl(msg.cl_ord_id, oid, self.cl_id_memory)
         cmd = Replace(

@@ -1504,3 +1504,22 @@ def test_a_stored_or_recorded_limits_document_with_an_unknown_key_is_read_not_re
     with pytest.raises(ValueError, match="note"):
         RiskLimits.from_mapping(doc)
     assert RiskLimits.from_mapping(doc, strict=False) == RiskLimits.load()
+
+
+def test_an_account_at_its_limit_can_reduce_or_cut_a_partly_filled_order() -> None:
+    """A replace reserved its whole new quantity, filled part included: with 8M of 10M
+    filled and the account at its limit, the cut to 7M (the FIX reduce racing a fill) and a
+    reduce to 9M were refused CREDIT_LIMIT, and the last 2M stayed live to fill."""
+    rig = Rig(region="sgp")
+    acct = "SGP-CORP-03"
+    assert approved(rig.new(acct, "USDJPY", BUY, 10_000_000, 151000, cl="atl"))
+    rig.counterparty("USDJPY", SELL, 8_000_000, 151000)
+    at_limit = AccountLimits(
+        credit_limit_usd=rig.engine.exposure_usd(acct), restricted_symbols=frozenset()
+    )
+    rig.engine.set_limits(replace(rig.limits, accounts={**rig.limits.accounts, acct: at_limit}))
+    (o,) = rig.engine.state(acct).orders.values()
+    assert approved(rig.replace(acct, "USDJPY", "atl", 9_000_000, 151000, run=False))
+    assert o.pending_qty == 1_000_000  # the new leaves, not the new total
+    assert approved(rig.replace(acct, "USDJPY", o.pending_cl[-1], 7_000_000, 151000))
+    assert not rig.engine.state(acct).orders  # REPLACED / FILLED: nothing left to fill
