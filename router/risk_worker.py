@@ -320,15 +320,18 @@ class RiskWorker:
                 self._watch_kv(subjects.riskcfg_bucket(self.region), "cfg", ready[1])
             )
         )
-        try:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), KV_READY_S)
-        except TimeoutError:
-            log.error(
-                "risk %s: kill switches or limits not read in %.0f s; deciding without them "
-                "until they come",
-                self.region,
-                KV_READY_S,
-            )
+        while not all(e.is_set() for e in ready):
+            # fail closed: no order is decided before the kill switches are known (an order
+            # approved under a kill it did not see cannot be taken back)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), KV_READY_S)
+            except TimeoutError:
+                log.error(
+                    "risk %s: kill switches or limits not read in %.0f s; not deciding orders "
+                    "until they are",
+                    self.region,
+                    KV_READY_S,
+                )
         for lp in self.loops:
             # every loop first hands on what its consumer delivered to a predecessor and
             # nobody acked, read back from the stream (PullLoop's fill_gaps)
@@ -1525,8 +1528,8 @@ class RiskWorker:
 
 
 KV_READY_S = 10.0
-"""How long a starting risk worker waits for its kill switches and limits before reading
-order requests (an unreachable KV store must not keep the region from trading for good)."""
+"""How often a starting risk worker, waiting for its kill switches and limits before it reads
+any order request, says it is still waiting."""
 RETRY_ATTEMPTS = 10
 """Rebuild-and-retry rounds for a failed batch before the worker stops (fail closed)."""
 STUCK_LIMIT_S = 1800.0
