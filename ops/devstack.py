@@ -313,9 +313,7 @@ class Devstack:
 
     def _prepare_run_dir(self) -> None:
         self._make_run_dir()
-        write_private(
-            self.run_dir / "credentials.json", json.dumps(dict(self.creds.passwords), indent=1)
-        )
+        write_private(self.run_dir / "credentials.json", self.creds.to_json())
         self._write_state()
 
     def _make_run_dir(self) -> None:

@@ -129,9 +129,10 @@ class Credentials:
     def load(cls, path: Path) -> Credentials:
         return cls(passwords=json.loads(path.read_text()))
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dict(self.passwords), indent=1))
-        path.chmod(0o600)
+    def to_json(self) -> str:
+        """The document :meth:`load` reads. Secret: write it readable by its owner only
+        from the start (``ops.procs.write_private``), never chmod'ed afterwards."""
+        return json.dumps(dict(self.passwords), indent=1)
 
     def __repr__(self) -> str:
         return f"Credentials(roles={sorted(self.passwords)}, passwords=<redacted>)"
