@@ -50,8 +50,8 @@ OUTSTANDING_COUNT_SQL = f"SELECT count(*) FROM held_fills h WHERE h.region = %s 
 """How many of a region's held rows are outstanding (the writer's gauge)."""
 
 POSTED_TRADES_SQL = (
-    "SELECT id, symbol, qty, price_ticks, price_decimals, credit_account, debit_account "
-    "FROM transfers WHERE region = %s AND id = ANY(%s)"
+    "SELECT id, symbol, qty, price_ticks, price_decimals, credit_account, debit_account, "
+    "transact_ns FROM transfers WHERE region = %s AND id = ANY(%s)"
 )
 """Which of these base-leg transfer ids are in a region's books, with the trade terms they
 were posted with (the writer asks for the held fills it has in hand, by their own trade ids,
@@ -68,10 +68,17 @@ def posted_terms_differ(data: bytes, posted: Sequence[Any]) -> str:
         f = decode(Fill, data)
     except Exception:
         return ""
-    _, symbol, qty, px, decimals, buyer, seller = posted
-    mine = (f.symbol, f.qty, f.price_ticks, f.price_decimals, f.buy_account, f.sell_account)
-    theirs = (symbol, qty, px, decimals, buyer, seller)
-    names = ("symbol", "qty", "price_ticks", "price_decimals", "buy_account", "sell_account")
+    # the terms ledger.store's replay check compares too (its other columns derive from them)
+    _, symbol, qty, px, decimals, buyer, seller, at = posted
+    mine = (
+        f.symbol, f.qty, f.price_ticks, f.price_decimals, f.buy_account, f.sell_account,
+        f.transact_ns,
+    )  # fmt: skip
+    theirs = (symbol, qty, px, decimals, buyer, seller, at)
+    names = (
+        "symbol", "qty", "price_ticks", "price_decimals", "buy_account", "sell_account",
+        "transact_ns",
+    )  # fmt: skip
     pairs = zip(names, mine, theirs, strict=True)
     return ", ".join(f"{n} {b!r} posted, {a!r} here" for n, a, b in pairs if a != b)
 
