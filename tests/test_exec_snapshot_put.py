@@ -277,9 +277,11 @@ async def test_a_rebuild_from_an_older_rules_snapshot_replays_by_them_then_snaps
             book.rules = 1  # as restored from a snapshot without "rules"
 
     w._restore_snapshot = restore  # type: ignore[method-assign]
+    w._out_through = 7  # what a predecessor may have applied (not 0: the stub's stream is empty)
     await w.rebuild()
     await _turns()
     assert all(b.legacy_through == w._out_through for b in w.books.values())
+    assert w._out_through == 7
     assert events[0] == "snapshot read" and "put done" in events and not w._rules_upgrade
 
 
