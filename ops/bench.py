@@ -47,6 +47,7 @@ from ops.procs import (
     NatsServer,
     PostgresServer,
     free_ports,
+    local_urlopen,
     nats_server_binary,
     standalone_jetstream,
 )
@@ -616,8 +617,6 @@ def worker_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
     """service -> {count, sum_s, stalls} so far, from each order-path worker's metrics:
     full (generation 2) cyclic-GC collections (``meridian_gc_pause_seconds``), and stalls,
     heartbeats that woke 0.5 s or more late (``meridian_event_loop_lag_seconds``)."""
-    import urllib.request
-
     from ops.services import metrics_port
 
     out: dict[str, dict[str, float]] = {}
@@ -625,7 +624,7 @@ def worker_pauses(ds: Devstack, region: str) -> dict[str, dict[str, float]]:
         got: dict[str, float] = {}
         with contextlib.suppress(OSError, ValueError):
             url = f"http://127.0.0.1:{metrics_port(ds, region, svc)}/metrics"
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with local_urlopen(url, timeout_s=2) as r:  # never through $http_proxy
                 lag_n = lag_fast = 0.0
                 for line in r.read().decode().splitlines():
                     value = line.rsplit(" ", 1)[-1]
