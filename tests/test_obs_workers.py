@@ -18,7 +18,7 @@ from ops.telemetry.errors import LabelError
 from ops.telemetry.metrics import MeridianMetrics
 from regions.topology import Topology, load_topology
 from router import contract
-from router.book import Submit
+from router.book import BOOK_RULES, Submit
 from router.commands import encode_command
 from router.contract import KillScope, KillSwitch, OrdType, Side, TimeInForce
 from router.execution import ExecutionWorker
@@ -111,8 +111,12 @@ async def _exec_worker(topo: Topology, metrics: Any, replay: list[Any] | None = 
     async def nothing(**_: Any) -> None:
         return None
 
+    async def restored(**_: Any) -> None:
+        for book in w.books.values():  # as from a snapshot of this build's book rules
+            book.rules = BOOK_RULES
+
     w.loop = types.SimpleNamespace(consumer_info=consumer_info, durable="exec_sgp")  # type: ignore[assignment]
-    w._restore_snapshot = nothing  # type: ignore[method-assign]
+    w._restore_snapshot = restored  # type: ignore[method-assign]
     w._load_refused = nothing  # type: ignore[method-assign,assignment]
     w._fresh_books()
     return w
